@@ -1,0 +1,209 @@
+"""Typed run configuration: what one training run (and one trial) needs, nothing Optuna-specific.
+
+A config file and a sampled trial use the same flat keys (``d_model: 224``, ``lr: 1e-3``); they are
+routed to :class:`ModelConfig` or :class:`TrainConfig` by name. Checkpoints store ``Config.to_dict()``
+so any checkpoint rebuilds its model alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from search.errors import UserError
+
+ENCODERS = ("transformer", "conformer")
+POOLINGS = ("mean", "attention", "attentive_stats")
+HEADS = ("linear", "amsoftmax", "aamsoftmax")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture: prenet -> encoder -> pooling -> head."""
+
+    encoder: str = "transformer"
+    d_model: int = 80
+    heads: int = 2
+    layers: int = 1
+    ffn_dim: int = 256
+    dropout: float = 0.1
+    conv_kernel: int = 31
+    pooling: str = "mean"
+    head: str = "linear"
+    head_bn: bool = False
+    am_s: float = 30.0
+    am_m: float = 0.2
+    margin_warmup_steps: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, augmentation, validation and data-split settings."""
+
+    steps: int = 70000
+    batch_size: int = 32
+    segment_len: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 1000
+    grad_clip: float = 5.0
+    label_smoothing: float = 0.0
+    spec_time_masks: int = 0
+    spec_time_width: int = 10
+    spec_freq_masks: int = 0
+    spec_freq_width: int = 5
+    valid_steps: int = 2000
+    checkpoint_steps: int = 0
+    eval_frame_budget: int = 65536
+    valid_ratio: float = 0.1
+    split_seed: int = 0
+    seed: int = 87
+    compile: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    """One resolved run: model architecture plus training settings."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat ``key: value`` form, the same keys a config file or search space uses."""
+        return {**dataclasses.asdict(self.model), **dataclasses.asdict(self.train)}
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with some flat keys changed (validated like a file)."""
+        return Config.from_dict({**self.to_dict(), **changes})
+
+    @staticmethod
+    def from_dict(values: dict[str, Any], source: str = "config") -> Config:
+        """Build and validate a config from flat keys; unknown keys and bad values raise UserError."""
+        if not isinstance(values, dict):
+            raise UserError(f"{source}: expected a mapping of keys to values, got {type(values).__name__}")
+        model_kw: dict[str, Any] = {}
+        train_kw: dict[str, Any] = {}
+        for key, value in values.items():
+            if key in MODEL_FIELDS:
+                model_kw[key] = _coerce(source, key, value, MODEL_FIELDS[key])
+            elif key in TRAIN_FIELDS:
+                train_kw[key] = _coerce(source, key, value, TRAIN_FIELDS[key])
+            else:
+                raise UserError(
+                    f"{source}: unknown key '{key}' (known keys: {', '.join(sorted(ALL_FIELDS))})"
+                )
+        config = Config(ModelConfig(**model_kw), TrainConfig(**train_kw))
+        validate(config, source)
+        return config
+
+
+def _field_types(cls: type) -> dict[str, type]:
+    return {f.name: type(f.default) for f in dataclasses.fields(cls)}
+
+
+MODEL_FIELDS = _field_types(ModelConfig)
+TRAIN_FIELDS = _field_types(TrainConfig)
+ALL_FIELDS = {**MODEL_FIELDS, **TRAIN_FIELDS}
+
+
+def _coerce(source: str, key: str, value: Any, kind: type) -> Any:
+    """Accept YAML's natural spellings (``1e-3`` as a string, ``64`` for a float) and nothing looser."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    raise UserError(f"{source}: key '{key}' must be {kind.__name__}, got {value!r}")
+
+
+def validate(config: Config, source: str = "config") -> None:
+    """Check value ranges and cross-key constraints; raise one UserError naming the key."""
+    m, t = config.model, config.train
+
+    def bad(key: str, why: str) -> UserError:
+        return UserError(f"{source}: key '{key}' {why}")
+
+    if m.encoder not in ENCODERS:
+        raise bad("encoder", f"must be one of {', '.join(ENCODERS)}, got '{m.encoder}'")
+    if m.pooling not in POOLINGS:
+        raise bad("pooling", f"must be one of {', '.join(POOLINGS)}, got '{m.pooling}'")
+    if m.head not in HEADS:
+        raise bad("head", f"must be one of {', '.join(HEADS)}, got '{m.head}'")
+    for key in ("d_model", "heads", "layers", "ffn_dim", "conv_kernel"):
+        if getattr(m, key) < 1:
+            raise bad(key, "must be at least 1")
+    if m.d_model % m.heads:
+        raise bad("d_model", f"({m.d_model}) must be divisible by heads ({m.heads})")
+    if m.conv_kernel % 2 == 0:
+        raise bad("conv_kernel", f"must be odd so the convolution keeps the length, got {m.conv_kernel}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise bad("dropout", f"must be in [0, 1), got {m.dropout}")
+    if m.am_s <= 0:
+        raise bad("am_s", f"must be positive, got {m.am_s}")
+    if not 0.0 <= m.am_m < 1.0:
+        raise bad("am_m", f"must be in [0, 1), got {m.am_m}")
+    if m.margin_warmup_steps < 0:
+        raise bad("margin_warmup_steps", "must be >= 0")
+    for key in ("steps", "batch_size", "segment_len", "valid_steps", "eval_frame_budget"):
+        if getattr(t, key) < 1:
+            raise bad(key, "must be at least 1")
+    if t.steps > 10_000_000:
+        raise bad("steps", f"is absurdly large ({t.steps}); use at most 10,000,000")
+    if t.batch_size > 65536:
+        raise bad("batch_size", f"is absurdly large ({t.batch_size})")
+    if t.lr <= 0 or t.lr > 1.0:
+        raise bad("lr", f"must be in (0, 1], got {t.lr}")
+    if t.weight_decay < 0:
+        raise bad("weight_decay", "must be >= 0")
+    if t.warmup_steps < 0 or t.checkpoint_steps < 0:
+        raise bad("warmup_steps" if t.warmup_steps < 0 else "checkpoint_steps", "must be >= 0")
+    if t.grad_clip < 0:
+        raise bad("grad_clip", "must be >= 0 (0 turns clipping off)")
+    if not 0.0 <= t.label_smoothing < 1.0:
+        raise bad("label_smoothing", f"must be in [0, 1), got {t.label_smoothing}")
+    for key in ("spec_time_masks", "spec_time_width", "spec_freq_masks", "spec_freq_width"):
+        if getattr(t, key) < 0:
+            raise bad(key, "must be >= 0")
+    if not 0.0 < t.valid_ratio < 1.0:
+        raise bad("valid_ratio", f"must be in (0, 1), got {t.valid_ratio}")
+
+
+def load_config(path: Path) -> Config:
+    """Read a YAML config file of fixed flat values."""
+    return Config.from_dict(read_yaml(path), source=str(path))
+
+
+def read_yaml(path: Path) -> Any:
+    """Read YAML with one-line errors for a missing, unreadable or malformed file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read ({exc.__class__.__name__}: {exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{path}: malformed YAML{where}: {problem}") from None
+    return {} if data is None else data

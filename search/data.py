@@ -1,0 +1,443 @@
+"""The HW4 data layer: read and validate the layout, pack it once into a shared memmap, batch from it.
+
+The real set is 64,666 small ``.pt`` files (6.85 GB). Reading them per item in a training loop wastes
+the GPU, so the set is packed once into one contiguous float16 array plus an index (offsets, lengths,
+labels), keyed by a fingerprint of the set. Every worker process maps the same file, so N workers share
+one copy in the page cache, and batches are gathered with vectorised indexing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from search.errors import UserError
+
+PAD_VALUE = -20.0
+FEATURE_NAME = re.compile(r"^[A-Za-z0-9._-]+\.pt$")
+CACHE_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading and validating the layout
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Utterance:
+    feature_path: str
+    mel_len: int
+    label: int  # speaker id, -1 for unlabelled test utterances
+
+
+@dataclass(frozen=True)
+class HW4Layout:
+    """The validated JSON side of an HW4 directory (no tensors read yet)."""
+
+    root: Path
+    n_mels: int
+    speakers: list[str]  # speakers[id] = speaker name, from mapping.json
+    train: list[Utterance]
+    test: list[Utterance]
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found (is --data the HW4 'Dataset' folder?)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg}); restore the file") from None
+
+
+def _key(obj: Any, key: str, path: Path, where: str = "") -> Any:
+    if not isinstance(obj, dict) or key not in obj:
+        raise UserError(f"{path}: missing key '{where}{key}'")
+    return obj[key]
+
+
+def _utterance(entry: Any, path: Path, where: str, label: int) -> Utterance:
+    feature_path = _key(entry, "feature_path", path, where)
+    mel_len = _key(entry, "mel_len", path, where)
+    if not isinstance(feature_path, str) or not FEATURE_NAME.match(feature_path):
+        raise UserError(f"{path}: '{where}feature_path' must be a plain file name like uttr-<hex>.pt")
+    if not isinstance(mel_len, int) or isinstance(mel_len, bool) or mel_len < 1:
+        raise UserError(f"{path}: '{where}mel_len' must be a positive integer, got {mel_len!r}")
+    return Utterance(feature_path, mel_len, label)
+
+
+def read_layout(root: Path) -> HW4Layout:
+    """Read mapping.json, metadata.json and testdata.json and check they agree with each other."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: data directory not found; pass --data DIR with the HW4 layout")
+    mapping_path, meta_path, test_path = root / "mapping.json", root / "metadata.json", root / "testdata.json"
+    mapping = _read_json(mapping_path)
+    speaker2id = _key(mapping, "speaker2id", mapping_path)
+    id2speaker = _key(mapping, "id2speaker", mapping_path)
+    if not isinstance(speaker2id, dict) or not speaker2id:
+        raise UserError(f"{mapping_path}: 'speaker2id' must be a non-empty mapping")
+    n = len(speaker2id)
+    speakers: list[str] = [""] * n
+    for name, sid in speaker2id.items():
+        if not isinstance(sid, int) or not 0 <= sid < n or speakers[sid]:
+            raise UserError(f"{mapping_path}: 'speaker2id.{name}' must be a unique id in 0..{n - 1}")
+        speakers[sid] = name
+        if not isinstance(id2speaker, dict) or id2speaker.get(str(sid)) != name:
+            raise UserError(f"{mapping_path}: 'id2speaker.{sid}' must be '{name}' to match speaker2id")
+
+    meta = _read_json(meta_path)
+    n_mels = _key(meta, "n_mels", meta_path)
+    if not isinstance(n_mels, int) or n_mels < 1:
+        raise UserError(f"{meta_path}: 'n_mels' must be a positive integer")
+    by_speaker = _key(meta, "speakers", meta_path)
+    if not isinstance(by_speaker, dict):
+        raise UserError(f"{meta_path}: 'speakers' must be a mapping of speaker -> utterances")
+    train: list[Utterance] = []
+    for name, entries in by_speaker.items():
+        if name not in speaker2id:
+            raise UserError(f"{meta_path}: speaker '{name}' is absent from {mapping_path.name}")
+        if not isinstance(entries, list):
+            raise UserError(f"{meta_path}: 'speakers.{name}' must be a list of utterances")
+        for i, entry in enumerate(entries):
+            train.append(_utterance(entry, meta_path, f"speakers.{name}[{i}].", speaker2id[name]))
+    if not train:
+        raise UserError(f"{meta_path}: no labelled utterances")
+
+    testdata = _read_json(test_path)
+    test_mels = _key(testdata, "n_mels", test_path)
+    if test_mels != n_mels:
+        raise UserError(f"{test_path}: n_mels {test_mels} does not match metadata.json's {n_mels}")
+    entries = _key(testdata, "utterances", test_path)
+    if not isinstance(entries, list):
+        raise UserError(f"{test_path}: 'utterances' must be a list")
+    test = [_utterance(e, test_path, f"utterances[{i}].", -1) for i, e in enumerate(entries)]
+    names = [u.feature_path for u in train] + [u.feature_path for u in test]
+    if len(set(names)) != len(names):
+        raise UserError(f"{meta_path}: the same feature_path is listed twice; each utterance needs its own file")
+    return HW4Layout(root, n_mels, speakers, train, test)
+
+
+def load_feature(path: Path, n_mels: int, mel_len: int | None = None) -> torch.Tensor:
+    """Load one ``uttr-*.pt`` safely (weights_only) and check it is a (mel_len, n_mels) float tensor."""
+    try:
+        tensor = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: feature file not found (listed in the metadata)") from None
+    except Exception as exc:  # noqa: BLE001 - pickle/zip errors come in many types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise UserError(f"{path}: unreadable tensor file ({first[:160]}); restore or remove it") from None
+    if not isinstance(tensor, torch.Tensor):
+        raise UserError(f"{path}: holds a {type(tensor).__name__}, expected a tensor (mel_len, {n_mels})")
+    if tensor.dim() != 2 or not tensor.is_floating_point():
+        raise UserError(f"{path}: tensor of shape {tuple(tensor.shape)}, expected (mel_len, {n_mels}) floats")
+    if tensor.shape[1] != n_mels:
+        raise UserError(f"{path}: n_mels mismatch: tensor has {tensor.shape[1]} mel bins, metadata says {n_mels}")
+    if mel_len is not None and tensor.shape[0] != mel_len:
+        raise UserError(f"{path}: tensor has {tensor.shape[0]} frames but the metadata says mel_len {mel_len}")
+    if not torch.isfinite(tensor).all():
+        raise UserError(f"{path}: tensor holds NaN or infinite values")
+    return tensor
+
+
+# --------------------------------------------------------------------------------------------------
+# Packing into a shared memory-mapped cache
+# --------------------------------------------------------------------------------------------------
+
+
+def fingerprint(layout: HW4Layout) -> str:
+    """Identify a data set by its JSON files and each feature file's name, size and mtime.
+
+    Hashing 6.85 GB of contents would take minutes; a changed, added or rewritten file changes its
+    size or mtime, so this catches every edit a user makes while costing one ``stat`` per file.
+    """
+    h = hashlib.sha256(f"v{CACHE_VERSION}".encode())
+    for name in ("mapping.json", "metadata.json", "testdata.json"):
+        h.update(name.encode() + b"\0" + (layout.root / name).read_bytes())
+    for utt in [*layout.train, *layout.test]:
+        try:
+            st = (layout.root / utt.feature_path).stat()
+        except FileNotFoundError:
+            raise UserError(f"{layout.root / utt.feature_path}: feature file not found (listed in the metadata)") from None
+        h.update(f"{utt.feature_path}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class PackedData:
+    """A packed HW4 set: ``features[offsets[i]: offsets[i] + lengths[i]]`` is utterance ``i``.
+
+    Labelled utterances come first (``labels >= 0``), then the test utterances in testdata.json order.
+    """
+
+    root: Path
+    cache_dir: Path
+    fingerprint: str
+    n_mels: int
+    speakers: list[str]
+    ids: list[str]
+    features: np.ndarray  # (total_frames, n_mels) float16 memmap
+    offsets: np.ndarray  # (N,) int64
+    lengths: np.ndarray  # (N,) int64
+    labels: np.ndarray  # (N,) int64, -1 for test
+
+    @property
+    def n_speakers(self) -> int:
+        return len(self.speakers)
+
+    @property
+    def labelled(self) -> np.ndarray:
+        return np.flatnonzero(self.labels >= 0)
+
+    @property
+    def test(self) -> np.ndarray:
+        return np.flatnonzero(self.labels < 0)
+
+    def utterance(self, i: int) -> np.ndarray:
+        start = int(self.offsets[i])
+        return np.asarray(self.features[start : start + int(self.lengths[i])], dtype=np.float32)
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("SPKID_SEARCH_CACHE", "studies/cache"))
+
+
+def pack(root: Path, cache_root: Path | None = None, progress: bool = True) -> PackedData:
+    """Open an HW4 directory through its packed cache, packing it first if the set is new or changed."""
+    layout = read_layout(Path(root))
+    fp = fingerprint(layout)
+    cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
+    target = cache_root / fp
+    if not (target / "index.npz").exists():
+        _build_cache(layout, fp, target, progress)
+    return open_cache(target, layout.root)
+
+
+def _build_cache(layout: HW4Layout, fp: str, target: Path, progress: bool) -> None:
+    """Stream every tensor into a preallocated memmap in a temp dir, then rename it into place."""
+    from search.progress import progress_bar
+
+    utts = [*layout.train, *layout.test]
+    lengths = np.array([u.mel_len for u in utts], dtype=np.int64)
+    offsets = np.zeros(len(utts), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=offsets[1:])
+    total = int(lengths.sum())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{fp}-", dir=target.parent))
+    try:
+        feats = np.lib.format.open_memmap(
+            tmp / "features.npy", mode="w+", dtype=np.float16, shape=(max(total, 1), layout.n_mels)
+        )
+        with progress_bar(f"packing {layout.root}", total=len(utts), enabled=progress) as advance:
+            for i, utt in enumerate(utts):
+                tensor = load_feature(layout.root / utt.feature_path, layout.n_mels, utt.mel_len)
+                feats[offsets[i] : offsets[i] + lengths[i]] = tensor.numpy().astype(np.float16)
+                advance(1)
+        feats.flush()
+        del feats
+        np.savez(
+            tmp / "index.npz",
+            offsets=offsets,
+            lengths=lengths,
+            labels=np.array([u.label for u in utts], dtype=np.int64),
+        )
+        meta = {
+            "version": CACHE_VERSION,
+            "fingerprint": fp,
+            "root": str(layout.root.resolve()),
+            "n_mels": layout.n_mels,
+            "speakers": layout.speakers,
+            "ids": [u.feature_path for u in utts],
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "index.npz").exists():  # another process did not win the race: a real error
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def open_cache(cache_dir: Path, root: Path | None = None) -> PackedData:
+    """Map a packed cache read-only-shared (copy-on-write, so torch can wrap it without copying)."""
+    try:
+        meta = json.loads((cache_dir / "meta.json").read_text())
+        index = np.load(cache_dir / "index.npz")
+        features = np.load(cache_dir / "features.npy", mmap_mode="c")
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        raise UserError(f"{cache_dir}: packed cache is damaged ({exc}); delete that folder to re-pack") from None
+    return PackedData(
+        root=Path(root) if root is not None else Path(meta["root"]),
+        cache_dir=cache_dir,
+        fingerprint=meta["fingerprint"],
+        n_mels=int(meta["n_mels"]),
+        speakers=list(meta["speakers"]),
+        ids=list(meta["ids"]),
+        features=features,
+        offsets=index["offsets"],
+        lengths=index["lengths"],
+        labels=index["labels"],
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Train/valid split
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Split:
+    """Which labelled utterances train and which validate; ``split_id`` lets a study check it later."""
+
+    train: np.ndarray
+    valid: np.ndarray
+    ratio: float
+    seed: int
+    split_id: str
+
+
+def make_split(data: PackedData, ratio: float = 0.1, seed: int = 0) -> Split:
+    """Stratified by speaker: each speaker with 2+ utterances gives round(ratio*n) (at least 1) to valid."""
+    rng = np.random.default_rng(seed)
+    labelled = data.labelled
+    labels = data.labels[labelled]
+    valid_parts = []
+    for spk in range(data.n_speakers):
+        members = labelled[labels == spk]
+        if len(members) < 2:
+            continue
+        k = min(len(members) - 1, max(1, int(round(ratio * len(members)))))
+        valid_parts.append(rng.permutation(members)[:k])
+    valid = np.sort(np.concatenate(valid_parts)) if valid_parts else np.zeros(0, dtype=np.int64)
+    train = np.setdiff1d(labelled, valid)
+    digest = hashlib.sha256(data.fingerprint.encode() + valid.astype(np.int64).tobytes()).hexdigest()[:16]
+    return Split(train=train, valid=valid, ratio=ratio, seed=seed, split_id=digest)
+
+
+# --------------------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------------------
+
+
+class FeatureStore:
+    """The packed features as one torch tensor on a device, so crops are gathered where they are used.
+
+    On CPU this wraps the memmap without copying; on CUDA the whole float16 array is moved to the GPU
+    once when it fits (HW4 is about 3 GB), so a batch never crosses the PCIe bus.
+    """
+
+    def __init__(self, data: PackedData, device: torch.device | str = "cpu") -> None:
+        self.data = data
+        self.device = torch.device(device)
+        feats = torch.from_numpy(data.features)
+        self.features = feats.to(self.device) if self.device.type != "cpu" else feats
+        self.offsets = torch.from_numpy(data.offsets).to(self.device)
+        self.lengths = torch.from_numpy(data.lengths).to(self.device)
+        self.labels = torch.from_numpy(data.labels).to(self.device)
+
+    def gather(
+        self, index: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, width: int
+    ) -> torch.Tensor:
+        """Frames ``starts[b] .. starts[b] + lengths[b]`` of utterances ``index[b]``, padded to ``width``."""
+        steps = torch.arange(width, device=self.device)
+        mask = steps[None, :] < lengths[:, None]
+        rows = self.offsets[index][:, None] + starts[:, None] + torch.where(mask, steps[None, :], 0)
+        x = self.features[rows.reshape(-1)].reshape(len(index), width, -1).float()
+        return x.masked_fill(~mask[:, :, None], PAD_VALUE)
+
+
+class CropSampler:
+    """Random fixed-length crops of training utterances (shorter ones kept whole, padded, with lengths)."""
+
+    def __init__(
+        self, store: FeatureStore, indices: np.ndarray, batch_size: int, segment_len: int, seed: int
+    ) -> None:
+        if len(indices) == 0:
+            raise UserError("no training utterances: the data set or split is empty")
+        self.store = store
+        self.indices = torch.as_tensor(indices, dtype=torch.int64, device=store.device)
+        self.batch_size = batch_size
+        self.segment_len = segment_len
+        self.generator = torch.Generator(device=store.device)
+        self.generator.manual_seed(seed)
+
+    def state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def set_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One batch: features (B, T, n_mels) float32, lengths (B,), labels (B,)."""
+        dev, g = self.store.device, self.generator
+        pick = torch.randint(len(self.indices), (self.batch_size,), device=dev, generator=g)
+        index = self.indices[pick]
+        full = self.store.lengths[index]
+        lengths = full.clamp(max=self.segment_len)
+        spare = full - lengths
+        starts = (torch.rand(self.batch_size, device=dev, generator=g) * (spare + 1).float()).long()
+        starts = torch.minimum(starts, spare)
+        width = self.segment_len
+        x = self.store.gather(index, starts, lengths, width)
+        return x, lengths, self.store.labels[index]
+
+
+def eval_batches(
+    store: FeatureStore, indices: np.ndarray, frame_budget: int = 65536
+) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+    """Whole utterances, sorted by length and bucketed so batch * longest <= frame_budget.
+
+    Yields (indices of the batch, features (B, T, n_mels), lengths (B,)); a single utterance longer
+    than the budget still gets a batch of its own, so nothing is dropped.
+    """
+    lengths = store.data.lengths[indices]
+    order = np.asarray(indices)[np.argsort(lengths, kind="stable")]
+    start = 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and (end - start + 1) * int(store.data.lengths[order[end]]) <= frame_budget:
+            end += 1
+        batch = order[start:end]
+        lens = torch.as_tensor(store.data.lengths[batch], device=store.device)
+        width = int(lens.max())
+        index = torch.as_tensor(batch, device=store.device)
+        x = store.gather(index, torch.zeros_like(lens), lens, width)
+        yield batch, x, lens
+        start = end
+
+
+DEFAULT_SYNTH_PRESET = "small"
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("SPKID_SEARCH_DATA", "studies/data")) / f"synth-{DEFAULT_SYNTH_PRESET}"
+
+
+def open_data(root: Path | None, cache_root: Path | None = None, progress: bool = True) -> PackedData:
+    """Pack and open ``root``; with no ``root``, generate (once) and use the default synthetic set."""
+    if root is None:
+        from search.progress import console
+        from search.synth import generate
+
+        root = default_data_dir()
+        if not (root / "testdata.json").exists():
+            console.print(f"[yellow]No --data given: generating the synthetic '{DEFAULT_SYNTH_PRESET}' set in {root}")
+            generate(root, preset=DEFAULT_SYNTH_PRESET, seed=0, progress=progress)
+        else:
+            console.print(f"[yellow]No --data given: using the synthetic '{DEFAULT_SYNTH_PRESET}' set in {root}")
+    return pack(root, cache_root, progress=progress)

@@ -1,0 +1,100 @@
+"""Checkpoints and whole-utterance inference, shared by the trainer's validation, export and vote.
+
+A checkpoint carries its resolved config, the speaker list and the data fingerprint, so any
+checkpoint rebuilds its model alone and can be checked against the data it is asked to score.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from search.config import Config
+from search.data import FeatureStore, eval_batches
+from search.errors import UserError
+from search.model import SpeakerNet, build_model
+
+
+def save_atomic(obj: dict[str, Any], path: Path) -> None:
+    """torch.save to a temp file in the same folder, fsync, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; anything else (a pickle payload, junk) is refused."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: checkpoint not found") from None
+    except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types
+        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
+        raise UserError(f"{path}: not a loadable checkpoint ({first[:160]}); it may be corrupt or unsafe") from None
+    if not isinstance(ckpt, dict) or not {"config", "model", "n_mels", "speakers"} <= set(ckpt):
+        raise UserError(f"{path}: not an spkid-search checkpoint (needs config, model, n_mels, speakers)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], path: Path | str = "checkpoint") -> tuple[SpeakerNet, Config]:
+    """Rebuild the model a checkpoint describes and load its weights (eval mode)."""
+    config = Config.from_dict(dict(ckpt["config"]), source=f"{path} (config)")
+    model = build_model(config.model, int(ckpt["n_mels"]), len(ckpt["speakers"]))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError) as exc:
+        raise UserError(f"{path}: weights do not match the stored config ({str(exc).splitlines()[0][:160]})") from None
+    model.eval()
+    return model, config
+
+
+def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[SpeakerNet, Config, dict[str, Any]]:
+    """Read a checkpoint file and return (model on device, config, checkpoint dict)."""
+    ckpt = read_checkpoint(path)
+    model, config = model_from_checkpoint(ckpt, path)
+    return model.to(device), config, ckpt
+
+
+@torch.no_grad()
+def predict_logits(
+    model: SpeakerNet, store: FeatureStore, indices: np.ndarray, frame_budget: int = 65536
+) -> np.ndarray:
+    """Whole-utterance logits (float32, rows in the order of ``indices``), batched by length."""
+    was_training = model.training
+    model.eval()
+    out = np.zeros((len(indices), 0), dtype=np.float32)
+    position = {int(i): k for k, i in enumerate(indices)}
+    use_bf16 = store.device.type == "cuda"
+    for batch, x, lengths in eval_batches(store, indices, frame_budget):
+        with torch.autocast(store.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            logits = model(x, lengths)
+        logits_np = logits.float().cpu().numpy()
+        if out.shape[1] == 0:
+            out = np.zeros((len(indices), logits_np.shape[1]), dtype=np.float32)
+        out[[position[int(i)] for i in batch]] = logits_np
+    model.train(was_training)
+    return out
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy; 0.0 for an empty set rather than NaN."""
+    if len(labels) == 0:
+        return 0.0
+    return float((logits.argmax(axis=1) == labels).mean())

@@ -1,0 +1,225 @@
+"""Train one configuration. Knows nothing about Optuna: the caller passes a ``report`` callback.
+
+``report(step, metrics)`` is called every ``log_every`` steps (loss, lr, steps/s) and after every
+validation (plus ``valid_acc``); returning ``"stop"`` ends training early (how pruning works). The
+best weights are copied (not aliased) whenever validation improves and written atomically to
+``best.pt``; ``last.pt`` (every ``checkpoint_steps``) lets a killed run resume where it was.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from search.config import Config
+from search.data import CropSampler, FeatureStore, PackedData, Split, make_split
+from search.errors import UserError
+from search.infer import accuracy, predict_logits, read_checkpoint, save_atomic
+from search.model import SpeakerNet, build_model, count_parameters
+
+Report = Callable[[int, dict[str, float]], "str | None"]
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite: this configuration cannot be trained as it stands."""
+
+
+@dataclass
+class TrainResult:
+    best_accuracy: float
+    best_step: int
+    last_step: int
+    stopped_early: bool
+    parameters: int
+    steps_per_s: float
+    device: str
+    checkpoint: Path | None
+    resumed_from: int = 0
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up to 1, then half-cosine to 0 (the sample code's schedule)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+def spec_augment(x: torch.Tensor, lengths: torch.Tensor, config: Config, generator: torch.Generator) -> torch.Tensor:
+    """Time and frequency masks, vectorised over the batch; masked cells take the utterance's mean."""
+    t = config.train
+    if not (t.spec_time_masks or t.spec_freq_masks):
+        return x
+    batch, frames, mels = x.shape
+    dev = x.device
+    valid = (torch.arange(frames, device=dev)[None, :] < lengths[:, None])[:, :, None]
+    fill = (x * valid).sum(dim=(1, 2)) / (lengths * mels).clamp(min=1)
+    mask = torch.zeros(batch, frames, mels, dtype=torch.bool, device=dev)
+
+    def bands(count: int, width: int, size: int, limit: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(batch, size, dtype=torch.bool, device=dev)
+        pos = torch.arange(size, device=dev)[None, :]
+        for _ in range(count):
+            w = (torch.rand(batch, device=dev, generator=generator) * (width + 1)).long()
+            start = (torch.rand(batch, device=dev, generator=generator) * (limit - w + 1).clamp(min=1)).long()
+            out |= (pos >= start[:, None]) & (pos < (start + w)[:, None])
+        return out
+
+    if t.spec_freq_masks:
+        mask |= bands(t.spec_freq_masks, t.spec_freq_width, mels, torch.full((batch,), mels, device=dev))[:, None, :]
+    if t.spec_time_masks:
+        mask |= bands(t.spec_time_masks, t.spec_time_width, frames, lengths)[:, :, None]
+    return torch.where(mask & valid, fill[:, None, None], x)
+
+
+def _checkpoint_meta(config: Config, data: PackedData, split: Split) -> dict[str, Any]:
+    return {
+        "config": config.to_dict(),
+        "n_mels": data.n_mels,
+        "speakers": list(data.speakers),
+        "fingerprint": data.fingerprint,
+        "split_id": split.split_id,
+    }
+
+
+def train(
+    config: Config,
+    data: PackedData,
+    device: torch.device | str = "cpu",
+    report: Report | None = None,
+    out_dir: Path | None = None,
+    split: Split | None = None,
+    log_every: int = 50,
+    resume: bool = True,
+) -> TrainResult:
+    """Train ``config`` on ``data`` and return the best whole-utterance validation accuracy."""
+    device = torch.device(device)
+    t = config.train
+    split = split if split is not None else make_split(data, t.valid_ratio, t.split_seed)
+    torch.manual_seed(t.seed)
+    model: SpeakerNet = build_model(config.model, data.n_mels, data.n_speakers).to(device)
+    store = FeatureStore(data, device)
+    sampler = CropSampler(store, split.train, t.batch_size, t.segment_len, seed=t.seed)
+    aug_gen = torch.Generator(device=device)
+    aug_gen.manual_seed(t.seed + 1)
+    cuda = device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=cuda or None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t.warmup_steps, t.steps))
+    step_fn = torch.compile(model) if (t.compile and cuda) else model
+    meta = _checkpoint_meta(config, data, split)
+    valid_labels = data.labels[split.valid]
+
+    best_acc, best_step, start_step = -1.0, 0, 0
+    best_state: dict[str, torch.Tensor] | None = None
+    last_path = out_dir / "last.pt" if out_dir is not None else None
+    best_path = out_dir / "best.pt" if out_dir is not None else None
+    if resume and last_path is not None and last_path.exists():
+        state = read_checkpoint(last_path)
+        if state["config"] == meta["config"] and state.get("fingerprint") == data.fingerprint:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            sampler.set_state(state["sampler"])
+            best_acc, best_step = float(state["best_accuracy"]), int(state["best_step"])
+            best_state = state.get("best_model")
+            start_step = int(state["step"])
+
+    def validate(step: int) -> float:
+        nonlocal best_acc, best_step, best_state
+        acc = accuracy(predict_logits(model, store, split.valid, t.eval_frame_budget), valid_labels)
+        if acc > best_acc:
+            best_acc, best_step = acc, step
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            if best_path is not None:
+                metrics = {"valid_acc": acc, "parameters": count_parameters(model)}
+                save_atomic({**meta, "model": best_state, "step": step, "metrics": metrics}, best_path)
+        return acc
+
+    def save_last(step: int) -> None:
+        if last_path is None:
+            return
+        state = {
+            **meta,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "sampler": sampler.state(),
+            "step": step,
+            "best_accuracy": best_acc,
+            "best_step": best_step,
+            "best_model": best_state if best_state is not None else {},
+        }
+        save_atomic(state, last_path)
+
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    loss_count = 0
+    train_time, window_start = 0.0, time.perf_counter()
+    stopped = False
+    step = start_step
+    while step < t.steps:
+        if config.model.margin_warmup_steps:
+            model.set_margin_scale(min(1.0, step / config.model.margin_warmup_steps))
+        x, lengths, labels = sampler.next()
+        x = spec_augment(x, lengths, config, aug_gen)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            logits = step_fn(x, lengths, labels)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=t.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.detach()
+        loss_count += 1
+        step += 1
+
+        is_valid = step % t.valid_steps == 0 or step == t.steps
+        if step % log_every == 0 or is_valid:
+            mean_loss = float(loss_sum) / loss_count  # the only host sync, once per log interval
+            if not math.isfinite(mean_loss):
+                raise TrainingDiverged(
+                    f"non-finite loss by step {step} (lr {t.lr:g}); lower lr or keep grad_clip on"
+                )
+            now = time.perf_counter()
+            train_time += now - window_start
+            metrics: dict[str, float] = {
+                "loss": mean_loss,
+                "lr": scheduler.get_last_lr()[0],
+                "steps_per_s": (step - start_step) / max(train_time, 1e-9),
+            }
+            loss_sum.zero_()
+            loss_count = 0
+            if is_valid:
+                metrics["valid_acc"] = validate(step)
+                metrics["best_acc"] = best_acc
+            if t.checkpoint_steps and (step % t.checkpoint_steps == 0 or is_valid):
+                save_last(step)
+            window_start = time.perf_counter()
+            if report is not None and report(step, metrics) == "stop":
+                stopped = True
+                break
+
+    if best_state is None:  # stopped before any validation: validate what we have
+        validate(step)
+    if last_path is not None and last_path.exists() and not stopped:
+        last_path.unlink()
+    return TrainResult(
+        best_accuracy=best_acc,
+        best_step=best_step,
+        last_step=step,
+        stopped_early=stopped,
+        parameters=count_parameters(model),
+        steps_per_s=(step - start_step) / max(train_time, 1e-9),
+        device=str(device),
+        checkpoint=best_path if best_path is not None and best_path.exists() else None,
+        resumed_from=start_step,
+    )

@@ -1,0 +1,50 @@
+"""A rich progress bar driven by the trainer's ``report`` callback (step, loss, lr, accuracy, speed)."""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from search.progress import console
+
+
+class TrainView:
+    """Context manager whose :meth:`report` can be passed straight to :func:`search.train.train`."""
+
+    def __init__(self, total_steps: int, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  valid {task.fields[valid]}"
+                       "  best {task.fields[best]}  {task.fields[speed]} steps/s"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not enabled,
+        )
+        self.task = self.progress.add_task(
+            "train", total=total_steps, loss="-", lr="-", valid="-", best="-", speed="-"
+        )
+
+    def __enter__(self) -> TrainView:
+        self.progress.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.progress.stop()
+
+    def report(self, step: int, metrics: dict[str, float]) -> None:
+        fields: dict[str, str] = {
+            "loss": f"{metrics['loss']:.3f}",
+            "lr": f"{metrics['lr']:.2e}",
+            "speed": f"{metrics['steps_per_s']:.1f}",
+        }
+        if "valid_acc" in metrics:
+            fields["valid"] = f"{metrics['valid_acc']:.4f}"
+            fields["best"] = f"{metrics['best_acc']:.4f}"
+        self.progress.update(self.task, completed=step, **fields)

@@ -1,0 +1,238 @@
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from search.data import (
+    PAD_VALUE,
+    CropSampler,
+    FeatureStore,
+    PackedData,
+    eval_batches,
+    load_feature,
+    make_split,
+    pack,
+    read_layout,
+)
+from search.errors import UserError
+from tests.hw4fake import make_hw4
+
+
+@pytest.fixture
+def hw4(tmp_path: Path) -> Path:
+    return make_hw4(tmp_path / "Dataset")
+
+
+def _edit_json(path: Path, edit) -> None:  # type: ignore[no-untyped-def]
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def test_reads_layout_with_unsorted_ids(hw4: Path) -> None:
+    layout = read_layout(hw4)
+    mapping = json.loads((hw4 / "mapping.json").read_text())
+    assert layout.n_mels == 40
+    assert len(layout.speakers) == 4 and len(layout.train) == 24 and len(layout.test) == 5
+    for sid, name in enumerate(layout.speakers):
+        assert mapping["speaker2id"][name] == sid
+    assert all(u.label == -1 for u in layout.test)
+
+
+def _first_train_file(root: Path) -> str:
+    meta = json.loads((root / "metadata.json").read_text())
+    return next(iter(meta["speakers"].values()))[0]["feature_path"]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda r: (r / "metadata.json").unlink(), "metadata.json: file not found"),
+        (lambda r: (r / "mapping.json").write_text("{not json"), "mapping.json: not valid JSON"),
+        (lambda r: _edit_json(r / "metadata.json", lambda d: d.pop("n_mels")), "missing key 'n_mels'"),
+        (lambda r: _edit_json(r / "mapping.json", lambda d: d.pop("id2speaker")), "missing key 'id2speaker'"),
+        (
+            lambda r: _edit_json(r / "metadata.json", lambda d: d["speakers"].update({"id99999": []})),
+            "speaker 'id99999' is absent from mapping.json",
+        ),
+        (
+            lambda r: _edit_json(r / "testdata.json", lambda d: d.update({"n_mels": 80})),
+            "testdata.json: n_mels 80 does not match",
+        ),
+        (
+            lambda r: _edit_json(r / "testdata.json", lambda d: d["utterances"][0].pop("mel_len")),
+            "missing key 'utterances[0].mel_len'",
+        ),
+    ],
+)
+def test_layout_errors_name_file_and_problem(hw4: Path, mutate, expected: str) -> None:  # type: ignore[no-untyped-def]
+    mutate(hw4)
+    with pytest.raises(UserError) as info:
+        pack(hw4, hw4.parent / "cache", progress=False)
+    assert expected in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_feature_file(hw4: Path) -> None:
+    name = _first_train_file(hw4)
+    (hw4 / name).unlink()
+    with pytest.raises(UserError, match=f"{name}: feature file not found"):
+        pack(hw4, hw4.parent / "cache", progress=False)
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        (torch.zeros(10), "expected (mel_len, 40)"),
+        (torch.zeros(10, 80), "n_mels mismatch"),
+        (torch.zeros(3, 40), "but the metadata says mel_len"),
+        ({"a": 1}, "holds a dict"),
+        (b"garbage", "unreadable tensor file"),
+    ],
+)
+def test_bad_tensor_files(hw4: Path, payload: object, expected: str) -> None:
+    name = _first_train_file(hw4)
+    if isinstance(payload, bytes):
+        (hw4 / name).write_bytes(payload)
+    else:
+        torch.save(payload, hw4 / name)
+    with pytest.raises(UserError) as info:
+        pack(hw4, hw4.parent / "cache", progress=False)
+    assert name in str(info.value) and expected in str(info.value)
+
+
+class _Evil:
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (os.system, ("touch pwned",))
+
+
+def test_pickle_payload_is_refused_not_run(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pt"
+    with path.open("wb") as fh:
+        pickle.dump(_Evil(), fh)
+    with pytest.raises(UserError, match="unreadable tensor file"):
+        load_feature(path, 40)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_pack_matches_files_and_is_reused(hw4: Path) -> None:
+    cache = hw4.parent / "cache"
+    data = pack(hw4, cache, progress=False)
+    layout = read_layout(hw4)
+    assert data.features.dtype == np.float16
+    for i, utt in enumerate([*layout.train, *layout.test]):
+        assert data.ids[i] == utt.feature_path
+        expected = torch.load(hw4 / utt.feature_path, weights_only=True).numpy()
+        np.testing.assert_allclose(data.utterance(i), expected, atol=0.02)
+    assert (data.labels >= 0).sum() == 24 and (data.labels == -1).sum() == 5
+    stamp = (data.cache_dir / "features.npy").stat().st_mtime_ns
+    again = pack(hw4, cache, progress=False)
+    assert again.cache_dir == data.cache_dir
+    assert (again.cache_dir / "features.npy").stat().st_mtime_ns == stamp  # reused, not re-packed
+
+
+def test_changed_set_is_repacked(hw4: Path) -> None:
+    cache = hw4.parent / "cache"
+    first = pack(hw4, cache, progress=False)
+    name = _first_train_file(hw4)
+    tensor = torch.load(hw4 / name, weights_only=True)
+    torch.save(tensor + 1.0, hw4 / name)
+    second = pack(hw4, cache, progress=False)
+    assert second.fingerprint != first.fingerprint
+    index = second.ids.index(name)
+    np.testing.assert_allclose(second.utterance(index), first.utterance(index) + 1.0, atol=0.05)
+
+
+def test_failed_pack_leaves_no_cache(hw4: Path) -> None:
+    cache = hw4.parent / "cache"
+    torch.save(torch.zeros(5), hw4 / _first_train_file(hw4))
+    with pytest.raises(UserError):
+        pack(hw4, cache, progress=False)
+    assert not cache.exists() or not any(cache.iterdir())  # the temp folder was removed too
+
+
+def test_split_is_deterministic_and_stratified(fake_data: PackedData) -> None:
+    a = make_split(fake_data, 0.2, seed=3)
+    b = make_split(fake_data, 0.2, seed=3)
+    c = make_split(fake_data, 0.2, seed=4)
+    assert np.array_equal(a.valid, b.valid) and a.split_id == b.split_id
+    assert a.split_id != c.split_id
+    assert set(a.train).isdisjoint(a.valid)
+    assert set(a.train) | set(a.valid) == set(fake_data.labelled)
+    valid_speakers = set(fake_data.labels[a.valid])
+    assert valid_speakers == set(range(fake_data.n_speakers))  # every speaker validates
+    per_speaker = np.bincount(fake_data.labels[a.valid])
+    assert (per_speaker == 1).all()  # round(0.2 * 6) = 1
+
+
+def test_crop_batches_pad_and_mask(fake_data: PackedData) -> None:
+    store = FeatureStore(fake_data)
+    split = make_split(fake_data)
+    sampler = CropSampler(store, split.train, batch_size=64, segment_len=128, seed=0)
+    x, lengths, labels = sampler.next()
+    assert x.shape == (64, 128, 40) and x.dtype == torch.float32
+    assert (lengths <= 128).all() and (lengths >= 60).all()
+    train_set = set(split.train.tolist())
+    for b in range(64):
+        n = int(lengths[b])
+        assert (x[b, n:] == PAD_VALUE).all()
+        # the crop is a contiguous slice of one training utterance of the right speaker
+        found = False
+        for i in np.flatnonzero(fake_data.labels == int(labels[b])):
+            if i not in train_set:
+                continue
+            full = torch.from_numpy(fake_data.utterance(int(i)))
+            if len(full) < n:
+                continue
+            windows = full.unfold(0, n, 1).permute(0, 2, 1)
+            if (windows == x[b, :n]).all(dim=(1, 2)).any():
+                found = True
+                break
+        assert found
+    short = [b for b in range(64) if lengths[b] < 128]
+    assert short, "the fake set has utterances shorter than the crop; some must be kept whole"
+
+
+def test_crop_sampler_is_seeded(fake_data: PackedData) -> None:
+    store = FeatureStore(fake_data)
+    split = make_split(fake_data)
+    a = CropSampler(store, split.train, 8, 50, seed=1).next()
+    b = CropSampler(store, split.train, 8, 50, seed=1).next()
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+def test_eval_batches_cover_everything_under_budget(fake_data: PackedData) -> None:
+    store = FeatureStore(fake_data)
+    indices = fake_data.labelled
+    seen: list[int] = []
+    for batch, x, lengths in eval_batches(store, indices, frame_budget=1000):
+        assert x.shape[0] * x.shape[1] <= 1000 or x.shape[0] == 1
+        assert int(lengths.max()) == x.shape[1]
+        for row, i in enumerate(batch):
+            n = int(fake_data.lengths[i])
+            np.testing.assert_array_equal(x[row, :n].numpy(), fake_data.utterance(int(i)))
+            assert (x[row, n:] == PAD_VALUE).all()
+        seen.extend(int(i) for i in batch)
+    assert sorted(seen) == sorted(indices.tolist())
+
+
+def test_missing_data_dir(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="data directory not found"):
+        pack(tmp_path / "nope", progress=False)
+
+
+def test_damaged_cache_is_reported(hw4: Path) -> None:
+    cache = hw4.parent / "cache"
+    data = pack(hw4, cache, progress=False)
+    (data.cache_dir / "features.npy").write_bytes(b"junk")
+    with pytest.raises(UserError, match="packed cache is damaged"):
+        pack(hw4, cache, progress=False)
+    shutil.rmtree(data.cache_dir)
+    assert pack(hw4, cache, progress=False).fingerprint == data.fingerprint
