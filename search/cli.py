@@ -77,6 +77,77 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gpu_list(text: str) -> list[int]:
+    try:
+        gpus = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected GPU indices like 0,1 - got '{text}'") from None
+    if any(g < 0 for g in gpus):
+        raise argparse.ArgumentTypeError(f"GPU indices must be >= 0, got '{text}'")
+    return gpus
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from search.display import RunView, best_table
+    from search.progress import console
+    from search.study import RunOptions, run
+
+    opts = RunOptions(
+        space=args.space, trials=args.trials, data=args.data, study=args.study, storage=args.storage,
+        gpus=args.gpus, per_gpu=args.per_gpu, workers=args.workers, steps=args.steps, seed=args.seed,
+        allow_changed=args.allow_changed, heartbeat=args.heartbeat, max_failures=args.max_failures,
+        display=not args.quiet,
+    )
+    try:
+        with RunView(args.trials, enabled=not args.quiet) as view:
+            counts = run(opts, on_update=view.update)
+    except KeyboardInterrupt:
+        console.print("[yellow]Stopped: running trials were marked and will resume from their last "
+                      "checkpoint when you run the same command again.")
+        raise
+    from search.storage import resolve
+
+    _, study, _ = resolve(args.study or _space_name(args.space), args.storage)
+    if not args.quiet:
+        console.print(best_table(study, 5))
+    console.print(f"[green]finished {counts.finished} trials (complete {counts.complete}, pruned {counts.pruned}),"
+                  f" failed {counts.failed}")
+    return 0
+
+
+def _space_name(space: str) -> str:
+    from search.space import load_space
+
+    return load_space(space).name
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from search.display import best_table, counts_line
+    from search.progress import console
+    from search.storage import resolve
+    from search.study import count_trials
+
+    _, study, url = resolve(args.study, args.storage)
+    console.print(best_table(study, args.top))
+    console.print(counts_line(count_trials(study.get_trials(deepcopy=False))))
+    console.print(f"[dim]storage {url}")
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    import optuna_dashboard
+
+    from search.progress import console
+    from search.storage import artifact_store, resolve
+
+    storage, study, url = resolve(args.study, args.storage)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]Warning: --host {args.host} exposes the dashboard beyond this machine.")
+    console.print(f"optuna-dashboard for '{study.study_name}' on http://{args.host}:{args.port}/ (Ctrl-C stops)")
+    optuna_dashboard.run_server(storage, host=args.host, port=args.port, artifact_store=artifact_store(study))
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------
 # Parser
 # --------------------------------------------------------------------------------------------------
@@ -119,6 +190,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=_positive, default=50, help="progress update interval in steps")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "run", help="run (or resume) a hyperparameter search study",
+        description="Sample configurations from a search space and train them as trials of an Optuna study "
+        "(SQLite under studies/<study>/ by default, or --storage postgresql://...). One worker per GPU slot, "
+        "or --workers CPU workers. Re-running the same command resumes until --trials are finished.",
+    )
+    p.add_argument("--space", required=True, help="search space: a name in spaces/ (boss, smoke...) or a path")
+    p.add_argument("--trials", type=_positive, required=True, help="finished trials the study should hold")
+    p.add_argument("--data", type=Path, help="HW4 data folder (default: a generated synthetic set)")
+    p.add_argument("--study", help="study name (default: the space's name)")
+    p.add_argument("--storage", help="storage URL (default sqlite:///studies/<study>/study.db)")
+    p.add_argument("--gpus", type=_gpu_list, help="GPU indices to use, e.g. 0,1 (default: all visible)")
+    p.add_argument("--per-gpu", type=_positive, default=1, help="trials run at once on each GPU (default 1)")
+    p.add_argument("--workers", type=_positive, default=1, help="CPU workers when no GPU is used (default 1)")
+    p.add_argument("--steps", type=_positive, help="override every trial's training steps")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed offset (default 0)")
+    p.add_argument("--heartbeat", type=_positive, help="seconds between worker heartbeats (default 20)")
+    p.add_argument("--max-failures", type=_positive, help="stop after this many failed trials (default: --trials)")
+    p.add_argument("--allow-changed", action="store_true",
+                   help="continue a study although its data set, split or space changed")
+    p.add_argument("--quiet", action="store_true", help="no live display")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="show a study's best trials and counts",
+                       description="Print a table of the best finished trials and the trial counts.")
+    p.add_argument("--study", help="study name (optional when there is only one)")
+    p.add_argument("--storage", help="storage URL (default: studies/<study>/study.db)")
+    p.add_argument("--top", type=_positive, default=10, help="rows to show (default 10)")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("dashboard", help="open optuna-dashboard on a study",
+                       description="Serve optuna-dashboard for the study's storage and artifact store "
+                       "(checkpoints), bound to 127.0.0.1 unless --host says otherwise.")
+    p.add_argument("--study", help="study name (optional when there is only one)")
+    p.add_argument("--storage", help="storage URL (default: studies/<study>/study.db)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=_positive, default=8080, help="port (default 8080)")
+    p.set_defaults(func=cmd_dashboard)
 
     return parser
 

@@ -1,0 +1,95 @@
+"""Rich views of a study: the live run display and the ``status`` table."""
+
+from __future__ import annotations
+
+import time
+from types import TracebackType
+from typing import Any
+
+import optuna
+from rich.console import Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from search.progress import console
+from search.study import Counts, summary_rows
+
+
+def _fmt(value: Any, pattern: str = "{:.4f}") -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def best_table(study: optuna.Study, top: int = 10) -> Table:
+    """The best finished trials, best first."""
+    table = Table(title=f"study '{study.study_name}': best trials", header_style="bold")
+    for col in ("trial", "state", "valid acc", "best step", "params", "steps/s", "device", "searched values"):
+        table.add_column(col, justify="right" if col not in ("state", "device", "searched values") else "left")
+    for row in summary_rows(study, top):
+        values = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["params"].items())
+        table.add_row(
+            str(row["number"]), row["state"], _fmt(row["valid_acc"]), _fmt(row["best_step"], "{}"),
+            _fmt(row["parameters"], "{:,}"), _fmt(row["steps_per_s"], "{:.1f}"), str(row["device"] or "-"),
+            values,
+        )
+    return table
+
+
+def counts_line(counts: Counts, target: int | None = None) -> Text:
+    goal = f"/{target}" if target else ""
+    return Text.assemble(
+        ("finished ", "bold"), f"{counts.finished}{goal} ",
+        (f"(complete {counts.complete}, pruned {counts.pruned})  ", "dim"),
+        ("running ", "bold"), f"{counts.running}  ", ("waiting ", "bold"), f"{counts.waiting}  ",
+        ("failed ", "bold red" if counts.failed else "bold"), f"{counts.failed}",
+    )
+
+
+class RunView:
+    """Live display for ``spkid-search run``: running trials per worker, counts, best so far, throughput."""
+
+    def __init__(self, target: int, enabled: bool = True) -> None:
+        self.target = target
+        self.enabled = enabled
+        self.started = time.time()
+        self.start_finished: int | None = None
+        self.live = Live(Text("starting workers..."), console=console, refresh_per_second=2, transient=False)
+
+    def __enter__(self) -> RunView:
+        if self.enabled:
+            self.live.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self.enabled:
+            self.live.stop()
+
+    def update(self, study: optuna.Study, counts: Counts, workers: list[dict[str, Any]]) -> None:
+        if not self.enabled:
+            return
+        if self.start_finished is None:
+            self.start_finished = counts.finished
+        table = Table(header_style="bold", expand=False)
+        for col in ("worker", "device", "trial", "step", "loss", "valid acc", "steps/s"):
+            table.add_column(col, justify="left" if col in ("worker", "device") else "right")
+        for w in workers:
+            if w.get("done") or w.get("idle") or w.get("error"):
+                state = "done" if w.get("done") else ("idle" if w.get("idle") else "error")
+                table.add_row(w["worker"], w["device"], state, "", "", "", "")
+                continue
+            step = f"{w.get('step', 0)}/{w.get('total', '?')}"
+            table.add_row(
+                w["worker"], w["device"], str(w.get("trial", "-")), step, _fmt(w.get("loss"), "{:.3f}"),
+                _fmt(w.get("valid_acc")), _fmt(w.get("steps_per_s"), "{:.1f}"),
+            )
+        hours = max(time.time() - self.started, 1e-6) / 3600
+        rate = (counts.finished - self.start_finished) / hours
+        try:
+            best = study.best_trial
+            best_text = f"best {best.value:.4f} (trial {best.number})"
+        except ValueError:
+            best_text = "best -"
+        footer = Text.assemble(counts_line(counts, self.target), f"   {best_text}   ", (f"{rate:.1f} trials/h", "dim"))
+        self.live.update(Group(table, footer))

@@ -1,0 +1,837 @@
+"""Turn a folder (or CSV list) of speaker audio into the exact HW4 feature layout.
+
+Input: ``AUDIO_DIR/<speaker>/[<session>/...]<utt>.wav|.flac`` (VoxCeleb style; the speaker is the first
+folder under AUDIO_DIR) or a CSV file list with the header ``path,speaker`` (relative paths are resolved
+against the CSV's folder). Any sample rate, mono or multi-channel, anything libsndfile reads.
+
+Feature recipe, the HW4 set's ``Wav2Mel`` (sox effects ``channels 1``, ``rate 16000``, ``norm -3``,
+``silence``, then a log-mel spectrogram) rebuilt without sox:
+
+1. mix to mono (mean of the channels, as sox ``channels 1``);
+2. resample to 16 kHz with ``torchaudio.functional.resample`` (sox uses its own ``rate`` filter, so
+   resampled sources differ from the real set by filter details only);
+3. scale the peak to -3 dBFS (sox ``norm -3``);
+4. trim leading and trailing silence the way sox ``silence 1 0.1 1% ...`` finds speech: the RMS of
+   20 ms windows (10 ms hop) is compared with 1 % of full scale, which after step 3 is 37 dB below the
+   peak; speech starts at the first run of 0.1 s (10 windows) above it and ends at the last such run, so
+   clicks shorter than 0.1 s in the padding are trimmed too. Unlike the real set's ``silence ... -1 ...``
+   pauses inside the utterance are kept;
+5. ``MelSpectrogram(sample_rate=16000, n_fft=400, hop_length=160, f_min=50, n_mels=40)``, then
+   ``log(mel + 1e-9)``, saved as a float32 ``(frames, 40)`` tensor.
+
+Output (``OUT``): ``mapping.json``, ``metadata.json``, ``testdata.json``, one ``uttr-<32 hex>.pt`` per
+utterance, ``answers.csv`` (``Id,Category`` in testdata order, to score predictions) and
+``prepare-state.jsonl``, the per-file record that makes a re-run resume: a source whose size and mtime
+are unchanged and whose feature file exists with the recorded size is not decoded again (nor is a bad file
+re-tried). Names, speaker ids and the test split depend only on the input and the seed, so the same input
+and seed give byte-identical JSON files whatever the number of workers or interruptions. The JSON index
+files are written last, each atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import math
+import multiprocessing
+import os
+import re
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from search.errors import UserError
+
+# --------------------------------------------------------------------------------------------------
+# The recipe
+# --------------------------------------------------------------------------------------------------
+
+SAMPLE_RATE = 16000
+N_FFT = 400
+HOP_LENGTH = 160
+F_MIN = 50.0
+N_MELS = 40
+LOG_OFFSET = 1e-9
+NORM_DB = -3.0
+SILENCE_THRESHOLD = 0.01  # frame RMS as a fraction of full scale, after the -3 dB peak normalisation
+SILENCE_WINDOW = 320  # 20 ms RMS windows, as sox ``silence``
+SILENCE_HOP = 160  # 10 ms
+SILENCE_MIN_RUN = 10  # windows above the threshold (0.1 s) that count as speech
+SILENT_PEAK = 1e-4  # a file whose peak is below -80 dBFS holds no signal, only dither
+MIN_SECONDS = 0.5  # shortest utterance kept after trimming (51 frames)
+MAX_RESAMPLE_KERNEL = 50_000_000  # floats; odd rates like 16001 Hz would need gigabytes of filter
+RECIPE = "v1 mono/16000/norm-3/trim-rms0.01-w320-h160-run10/mel400-160-50-40/log+1e-9/min0.5s"
+
+AUDIO_SUFFIXES = (".wav", ".flac")
+OTHER_AUDIO_SUFFIXES = (".m4a", ".mp3", ".aac", ".ogg", ".opus", ".mp4", ".wma")
+
+STATE_NAME = "prepare-state.jsonl"
+STATE_VERSION = 1
+LOCK_NAME = ".prepare.lock"
+TEMP_PREFIX = ".prepare-tmp-"
+INDEX_NAMES = ("mapping.json", "metadata.json", "testdata.json", "answers.csv")
+FEATURE_RE = re.compile(r"^uttr-[0-9a-f]{32}\.pt$")
+
+
+class BadAudio(Exception):
+    """A file that cannot become an utterance; the message is the reason listed in the summary."""
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else exc.__class__.__name__)[:160]
+
+
+def read_audio(path: Path) -> tuple[np.ndarray, int]:
+    """Decode a file with soundfile and mix it to mono: (float32 samples, sample rate)."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise BadAudio(f"cannot read ({exc.strerror or _one_line(exc)})") from None
+    if size == 0:
+        raise BadAudio("empty file (0 bytes)")
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as exc:  # libsndfile, OSError, header errors: all mean "not audio we can read"
+        detail = getattr(exc, "error_string", None) or _one_line(exc)
+        raise BadAudio(f"not readable audio ({detail})") from None
+    if data.shape[0] == 0:
+        raise BadAudio("no audio samples")
+    if not np.isfinite(data).all():
+        raise BadAudio("holds NaN or infinite samples")
+    return data.mean(axis=1, dtype=np.float32), int(rate)
+
+
+def resample(wave: torch.Tensor, rate: int) -> torch.Tensor:
+    """Resample a 1-D waveform to 16 kHz (torchaudio's windowed-sinc filter, default settings)."""
+    if rate == SAMPLE_RATE:
+        return wave
+    if rate <= 0:
+        raise BadAudio(f"invalid sample rate {rate}")
+    g = math.gcd(rate, SAMPLE_RATE)
+    orig, new = rate // g, SAMPLE_RATE // g
+    width = math.ceil(6 * orig / (min(orig, new) * 0.99))
+    if new * (2 * width + orig) > MAX_RESAMPLE_KERNEL:
+        raise BadAudio(f"unsupported sample rate {rate} Hz (convert the file to 16 kHz first)")
+    return torchaudio.functional.resample(wave, orig_freq=rate, new_freq=SAMPLE_RATE)
+
+
+def normalise_peak(wave: torch.Tensor) -> torch.Tensor:
+    """Scale so the largest absolute sample is -3 dBFS (sox ``norm -3``)."""
+    peak = float(wave.abs().max()) if wave.numel() else 0.0
+    if peak < SILENT_PEAK:
+        raise BadAudio("silent (peak below -80 dBFS)" if peak > 0 else "silent (all samples are zero)")
+    return wave * (10.0 ** (NORM_DB / 20.0) / peak)
+
+
+def speech_bounds(wave: torch.Tensor) -> tuple[int, int]:
+    """``(start, end)`` samples of the speech in a normalised 16 kHz waveform (see the module doc)."""
+    n = wave.numel()
+    frames = (n - SILENCE_WINDOW) // SILENCE_HOP + 1 if n >= SILENCE_WINDOW else 0
+    if frames < SILENCE_MIN_RUN:
+        raise BadAudio("silent (no 0.1 s of signal above the silence threshold)")
+    windows = wave.double().unfold(0, SILENCE_WINDOW, SILENCE_HOP)
+    active = (windows.pow(2).mean(dim=1).sqrt() > SILENCE_THRESHOLD).to(torch.int64)
+    counts = torch.cat([torch.zeros(1, dtype=torch.int64), active.cumsum(0)])
+    runs = torch.nonzero(counts[SILENCE_MIN_RUN:] - counts[:-SILENCE_MIN_RUN] == SILENCE_MIN_RUN).flatten()
+    if runs.numel() == 0:
+        raise BadAudio("silent (no 0.1 s of signal above the silence threshold)")
+    first, last = int(runs[0]), int(runs[-1]) + SILENCE_MIN_RUN - 1
+    end = n if last == frames - 1 else last * SILENCE_HOP + SILENCE_WINDOW
+    return first * SILENCE_HOP, end
+
+
+@lru_cache(maxsize=1)
+def _mel_transform() -> torchaudio.transforms.MelSpectrogram:
+    return torchaudio.transforms.MelSpectrogram(
+        sample_rate=SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP_LENGTH, f_min=F_MIN, n_mels=N_MELS
+    )
+
+
+def log_mel(wave: torch.Tensor) -> torch.Tensor:
+    """``log(MelSpectrogram(wave) + 1e-9)`` as a contiguous float32 ``(frames, 40)`` tensor."""
+    with torch.inference_mode():
+        mel = _mel_transform()(wave.float())
+    return torch.log(mel + LOG_OFFSET).T.contiguous().clone()
+
+
+def compute_features(wave: np.ndarray | torch.Tensor, rate: int) -> torch.Tensor:
+    """The whole recipe on mono samples at ``rate``: resample, normalise, trim, log-mel."""
+    x = torch.as_tensor(wave, dtype=torch.float32).flatten()
+    seconds = x.numel() / rate if rate > 0 else 0.0
+    if seconds < MIN_SECONDS:
+        raise BadAudio(f"too short ({seconds:.2f} s; need at least {MIN_SECONDS} s)")
+    with torch.inference_mode():
+        x = normalise_peak(resample(x, rate))
+        start, end = speech_bounds(x)
+        x = x[start:end]
+    if x.numel() < MIN_SECONDS * SAMPLE_RATE:
+        kept = x.numel() / SAMPLE_RATE
+        raise BadAudio(f"too short after trimming silence ({kept:.2f} s; need at least {MIN_SECONDS} s)")
+    return log_mel(x)
+
+
+def features_from_file(path: Path) -> torch.Tensor:
+    """Read one audio file and compute its HW4 features; raises :class:`BadAudio` with the reason."""
+    wave, rate = read_audio(Path(path))
+    return compute_features(wave, rate)
+
+
+def feature_name(source: str, seed: int) -> str:
+    """The ``uttr-<32 hex>.pt`` name of a source (its path relative to the input) for a seed."""
+    digest = hashlib.sha256(f"spkid-prepare\n{seed}\n{source}".encode()).hexdigest()
+    return f"uttr-{digest[:32]}.pt"
+
+
+# --------------------------------------------------------------------------------------------------
+# One file, in a worker process or inline
+# --------------------------------------------------------------------------------------------------
+
+
+def _extract(path: str, out: str, name: str) -> tuple[str, int, int, str]:
+    """Compute and save one feature file: ``(status, mel_len, bytes, reason)``; status ok/skip/error."""
+    try:
+        feats = features_from_file(Path(path))
+    except BadAudio as exc:
+        return "skip", 0, 0, str(exc)
+    except Exception as exc:  # one undecodable file must never stop the run
+        return "skip", 0, 0, f"failed to process ({exc.__class__.__name__}: {_one_line(exc)})"
+    target = Path(out) / name
+    tmp = Path(out) / f"{TEMP_PREFIX}{name}.{os.getpid()}"
+    try:
+        torch.save(feats, tmp)
+        os.replace(tmp, target)
+        nbytes = target.stat().st_size
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        return "error", 0, 0, f"cannot write {target} ({exc.strerror or _one_line(exc)})"
+    return "ok", int(feats.shape[0]), nbytes, ""
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+
+
+@contextlib.contextmanager
+def _single_thread() -> Iterator[None]:
+    """Same thread count inline as in workers, so results do not depend on ``workers``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding the input
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    key: str  # posix path relative to AUDIO_DIR (or the CSV's folder): reports and feature names use it
+    path: Path
+    speaker: str
+
+
+def _relative_key(path: Path, base: Path) -> str:
+    try:
+        return Path(os.path.relpath(path, base)).as_posix()
+    except ValueError:  # another drive on Windows
+        return path.as_posix()
+
+
+def _walk(root: Path, exclude: Path | None) -> tuple[list[Source], list[tuple[str, str]], dict[str, int]]:
+    sources: list[Source] = []
+    skipped: list[tuple[str, str]] = []
+    others: dict[str, int] = {}
+    seen_dirs: set[tuple[int, int]] = set()
+    for folder, dirnames, filenames in os.walk(root, followlinks=True):
+        here = Path(folder)
+        st = here.stat()
+        if (st.st_dev, st.st_ino) in seen_dirs:  # a symlink loop
+            dirnames[:] = []
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        dirnames[:] = sorted(
+            d
+            for d in dirnames
+            if not d.startswith(".") and (exclude is None or (here / d).resolve() != exclude)
+        )
+        for name in sorted(filenames):
+            suffix = Path(name).suffix.lower()
+            if name.startswith("."):
+                continue
+            if suffix not in AUDIO_SUFFIXES:
+                if suffix in OTHER_AUDIO_SUFFIXES:
+                    others[suffix] = others.get(suffix, 0) + 1
+                continue
+            path = here / name
+            key = _relative_key(path, root)
+            if "/" not in key:
+                skipped.append((key, "not inside a speaker folder (expected AUDIO_DIR/<speaker>/.../file)"))
+                continue
+            sources.append(Source(key, path, key.split("/", 1)[0]))
+    return sources, skipped, others
+
+
+def _read_csv(csv_path: Path) -> tuple[list[Source], list[tuple[str, str]]]:
+    try:
+        text = csv_path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(
+            f"{csv_path}: not a UTF-8 text file; pass a folder of audio or a CSV with header 'path,speaker'"
+        ) from None
+    except OSError as exc:
+        raise UserError(f"{csv_path}: cannot read ({exc.strerror or _one_line(exc)})") from None
+    try:
+        rows = list(csv.reader(io.StringIO(text)))
+    except csv.Error as exc:
+        raise UserError(f"{csv_path}: malformed CSV ({exc})") from None
+    if not rows:
+        raise UserError(
+            f"{csv_path}: empty file; expected the header 'path,speaker' and one row per audio file"
+        )
+    header = [h.strip().lower() for h in rows[0]]
+    if "path" not in header or "speaker" not in header:
+        got = ",".join(rows[0])[:80]
+        raise UserError(f"{csv_path}: the first line must be the header 'path,speaker' (found '{got}')")
+    ip, isp = header.index("path"), header.index("speaker")
+    base = csv_path.parent
+    sources: list[Source] = []
+    skipped: list[tuple[str, str]] = []
+    first_line: dict[str, int] = {}
+    for lineno, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        where = f"{csv_path.name}:{lineno}"
+        if len(row) <= max(ip, isp):
+            skipped.append((where, "row has too few columns (expected path,speaker)"))
+            continue
+        raw, speaker = row[ip].strip(), row[isp].strip()
+        if not raw or not speaker:
+            skipped.append((raw or where, "empty path" if not raw else "empty speaker"))
+            continue
+        path = Path(os.path.normpath(base / Path(raw).expanduser()))
+        key = _relative_key(path, base)
+        if key in first_line:
+            skipped.append((key, f"listed twice (first on line {first_line[key]} of {csv_path.name})"))
+            continue
+        first_line[key] = lineno
+        sources.append(Source(key, path, speaker))
+    return sources, skipped
+
+
+def discover(source: Path, exclude: Path | None = None) -> tuple[list[Source], list[tuple[str, str]]]:
+    """The audio files to prepare (sorted by key) and the entries skipped while listing them."""
+    source = Path(source).expanduser()
+    if not source.exists():
+        raise UserError(
+            f"{source}: not found; pass a folder of speaker folders (AUDIO_DIR/<speaker>/.../x.wav) "
+            "or a CSV file list with the header 'path,speaker'"
+        )
+    if source.is_file():
+        sources, skipped = _read_csv(source)
+        if not sources:
+            raise UserError(f"{source}: the file list names no audio files")
+    else:
+        sources, skipped, others = _walk(source, exclude.resolve() if exclude is not None else None)
+        if not sources:
+            if others:
+                found = ", ".join(f"{n} {s}" for s, n in sorted(others.items()))
+                raise UserError(
+                    f"{source}: found {found} files but no .wav or .flac; convert them first, e.g. "
+                    "ffmpeg -i in.m4a -ac 1 -ar 16000 out.wav"
+                )
+            if skipped:
+                raise UserError(
+                    f"{source}: audio files lie directly in the folder; put each speaker's files in "
+                    "AUDIO_DIR/<speaker>/ (the first folder names the speaker)"
+                )
+            raise UserError(
+                f"{source}: no .wav or .flac files found; expected AUDIO_DIR/<speaker>/[<session>/]<utt>.wav"
+            )
+    sources.sort(key=lambda s: s.key)
+    return sources, skipped
+
+
+# --------------------------------------------------------------------------------------------------
+# The output folder and its state
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_ours(name: str) -> bool:
+    return name in (STATE_NAME, LOCK_NAME) or name.startswith(TEMP_PREFIX)
+
+
+def check_out(out: Path) -> None:
+    """Refuse an OUT that is a file, or a non-empty folder that a previous prepare did not write."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder; pass a new or empty --out folder")
+    if not out.exists():
+        return
+    names = sorted(os.listdir(out))
+    if STATE_NAME in names or all(_is_ours(n) for n in names):
+        return
+    if "metadata.json" in names:
+        raise UserError(
+            f"{out}: holds a data set that 'prepare' did not write (no {STATE_NAME}); refusing to overwrite "
+            "it, pass a new or empty --out folder"
+        )
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    raise UserError(f"{out}: folder is not empty ({shown}); pass a new or empty --out folder")
+
+
+def _read_state(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The header and the latest record per source; a torn last line (killed run) is ignored."""
+    header: dict[str, Any] = {}
+    records: dict[str, dict[str, Any]] = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return header, records
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(entry, dict):
+            continue
+        if "prepare_state" in entry:
+            header = entry
+        elif isinstance(entry.get("source"), str):
+            records[entry["source"]] = entry
+    return header, records
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{TEMP_PREFIX}{path.name}")
+    with open(tmp, "w", encoding="utf-8", newline="") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _state_text(header: dict[str, Any], records: list[dict[str, Any]]) -> str:
+    lines = [json.dumps(header, sort_keys=True)]
+    lines += [
+        json.dumps(r, sort_keys=True, ensure_ascii=False) for r in sorted(records, key=lambda r: r["source"])
+    ]
+    return "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on OUT so two prepares never interleave their writes."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; run one prepare per folder
+        yield
+        return
+    with open(out / LOCK_NAME, "a") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(
+                f"{out}: another 'prepare' is writing this folder; wait for it or use another --out"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PrepareReport:
+    """What a prepare run produced and what it left out, with a rich summary."""
+
+    out: Path
+    speakers: int
+    train: int
+    test: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (source, reason)
+    dropped: list[tuple[str, int]] = field(default_factory=list)  # (speaker, usable utterances)
+    processed: int = 0  # files decoded in this run
+    reused: int = 0  # files whose earlier result (feature or skip) was kept
+    frames: int = 0  # total frames kept (train + test), 100 per second
+    min_utterances: int = 2
+
+    @property
+    def n_skipped(self) -> int:
+        return len(self.skipped)
+
+    @property
+    def hours(self) -> float:
+        return self.frames / 100 / 3600
+
+    def render(self, limit: int = 20) -> RenderableType:
+        table = Table(title=f"prepare -> {self.out}", show_header=False, title_justify="left")
+        table.add_column(style="bold")
+        table.add_column(justify="right")
+        table.add_row("speakers", f"{self.speakers:,}")
+        table.add_row("train utterances", f"{self.train:,}")
+        table.add_row("test utterances", f"{self.test:,}")
+        table.add_row("speech kept", f"{self.hours:.2f} h ({self.frames:,} frames)")
+        table.add_row("skipped files", f"[yellow]{self.n_skipped:,}" if self.skipped else "0")
+        table.add_row("speakers left out", f"[yellow]{len(self.dropped):,}" if self.dropped else "0")
+        table.add_row("decoded / reused", f"{self.processed:,} / {self.reused:,}")
+        parts: list[RenderableType] = [table]
+        if self.skipped:
+            skipped = Table(title="skipped files", title_justify="left")
+            skipped.add_column("file", overflow="fold")
+            skipped.add_column("reason", overflow="fold")
+            for path, reason in self.skipped[:limit]:
+                skipped.add_row(path, reason)
+            parts.append(skipped)
+            if len(self.skipped) > limit:
+                parts.append(
+                    Text(f"... and {len(self.skipped) - limit:,} more (see {self.out / STATE_NAME})")
+                )
+        if self.dropped:
+            names = ", ".join(f"{name} ({n})" for name, n in self.dropped[:limit])
+            more = f", ... and {len(self.dropped) - limit:,} more" if len(self.dropped) > limit else ""
+            parts.append(
+                Text(
+                    f"Left out, fewer than {self.min_utterances} usable utterances: {names}{more}",
+                    style="yellow",
+                )
+            )
+        return Group(*parts)
+
+
+# --------------------------------------------------------------------------------------------------
+# prepare()
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_args(
+    test_per_speaker: int | None, test_fraction: float | None, workers: int, seed: int, min_utterances: int
+) -> None:
+    if test_per_speaker is not None and test_fraction is not None:
+        raise UserError("give either --test-per-speaker or --test-fraction, not both")
+    if test_per_speaker is not None and (isinstance(test_per_speaker, bool) or test_per_speaker < 0):
+        raise UserError(f"--test-per-speaker must be a whole number >= 0, got {test_per_speaker}")
+    if test_fraction is not None and not 0.0 < test_fraction < 1.0:
+        raise UserError(f"--test-fraction must be between 0 and 1, got {test_fraction}")
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    if seed < 0:
+        raise UserError(f"--seed must be >= 0, got {seed}")
+    if min_utterances < 1:
+        raise UserError(f"--min-utterances must be at least 1, got {min_utterances}")
+
+
+def _n_test(n: int, test_per_speaker: int | None, test_fraction: float | None) -> int:
+    """Test utterances for a speaker with ``n`` usable ones; at least one always stays for training."""
+    if test_fraction is not None:
+        k = max(1, int(math.floor(test_fraction * n + 0.5)))
+    else:
+        k = 1 if test_per_speaker is None else test_per_speaker
+    return max(0, min(k, n - 1))
+
+
+def _speaker_rng(seed: int, speaker: str) -> np.random.Generator:
+    """One generator per speaker, so adding a speaker does not reshuffle the others' test picks."""
+    digest = int.from_bytes(hashlib.sha256(speaker.encode()).digest()[:8], "little")
+    return np.random.default_rng([seed, digest])
+
+
+Job = tuple[Source, str, dict[str, Any]]  # source, feature name, its stat as recorded in the state
+Result = tuple[str, int, int, str]  # status (ok, skip, error), mel_len, bytes, reason
+
+
+def _run(
+    todo: list[Job],
+    out: Path,
+    workers: int,
+    progress: bool,
+    description: str,
+    on_result: Callable[[Job, Result], None],
+) -> None:
+    """Extract every job, calling ``on_result(job, result)`` as each finishes."""
+    from search.progress import progress_bar
+
+    with progress_bar(description, total=len(todo), enabled=progress and bool(todo)) as advance:
+        if workers <= 1 or len(todo) <= 1:
+            with _single_thread():
+                for job in todo:
+                    on_result(job, _extract(str(job[0].path), str(out), job[1]))
+                    advance(1)
+            return
+        ctx = multiprocessing.get_context("spawn")
+        pool = ProcessPoolExecutor(
+            max_workers=min(workers, len(todo)), mp_context=ctx, initializer=_init_worker
+        )
+        try:
+            futures: dict[Future[Result], Job] = {
+                pool.submit(_extract, str(job[0].path), str(out), job[1]): job for job in todo
+            }
+            for fut in as_completed(futures):
+                on_result(futures[fut], fut.result())
+                advance(1)
+        except BrokenProcessPool:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise UserError(
+                "a worker process died while decoding audio (out of memory, or a crash in the decoder); "
+                "finished files are kept: re-run, with --workers 1 to see which file it is"
+            ) from None
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+
+
+def prepare(
+    audio_dir_or_csv: Path,
+    out: Path,
+    test_per_speaker: int | None = None,
+    test_fraction: float | None = None,
+    workers: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+    min_utterances: int = 2,
+) -> PrepareReport:
+    """Compute HW4 features for a speaker-labelled audio corpus and write the HW4 layout into ``out``.
+
+    ``test_per_speaker`` (default 1) or ``test_fraction`` utterances of every speaker go to
+    testdata.json (their labels to answers.csv); speakers with fewer than ``min_utterances`` usable
+    files are left out. Bad files are skipped with a reason, never fatal. Re-running resumes.
+    """
+    _check_args(test_per_speaker, test_fraction, workers, seed, min_utterances)
+    source_path, out = Path(audio_dir_or_csv).expanduser(), Path(out).expanduser()
+    sources, skipped = discover(source_path, exclude=out)
+    check_out(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{out}: cannot create the folder ({exc.strerror or _one_line(exc)})") from None
+
+    with _locked(out):
+        return _prepare_locked(
+            source_path,
+            out,
+            sources,
+            skipped,
+            test_per_speaker,
+            test_fraction,
+            workers,
+            seed,
+            progress,
+            min_utterances,
+        )
+
+
+def _prepare_locked(
+    source_path: Path,
+    out: Path,
+    sources: list[Source],
+    skipped: list[tuple[str, str]],
+    test_per_speaker: int | None,
+    test_fraction: float | None,
+    workers: int,
+    seed: int,
+    progress: bool,
+    min_utterances: int,
+) -> PrepareReport:
+    state_path = out / STATE_NAME
+    old_header, old_records = _read_state(state_path)
+    if old_header.get("recipe") != RECIPE or old_header.get("prepare_state") != STATE_VERSION:
+        old_records = {}  # features from another recipe cannot be reused
+    header = {"prepare_state": STATE_VERSION, "recipe": RECIPE, "seed": seed}
+
+    # Plan: reuse what an earlier run finished (renaming features if only the seed changed).
+    records: dict[str, dict[str, Any]] = {}
+    todo: list[tuple[Source, str, dict[str, Any]]] = []
+    reused = 0
+    for src in sources:
+        try:
+            st = src.path.stat()
+        except FileNotFoundError:
+            skipped.append((src.key, "file not found"))
+            continue
+        except OSError as exc:
+            skipped.append((src.key, f"cannot read ({exc.strerror or _one_line(exc)})"))
+            continue
+        if not src.path.is_file():
+            skipped.append((src.key, "not a regular file"))
+            continue
+        name = feature_name(src.key, seed)
+        base = {"source": src.key, "speaker": src.speaker, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        old = old_records.get(src.key)
+        if old is not None and old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns:
+            if "skip" in old:
+                records[src.key] = {**base, "skip": old["skip"]}
+                reused += 1
+                continue
+            if _reuse_feature(out, old, name):
+                records[src.key] = {**base, "feature": name, "mel_len": old["mel_len"], "bytes": old["bytes"]}
+                reused += 1
+                continue
+        todo.append((src, name, base))
+
+    for index_name in INDEX_NAMES:  # the old index no longer describes the folder until rewritten
+        with contextlib.suppress(FileNotFoundError):
+            (out / index_name).unlink()
+    _write_atomic(state_path, _state_text(header, list(records.values())))
+
+    with open(state_path, "a", encoding="utf-8") as log:
+        _process(todo, out, workers, progress, source_path, records, log)
+
+    for key, rec in records.items():
+        if "skip" in rec:
+            skipped.append((key, rec["skip"]))
+    skipped.sort()
+    _write_atomic(state_path, _state_text(header, list(records.values())))
+
+    # Speakers, ids and the test split.
+    usable: dict[str, list[dict[str, Any]]] = {}
+    for src in sources:
+        usable.setdefault(src.speaker, [])
+        found = records.get(src.key)
+        if found is not None and "feature" in found:
+            usable[src.speaker].append(found)
+    kept = sorted(s for s, recs in usable.items() if len(recs) >= min_utterances)
+    dropped = sorted((s, len(recs)) for s, recs in usable.items() if len(recs) < min_utterances)
+    expected = {rec["feature"] for recs in usable.values() for rec in recs}
+    if not kept:
+        _prune(out, expected)
+        raise UserError(
+            f"{source_path}: no speaker has {min_utterances} usable utterances "
+            f"({len(sources)} files listed, {len(skipped)} skipped"
+            + (f", e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else "")
+            + "); nothing to write"
+        )
+    order = np.random.default_rng(seed).permutation(len(kept))
+    speaker2id = {name: int(order[i]) for i, name in enumerate(kept)}
+
+    train_by_speaker: dict[str, list[dict[str, Any]]] = {}
+    test_entries: list[tuple[dict[str, Any], str]] = []
+    for name in kept:
+        recs = sorted(usable[name], key=lambda r: r["source"])
+        k = _n_test(len(recs), test_per_speaker, test_fraction)
+        pick = set(_speaker_rng(seed, name).permutation(len(recs))[:k].tolist())
+        train_by_speaker[name] = [r for i, r in enumerate(recs) if i not in pick]
+        test_entries += [(r, name) for i, r in enumerate(recs) if i in pick]
+    test_entries.sort(key=lambda e: e[0]["feature"])
+
+    def entry(rec: dict[str, Any]) -> dict[str, Any]:
+        return {"feature_path": rec["feature"], "mel_len": int(rec["mel_len"])}
+
+    metadata = {
+        "n_mels": N_MELS,
+        "speakers": {
+            name: [entry(r) for r in sorted(train_by_speaker[name], key=lambda r: r["feature"])]
+            for name in kept
+        },
+    }
+    testdata = {"n_mels": N_MELS, "utterances": [entry(r) for r, _ in test_entries]}
+    mapping = {
+        "speaker2id": speaker2id,
+        "id2speaker": {str(sid): name for name, sid in sorted(speaker2id.items(), key=lambda kv: kv[1])},
+    }
+    answers = io.StringIO()
+    writer = csv.writer(answers, lineterminator="\n")
+    writer.writerow(["Id", "Category"])
+    writer.writerows([r["feature"], name] for r, name in test_entries)
+
+    _write_atomic(out / "answers.csv", answers.getvalue())
+    _write_atomic(out / "testdata.json", json.dumps(testdata, ensure_ascii=False) + "\n")
+    _write_atomic(out / "metadata.json", json.dumps(metadata, ensure_ascii=False) + "\n")
+    _write_atomic(out / "mapping.json", json.dumps(mapping, ensure_ascii=False) + "\n")
+    _prune(out, expected)
+
+    n_train = sum(len(v) for v in train_by_speaker.values())
+    frames = sum(int(r["mel_len"]) for recs in train_by_speaker.values() for r in recs)
+    frames += sum(int(r["mel_len"]) for r, _ in test_entries)
+    return PrepareReport(
+        out=out,
+        speakers=len(kept),
+        train=n_train,
+        test=len(test_entries),
+        skipped=skipped,
+        dropped=dropped,
+        processed=len(todo),
+        reused=reused,
+        frames=frames,
+        min_utterances=min_utterances,
+    )
+
+
+def _reuse_feature(out: Path, old: dict[str, Any], name: str) -> bool:
+    """True when the recorded feature file is there intact (renamed to ``name`` if the seed changed)."""
+    nbytes, mel_len = old.get("bytes"), old.get("mel_len")
+    if not isinstance(nbytes, int) or not isinstance(mel_len, int) or not isinstance(old.get("feature"), str):
+        return False
+    target = out / name
+    with contextlib.suppress(OSError):
+        if target.stat().st_size == nbytes:
+            return True
+    previous = out / old["feature"]
+    if not FEATURE_RE.match(old["feature"]) or previous == target:
+        return False
+    try:
+        if previous.stat().st_size != nbytes:
+            return False
+        os.replace(previous, target)
+    except OSError:
+        return False
+    return True
+
+
+def _process(
+    todo: list[Job],
+    out: Path,
+    workers: int,
+    progress: bool,
+    source_path: Path,
+    records: dict[str, dict[str, Any]],
+    log: IO[str],
+) -> None:
+    """Run the extraction and append each result to the state file as soon as it is known."""
+
+    def on_result(job: Job, result: Result) -> None:
+        src, name, base = job
+        status, mel_len, nbytes, reason = result
+        if status == "error":
+            raise UserError(f"{reason}; check free space and permissions (finished files are kept)")
+        if status == "ok":
+            rec = {**base, "feature": name, "mel_len": mel_len, "bytes": nbytes}
+        else:
+            rec = {**base, "skip": reason}
+        records[src.key] = rec
+        log.write(json.dumps(rec, sort_keys=True, ensure_ascii=False) + "\n")
+        log.flush()
+
+    _run(todo, out, workers, progress, f"prepare {source_path.name or source_path}", on_result)
+
+
+def _prune(out: Path, expected: set[str]) -> None:
+    """Remove feature files no current source produces (a removed file, an old seed) and temp files."""
+    for name in os.listdir(out):
+        stale = FEATURE_RE.match(name) is not None and name not in expected
+        if stale or name.startswith(TEMP_PREFIX):
+            with contextlib.suppress(OSError):
+                (out / name).unlink()

@@ -1,0 +1,413 @@
+"""Search spaces: a YAML file -> validated distributions, sampler/pruner settings and enqueued configs.
+
+Schema (every key optional except ``params``)::
+
+    name: boss                      # study name default; the file's stem when absent
+    description: free text
+    params:                         # flat config keys (see search/config.py)
+      steps: 3000                   # a plain value is fixed
+      d_model: {low: 64, high: 256, step: 32}          # int range (ints in, ints out)
+      lr: {low: 1.0e-4, high: 3.0e-3, log: true}       # float range
+      pooling: {choices: [mean, attention]}            # categorical
+      conv_kernel: {choices: [15, 31], when: {encoder: conformer}}   # conditional
+    constraints: ["d_model % heads == 0"]   # must hold for a trial to train
+    sampler: {name: tpe, seed: 0, n_startup_trials: 10}   # tpe | random | cmaes | gp
+    pruner: {name: median, n_startup_trials: 3, n_warmup_steps: 0}  # median | successive_halving |
+                                                                   # hyperband | patient | none
+    enqueue: [{baseline: strong}, {d_model: 128, ...}]   # tried first, in order
+
+A conditional parameter is sampled only when its ``when`` holds; otherwise the config default is used.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from search.config import ALL_FIELDS, Config, read_yaml
+from search.errors import UserError
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "spaces"
+TOP_KEYS = {"name", "description", "params", "constraints", "sampler", "pruner", "enqueue", "study"}
+PARAM_KEYS = {"type", "low", "high", "step", "log", "choices", "when"}
+SAMPLERS = ("tpe", "random", "cmaes", "gp")
+PRUNERS = ("median", "successive_halving", "hyperband", "patient", "none")
+STUDY_KEYS = {"heartbeat_interval", "grace_period", "max_retry"}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched key: an Optuna distribution plus an optional condition on other keys."""
+
+    name: str
+    distribution: optuna.distributions.BaseDistribution
+    when: dict[str, list[Any]] = field(default_factory=dict)
+
+    def active(self, values: dict[str, Any]) -> bool:
+        return all(values.get(key) in allowed for key, allowed in self.when.items())
+
+
+@dataclass(frozen=True)
+class Space:
+    """A validated search space."""
+
+    name: str
+    path: Path
+    fixed: dict[str, Any]
+    params: list[Param]
+    constraints: list[str]
+    sampler: dict[str, Any]
+    pruner: dict[str, Any]
+    enqueue: list[dict[str, Any]]
+    study: dict[str, Any]
+    raw: dict[str, Any]
+
+    @property
+    def digest(self) -> str:
+        """Identity of what the space searches (not its comments), recorded in the study."""
+        body = {k: self.raw.get(k) for k in ("params", "constraints")}
+        return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def sample(self, trial: optuna.Trial) -> Config:
+        """Suggest every active parameter and return the resolved config (ValueError text if it is bad)."""
+        values: dict[str, Any] = dict(self.fixed)
+        for param in self.params:
+            if param.active(values):
+                values[param.name] = _suggest(trial, param)
+        for expr in self.constraints:
+            if not _eval_constraint(expr, {**Config().to_dict(), **values}):
+                raise ConstraintViolation(f"constraint '{expr}' does not hold")
+        return Config.from_dict(values, source=f"{self.name} trial")
+
+    def config_for(self, params: dict[str, Any]) -> Config:
+        """The config a given parameter assignment produces (fixed values + params)."""
+        return Config.from_dict({**self.fixed, **params}, source=f"{self.name} enqueue")
+
+
+class ConstraintViolation(UserError):
+    """A sampled combination breaks one of the space's constraints; the trial ends FAIL, the study goes on."""
+
+
+def _suggest(trial: optuna.Trial, param: Param) -> Any:
+    d = param.distribution
+    if isinstance(d, optuna.distributions.IntDistribution):
+        return trial.suggest_int(param.name, d.low, d.high, step=d.step, log=d.log)
+    if isinstance(d, optuna.distributions.FloatDistribution):
+        return trial.suggest_float(param.name, d.low, d.high, step=d.step, log=d.log)
+    assert isinstance(d, optuna.distributions.CategoricalDistribution)
+    return trial.suggest_categorical(param.name, list(d.choices))
+
+
+def find_space(name_or_path: str | Path) -> Path:
+    """``boss`` or ``boss.yaml`` finds ``spaces/boss.yaml`` (cwd first, then the package's); a path works too."""
+    text = str(name_or_path)
+    candidates = [Path(text)]
+    stem = text if text.endswith((".yaml", ".yml")) else f"{text}.yaml"
+    if "/" not in text:
+        candidates += [Path("spaces") / stem, SPACES_DIR / stem]
+    for path in candidates:
+        if path.is_file():
+            return path
+    shipped = ", ".join(sorted(p.stem for p in SPACES_DIR.glob("*.yaml")))
+    raise UserError(f"--space {text}: no such file (looked in ./, spaces/; shipped spaces: {shipped})")
+
+
+def load_space(name_or_path: str | Path) -> Space:
+    """Read and strictly validate a space file; every problem is one line naming the file and key."""
+    path = find_space(name_or_path)
+    raw = read_yaml(path)
+    src = str(path)
+    if not isinstance(raw, dict):
+        raise UserError(f"{src}: expected a mapping at the top level (name, params, sampler, ...)")
+    for key in raw:
+        if key not in TOP_KEYS:
+            raise UserError(f"{src}: unknown top-level key '{key}' (known: {', '.join(sorted(TOP_KEYS))})")
+    name = raw.get("name", path.stem)
+    if not isinstance(name, str):
+        raise UserError(f"{src}: key 'name' must be a string")
+    params_raw = raw.get("params")
+    if not isinstance(params_raw, dict) or not params_raw:
+        raise UserError(f"{src}: key 'params' must be a non-empty mapping of config keys")
+    fixed: dict[str, Any] = {}
+    params: list[Param] = []
+    for key, spec in params_raw.items():
+        where = f"{src}: params.{key}"
+        if key not in ALL_FIELDS:
+            raise UserError(f"{where}: unknown config key (known: {', '.join(sorted(ALL_FIELDS))})")
+        if isinstance(spec, dict):
+            params.append(_param(key, spec, where))
+        elif isinstance(spec, list):
+            raise UserError(f"{where}: a list is ambiguous; write {{choices: [...]}} for a categorical")
+        else:
+            try:
+                Config.from_dict({key: spec}, source=where)
+            except UserError as exc:
+                raise UserError(str(exc).replace(f"{where}: key '{key}'", f"{where}:")) from None
+            fixed[key] = spec
+    for p in params:
+        for cond_key in p.when:
+            if cond_key not in ALL_FIELDS:
+                raise UserError(f"{src}: params.{p.name}.when: unknown key '{cond_key}'")
+    params = _condition_order(params, src)
+    constraints = raw.get("constraints", []) or []
+    if not isinstance(constraints, list) or not all(isinstance(c, str) for c in constraints):
+        raise UserError(f"{src}: key 'constraints' must be a list of expressions like 'd_model % heads == 0'")
+    for expr in constraints:
+        _check_constraint_syntax(expr, f"{src}: constraints '{expr}'")
+    sampler = _settings(raw.get("sampler", {"name": "tpe"}), SAMPLERS, f"{src}: sampler")
+    pruner = _settings(raw.get("pruner", {"name": "median"}), PRUNERS, f"{src}: pruner")
+    study = raw.get("study", {}) or {}
+    if not isinstance(study, dict) or not set(study) <= STUDY_KEYS:
+        raise UserError(f"{src}: key 'study' may only hold {', '.join(sorted(STUDY_KEYS))}")
+    space = Space(name, path, fixed, params, list(constraints), sampler, pruner, [], study, raw)
+    _check_satisfiable(space, src)
+    enqueue = [_enqueue_entry(space, e, f"{src}: enqueue[{i}]") for i, e in enumerate(raw.get("enqueue", []) or [])]
+    make_sampler(space, src)  # build once so bad sampler/pruner arguments fail before anything runs
+    make_pruner(space, src)
+    return Space(name, path, fixed, params, list(constraints), sampler, pruner, enqueue, study, raw)
+
+
+def _param(key: str, spec: dict[str, Any], where: str) -> Param:
+    for k in spec:
+        if k not in PARAM_KEYS:
+            raise UserError(f"{where}: unknown field '{k}' (known: {', '.join(sorted(PARAM_KEYS))})")
+    when_raw = spec.get("when", {}) or {}
+    if not isinstance(when_raw, dict):
+        raise UserError(f"{where}.when: must be a mapping like {{head: [amsoftmax, aamsoftmax]}}")
+    when = {k: (v if isinstance(v, list) else [v]) for k, v in when_raw.items()}
+    kind = spec.get("type") or ("categorical" if "choices" in spec else None)
+    if "choices" in spec:
+        choices = spec["choices"]
+        if kind != "categorical" or {"low", "high", "step", "log"} & set(spec):
+            raise UserError(f"{where}: 'choices' cannot be combined with type/low/high/step/log")
+        if not isinstance(choices, list) or not choices:
+            raise UserError(f"{where}.choices: must be a non-empty list")
+        for choice in choices:
+            try:
+                Config.from_dict({key: choice}, source=where)
+            except UserError as exc:
+                raise UserError(f"{where}.choices: {choice!r} is not valid ({_tail(exc)})") from None
+        return Param(key, optuna.distributions.CategoricalDistribution(choices), when)
+    if "low" not in spec or "high" not in spec:
+        raise UserError(f"{where}: needs 'low' and 'high' (or 'choices' for a categorical)")
+    low, high, step, log = spec["low"], spec["high"], spec.get("step"), spec.get("log", False)
+    for label, value in (("low", low), ("high", high), ("step", step)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise UserError(f"{where}.{label}: must be a number, got {value!r}")
+    if not isinstance(log, bool):
+        raise UserError(f"{where}.log: must be true or false")
+    field_type = ALL_FIELDS[key]
+    if kind is None:
+        kind = "int" if field_type is int else "float"
+    if kind not in ("int", "float"):
+        raise UserError(f"{where}.type: must be int, float or categorical, got {kind!r}")
+    if field_type is int and kind == "float":
+        raise UserError(f"{where}.type: '{key}' is an integer key; use type int")
+    if field_type is float and kind == "int":
+        raise UserError(f"{where}.type: '{key}' is a float key; use type float")
+    if field_type not in (int, float):
+        raise UserError(f"{where}: '{key}' is a {field_type.__name__}; use choices: [...]")
+    if low > high:
+        raise UserError(f"{where}: low ({low}) > high ({high})")
+    if log and (low <= 0 or step is not None):
+        raise UserError(f"{where}: log scale needs low > 0 and no step")
+    if step is not None and step <= 0:
+        raise UserError(f"{where}.step: must be positive")
+    try:
+        if kind == "int":
+            if any(isinstance(v, float) and not v.is_integer() for v in (low, high, step) if v is not None):
+                raise UserError(f"{where}: an int range needs whole numbers for low/high/step")
+            dist: optuna.distributions.BaseDistribution = optuna.distributions.IntDistribution(
+                int(low), int(high), log=log, step=int(step or 1)
+            )
+        else:
+            dist = optuna.distributions.FloatDistribution(float(low), float(high), log=log, step=step)
+    except ValueError as exc:
+        raise UserError(f"{where}: {exc}") from None
+    for value in (low, high):
+        try:
+            Config.from_dict({key: value}, source=where)
+        except UserError as exc:
+            raise UserError(f"{where}: bound {value!r} is not valid ({_tail(exc)})") from None
+    return Param(key, dist, when)
+
+
+def _condition_order(params: list[Param], src: str) -> list[Param]:
+    """Order params so each condition's keys are sampled before the params that depend on them."""
+    searched = {p.name for p in params}
+    ordered: list[Param] = []
+    done: set[str] = set()
+    pending = list(params)
+    while pending:
+        ready = [p for p in pending if all(k in done or k not in searched for k in p.when)]
+        if not ready:
+            raise UserError(f"{src}: params.{pending[0].name}.when: conditions form a cycle")
+        ordered += ready
+        done |= {p.name for p in ready}
+        pending = [p for p in pending if p.name not in done]
+    return ordered
+
+
+def _tail(exc: UserError) -> str:
+    return str(exc).split(": key ", 1)[-1]
+
+
+def _settings(value: Any, names: tuple[str, ...], where: str) -> dict[str, Any]:
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict) or value.get("name") not in names:
+        raise UserError(f"{where}: 'name' must be one of {', '.join(names)}")
+    return dict(value)
+
+
+_ALLOWED_NODES = (
+    ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not, ast.USub, ast.BinOp, ast.Add, ast.Sub,
+    ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Compare, ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE,
+    ast.Name, ast.Load, ast.Constant,
+)
+
+
+def _check_constraint_syntax(expr: str, where: str) -> ast.Expression:
+    try:
+        tree = ast.parse(expr, mode="eval")
+    except SyntaxError:
+        raise UserError(f"{where}: not a valid expression") from None
+    for node in ast.walk(tree):
+        if not isinstance(node, _ALLOWED_NODES):
+            raise UserError(f"{where}: only arithmetic, comparisons and and/or/not are allowed")
+        if isinstance(node, ast.Name) and node.id not in ALL_FIELDS:
+            raise UserError(f"{where}: unknown key '{node.id}'")
+    return tree
+
+
+def _eval_constraint(expr: str, values: dict[str, Any]) -> bool:
+    tree = _check_constraint_syntax(expr, "constraint")
+    code = compile(tree, "<constraint>", "eval")
+    try:
+        return bool(eval(code, {"__builtins__": {}}, dict(values)))  # noqa: S307 - AST checked above
+    except (ZeroDivisionError, TypeError):
+        return False
+
+
+def _random_values(space: Space, rng: random.Random) -> dict[str, Any]:
+    values: dict[str, Any] = dict(space.fixed)
+    for p in space.params:
+        if not p.active(values):
+            continue
+        d = p.distribution
+        if isinstance(d, optuna.distributions.CategoricalDistribution):
+            values[p.name] = rng.choice(list(d.choices))
+        elif isinstance(d, optuna.distributions.IntDistribution):
+            values[p.name] = rng.randrange(d.low, d.high + 1, d.step)
+        else:
+            assert isinstance(d, optuna.distributions.FloatDistribution)
+            values[p.name] = rng.uniform(d.low, d.high)
+    return values
+
+
+def _check_satisfiable(space: Space, src: str) -> None:
+    """Draw random points: a space whose constraints or checks never pass is refused before it runs."""
+    rng = random.Random(0)
+    first_error = ""
+    for _ in range(3000):
+        values = _random_values(space, rng)
+        failing = [c for c in space.constraints if not _eval_constraint(c, {**Config().to_dict(), **values})]
+        if failing:
+            first_error = first_error or f"constraint '{failing[0]}' never held in 3000 random draws"
+            continue
+        try:
+            Config.from_dict(values, source=src)
+            return
+        except UserError as exc:
+            first_error = first_error or str(exc)
+    raise UserError(f"{src}: no valid configuration can be sampled: {first_error}")
+
+
+def _enqueue_entry(space: Space, entry: Any, where: str) -> dict[str, Any]:
+    """Resolve ``{baseline: NAME}`` or explicit values to the params Optuna should try first."""
+    if not isinstance(entry, dict):
+        raise UserError(f"{where}: must be a mapping of params or {{baseline: NAME}}")
+    values: dict[str, Any] = {}
+    if "baseline" in entry:
+        base = SPACES_DIR / "baselines" / f"{entry['baseline']}.yaml"
+        if not base.is_file():
+            raise UserError(f"{where}: unknown baseline '{entry['baseline']}' (see spaces/baselines/)")
+        values.update(Config.from_dict(read_yaml(base), source=str(base)).to_dict())
+    values.update({k: v for k, v in entry.items() if k != "baseline"})
+    params: dict[str, Any] = {}
+    resolved: dict[str, Any] = dict(space.fixed)
+    for p in space.params:
+        if not p.active(resolved):
+            continue
+        if p.name not in values:
+            raise UserError(f"{where}: gives no value for searched key '{p.name}'")
+        value = values[p.name]
+        if not p.distribution._contains(p.distribution.to_internal_repr(value)):
+            raise UserError(f"{where}: {p.name}={value!r} lies outside the space's range for it")
+        params[p.name] = value
+        resolved[p.name] = value
+    unknown = set(entry) - {"baseline"} - {p.name for p in space.params}
+    if unknown:
+        raise UserError(f"{where}: key(s) {', '.join(sorted(unknown))} are not searched by this space")
+    for expr in space.constraints:
+        if not _eval_constraint(expr, {**Config().to_dict(), **resolved}):
+            raise UserError(f"{where}: breaks constraint '{expr}'")
+    space.config_for(params)
+    return params
+
+
+def make_sampler(space: Space, src: str = "space", seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+    """The sampler the space names, with Optuna 5's defaults unless the space overrides them.
+
+    ``seed_offset`` differs per worker and per start, so parallel or resumed workers with a seeded
+    space do not replay the same random draws.
+    """
+    opts = {k: v for k, v in space.sampler.items() if k != "name"}
+    if opts.get("seed") is not None:
+        opts["seed"] = int(opts["seed"]) + seed_offset
+    name = space.sampler["name"]
+    builders: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
+        "tpe": optuna.samplers.TPESampler,
+        "random": optuna.samplers.RandomSampler,
+        "cmaes": optuna.samplers.CmaEsSampler,
+        "gp": optuna.samplers.GPSampler,
+    }
+    if name == "tpe":
+        opts.setdefault("multivariate", True)
+        opts.setdefault("constant_liar", True)
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return builders[name](**opts)
+    except (TypeError, ValueError, ImportError) as exc:
+        raise UserError(f"{src}: sampler '{name}': {str(exc).splitlines()[0]}") from None
+
+
+def make_pruner(space: Space, src: str = "space") -> optuna.pruners.BasePruner:
+    """The pruner the space names; ``patient`` wraps a median pruner with ``patience`` validations."""
+    opts = {k: v for k, v in space.pruner.items() if k != "name"}
+    name = space.pruner["name"]
+    try:
+        if name == "median":
+            return optuna.pruners.MedianPruner(**opts)
+        if name == "successive_halving":
+            return optuna.pruners.SuccessiveHalvingPruner(**opts)
+        if name == "hyperband":
+            return optuna.pruners.HyperbandPruner(**opts)
+        if name == "patient":
+            patience = opts.pop("patience", 2)
+            min_delta = opts.pop("min_delta", 0.0)
+            return optuna.pruners.PatientPruner(optuna.pruners.MedianPruner(**opts), patience, min_delta)
+        return optuna.pruners.NopPruner()
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{src}: pruner '{name}': {str(exc).splitlines()[0]}") from None

@@ -1,0 +1,641 @@
+"""Score the test set with an exported ensemble (or one checkpoint) and write the Kaggle CSV.
+
+Everything an export folder claims is checked before any model runs: each member file must stay inside
+the folder and match its manifest sha256 (so a tampered or half-copied checkpoint is never unpickled),
+and the data set must be the one the study trained on. Members are loaded one at a time with
+``weights_only`` and run on whole utterances with :func:`search.infer.predict_logits`.
+
+Combining (``weights`` are the manifest's: 1 per member for a top-K export, the selection counts for a
+greedy one, so an ensemble is the multiset of its selections):
+
+- ``soft``: weighted mean of temperature-calibrated softmax probabilities;
+- ``hard``: weighted majority vote of each member's argmax, ties broken by summed probability;
+- ``weighted``: like soft, with each weight multiplied by the member's validation accuracy.
+
+:func:`predict` runs the same path for a single checkpoint, so one model and an ensemble can never
+disagree about how the CSV is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from search.data import FeatureStore, PackedData, Split, make_split
+from search.errors import UserError
+from search.infer import model_from_checkpoint, predict_logits, read_checkpoint
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "spkid-search-export"
+MANIFEST_VERSION = 1
+METHODS = ("soft", "hard", "weighted")
+CSV_HEADER = ("Id", "Category")
+ANSWERS_NAME = "answers.csv"
+TEMPERATURE_RANGE = (0.05, 20.0)  # 1/T is searched in [1/20, 1/0.05]
+
+
+# --------------------------------------------------------------------------------------------------
+# Files: checksums, manifest, member paths
+# --------------------------------------------------------------------------------------------------
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks (checkpoints can be hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ManifestMember:
+    """One checkpoint listed in a manifest; ``weight`` is how many votes it holds."""
+
+    file: str
+    sha256: str
+    weight: float
+    trial: int | None
+    valid_acc: float | None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The validated content of an export's manifest.json."""
+
+    path: Path
+    study: str
+    strategy: str
+    fingerprint: str
+    split_ratio: float
+    split_seed: int
+    split_id: str
+    members: list[ManifestMember]
+
+
+def _manifest_error(path: Path, what: str) -> UserError:
+    return UserError(f"{path}: {what}; re-create the export with 'spkid-search export-top'")
+
+
+def member_path(export_dir: Path, name: str, manifest_path: Path) -> Path:
+    """Resolve a manifest's member file name, refusing anything that leaves the export folder.
+
+    A manifest is data a user may have received from elsewhere; an absolute path or ``..`` in it must
+    not make vote read (and unpickle) a file outside the folder the user pointed at.
+    """
+    rel = Path(name)
+    if not name or rel.is_absolute() or ".." in rel.parts or name.startswith("~"):
+        raise UserError(
+            f"{manifest_path}: member path '{name}' escapes the export folder; "
+            f"manifest paths must be plain file names inside {export_dir}"
+        )
+    path = export_dir / rel
+    root = export_dir.resolve()
+    if not path.resolve().is_relative_to(root):  # a symlink pointing out of the folder
+        raise UserError(
+            f"{manifest_path}: member path '{name}' resolves outside the export folder "
+            f"({path.resolve()}); copy the checkpoint into {export_dir} instead of linking it"
+        )
+    return path
+
+
+def read_manifest(export_dir: Path) -> Manifest:
+    """Read and validate ``export_dir/manifest.json`` (structure and paths, not checksums yet)."""
+    export_dir = Path(export_dir)
+    path = export_dir / MANIFEST_NAME
+    if not export_dir.is_dir():
+        raise UserError(f"{export_dir}: export folder not found; create one with 'spkid-search export-top K'")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(
+            f"{path}: not found; is {export_dir} a folder written by 'spkid-search export-top'?"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise _manifest_error(path, f"not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    if not isinstance(raw, dict) or raw.get("format") != MANIFEST_FORMAT:
+        raise _manifest_error(
+            path, f"not an spkid-search export manifest (expected format '{MANIFEST_FORMAT}')"
+        )
+    if raw.get("version") != MANIFEST_VERSION:
+        raise _manifest_error(path, f"manifest version {raw.get('version')!r} is not supported (expected 1)")
+    data, split, members = raw.get("data"), raw.get("split"), raw.get("members")
+    if not isinstance(data, dict) or not isinstance(data.get("fingerprint"), str):
+        raise _manifest_error(path, "missing 'data.fingerprint'")
+    if not isinstance(split, dict) or not {"ratio", "seed", "split_id"} <= set(split):
+        raise _manifest_error(path, "missing 'split' (ratio, seed, split_id)")
+    if not isinstance(members, list) or not members:
+        raise _manifest_error(path, "'members' must be a non-empty list")
+    parsed: list[ManifestMember] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(members):
+        where = f"members[{i}]"
+        if not isinstance(entry, dict):
+            raise _manifest_error(path, f"'{where}' must be a mapping")
+        name, digest, weight = entry.get("file"), entry.get("sha256"), entry.get("weight", 1)
+        if not isinstance(name, str):
+            raise _manifest_error(path, f"'{where}.file' must be a file name")
+        member_path(export_dir, name, path)
+        if name in seen:
+            raise _manifest_error(path, f"'{where}.file' lists {name} twice")
+        seen.add(name)
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise _manifest_error(path, f"'{where}.sha256' must be a 64-character hex digest")
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, (int, float))
+            or not math.isfinite(weight)
+            or weight <= 0
+        ):
+            raise _manifest_error(path, f"'{where}.weight' must be a positive number, got {weight!r}")
+        trial = entry.get("trial")
+        acc = entry.get("valid_acc")
+        parsed.append(
+            ManifestMember(
+                file=name,
+                sha256=digest.lower(),
+                weight=float(weight),
+                trial=trial if isinstance(trial, int) else None,
+                valid_acc=float(acc) if isinstance(acc, (int, float)) else None,
+            )
+        )
+    try:
+        ratio, seed, split_id = float(split["ratio"]), int(split["seed"]), str(split["split_id"])
+    except (TypeError, ValueError):
+        raise _manifest_error(
+            path, "'split' must hold a number ratio, an integer seed and a split_id"
+        ) from None
+    return Manifest(
+        path=path,
+        study=str(raw.get("study", "")),
+        strategy=str(raw.get("strategy", "")),
+        fingerprint=data["fingerprint"],
+        split_ratio=ratio,
+        split_seed=seed,
+        split_id=split_id,
+        members=parsed,
+    )
+
+
+def verify_members(export_dir: Path, manifest: Manifest) -> list[Path]:
+    """Check every member file against its manifest sha256 before any of them is loaded."""
+    paths = []
+    for member in manifest.members:
+        path = member_path(Path(export_dir), member.file, manifest.path)
+        if not path.is_file():
+            raise UserError(
+                f"{path}: listed in {manifest.path.name} but missing; re-export or restore the file"
+            )
+        actual = sha256_file(path)
+        if actual != member.sha256:
+            raise UserError(
+                f"{path}: checksum mismatch (sha256 {actual[:12]}.., manifest says {member.sha256[:12]}..): "
+                "the file was modified or damaged; re-export it"
+            )
+        paths.append(path)
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------
+# Calibration and combination (shared with search.export's ensemble selection)
+# --------------------------------------------------------------------------------------------------
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row softmax of ``logits / temperature`` in float64 (stable: the row max is subtracted)."""
+    z = logits.astype(np.float64) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
+def _nll(logits: np.ndarray, labels: np.ndarray, beta: float) -> float:
+    z = logits.astype(np.float64) * beta
+    top = z.max(axis=1)
+    lse = top + np.log(np.exp(z - top[:, None]).sum(axis=1))
+    return float((lse - z[np.arange(len(labels)), labels]).mean())
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, iterations: int = 40) -> float:
+    """Temperature T minimising validation NLL of softmax(logits / T), T in [0.05, 20].
+
+    The NLL is convex in beta = 1/T (log-sum-exp of a linear function minus a linear term), so a
+    golden-section search over beta finds the optimum in a few dozen cheap passes; no optimiser state,
+    no learning rate. Members trained with margin heads (logits = s * cos) come out far too confident
+    at T = 1, and soft voting needs their probabilities on one scale with the others'.
+    """
+    if len(labels) == 0 or logits.shape[0] == 0:
+        return 1.0
+    lo, hi = 1.0 / TEMPERATURE_RANGE[1], 1.0 / TEMPERATURE_RANGE[0]
+    ratio = (math.sqrt(5.0) - 1.0) / 2.0
+    a, b = lo + (1 - ratio) * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = _nll(logits, labels, a), _nll(logits, labels, b)
+    for _ in range(iterations):
+        if fa <= fb:
+            hi, b, fb = b, a, fa
+            a = lo + (1 - ratio) * (hi - lo)
+            fa = _nll(logits, labels, a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = _nll(logits, labels, b)
+    beta = (lo + hi) / 2.0
+    return float(1.0 / beta)
+
+
+def combine(probs: Sequence[np.ndarray], weights: Sequence[float], method: str) -> np.ndarray:
+    """Scores (N, classes) whose row argmax is the ensemble's prediction.
+
+    ``probs`` are the members' calibrated probabilities, ``weights`` their (already final) weights.
+    For ``hard`` the score is votes * (W + 1) + summed probability with W = total weight, so the
+    probability sum (at most W) can only break ties between classes with equal votes.
+    """
+    if method not in METHODS:
+        raise UserError(f"--method: unknown voting method '{method}' (choose from {', '.join(METHODS)})")
+    w = np.asarray(weights, dtype=np.float64)
+    total = float(w.sum())
+    prob_sum = np.zeros_like(probs[0], dtype=np.float64)
+    for p, weight in zip(probs, w, strict=True):
+        prob_sum += weight * p
+    if method != "hard":
+        return prob_sum / total
+    votes = np.zeros_like(prob_sum)
+    rows = np.arange(prob_sum.shape[0])
+    for p, weight in zip(probs, w, strict=True):
+        votes[rows, p.argmax(axis=1)] += weight
+    return votes * (total + 1.0) + prob_sum
+
+
+def method_weights(weights: Sequence[float], valid_accs: Sequence[float | None], method: str) -> list[float]:
+    """Final member weights: the manifest's, times validation accuracy for ``weighted``."""
+    if method != "weighted":
+        return [float(x) for x in weights]
+    scaled = [float(x) * (acc or 0.0) for x, acc in zip(weights, valid_accs, strict=True)]
+    # Every member at 0 accuracy (or no validation split): fall back to the manifest's weights.
+    return scaled if sum(scaled) > 0 else [float(x) for x in weights]
+
+
+def accuracy_of(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    """Top-1 accuracy, None when there is nothing to score."""
+    if len(labels) == 0:
+        return None
+    return float((scores.argmax(axis=1) == labels).mean())
+
+
+# --------------------------------------------------------------------------------------------------
+# Inference
+# --------------------------------------------------------------------------------------------------
+
+
+def check_compatible(ckpt: dict[str, Any], path: Path, data: PackedData) -> None:
+    """Refuse a checkpoint trained on another data set (its class ids would mean other speakers)."""
+    fp = ckpt.get("fingerprint")
+    if fp is not None and fp != data.fingerprint:
+        raise UserError(
+            f"{path}: trained on data set {fp}, but --data {data.root} is {data.fingerprint}; "
+            "pass the data folder the study was trained on"
+        )
+    if int(ckpt["n_mels"]) != data.n_mels:
+        raise UserError(f"{path}: expects {ckpt['n_mels']} mel bins, --data {data.root} has {data.n_mels}")
+    if list(ckpt["speakers"]) != list(data.speakers):
+        raise UserError(
+            f"{path}: its speaker list differs from {data.root}/mapping.json; "
+            "pass the data folder the model was trained on"
+        )
+
+
+def checkpoint_logits(
+    ckpt: dict[str, Any], path: Path, data: PackedData, store: FeatureStore, index_sets: Sequence[np.ndarray]
+) -> list[np.ndarray]:
+    """Whole-utterance logits of one checkpoint for each index set, in one batched pass."""
+    check_compatible(ckpt, path, data)
+    model, config = model_from_checkpoint(ckpt, path)
+    model.to(store.device)
+    index = np.concatenate([np.asarray(s, dtype=np.int64) for s in index_sets]) if index_sets else np.zeros(0)
+    n_classes = len(ckpt["speakers"])
+    logits = predict_logits(model, store, index, config.train.eval_frame_budget)
+    if logits.shape[0] == 0:
+        logits = np.zeros((0, n_classes), dtype=np.float32)
+    out, start = [], 0
+    for s in index_sets:
+        out.append(logits[start : start + len(s)])
+        start += len(s)
+    del model
+    if store.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def rebuild_split(data: PackedData, ratio: float, seed: int, split_id: str, source: str) -> Split:
+    """The validation split a study used, refused if it no longer reproduces (other data or code)."""
+    split = make_split(data, ratio, seed)
+    if split.split_id != split_id:
+        raise UserError(
+            f"{source}: validation split {split_id} (ratio {ratio}, seed {seed}) does not reproduce on "
+            f"{data.root} (got {split.split_id}); pass the data folder the study was trained on"
+        )
+    return split
+
+
+# --------------------------------------------------------------------------------------------------
+# Results, CSV, answers
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemberScore:
+    """How one member did: its calibration temperature and accuracies (None: not measurable)."""
+
+    name: str
+    trial: int | None
+    weight: float
+    temperature: float
+    valid_acc: float | None
+    test_acc: float | None
+
+
+@dataclass
+class VoteResult:
+    """What vote/predict wrote and how well the members and the ensemble did."""
+
+    out: Path
+    method: str
+    members: list[MemberScore]
+    valid_acc: float | None
+    test_acc: float | None
+    n_valid: int
+    n_test: int
+    categories: list[str]
+    note: str = ""
+
+
+def read_answers(path: Path) -> dict[str, str]:
+    """``answers.csv`` (Id,Category) of a synthetic or scored set: id -> speaker name."""
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.reader(fh))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read ({exc})") from None
+    if not rows or tuple(rows[0]) != CSV_HEADER:
+        raise UserError(f"{path}: first line must be 'Id,Category'; fix or remove the file")
+    answers: dict[str, str] = {}
+    for n, row in enumerate(rows[1:], start=2):
+        if len(row) != 2:
+            raise UserError(f"{path}: line {n} must have 2 fields (Id,Category), got {len(row)}")
+        answers[row[0]] = row[1]
+    return answers
+
+
+def _test_ids(data: PackedData) -> list[str]:
+    """Test ids in testdata.json order, cross-checked against the file when it is there."""
+    ids = [data.ids[int(i)] for i in data.test]
+    listing = Path(data.root) / "testdata.json"
+    if listing.is_file():
+        try:
+            utterances = json.loads(listing.read_text(encoding="utf-8"))["utterances"]
+            expected = [u["feature_path"] for u in utterances]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{listing}: cannot read the test list ({exc}); restore the file") from None
+        if expected != ids:
+            raise UserError(
+                f"{listing}: the test list changed since {data.root} was packed; run the command again"
+            )
+    return ids
+
+
+def write_submission(
+    out: Path, ids: Sequence[str], categories: Sequence[str], speakers: Sequence[str], force: bool
+) -> None:
+    """Write the Kaggle CSV atomically after checking every id appears once and every label is known."""
+    if len(ids) != len(categories):
+        raise UserError(f"{out}: {len(ids)} test ids but {len(categories)} predictions (internal mismatch)")
+    if len(set(ids)) != len(ids):
+        raise UserError(f"{out}: a test id appears twice in testdata.json; fix the data set")
+    known = set(speakers)
+    unknown = sorted({c for c in categories if c not in known})
+    if unknown:
+        raise UserError(
+            f"{out}: predicted unknown speaker(s) {', '.join(unknown[:3])}; the checkpoint does not match"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh, lineterminator="\n")
+            writer.writerow(CSV_HEADER)
+            writer.writerows(zip(ids, categories, strict=True))
+            fh.flush()
+            os.fsync(fh.fileno())
+        if force:
+            os.replace(tmp, out)
+        else:
+            try:
+                os.link(tmp, out)  # fails if out appeared meanwhile: never clobbers
+            except FileExistsError:
+                raise UserError(
+                    f"{out}: already exists; pass --force to overwrite it or choose another --out"
+                ) from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def _answer_key(data: PackedData, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of the test ids that ``answers.csv`` labels, and their class ids (-1: unknown name)."""
+    path = Path(data.root) / ANSWERS_NAME
+    if not path.is_file():
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    answers = read_answers(path)
+    class_of = {name: k for k, name in enumerate(data.speakers)}
+    scored = [k for k, i in enumerate(ids) if i in answers]
+    truth = [class_of.get(answers[ids[k]], -1) for k in scored]
+    return np.array(scored, dtype=np.int64), np.array(truth, dtype=np.int64)
+
+
+def _check_out(out: Path, force: bool) -> Path:
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"{out}: is a folder; --out must name a CSV file, e.g. {out / 'submission.csv'}")
+    if out.exists() and not force:
+        raise UserError(f"{out}: already exists; pass --force to overwrite it or choose another --out")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The one scoring path behind vote and predict
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Member:
+    path: Path
+    name: str
+    trial: int | None
+    weight: float
+
+
+def _score(
+    members: Sequence[_Member],
+    data: PackedData,
+    split: Split | None,
+    out: Path,
+    method: str,
+    device: torch.device | str,
+    force: bool,
+    preloaded: dict[Path, dict[str, Any]] | None = None,
+    note: str = "",
+) -> VoteResult:
+    """Run every member on validation + test, calibrate, combine, score and write the CSV."""
+    if method not in METHODS:
+        raise UserError(f"--method: unknown voting method '{method}' (choose from {', '.join(METHODS)})")
+    out = _check_out(out, force)
+    ids = _test_ids(data)
+    if not ids:
+        raise UserError(f"{data.root}/testdata.json: lists no test utterances; nothing to predict")
+    valid = split.valid if split is not None else np.zeros(0, dtype=np.int64)
+    valid_labels = data.labels[valid]
+    scored, truth = _answer_key(data, ids)
+
+    store = FeatureStore(data, device)
+    valid_probs, test_probs, scores = [], [], []
+    for member in members:
+        ckpt = (preloaded or {}).get(member.path) or read_checkpoint(member.path)
+        valid_logits, test_logits = checkpoint_logits(ckpt, member.path, data, store, [valid, data.test])
+        temperature = fit_temperature(valid_logits, valid_labels)
+        valid_probs.append(softmax(valid_logits, temperature))
+        test_probs.append(softmax(test_logits, temperature))
+        test_acc = accuracy_of(test_logits[scored], truth)
+        scores.append(
+            MemberScore(
+                member.name,
+                member.trial,
+                member.weight,
+                temperature,
+                accuracy_of(valid_logits, valid_labels),
+                test_acc,
+            )
+        )
+
+    weights = method_weights([m.weight for m in members], [s.valid_acc for s in scores], method)
+    valid_acc = accuracy_of(combine(valid_probs, weights, method), valid_labels) if len(valid) else None
+    predicted = combine(test_probs, weights, method).argmax(axis=1)
+    categories = [data.speakers[int(c)] for c in predicted]
+    test_acc = float((predicted[scored] == truth).mean()) if len(scored) else None
+    write_submission(out, ids, categories, data.speakers, force)
+    return VoteResult(
+        out=out,
+        method=method,
+        members=scores,
+        valid_acc=valid_acc,
+        test_acc=test_acc,
+        n_valid=len(valid),
+        n_test=len(ids),
+        categories=categories,
+        note=note,
+    )
+
+
+def vote(
+    export_dir: Path,
+    data: PackedData,
+    out: Path,
+    method: str = "soft",
+    device: torch.device | str = "cpu",
+    force: bool = False,
+) -> VoteResult:
+    """Combine an export's members on ``data``'s test set and write the Kaggle CSV to ``out``."""
+    export_dir = Path(export_dir)
+    if method not in METHODS:
+        raise UserError(f"--method: unknown voting method '{method}' (choose from {', '.join(METHODS)})")
+    manifest = read_manifest(export_dir)
+    _check_out(out, force)
+    paths = verify_members(export_dir, manifest)
+    if manifest.fingerprint != data.fingerprint:
+        raise UserError(
+            f"{manifest.path}: export was made for data set {manifest.fingerprint}, but --data {data.root} "
+            f"is {data.fingerprint}; pass the data folder the study '{manifest.study}' was trained on"
+        )
+    split = rebuild_split(
+        data, manifest.split_ratio, manifest.split_seed, manifest.split_id, str(manifest.path)
+    )
+    members = [
+        _Member(path, m.file, m.trial, m.weight) for path, m in zip(paths, manifest.members, strict=True)
+    ]
+    for member in members:
+        # Read every member once up front, so a corrupt one fails before minutes of inference; they are
+        # read again one at a time while scoring, so memory holds a single checkpoint at a time.
+        ckpt = read_checkpoint(member.path)
+        check_compatible(ckpt, member.path, data)
+        if ckpt.get("split_id") not in (None, manifest.split_id):
+            raise UserError(
+                f"{member.path}: trained on validation split {ckpt.get('split_id')}, the manifest says "
+                f"{manifest.split_id}; the export mixes studies, re-export it"
+            )
+        del ckpt
+    return _score(members, data, split, out, method, device, force)
+
+
+def predict(
+    checkpoint: Path, data: PackedData, out: Path, device: torch.device | str = "cpu", force: bool = False
+) -> VoteResult:
+    """Write the Kaggle CSV for a single checkpoint (an ensemble of one, through the same code path).
+
+    Validation accuracy is reported when the checkpoint's own config (valid_ratio, split_seed)
+    reproduces the split it recorded; otherwise the validation rows may overlap its training rows,
+    so no validation accuracy is claimed.
+    """
+    checkpoint = Path(checkpoint)
+    _check_out(out, force)
+    ckpt = read_checkpoint(checkpoint)
+    check_compatible(ckpt, checkpoint, data)
+    train_cfg = ckpt["config"]
+    split: Split | None = make_split(
+        data, float(train_cfg.get("valid_ratio", 0.1)), int(train_cfg.get("split_seed", 0))
+    )
+    note = ""
+    if split is not None and ckpt.get("split_id") not in (None, split.split_id):
+        split, note = (
+            None,
+            "validation skipped: the checkpoint's config does not reproduce its validation split",
+        )
+    member = _Member(checkpoint, checkpoint.name, None, 1.0)
+    return _score([member], data, split, out, "soft", device, force, {checkpoint: ckpt}, note)
+
+
+def render_vote(result: VoteResult) -> Any:
+    """A rich Table of members and the ensemble (the CLI prints it)."""
+    from rich.table import Table
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{x:.4f}"
+
+    table = Table(title=f"{result.method} vote -> {result.out} ({result.n_test} test utterances)")
+    for column in ("member", "trial", "weight", "temperature", "valid acc", "test acc"):
+        table.add_column(column, justify="left" if column == "member" else "right")
+    for m in result.members:
+        trial = "-" if m.trial is None else str(m.trial)
+        table.add_row(
+            m.name, trial, f"{m.weight:g}", f"{m.temperature:.3f}", pct(m.valid_acc), pct(m.test_acc)
+        )
+    table.add_section()
+    table.add_row(
+        "[bold]ensemble", "", "", "", f"[bold]{pct(result.valid_acc)}", f"[bold]{pct(result.test_acc)}"
+    )
+    if result.note:
+        table.caption = result.note
+    return table

@@ -1,0 +1,148 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from search.errors import UserError
+from search.space import SPACES_DIR, ConstraintViolation, load_space, make_pruner, make_sampler
+
+GOOD = {
+    "name": "t",
+    "params": {
+        "steps": 50,
+        "encoder": {"choices": ["transformer", "conformer"]},
+        "d_model": {"low": 32, "high": 64, "step": 32},
+        "heads": {"choices": [2, 4]},
+        "lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True},
+        "conv_kernel": {"choices": [7, 15], "when": {"encoder": "conformer"}},
+        "head": {"choices": ["linear", "amsoftmax"]},
+        "am_m": {"low": 0.1, "high": 0.3, "when": {"head": ["amsoftmax", "aamsoftmax"]}},
+    },
+    "constraints": ["d_model % heads == 0"],
+}
+
+
+def write(tmp_path: Path, data: object, name: str = "space.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def with_params(**params: object) -> dict[str, object]:
+    return {**GOOD, "params": {**GOOD["params"], **params}}  # type: ignore[dict-item]
+
+
+@pytest.mark.parametrize("name", ["smoke", "simple", "medium", "strong", "boss"])
+def test_shipped_spaces_load_and_sample(name: str) -> None:
+    space = load_space(name)
+    assert space.path == SPACES_DIR / f"{name}.yaml"
+    study = optuna.create_study(direction="maximize", sampler=make_sampler(space))
+    for _ in range(5):
+        trial = study.ask()
+        try:
+            config = space.sample(trial)
+        except ConstraintViolation:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            continue
+        assert config.model.d_model % config.model.heads == 0
+        study.tell(trial, 0.5)
+    assert make_pruner(space) is not None
+
+
+@pytest.mark.parametrize("name", ["simple", "medium", "strong", "boss"])
+def test_ladder_spaces_enqueue_their_baseline(name: str) -> None:
+    space = load_space(name)
+    baseline = yaml.safe_load((SPACES_DIR / "baselines" / f"{name}.yaml").read_text())
+    assert space.enqueue, "trial 0 must reproduce the known config"
+    config = space.config_for(space.enqueue[0]).to_dict()
+    for key in ("encoder", "d_model", "heads", "layers", "pooling", "head"):
+        assert config[key] == baseline[key]
+
+
+def test_boss_searches_the_documented_keys() -> None:
+    space = load_space("boss")
+    searched = {p.name for p in space.params}
+    assert {"d_model", "heads", "layers", "ffn_dim", "dropout", "conv_kernel", "encoder", "pooling", "head",
+            "am_s", "am_m", "lr", "warmup_steps", "batch_size", "segment_len"} <= searched
+    assert searched & {"spec_time_masks", "spec_freq_masks"}
+
+
+def test_conditional_params_only_when_active(tmp_path: Path) -> None:
+    space = load_space(write(tmp_path, GOOD))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    seen_kernel = seen_without = False
+    for _ in range(30):
+        trial = study.ask()
+        try:
+            config = space.sample(trial)
+        except ConstraintViolation:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            continue
+        assert ("conv_kernel" in trial.params) == (config.model.encoder == "conformer")
+        assert ("am_m" in trial.params) == (config.model.head == "amsoftmax")
+        seen_kernel |= "conv_kernel" in trial.params
+        seen_without |= "conv_kernel" not in trial.params
+        study.tell(trial, 0.0)
+    assert seen_kernel and seen_without
+
+
+def test_space_found_by_name_or_path(tmp_path: Path) -> None:
+    assert load_space("boss.yaml").name == "boss"
+    assert load_space(write(tmp_path, GOOD)).name == "t"
+    assert load_space(write(tmp_path, {k: v for k, v in GOOD.items() if k != "name"}, "mine.yaml")).name == "mine"
+
+
+BAD = [
+    ("params: [unclosed", "malformed YAML at line 1"),
+    ({**GOOD, "bogus": 1}, "unknown top-level key 'bogus'"),
+    (with_params(d_modle={"low": 1, "high": 2}), "params.d_modle: unknown config key"),
+    (with_params(d_model={"low": 128, "high": 64}), "params.d_model: low (128) > high (64)"),
+    (with_params(d_model={"low": "a", "high": 64}), "params.d_model.low: must be a number"),
+    (with_params(pooling={"choices": []}), "params.pooling.choices: must be a non-empty list"),
+    (with_params(pooling={"choices": ["mean", "max"]}), "params.pooling.choices: 'max' is not valid"),
+    (with_params(steps="many"), "params.steps: must be int"),
+    (with_params(d_model={"low": 32, "high": 64, "stepp": 8}), "params.d_model: unknown field 'stepp'"),
+    (with_params(lr={"low": 0.0, "high": 0.1, "log": True}), "params.lr: log scale needs low > 0"),
+    (with_params(dropout={"low": 0.1, "high": 0.5, "type": "int"}), "params.dropout.type"),
+    (with_params(d_model={"low": 32.5, "high": 64}), "an int range needs whole numbers"),
+    (with_params(pooling=["mean"]), "params.pooling: a list is ambiguous"),
+    ({**GOOD, "params": {}}, "key 'params' must be a non-empty mapping"),
+    ({**GOOD, "constraints": ["d_model % heads == 0 and import os"]}, "not a valid expression"),
+    ({**GOOD, "constraints": ["__import__('os')"]}, "only arithmetic, comparisons"),
+    ({**GOOD, "constraints": ["dmodel > 3"]}, "unknown key 'dmodel'"),
+    ({**GOOD, "constraints": ["d_model > 1000"]}, "no valid configuration can be sampled"),
+    ({**GOOD, "sampler": {"name": "bayes"}}, "sampler: 'name' must be one of"),
+    ({**GOOD, "sampler": {"name": "tpe", "n_startup": 3}}, "sampler 'tpe'"),
+    ({**GOOD, "pruner": {"name": "median", "patience": 3}}, "pruner 'median'"),
+    ({**GOOD, "enqueue": [{"d_model": 64}]}, "enqueue[0]: gives no value for searched key 'encoder'"),
+    ({**GOOD, "enqueue": [{"baseline": "legendary"}]}, "unknown baseline 'legendary'"),
+    ({**GOOD, "enqueue": [{"baseline": "strong"}]}, "enqueue[0]: d_model=224 lies outside"),
+    ({**GOOD, "study": {"heartbeat": 3}}, "key 'study' may only hold"),
+    ("- just\n- a list\n", "expected a mapping at the top level"),
+]
+
+
+@pytest.mark.parametrize(("content", "message"), BAD)
+def test_bad_spaces_give_one_clear_line(tmp_path: Path, content: object, message: str) -> None:
+    path = write(tmp_path, content)
+    with pytest.raises(UserError) as info:
+        load_space(path)
+    text = str(info.value)
+    assert str(path) in text and message in text
+    assert "\n" not in text
+
+
+def test_missing_space_lists_shipped_ones() -> None:
+    with pytest.raises(UserError, match="no such file.*shipped spaces: .*boss"):
+        load_space("nonexistent")
+
+
+def test_constraint_violation_raises_in_sample(tmp_path: Path) -> None:
+    space = load_space(write(tmp_path, with_params(d_model={"low": 32, "high": 40})))
+    study = optuna.create_study()
+    study.enqueue_trial({"encoder": "transformer", "d_model": 33, "heads": 2, "lr": 1e-3, "head": "linear"})
+    with pytest.raises(ConstraintViolation, match="d_model % heads == 0"):
+        space.sample(study.ask())
