@@ -7,6 +7,7 @@ non-zero exit code; Ctrl-C exits with 130 after the command's own clean-up has r
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,13 +42,47 @@ def _fraction(text: str) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from search.prepare import prepare
+    from search.progress import console
+
+    report = prepare(
+        args.audio,
+        args.out,
+        test_per_speaker=args.test_per_speaker,
+        test_fraction=args.test_fraction,
+        workers=args.workers,
+        seed=args.seed,
+        progress=not args.quiet,
+        min_utterances=args.min_utterances,
+    )
+    console.print(report.render())
+    console.print(f"[green]Wrote the HW4 layout to {report.out}; train with --data {report.out}")
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from search.progress import console
     from search.synth import generate
 
     out = generate(
-        args.out, preset=args.preset, speakers=args.speakers, utterances=args.utterances, test=args.test,
-        seed=args.seed, progress=not args.quiet,
+        args.out,
+        preset=args.preset,
+        speakers=args.speakers,
+        utterances=args.utterances,
+        test=args.test,
+        seed=args.seed,
+        progress=not args.quiet,
     )
     console.print(f"[green]Wrote synthetic HW4 set to {out}")
     return 0
@@ -93,25 +128,39 @@ def cmd_run(args: argparse.Namespace) -> int:
     from search.study import RunOptions, run
 
     opts = RunOptions(
-        space=args.space, trials=args.trials, data=args.data, study=args.study, storage=args.storage,
-        gpus=args.gpus, per_gpu=args.per_gpu, workers=args.workers, steps=args.steps, seed=args.seed,
-        allow_changed=args.allow_changed, heartbeat=args.heartbeat, max_failures=args.max_failures,
+        space=args.space,
+        trials=args.trials,
+        data=args.data,
+        study=args.study,
+        storage=args.storage,
+        gpus=args.gpus,
+        per_gpu=args.per_gpu,
+        workers=args.workers,
+        steps=args.steps,
+        seed=args.seed,
+        allow_changed=args.allow_changed,
+        heartbeat=args.heartbeat,
+        max_failures=args.max_failures,
         display=not args.quiet,
     )
     try:
         with RunView(args.trials, enabled=not args.quiet) as view:
             counts = run(opts, on_update=view.update)
     except KeyboardInterrupt:
-        console.print("[yellow]Stopped: running trials were marked and will resume from their last "
-                      "checkpoint when you run the same command again.")
+        console.print(
+            "[yellow]Stopped: running trials were marked and will resume from their last "
+            "checkpoint when you run the same command again."
+        )
         raise
     from search.storage import resolve
 
     _, study, _ = resolve(args.study or _space_name(args.space), args.storage)
     if not args.quiet:
         console.print(best_table(study, 5))
-    console.print(f"[green]finished {counts.finished} trials (complete {counts.complete}, pruned {counts.pruned}),"
-                  f" failed {counts.failed}")
+    console.print(
+        f"[green]finished {counts.finished} trials (complete {counts.complete}, pruned {counts.pruned}),"
+        f" failed {counts.failed}"
+    )
     return 0
 
 
@@ -143,7 +192,9 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     storage, study, url = resolve(args.study, args.storage)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]Warning: --host {args.host} exposes the dashboard beyond this machine.")
-    console.print(f"optuna-dashboard for '{study.study_name}' on http://{args.host}:{args.port}/ (Ctrl-C stops)")
+    console.print(
+        f"optuna-dashboard for '{study.study_name}' on http://{args.host}:{args.port}/ (Ctrl-C stops)"
+    )
     optuna_dashboard.run_server(storage, host=args.host, port=args.port, artifact_store=artifact_store(study))
     return 0
 
@@ -163,13 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser(
-        "synth", help="generate a synthetic data set in the exact HW4 layout",
+        "synth",
+        help="generate a synthetic data set in the exact HW4 layout",
         description="Write a synthetic speaker set in the HW4 layout (mapping.json, metadata.json, "
         "testdata.json, uttr-*.pt) plus answers.csv so test accuracy can be scored.",
     )
     p.add_argument("--out", type=Path, required=True, help="folder to create (must be new or empty)")
-    p.add_argument("--preset", choices=("tiny", "small", "hw4"), default="small",
-                   help="size: tiny (tests), small (minutes on CPU), hw4 (real set's size); default small")
+    p.add_argument(
+        "--preset",
+        choices=("tiny", "small", "hw4"),
+        default="small",
+        help="size: tiny (tests), small (minutes on CPU), hw4 (real set's size); default small",
+    )
     p.add_argument("--speakers", type=_positive, help="override the preset's number of speakers")
     p.add_argument("--utterances", type=_positive, help="override the preset's labelled utterances (total)")
     p.add_argument("--test", type=_positive, help="override the preset's test utterances")
@@ -178,11 +234,67 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser(
-        "train", help="train one configuration (a YAML of fixed values)",
+        "prepare",
+        help="compute HW4 features from your own audio (a speaker folder tree or a CSV list)",
+        description="Turn AUDIO_DIR/<speaker>/[<session>/]<utt>.wav|.flac (or a CSV with header "
+        "'path,speaker') into the HW4 layout: mono 16 kHz, peak -3 dB, silence trimmed, 40 log-mels. "
+        "Bad files are skipped and listed; re-running resumes where it stopped.",
+    )
+    p.add_argument(
+        "audio",
+        type=Path,
+        metavar="AUDIO_DIR",
+        help="folder of speaker folders, or a CSV file list with header path,speaker",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="folder to write: new, empty, or an earlier prepare's output (resumes it)",
+    )
+    test = p.add_mutually_exclusive_group()
+    test.add_argument(
+        "--test-per-speaker",
+        type=_positive,
+        metavar="N",
+        help="held-out test utterances per speaker (default 1)",
+    )
+    test.add_argument(
+        "--test-fraction",
+        type=_fraction,
+        metavar="F",
+        help="held-out fraction of each speaker's utterances instead (at least 1)",
+    )
+    p.add_argument(
+        "--workers",
+        type=_positive,
+        default=max(1, min(8, os.cpu_count() or 1)),
+        help="parallel processes (default: CPU cores, at most 8)",
+    )
+    p.add_argument(
+        "--seed",
+        type=_non_negative,
+        default=0,
+        help="seed for file names, speaker ids and the test split (same seed, same output)",
+    )
+    p.add_argument(
+        "--min-utterances",
+        type=_positive,
+        default=2,
+        help="leave out speakers with fewer usable files (default 2: one to train, one to test)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser(
+        "train",
+        help="train one configuration (a YAML of fixed values)",
         description="Train one configuration with a live progress bar; writes best.pt (best validation "
         "accuracy, with its config) under --out. See spaces/baselines/ for ready configs.",
     )
-    p.add_argument("--config", type=Path, required=True, help="YAML config, e.g. spaces/baselines/strong.yaml")
+    p.add_argument(
+        "--config", type=Path, required=True, help="YAML config, e.g. spaces/baselines/strong.yaml"
+    )
     p.add_argument("--data", type=Path, help="HW4 data folder (default: a generated synthetic set)")
     p.add_argument("--out", type=Path, help="output folder (default studies/runs/<config name>)")
     p.add_argument("--steps", type=_positive, help="override the config's number of training steps")
@@ -192,12 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
-        "run", help="run (or resume) a hyperparameter search study",
+        "run",
+        help="run (or resume) a hyperparameter search study",
         description="Sample configurations from a search space and train them as trials of an Optuna study "
         "(SQLite under studies/<study>/ by default, or --storage postgresql://...). One worker per GPU slot, "
         "or --workers CPU workers. Re-running the same command resumes until --trials are finished.",
     )
-    p.add_argument("--space", required=True, help="search space: a name in spaces/ (boss, smoke...) or a path")
+    p.add_argument(
+        "--space", required=True, help="search space: a name in spaces/ (boss, smoke...) or a path"
+    )
     p.add_argument("--trials", type=_positive, required=True, help="finished trials the study should hold")
     p.add_argument("--data", type=Path, help="HW4 data folder (default: a generated synthetic set)")
     p.add_argument("--study", help="study name (default: the space's name)")
@@ -208,22 +323,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive, help="override every trial's training steps")
     p.add_argument("--seed", type=int, default=0, help="sampler seed offset (default 0)")
     p.add_argument("--heartbeat", type=_positive, help="seconds between worker heartbeats (default 20)")
-    p.add_argument("--max-failures", type=_positive, help="stop after this many failed trials (default: --trials)")
-    p.add_argument("--allow-changed", action="store_true",
-                   help="continue a study although its data set, split or space changed")
+    p.add_argument(
+        "--max-failures", type=_positive, help="stop after this many failed trials (default: --trials)"
+    )
+    p.add_argument(
+        "--allow-changed",
+        action="store_true",
+        help="continue a study although its data set, split or space changed",
+    )
     p.add_argument("--quiet", action="store_true", help="no live display")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("status", help="show a study's best trials and counts",
-                       description="Print a table of the best finished trials and the trial counts.")
+    p = sub.add_parser(
+        "status",
+        help="show a study's best trials and counts",
+        description="Print a table of the best finished trials and the trial counts.",
+    )
     p.add_argument("--study", help="study name (optional when there is only one)")
     p.add_argument("--storage", help="storage URL (default: studies/<study>/study.db)")
     p.add_argument("--top", type=_positive, default=10, help="rows to show (default 10)")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("dashboard", help="open optuna-dashboard on a study",
-                       description="Serve optuna-dashboard for the study's storage and artifact store "
-                       "(checkpoints), bound to 127.0.0.1 unless --host says otherwise.")
+    p = sub.add_parser(
+        "dashboard",
+        help="open optuna-dashboard on a study",
+        description="Serve optuna-dashboard for the study's storage and artifact store "
+        "(checkpoints), bound to 127.0.0.1 unless --host says otherwise.",
+    )
     p.add_argument("--study", help="study name (optional when there is only one)")
     p.add_argument("--storage", help="storage URL (default: studies/<study>/study.db)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")

@@ -7,6 +7,7 @@ so any checkpoint rebuilds its model alone.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,8 +82,11 @@ class Config:
         return Config.from_dict({**self.to_dict(), **changes})
 
     @staticmethod
-    def from_dict(values: dict[str, Any], source: str = "config") -> Config:
-        """Build and validate a config from flat keys; unknown keys and bad values raise UserError."""
+    def from_dict(values: dict[str, Any], source: str = "config", cross: bool = True) -> Config:
+        """Build and validate a config from flat keys; unknown keys and bad values raise UserError.
+
+        ``cross=False`` skips checks between keys (d_model vs heads), for checking one value alone.
+        """
         if not isinstance(values, dict):
             raise UserError(f"{source}: expected a mapping of keys to values, got {type(values).__name__}")
         model_kw: dict[str, Any] = {}
@@ -97,7 +101,7 @@ class Config:
                     f"{source}: unknown key '{key}' (known keys: {', '.join(sorted(ALL_FIELDS))})"
                 )
         config = Config(ModelConfig(**model_kw), TrainConfig(**train_kw))
-        validate(config, source)
+        validate(config, source, cross)
         return config
 
 
@@ -112,29 +116,23 @@ ALL_FIELDS = {**MODEL_FIELDS, **TRAIN_FIELDS}
 
 def _coerce(source: str, key: str, value: Any, kind: type) -> Any:
     """Accept YAML's natural spellings (``1e-3`` as a string, ``64`` for a float) and nothing looser."""
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-    elif kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is float and isinstance(value, str):
+        with contextlib.suppress(ValueError):
             return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif kind is str:
-        if isinstance(value, str):
-            return value
+    if kind is str and isinstance(value, str):
+        return value
     raise UserError(f"{source}: key '{key}' must be {kind.__name__}, got {value!r}")
 
 
-def validate(config: Config, source: str = "config") -> None:
+def validate(config: Config, source: str = "config", cross: bool = True) -> None:
     """Check value ranges and cross-key constraints; raise one UserError naming the key."""
     m, t = config.model, config.train
 
@@ -150,7 +148,7 @@ def validate(config: Config, source: str = "config") -> None:
     for key in ("d_model", "heads", "layers", "ffn_dim", "conv_kernel"):
         if getattr(m, key) < 1:
             raise bad(key, "must be at least 1")
-    if m.d_model % m.heads:
+    if cross and m.d_model % m.heads:
         raise bad("d_model", f"({m.d_model}) must be divisible by heads ({m.heads})")
     if m.conv_kernel % 2 == 0:
         raise bad("conv_kernel", f"must be odd so the convolution keeps the length, got {m.conv_kernel}")

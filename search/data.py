@@ -127,7 +127,9 @@ def read_layout(root: Path) -> HW4Layout:
     test = [_utterance(e, test_path, f"utterances[{i}].", -1) for i, e in enumerate(entries)]
     names = [u.feature_path for u in train] + [u.feature_path for u in test]
     if len(set(names)) != len(names):
-        raise UserError(f"{meta_path}: the same feature_path is listed twice; each utterance needs its own file")
+        raise UserError(
+            f"{meta_path}: the same feature_path is listed twice; each utterance needs its own file"
+        )
     return HW4Layout(root, n_mels, speakers, train, test)
 
 
@@ -145,9 +147,13 @@ def load_feature(path: Path, n_mels: int, mel_len: int | None = None) -> torch.T
     if tensor.dim() != 2 or not tensor.is_floating_point():
         raise UserError(f"{path}: tensor of shape {tuple(tensor.shape)}, expected (mel_len, {n_mels}) floats")
     if tensor.shape[1] != n_mels:
-        raise UserError(f"{path}: n_mels mismatch: tensor has {tensor.shape[1]} mel bins, metadata says {n_mels}")
+        raise UserError(
+            f"{path}: n_mels mismatch: tensor has {tensor.shape[1]} mel bins, metadata says {n_mels}"
+        )
     if mel_len is not None and tensor.shape[0] != mel_len:
-        raise UserError(f"{path}: tensor has {tensor.shape[0]} frames but the metadata says mel_len {mel_len}")
+        raise UserError(
+            f"{path}: tensor has {tensor.shape[0]} frames but the metadata says mel_len {mel_len}"
+        )
     if not torch.isfinite(tensor).all():
         raise UserError(f"{path}: tensor holds NaN or infinite values")
     return tensor
@@ -171,7 +177,9 @@ def fingerprint(layout: HW4Layout) -> str:
         try:
             st = (layout.root / utt.feature_path).stat()
         except FileNotFoundError:
-            raise UserError(f"{layout.root / utt.feature_path}: feature file not found (listed in the metadata)") from None
+            raise UserError(
+                f"{layout.root / utt.feature_path}: feature file not found (listed in the metadata)"
+            ) from None
         h.update(f"{utt.feature_path}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
@@ -280,7 +288,9 @@ def open_cache(cache_dir: Path, root: Path | None = None) -> PackedData:
         index = np.load(cache_dir / "index.npz")
         features = np.load(cache_dir / "features.npy", mmap_mode="c")
     except (OSError, ValueError, json.JSONDecodeError) as exc:
-        raise UserError(f"{cache_dir}: packed cache is damaged ({exc}); delete that folder to re-pack") from None
+        raise UserError(
+            f"{cache_dir}: packed cache is damaged ({exc}); delete that folder to re-pack"
+        ) from None
     return PackedData(
         root=Path(root) if root is not None else Path(meta["root"]),
         cache_dir=cache_dir,
@@ -436,8 +446,12 @@ def open_data(root: Path | None, cache_root: Path | None = None, progress: bool 
 
         root = default_data_dir()
         if not (root / "testdata.json").exists():
-            console.print(f"[yellow]No --data given: generating the synthetic '{DEFAULT_SYNTH_PRESET}' set in {root}")
+            console.print(
+                f"[yellow]No --data given: generating the synthetic '{DEFAULT_SYNTH_PRESET}' set in {root}"
+            )
             generate(root, preset=DEFAULT_SYNTH_PRESET, seed=0, progress=progress)
         else:
-            console.print(f"[yellow]No --data given: using the synthetic '{DEFAULT_SYNTH_PRESET}' set in {root}")
+            console.print(
+                f"[yellow]No --data given: using the synthetic '{DEFAULT_SYNTH_PRESET}' set in {root}"
+            )
     return pack(root, cache_root, progress=progress)

@@ -24,12 +24,21 @@ def best_table(study: optuna.Study, top: int = 10) -> Table:
     """The best finished trials, best first."""
     table = Table(title=f"study '{study.study_name}': best trials", header_style="bold")
     for col in ("trial", "state", "valid acc", "best step", "params", "steps/s", "device", "searched values"):
-        table.add_column(col, justify="right" if col not in ("state", "device", "searched values") else "left")
+        table.add_column(
+            col, justify="right" if col not in ("state", "device", "searched values") else "left"
+        )
     for row in summary_rows(study, top):
-        values = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["params"].items())
+        values = ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["params"].items()
+        )
         table.add_row(
-            str(row["number"]), row["state"], _fmt(row["valid_acc"]), _fmt(row["best_step"], "{}"),
-            _fmt(row["parameters"], "{:,}"), _fmt(row["steps_per_s"], "{:.1f}"), str(row["device"] or "-"),
+            str(row["number"]),
+            row["state"],
+            _fmt(row["valid_acc"]),
+            _fmt(row["best_step"], "{}"),
+            _fmt(row["parameters"], "{:,}"),
+            _fmt(row["steps_per_s"], "{:.1f}"),
+            str(row["device"] or "-"),
             values,
         )
     return table
@@ -38,10 +47,15 @@ def best_table(study: optuna.Study, top: int = 10) -> Table:
 def counts_line(counts: Counts, target: int | None = None) -> Text:
     goal = f"/{target}" if target else ""
     return Text.assemble(
-        ("finished ", "bold"), f"{counts.finished}{goal} ",
+        ("finished ", "bold"),
+        f"{counts.finished}{goal} ",
         (f"(complete {counts.complete}, pruned {counts.pruned})  ", "dim"),
-        ("running ", "bold"), f"{counts.running}  ", ("waiting ", "bold"), f"{counts.waiting}  ",
-        ("failed ", "bold red" if counts.failed else "bold"), f"{counts.failed}",
+        ("running ", "bold"),
+        f"{counts.running}  ",
+        ("waiting ", "bold"),
+        f"{counts.waiting}  ",
+        ("failed ", "bold red" if counts.failed else "bold"),
+        f"{counts.failed}",
     )
 
 
@@ -81,8 +95,13 @@ class RunView:
                 continue
             step = f"{w.get('step', 0)}/{w.get('total', '?')}"
             table.add_row(
-                w["worker"], w["device"], str(w.get("trial", "-")), step, _fmt(w.get("loss"), "{:.3f}"),
-                _fmt(w.get("valid_acc")), _fmt(w.get("steps_per_s"), "{:.1f}"),
+                w["worker"],
+                w["device"],
+                str(w.get("trial", "-")),
+                step,
+                _fmt(w.get("loss"), "{:.3f}"),
+                _fmt(w.get("valid_acc")),
+                _fmt(w.get("steps_per_s"), "{:.1f}"),
             )
         hours = max(time.time() - self.started, 1e-6) / 3600
         rate = (counts.finished - self.start_finished) / hours
@@ -91,5 +110,7 @@ class RunView:
             best_text = f"best {best.value:.4f} (trial {best.number})"
         except ValueError:
             best_text = "best -"
-        footer = Text.assemble(counts_line(counts, self.target), f"   {best_text}   ", (f"{rate:.1f} trials/h", "dim"))
+        footer = Text.assemble(
+            counts_line(counts, self.target), f"   {best_text}   ", (f"{rate:.1f} trials/h", "dim")
+        )
         self.live.update(Group(table, footer))

@@ -28,7 +28,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -216,6 +216,14 @@ def _key(prob_sum: np.ndarray, total: float, labels: np.ndarray) -> tuple[float,
     return (acc, float(np.log(np.maximum(p_true, 1e-12)).mean()))
 
 
+def _sum(probs: Sequence[np.ndarray], members: Iterable[int]) -> np.ndarray:
+    """Float64 sum of some members' probabilities, in the given order (so every caller agrees)."""
+    total = np.zeros(probs[0].shape, dtype=np.float64)
+    for i in members:
+        total += probs[i]
+    return total
+
+
 def greedy_select(
     probs: Sequence[np.ndarray], labels: np.ndarray, k: int, rounds: int
 ) -> tuple[dict[int, int], float, list[dict[str, Any]]]:
@@ -230,11 +238,11 @@ def greedy_select(
     history: list[dict[str, Any]] = []
     best_start, best_key = starts[0], (-1.0, -math.inf)
     for start in starts:
-        key = _key(sum((probs[i] for i in start), np.zeros_like(probs[0])), float(len(start)), labels)
+        key = _key(_sum(probs, start), float(len(start)), labels)
         if key > best_key:
             best_start, best_key = start, key
     counts = dict.fromkeys(best_start, 1)
-    prob_sum = sum((probs[i] for i in best_start), np.zeros_like(probs[0]))
+    prob_sum = _sum(probs, best_start)
     total = float(len(best_start))
     history.append({"round": 0, "added": list(best_start), "valid_acc": best_key[0], "nll": -best_key[1]})
     best_counts = dict(counts)
@@ -410,13 +418,10 @@ def _choose(
     probs = []
     for trial in pool:
         trial_logits = logits.get(trial)
-        probs.append(softmax(trial_logits, fit_temperature(trial_logits, logits.labels)))
+        temperature = fit_temperature(trial_logits, logits.labels)
+        probs.append(softmax(trial_logits, temperature).astype(np.float32))  # float32: half the memory
     if strategy == "top":
-        acc = (
-            _key(sum(probs, np.zeros_like(probs[0])), float(k), logits.labels)[0]
-            if len(split.valid)
-            else None
-        )
+        acc = _key(_sum(probs, range(len(probs))), float(k), logits.labels)[0] if len(split.valid) else None
         return pool, {t.number: 1 for t in pool}, acc, []
     counts, acc, history = greedy_select(probs, logits.labels, k, rounds)
     for step in history:

@@ -47,7 +47,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: checkpoint not found") from None
     except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types
         first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
-        raise UserError(f"{path}: not a loadable checkpoint ({first[:160]}); it may be corrupt or unsafe") from None
+        raise UserError(
+            f"{path}: not a loadable checkpoint ({first[:160]}); it may be corrupt or unsafe"
+        ) from None
     if not isinstance(ckpt, dict) or not {"config", "model", "n_mels", "speakers"} <= set(ckpt):
         raise UserError(f"{path}: not an spkid-search checkpoint (needs config, model, n_mels, speakers)")
     return ckpt
@@ -60,7 +62,9 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: Path | str = "checkpoint")
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, KeyError) as exc:
-        raise UserError(f"{path}: weights do not match the stored config ({str(exc).splitlines()[0][:160]})") from None
+        raise UserError(
+            f"{path}: weights do not match the stored config ({str(exc).splitlines()[0][:160]})"
+        ) from None
     model.eval()
     return model, config
 

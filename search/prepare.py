@@ -39,6 +39,7 @@ import math
 import multiprocessing
 import os
 import re
+import signal
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -167,7 +168,7 @@ def log_mel(wave: torch.Tensor) -> torch.Tensor:
     """``log(MelSpectrogram(wave) + 1e-9)`` as a contiguous float32 ``(frames, 40)`` tensor."""
     with torch.inference_mode():
         mel = _mel_transform()(wave.float())
-    return torch.log(mel + LOG_OFFSET).T.contiguous().clone()
+    return torch.log(mel + LOG_OFFSET).T.contiguous()
 
 
 def compute_features(wave: np.ndarray | torch.Tensor, rate: int) -> torch.Tensor:
@@ -225,6 +226,8 @@ def _extract(path: str, out: str, name: str) -> tuple[str, int, int, str]:
 
 
 def _init_worker() -> None:
+    # Ctrl-C is the parent's to handle (it cancels the queue); workers finish their file and exit quietly.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
 
 
@@ -350,7 +353,8 @@ def discover(source: Path, exclude: Path | None = None) -> tuple[list[Source], l
     if source.is_file():
         sources, skipped = _read_csv(source)
         if not sources:
-            raise UserError(f"{source}: the file list names no audio files")
+            why = f" (line {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+            raise UserError(f"{source}: the file list names no usable audio files{why}")
     else:
         sources, skipped, others = _walk(source, exclude.resolve() if exclude is not None else None)
         if not sources:
@@ -494,7 +498,8 @@ class PrepareReport:
         table.add_row("speakers", f"{self.speakers:,}")
         table.add_row("train utterances", f"{self.train:,}")
         table.add_row("test utterances", f"{self.test:,}")
-        table.add_row("speech kept", f"{self.hours:.2f} h ({self.frames:,} frames)")
+        amount = f"{self.hours:.2f} h" if self.hours >= 1 else f"{self.frames / 6000:.1f} min"
+        table.add_row("speech kept", f"{amount} ({self.frames:,} frames)")
         table.add_row("skipped files", f"[yellow]{self.n_skipped:,}" if self.skipped else "0")
         table.add_row("speakers left out", f"[yellow]{len(self.dropped):,}" if self.dropped else "0")
         table.add_row("decoded / reused", f"{self.processed:,} / {self.reused:,}")
@@ -595,8 +600,9 @@ def _run(
         except BrokenProcessPool:
             pool.shutdown(wait=False, cancel_futures=True)
             raise UserError(
-                "a worker process died while decoding audio (out of memory, or a crash in the decoder); "
-                "finished files are kept: re-run, with --workers 1 to see which file it is"
+                "a worker process died (out of memory, a crash in the decoder, or a script calling prepare() "
+                "without an `if __name__ == '__main__':` guard); finished files are kept: re-run, with "
+                "--workers 1 to see which file it is"
             ) from None
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
@@ -619,6 +625,8 @@ def prepare(
     ``test_per_speaker`` (default 1) or ``test_fraction`` utterances of every speaker go to
     testdata.json (their labels to answers.csv); speakers with fewer than ``min_utterances`` usable
     files are left out. Bad files are skipped with a reason, never fatal. Re-running resumes.
+    ``workers > 1`` starts spawned processes, so a script calling this needs the usual
+    ``if __name__ == "__main__":`` guard (the CLI has it).
     """
     _check_args(test_per_speaker, test_fraction, workers, seed, min_utterances)
     source_path, out = Path(audio_dir_or_csv).expanduser(), Path(out).expanduser()

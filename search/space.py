@@ -107,7 +107,7 @@ def _suggest(trial: optuna.Trial, param: Param) -> Any:
 
 
 def find_space(name_or_path: str | Path) -> Path:
-    """``boss`` or ``boss.yaml`` finds ``spaces/boss.yaml`` (cwd first, then the package's); a path works too."""
+    """``boss`` or ``boss.yaml`` finds ``spaces/boss.yaml`` (cwd first, then the package's), or a path."""
     text = str(name_or_path)
     candidates = [Path(text)]
     stem = text if text.endswith((".yaml", ".yml")) else f"{text}.yaml"
@@ -148,7 +148,7 @@ def load_space(name_or_path: str | Path) -> Space:
             raise UserError(f"{where}: a list is ambiguous; write {{choices: [...]}} for a categorical")
         else:
             try:
-                Config.from_dict({key: spec}, source=where)
+                Config.from_dict({key: spec}, source=where, cross=False)
             except UserError as exc:
                 raise UserError(str(exc).replace(f"{where}: key '{key}'", f"{where}:")) from None
             fixed[key] = spec
@@ -169,7 +169,9 @@ def load_space(name_or_path: str | Path) -> Space:
         raise UserError(f"{src}: key 'study' may only hold {', '.join(sorted(STUDY_KEYS))}")
     space = Space(name, path, fixed, params, list(constraints), sampler, pruner, [], study, raw)
     _check_satisfiable(space, src)
-    enqueue = [_enqueue_entry(space, e, f"{src}: enqueue[{i}]") for i, e in enumerate(raw.get("enqueue", []) or [])]
+    enqueue = [
+        _enqueue_entry(space, e, f"{src}: enqueue[{i}]") for i, e in enumerate(raw.get("enqueue", []) or [])
+    ]
     make_sampler(space, src)  # build once so bad sampler/pruner arguments fail before anything runs
     make_pruner(space, src)
     return Space(name, path, fixed, params, list(constraints), sampler, pruner, enqueue, study, raw)
@@ -192,7 +194,7 @@ def _param(key: str, spec: dict[str, Any], where: str) -> Param:
             raise UserError(f"{where}.choices: must be a non-empty list")
         for choice in choices:
             try:
-                Config.from_dict({key: choice}, source=where)
+                Config.from_dict({key: choice}, source=where, cross=False)
             except UserError as exc:
                 raise UserError(f"{where}.choices: {choice!r} is not valid ({_tail(exc)})") from None
         return Param(key, optuna.distributions.CategoricalDistribution(choices), when)
@@ -234,7 +236,7 @@ def _param(key: str, spec: dict[str, Any], where: str) -> Param:
         raise UserError(f"{where}: {exc}") from None
     for value in (low, high):
         try:
-            Config.from_dict({key: value}, source=where)
+            Config.from_dict({key: value}, source=where, cross=False)
         except UserError as exc:
             raise UserError(f"{where}: bound {value!r} is not valid ({_tail(exc)})") from None
     return Param(key, dist, when)
@@ -269,9 +271,30 @@ def _settings(value: Any, names: tuple[str, ...], where: str) -> dict[str, Any]:
 
 
 _ALLOWED_NODES = (
-    ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not, ast.USub, ast.BinOp, ast.Add, ast.Sub,
-    ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Compare, ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE,
-    ast.Name, ast.Load, ast.Constant,
+    ast.Expression,
+    ast.BoolOp,
+    ast.And,
+    ast.Or,
+    ast.UnaryOp,
+    ast.Not,
+    ast.USub,
+    ast.BinOp,
+    ast.Add,
+    ast.Sub,
+    ast.Mult,
+    ast.Div,
+    ast.FloorDiv,
+    ast.Mod,
+    ast.Compare,
+    ast.Eq,
+    ast.NotEq,
+    ast.Lt,
+    ast.LtE,
+    ast.Gt,
+    ast.GtE,
+    ast.Name,
+    ast.Load,
+    ast.Constant,
 )
 
 

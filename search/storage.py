@@ -20,7 +20,19 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from search.errors import UserError
 
 STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-NETWORK_FS = {"nfs", "nfs4", "cifs", "smbfs", "smb3", "fuse.sshfs", "9p", "afs", "lustre", "glusterfs", "ceph"}
+NETWORK_FS = {
+    "nfs",
+    "nfs4",
+    "cifs",
+    "smbfs",
+    "smb3",
+    "fuse.sshfs",
+    "9p",
+    "afs",
+    "lustre",
+    "glusterfs",
+    "ceph",
+}
 
 
 def studies_root() -> Path:
@@ -54,9 +66,9 @@ def _filesystem_type(path: Path) -> str | None:
     target = str(path.resolve())
     for line in mounts:
         parts = line.split()
-        if len(parts) >= 3 and (target == parts[1] or target.startswith(parts[1].rstrip("/") + "/")):
-            if len(parts[1]) > len(best):
-                best, kind = parts[1], parts[2]
+        inside = len(parts) >= 3 and (target == parts[1] or target.startswith(parts[1].rstrip("/") + "/"))
+        if inside and len(parts[1]) > len(best):
+            best, kind = parts[1], parts[2]
     return kind
 
 
@@ -73,8 +85,8 @@ def _prepare_sqlite(url: str) -> None:
     fs = _filesystem_type(path.parent)
     if fs in NETWORK_FS and not os.environ.get("SPKID_SEARCH_ALLOW_NETWORK_SQLITE"):
         raise UserError(
-            f"--storage {url}: {path.parent} is on a network filesystem ({fs}); SQLite locking is unsafe there. "
-            "Use PostgreSQL (--storage postgresql://user@host/db) for several machines"
+            f"--storage {url}: {path.parent} is on a network filesystem ({fs}); SQLite locking is unsafe "
+            "there. Use PostgreSQL (--storage postgresql://user@host/db) for several machines"
         )
     try:
         con = sqlite3.connect(path, timeout=60)
@@ -85,7 +97,10 @@ def _prepare_sqlite(url: str) -> None:
 
 
 def open_storage(
-    url: str, heartbeat_interval: int | None = None, grace_period: int | None = None, max_retry: int | None = 3
+    url: str,
+    heartbeat_interval: int | None = None,
+    grace_period: int | None = None,
+    max_retry: int | None = 3,
 ) -> RDBStorage:
     """An RDBStorage for ``url``; with a heartbeat, a killed worker's trial is retried, not left RUNNING."""
     if not re.match(r"^(sqlite|postgresql|postgresql\+psycopg|postgres|mysql(\+\w+)?)://", url):
@@ -130,7 +145,9 @@ def load_study(storage: RDBStorage, name: str | None, url: str = "") -> optuna.S
         elif not names:
             raise UserError(f"{url or 'storage'}: holds no study yet; start one with 'spkid-search run'")
         else:
-            raise UserError(f"{url or 'storage'}: holds several studies ({', '.join(names)}); pick one with --study")
+            raise UserError(
+                f"{url or 'storage'}: holds several studies ({', '.join(names)}); pick one with --study"
+            )
     if name not in names:
         known = f" (it has: {', '.join(names)})" if names else ""
         raise UserError(f"study '{name}' does not exist in {url or 'the storage'}{known}")
@@ -145,13 +162,17 @@ def resolve(study: str | None, storage_url: str | None) -> tuple[RDBStorage, opt
             if len(dbs) == 1:
                 study = dbs[0].parent.name
             elif not dbs:
-                raise UserError(f"no study found under {studies_root()}/; run 'spkid-search run' first or pass --storage")
+                raise UserError(
+                    f"no study found under {studies_root()}/; run 'spkid-search run' first or pass --storage"
+                )
             else:
                 names = ", ".join(p.parent.name for p in dbs)
                 raise UserError(f"several studies under {studies_root()}/ ({names}); pick one with --study")
         path = study_dir(study) / "study.db"
         if not path.exists():
-            raise UserError(f"study '{study}' does not exist ({path} not found); check --study or pass --storage")
+            raise UserError(
+                f"study '{study}' does not exist ({path} not found); check --study or pass --storage"
+            )
         storage_url = default_storage_url(study)
     storage = open_storage(storage_url)
     loaded = load_study(storage, study, storage_url)

@@ -14,6 +14,7 @@ import json
 import multiprocessing as mp
 import os
 import signal
+import socket
 import time
 import warnings
 from collections.abc import Callable
@@ -147,8 +148,17 @@ def _write_status(spec: WorkerSpec, state: dict[str, Any]) -> None:
     path = Path(spec.status_dir) / f"{spec.worker}.json"
     tmp = path.with_suffix(".tmp")
     try:
-        tmp.write_text(json.dumps({"worker": spec.worker, "device": spec.device, "pid": os.getpid(),
-                                   "updated": time.time(), **state}))
+        tmp.write_text(
+            json.dumps(
+                {
+                    "worker": spec.worker,
+                    "device": spec.device,
+                    "pid": os.getpid(),
+                    "updated": time.time(),
+                    **state,
+                }
+            )
+        )
         os.replace(tmp, path)
     except OSError:
         pass  # the display is best effort; training must not fail for it
@@ -216,8 +226,11 @@ def worker_main(spec: WorkerSpec) -> int:
                 raise SkipTrial(f"study already holds {spec.trials} trials")
         try:
             config = space.sample(trial)
-            overrides: dict[str, Any] = {"seed": config.train.seed + root, "split_seed": split_seed,
-                                         "valid_ratio": ratio}
+            overrides: dict[str, Any] = {
+                "seed": config.train.seed + root,
+                "split_seed": split_seed,
+                "valid_ratio": ratio,
+            }
             if spec.steps is not None:
                 overrides["steps"] = spec.steps
                 overrides["valid_steps"] = min(config.train.valid_steps, spec.steps)
@@ -250,7 +263,9 @@ def worker_main(spec: WorkerSpec) -> int:
         try:
             result = train(config, data, spec.device, report=report, out_dir=out_dir, split=split)
         except _StopRequested:
-            trial.set_user_attr("fail_reason", "interrupted (Ctrl-C or SIGTERM); retried when the study resumes")
+            trial.set_user_attr(
+                "fail_reason", "interrupted (Ctrl-C or SIGTERM); retried when the study resumes"
+            )
             trial.set_user_attr("interrupted", True)
             raise
         except torch.OutOfMemoryError:
@@ -353,8 +368,9 @@ def plan_devices(opts: RunOptions) -> list[str]:
     return ["cpu"] * opts.workers
 
 
-def run(opts: RunOptions, on_update: Callable[[optuna.Study, Counts, list[dict[str, Any]]], None] | None = None
-        ) -> Counts:
+def run(
+    opts: RunOptions, on_update: Callable[[optuna.Study, Counts, list[dict[str, Any]]], None] | None = None
+) -> Counts:
     """Create or resume the study, start the workers, and wait until the budget is met."""
     from search.data import make_split, open_data
     from search.space import load_space
@@ -378,25 +394,47 @@ def run(opts: RunOptions, on_update: Callable[[optuna.Study, Counts, list[dict[s
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
     fresh = not study.user_attrs.get("fingerprint")
-    record_identity(study, {
-        "fingerprint": data.fingerprint, "split_id": split.split_id, "valid_ratio": split.ratio,
-        "split_seed": split.seed, "space_digest": space.digest, "space_path": str(Path(space.path).resolve()),
-        "space_name": space.name, "data_root": str(Path(data.root).resolve()),
-        "artifact_dir": str((home / "artifacts").resolve()), "trials_dir": str((home / "trials").resolve()),
-    }, opts.allow_changed)
+    record_identity(
+        study,
+        {
+            "fingerprint": data.fingerprint,
+            "split_id": split.split_id,
+            "valid_ratio": split.ratio,
+            "split_seed": split.seed,
+            "space_digest": space.digest,
+            "space_path": str(Path(space.path).resolve()),
+            "space_name": space.name,
+            "data_root": str(Path(data.root).resolve()),
+            "artifact_dir": str((home / "artifacts").resolve()),
+            "trials_dir": str((home / "trials").resolve()),
+        },
+        opts.allow_changed,
+    )
     if fresh:
         for params in space.enqueue:
             study.enqueue_trial(params, skip_if_exists=True)
-    status_dir = home / "workers"
+    status_dir = home / "workers" / socket.gethostname()  # one folder per machine sharing the study
     status_dir.mkdir(parents=True, exist_ok=True)
     for old in status_dir.glob("*.json"):
         old.unlink()
     threads = max(1, (os.cpu_count() or 1) // len(devices)) if devices[0] == "cpu" else 2
     specs = [
         WorkerSpec(
-            worker=f"w{i}", index=i, device=dev, storage_url=url, study_name=name, space_path=str(space.path),
-            cache_dir=str(data.cache_dir), data_root=str(data.root), trials=opts.trials, steps=opts.steps,
-            seed=opts.seed, heartbeat=heartbeat, grace=grace, status_dir=str(status_dir), threads=threads,
+            worker=f"w{i}",
+            index=i,
+            device=dev,
+            storage_url=url,
+            study_name=name,
+            space_path=str(space.path),
+            cache_dir=str(data.cache_dir),
+            data_root=str(data.root),
+            trials=opts.trials,
+            steps=opts.steps,
+            seed=opts.seed,
+            heartbeat=heartbeat,
+            grace=grace,
+            status_dir=str(status_dir),
+            threads=threads,
             max_failures=opts.max_failures or max(opts.trials, 3),
         )
         for i, dev in enumerate(devices)
@@ -446,16 +484,26 @@ def read_status(status_dir: Path) -> list[dict[str, Any]]:
 def summary_rows(study: optuna.Study, top: int) -> list[dict[str, Any]]:
     """The best finished trials, best first, as plain dicts (for status tables and tests)."""
     done = [t for t in study.get_trials(deepcopy=False) if t.state in FINISHED]
-    done.sort(key=lambda t: -(t.user_attrs.get("valid_acc") if t.user_attrs.get("valid_acc") is not None
-                              else (t.value or 0.0)))
+
+    def score(t: FrozenTrial) -> float:
+        value = t.user_attrs.get("valid_acc")
+        return float(value if value is not None else (t.value or 0.0))
+
+    done.sort(key=score, reverse=True)
     rows = []
     for t in done[:top]:
-        rows.append({
-            "number": t.number, "state": t.state.name, "valid_acc": t.user_attrs.get("valid_acc", t.value),
-            "best_step": t.user_attrs.get("best_step"), "parameters": t.user_attrs.get("parameters"),
-            "steps_per_s": t.user_attrs.get("steps_per_s"), "device": t.user_attrs.get("device"),
-            "params": dict(t.params),
-        })
+        rows.append(
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "valid_acc": t.user_attrs.get("valid_acc", t.value),
+                "best_step": t.user_attrs.get("best_step"),
+                "parameters": t.user_attrs.get("parameters"),
+                "steps_per_s": t.user_attrs.get("steps_per_s"),
+                "device": t.user_attrs.get("device"),
+                "params": dict(t.params),
+            }
+        )
     return rows
 
 

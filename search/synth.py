@@ -361,7 +361,12 @@ def _render(rng: np.random.Generator, voice: _Voice, session: _Session, geo: _Ge
     # Per-frame resonances, coarticulated: tracks glide between phone targets.
     warp = float(math.exp(rng.normal(0.0, 0.01)))
     cols = np.concatenate(
-        [voice.freq[track] * warp, voice.amp[track], _VOICING[track, None], (_LEVEL_DB[track] + level_jitter)[:, None]],
+        [
+            voice.freq[track] * warp,
+            voice.amp[track],
+            _VOICING[track, None],
+            (_LEVEL_DB[track] + level_jitter)[:, None],
+        ],
         axis=1,
     )
     cols = _smooth_rows(cols, 5)
@@ -463,7 +468,9 @@ def _plan(spec: SynthSpec, seed: int) -> _Plan:
     test_speaker, test_session = [], []
     for i in range(s):
         n_train = int(np.clip(np.rint(counts[i] / 8.0 * math.exp(rng.normal(0.0, 0.3))), 1, counts[i]))
-        sess = rng.permutation(np.concatenate([np.arange(n_train), rng.integers(0, n_train, counts[i] - n_train)]))
+        sess = rng.permutation(
+            np.concatenate([np.arange(n_train), rng.integers(0, n_train, counts[i] - n_train)])
+        )
         speaker_l.append(np.full(counts[i], i))
         session_l.append(sess)
         n_held = 0
@@ -473,8 +480,12 @@ def _plan(spec: SynthSpec, seed: int) -> _Plan:
             test_session.append(n_train + rng.integers(0, n_held, test_counts[i]))
         sessions.append(n_train + n_held)
     order = rng.permutation(t)
-    speaker = np.concatenate([*speaker_l, np.concatenate(test_speaker)[order] if t else np.zeros(0, np.int64)])
-    session = np.concatenate([*session_l, np.concatenate(test_session)[order] if t else np.zeros(0, np.int64)])
+    speaker = np.concatenate(
+        [*speaker_l, np.concatenate(test_speaker)[order] if t else np.zeros(0, np.int64)]
+    )
+    session = np.concatenate(
+        [*session_l, np.concatenate(test_session)[order] if t else np.zeros(0, np.int64)]
+    )
     length = utterance_lengths(spec, rng, u + t)
     files: list[str] = []
     seen: set[str] = set()
@@ -613,7 +624,8 @@ def generate(
         {
             "n_mels": n_mels,
             "utterances": [
-                {"feature_path": plan.files[k], "mel_len": int(plan.length[k])} for k in range(u, len(plan.files))
+                {"feature_path": plan.files[k], "mel_len": int(plan.length[k])}
+                for k in range(u, len(plan.files))
             ],
         },
     )
@@ -633,7 +645,13 @@ def generate(
     )
     _write_json(
         partial / MARKER,
-        {"generator": GENERATOR, "preset": preset, "seed": seed, "spec": asdict(spec), "frames": int(plan.length.sum())},
+        {
+            "generator": GENERATOR,
+            "preset": preset,
+            "seed": seed,
+            "spec": asdict(spec),
+            "frames": int(plan.length.sum()),
+        },
     )
     if replacing:
         shutil.rmtree(out)

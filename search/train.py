@@ -52,7 +52,9 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
 
-def spec_augment(x: torch.Tensor, lengths: torch.Tensor, config: Config, generator: torch.Generator) -> torch.Tensor:
+def spec_augment(
+    x: torch.Tensor, lengths: torch.Tensor, config: Config, generator: torch.Generator
+) -> torch.Tensor:
     """Time and frequency masks, vectorised over the batch; masked cells take the utterance's mean."""
     t = config.train
     if not (t.spec_time_masks or t.spec_freq_masks):
@@ -73,7 +75,9 @@ def spec_augment(x: torch.Tensor, lengths: torch.Tensor, config: Config, generat
         return out
 
     if t.spec_freq_masks:
-        mask |= bands(t.spec_freq_masks, t.spec_freq_width, mels, torch.full((batch,), mels, device=dev))[:, None, :]
+        mask |= bands(t.spec_freq_masks, t.spec_freq_width, mels, torch.full((batch,), mels, device=dev))[
+            :, None, :
+        ]
     if t.spec_time_masks:
         mask |= bands(t.spec_time_masks, t.spec_time_width, frames, lengths)[:, :, None]
     return torch.where(mask & valid, fill[:, None, None], x)
@@ -110,7 +114,9 @@ def train(
     aug_gen = torch.Generator(device=device)
     aug_gen.manual_seed(t.seed + 1)
     cuda = device.type == "cuda"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=cuda or None)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=cuda or None
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t.warmup_steps, t.steps))
     step_fn = torch.compile(model) if (t.compile and cuda) else model
     meta = _checkpoint_meta(config, data, split)
@@ -193,7 +199,7 @@ def train(
             train_time += now - window_start
             metrics: dict[str, float] = {
                 "loss": mean_loss,
-                "lr": scheduler.get_last_lr()[0],
+                "lr": float(scheduler.get_last_lr()[0]),
                 "steps_per_s": (step - start_step) / max(train_time, 1e-9),
             }
             loss_sum.zero_()

@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 from types import TracebackType
+from typing import Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from search.progress import console
 
@@ -18,8 +26,10 @@ class TrainView:
             TextColumn("[bold]train"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  valid {task.fields[valid]}"
-                       "  best {task.fields[best]}  {task.fields[speed]} steps/s"),
+            TextColumn(
+                "loss {task.fields[loss]}  lr {task.fields[lr]}  valid {task.fields[valid]}"
+                "  best {task.fields[best]}  {task.fields[speed]} steps/s"
+            ),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             console=console,
@@ -39,7 +49,7 @@ class TrainView:
         self.progress.stop()
 
     def report(self, step: int, metrics: dict[str, float]) -> None:
-        fields: dict[str, str] = {
+        fields: dict[str, Any] = {
             "loss": f"{metrics['loss']:.3f}",
             "lr": f"{metrics['lr']:.2e}",
             "speed": f"{metrics['steps_per_s']:.1f}",

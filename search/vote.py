@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from search.config import Config
 from search.data import FeatureStore, PackedData, Split, make_split
 from search.errors import UserError
 from search.infer import model_from_checkpoint, predict_logits, read_checkpoint
@@ -517,8 +518,8 @@ def _score(
         ckpt = (preloaded or {}).get(member.path) or read_checkpoint(member.path)
         valid_logits, test_logits = checkpoint_logits(ckpt, member.path, data, store, [valid, data.test])
         temperature = fit_temperature(valid_logits, valid_labels)
-        valid_probs.append(softmax(valid_logits, temperature))
-        test_probs.append(softmax(test_logits, temperature))
+        valid_probs.append(softmax(valid_logits, temperature).astype(np.float32))  # float32: half the memory
+        test_probs.append(softmax(test_logits, temperature).astype(np.float32))
         test_acc = accuracy_of(test_logits[scored], truth)
         scores.append(
             MemberScore(
@@ -603,16 +604,14 @@ def predict(
     _check_out(out, force)
     ckpt = read_checkpoint(checkpoint)
     check_compatible(ckpt, checkpoint, data)
-    train_cfg = ckpt["config"]
-    split: Split | None = make_split(
-        data, float(train_cfg.get("valid_ratio", 0.1)), int(train_cfg.get("split_seed", 0))
-    )
+    if not isinstance(ckpt["config"], dict):
+        raise UserError(f"{checkpoint}: its 'config' is not a mapping; not an spkid-search checkpoint")
+    train_cfg = Config.from_dict(dict(ckpt["config"]), source=f"{checkpoint} (config)").train
+    split: Split | None = make_split(data, train_cfg.valid_ratio, train_cfg.split_seed)
     note = ""
     if split is not None and ckpt.get("split_id") not in (None, split.split_id):
-        split, note = (
-            None,
-            "validation skipped: the checkpoint's config does not reproduce its validation split",
-        )
+        split = None
+        note = "validation skipped: the checkpoint's config does not reproduce its validation split"
     member = _Member(checkpoint, checkpoint.name, None, 1.0)
     return _score([member], data, split, out, "soft", device, force, {checkpoint: ckpt}, note)
 

@@ -10,8 +10,14 @@ import torch
 
 
 def make_hw4(
-    root: Path, speakers: int = 4, per_speaker: int = 6, test: int = 5, n_mels: int = 40, seed: int = 0,
-    min_len: int = 60, max_len: int = 300,
+    root: Path,
+    speakers: int = 4,
+    per_speaker: int = 6,
+    test: int = 5,
+    n_mels: int = 40,
+    seed: int = 0,
+    min_len: int = 60,
+    max_len: int = 300,
 ) -> Path:
     """Write a small HW4 layout whose features encode the speaker as a per-speaker mean offset."""
     rng = np.random.default_rng(seed)
@@ -31,14 +37,19 @@ def make_hw4(
         torch.save(torch.from_numpy(feats), root / name)
         return {"feature_path": name, "mel_len": mel_len}
 
-    meta = {"n_mels": n_mels, "speakers": {names[s]: [write(s) for _ in range(per_speaker)] for s in range(speakers)}}
+    meta = {
+        "n_mels": n_mels,
+        "speakers": {names[s]: [write(s) for _ in range(per_speaker)] for s in range(speakers)},
+    }
     test_spk = rng.integers(0, speakers, size=test)
     utts = [write(int(s)) for s in test_spk]
-    (root / "mapping.json").write_text(json.dumps(
-        {"speaker2id": speaker2id, "id2speaker": {str(v): k for k, v in speaker2id.items()}}
-    ))
+    (root / "mapping.json").write_text(
+        json.dumps({"speaker2id": speaker2id, "id2speaker": {str(v): k for k, v in speaker2id.items()}})
+    )
     (root / "metadata.json").write_text(json.dumps(meta))
     (root / "testdata.json").write_text(json.dumps({"n_mels": n_mels, "utterances": utts}))
-    answers = "Id,Category\n" + "".join(f"{u['feature_path']},{names[int(s)]}\n" for u, s in zip(utts, test_spk))
+    answers = "Id,Category\n" + "".join(
+        f"{u['feature_path']},{names[int(s)]}\n" for u, s in zip(utts, test_spk, strict=True)
+    )
     (root / "answers.csv").write_text(answers)
     return root

@@ -205,7 +205,7 @@ def test_crop_sampler_is_seeded(fake_data: PackedData) -> None:
     split = make_split(fake_data)
     a = CropSampler(store, split.train, 8, 50, seed=1).next()
     b = CropSampler(store, split.train, 8, 50, seed=1).next()
-    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
 
 
 def test_eval_batches_cover_everything_under_budget(fake_data: PackedData) -> None:

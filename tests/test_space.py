@@ -65,8 +65,23 @@ def test_ladder_spaces_enqueue_their_baseline(name: str) -> None:
 def test_boss_searches_the_documented_keys() -> None:
     space = load_space("boss")
     searched = {p.name for p in space.params}
-    assert {"d_model", "heads", "layers", "ffn_dim", "dropout", "conv_kernel", "encoder", "pooling", "head",
-            "am_s", "am_m", "lr", "warmup_steps", "batch_size", "segment_len"} <= searched
+    assert {
+        "d_model",
+        "heads",
+        "layers",
+        "ffn_dim",
+        "dropout",
+        "conv_kernel",
+        "encoder",
+        "pooling",
+        "head",
+        "am_s",
+        "am_m",
+        "lr",
+        "warmup_steps",
+        "batch_size",
+        "segment_len",
+    } <= searched
     assert searched & {"spec_time_masks", "spec_freq_masks"}
 
 
@@ -92,7 +107,10 @@ def test_conditional_params_only_when_active(tmp_path: Path) -> None:
 def test_space_found_by_name_or_path(tmp_path: Path) -> None:
     assert load_space("boss.yaml").name == "boss"
     assert load_space(write(tmp_path, GOOD)).name == "t"
-    assert load_space(write(tmp_path, {k: v for k, v in GOOD.items() if k != "name"}, "mine.yaml")).name == "mine"
+    assert (
+        load_space(write(tmp_path, {k: v for k, v in GOOD.items() if k != "name"}, "mine.yaml")).name
+        == "mine"
+    )
 
 
 BAD = [

@@ -1,0 +1,199 @@
+"""Whole-utterance inference: length-bucketed batches (predict_logits) vs the sample code's batch-1 loop.
+
+The course's sample code scores the test set one utterance at a time (``model(x[None])``, batch 1).
+This benchmark runs both on the same model and the same utterances, checks they predict the same
+speakers, and reports utterances/s and the speed-up; the JSON lands in ``bench/out/``.
+
+    python bench/infer_bench.py                      # strong-like conformer, synthetic HW4-length set
+    python bench/infer_bench.py --data Dataset --utterances 2000 --device cuda
+    python bench/infer_bench.py --checkpoint studies/runs/strong/best.pt --data Dataset
+
+Features come from the packed cache for both paths, so file I/O is not timed; the batched path's
+one-time FeatureStore set-up (a copy to the GPU on CUDA) is timed and reported separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from search.config import Config
+from search.data import CropSampler, FeatureStore, PackedData, make_split, pack
+from search.devices import resolve_device
+from search.errors import UserError
+from search.infer import load_model, predict_logits
+from search.model import SpeakerNet, build_model, count_parameters
+
+OUT_DIR = Path(__file__).resolve().parent / "out"
+# The "strong" baseline of shared/hw4-format.md: torchaudio Conformer, d_model 224, mean pooling, BN + Linear.
+STRONG = {
+    "encoder": "conformer", "d_model": 224, "heads": 2, "ffn_dim": 256, "layers": 3, "conv_kernel": 31,
+    "dropout": 0.2, "pooling": "mean", "head": "linear", "head_bn": True,
+}  # fmt: skip
+
+
+def synthetic_data(utterances: int, speakers: int, cache: Path) -> PackedData:
+    """A synthetic set with HW4's test-length distribution (median 540 frames), generated once."""
+    from search.synth import generate
+
+    root = OUT_DIR / "data" / f"hw4len-s{speakers}-t{utterances}"
+    if not (root / "testdata.json").exists():
+        print(f"generating {utterances} synthetic test utterances in {root} ...", file=sys.stderr)
+        generate(root, preset="hw4", speakers=speakers, utterances=3 * speakers, test=utterances, seed=0)
+    return pack(root, cache, progress=False)
+
+
+def make_model(args: argparse.Namespace, data: PackedData, device: torch.device) -> tuple[SpeakerNet, str]:
+    """The checkpoint's model, or a strong-like conformer trained for a few steps (not random logits).
+
+    A freshly initialised model gives near-equal logits for many classes, where float noise alone can
+    flip an argmax; a few training steps make the prediction comparison meaningful.
+    """
+    if args.checkpoint is not None:
+        model, _, _ = load_model(args.checkpoint, device)
+        return model, str(args.checkpoint)
+    config = Config.from_dict({**STRONG, "lr": 2e-3})
+    torch.manual_seed(0)
+    model = build_model(config.model, data.n_mels, data.n_speakers).to(device)
+    if args.train_steps:
+        started = time.perf_counter()
+        _train_steps(model, data, device, args.train_steps, config.train.lr)
+        print(f"trained {args.train_steps} steps in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    model.eval()
+    return model, f"strong-like conformer (d_model 224), {args.train_steps} training steps"
+
+
+def _train_steps(model: SpeakerNet, data: PackedData, device: torch.device, steps: int, lr: float) -> None:
+    """A few plain AdamW steps on 128-frame crops: enough to pull the logits apart."""
+    store = FeatureStore(data, device)
+    sampler = CropSampler(store, make_split(data, 0.1, 0).train, 16, 128, seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        x, lengths, labels = sampler.next()
+        loss = torch.nn.functional.cross_entropy(model(x, lengths, labels), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def batch_one(model: SpeakerNet, data: PackedData, indices: np.ndarray, device: torch.device) -> np.ndarray:
+    """The sample code's loop: one utterance at a time, ``model(x[None])``, result copied back each time."""
+    model.eval()
+    rows = []
+    for i in indices:
+        x = torch.from_numpy(data.utterance(int(i))).to(device)
+        lengths = torch.tensor([x.shape[0]], device=device)
+        rows.append(model(x[None], lengths).float().cpu().numpy()[0])
+    return np.stack(rows)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cache = OUT_DIR / "cache"
+    data = pack(args.data, cache, progress=False) if args.data else synthetic_data(args.utterances, 40, cache)
+    test = data.test if len(data.test) else data.labelled
+    indices = test[: args.utterances]
+    if len(indices) == 0:
+        raise UserError(f"{data.root}: no utterances to score")
+    model, label = make_model(args, data, device)
+    frames = data.lengths[indices]
+
+    started = time.perf_counter()
+    store = FeatureStore(data, device)
+    sync(device)
+    setup_s = time.perf_counter() - started
+    warm = indices[: min(8, len(indices))]
+    predict_logits(model, store, warm, args.frame_budget)  # warm-up both paths (allocator, kernels)
+    batch_one(model, data, warm, device)
+
+    sync(device)
+    started = time.perf_counter()
+    batched = predict_logits(model, store, indices, args.frame_budget)
+    sync(device)
+    batched_s = time.perf_counter() - started
+
+    started = time.perf_counter()
+    single = batch_one(model, data, indices, device)
+    sync(device)
+    single_s = time.perf_counter() - started
+
+    same = batched.argmax(axis=1) == single.argmax(axis=1)
+    result = {
+        "model": label,
+        "parameters": count_parameters(model),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "data": str(data.root),
+        "utterances": int(len(indices)),
+        "frames": {"total": int(frames.sum()), "median": float(np.median(frames)), "max": int(frames.max())},
+        "frame_budget": args.frame_budget,
+        "batched": {"seconds": batched_s, "utt_per_s": len(indices) / batched_s, "setup_seconds": setup_s},
+        "batch1": {"seconds": single_s, "utt_per_s": len(indices) / single_s},
+        "speedup": single_s / batched_s,
+        "predictions_identical": bool(same.all()),
+        "mismatches": int((~same).sum()),
+        "max_abs_logit_diff": float(np.abs(batched - single).max()),
+        "bf16_batched": device.type == "cuda",
+    }
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, help="HW4 data folder (default: a synthetic HW4-length set)")
+    parser.add_argument("--utterances", type=int, default=200, help="test utterances to score (default 200)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    parser.add_argument(
+        "--checkpoint", type=Path, help="score this checkpoint instead of a strong-like model"
+    )
+    parser.add_argument("--train-steps", type=int, default=30, help="steps to train the stand-in model")
+    parser.add_argument("--frame-budget", type=int, default=65536, help="batch * longest frames per batch")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--out", type=Path, help="JSON file (default bench/out/infer-<device>-<time>.json)")
+    args = parser.parse_args(argv)
+    try:
+        result = run(args)
+    except UserError as exc:
+        print(f"infer_bench: error: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    out = (
+        args.out
+        or OUT_DIR / f"infer-{result['device'].replace(':', '')}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    b, s = result["batched"], result["batch1"]
+    print(
+        f"{result['utterances']} utterances (median {result['frames']['median']:.0f} frames) "
+        f"on {result['device']}, {result['torch_threads']} threads\n"
+        f"  batched (predict_logits): {b['utt_per_s']:8.1f} utt/s  ({b['seconds']:.2f}s)\n"
+        f"  batch-1 loop (sample):    {s['utt_per_s']:8.1f} utt/s  ({s['seconds']:.2f}s)\n"
+        f"  speed-up {result['speedup']:.2f}x; predictions identical: {result['predictions_identical']} "
+        f"({result['mismatches']} differ, max |logit diff| {result['max_abs_logit_diff']:.2e})\n"
+        f"  -> {out}"
+    )
+    strict = result["device"] == "cpu"  # CUDA batches run in bf16, the batch-1 loop in fp32
+    return 1 if strict and not result["predictions_identical"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

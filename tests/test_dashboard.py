@@ -1,0 +1,279 @@
+"""``spkid-search dashboard`` end to end: a real server process, looked at by a real headless chromium.
+
+The study is built without training (finished trials are written with ``optuna.trial.create_trial``), so
+the module takes seconds. One server serves both tests. The browser test is skipped only when there is no
+``chromium`` on PATH (Debian: ``apt-get install -y chromium``); the loopback test needs no browser.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+from search.storage import default_storage_url, open_storage
+
+CHROMIUM = shutil.which("chromium")
+STUDY = "dash-demo"
+# (lr, encoder, valid accuracy) of each finished trial; trial 1 is the best.
+TRIALS = [(1e-3, "transformer", 0.61), (3e-3, "conformer", 0.74), (5e-4, "conformer", 0.68)]
+START_TIMEOUT_S = 30.0
+BROWSER_TIMEOUT_S = 30.0
+
+pytestmark = pytest.mark.browser
+
+
+@dataclass
+class Dashboard:
+    proc: subprocess.Popen[bytes]
+    port: int
+    study_id: int
+    best_number: int
+    log: Path
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def _build_study(studies: Path) -> tuple[int, int]:
+    """Write STUDY with its finished trials to the default SQLite storage under ``studies``."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPKID_SEARCH_STUDIES", str(studies))
+        storage = open_storage(default_storage_url(STUDY))
+        study = optuna.create_study(study_name=STUDY, storage=storage, direction="maximize")
+        dists = {
+            "lr": FloatDistribution(1e-4, 1e-2, log=True),
+            "encoder": CategoricalDistribution(["transformer", "conformer"]),
+        }
+        for lr, encoder, acc in TRIALS:
+            trial = optuna.trial.create_trial(
+                params={"lr": lr, "encoder": encoder},
+                distributions=dists,
+                value=acc,
+                user_attrs={"valid_acc": acc, "device": "cpu"},
+            )
+            study.add_trial(trial)
+        study_id = storage.get_study_id_from_name(STUDY)
+        best = study.best_trial.number
+        storage.engine.dispose()
+    return study_id, best
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _cli() -> list[str]:
+    """The installed console script next to this interpreter, else the module."""
+    script = Path(sys.executable).parent / "spkid-search"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "search.cli"]
+
+
+def _wait_for_port(dash: Dashboard) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if dash.proc.poll() is not None:
+            pytest.fail(
+                f"dashboard exited ({dash.proc.returncode}) before listening:\n{dash.log.read_text()}"
+            )
+        try:
+            with socket.create_connection(("127.0.0.1", dash.port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.2)
+    pytest.fail(
+        f"dashboard did not answer on port {dash.port} in {START_TIMEOUT_S:.0f} s:\n{dash.log.read_text()}"
+    )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
+    """``spkid-search dashboard --study STUDY --port <free>``, default --host, in a fresh folder."""
+    root = tmp_path_factory.mktemp("dashboard")
+    study_id, best = _build_study(root / "studies")
+    port = _free_port()
+    log = root / "dashboard.log"
+    env = {**os.environ, "SPKID_SEARCH_STUDIES": str(root / "studies"), "PYTHONUNBUFFERED": "1"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [*_cli(), "dashboard", "--study", STUDY, "--port", str(port)],
+            cwd=root,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    dash = Dashboard(proc=proc, port=port, study_id=study_id, best_number=best, log=log)
+    try:
+        _wait_for_port(dash)
+        yield dash
+    finally:
+        _stop(proc)
+
+
+# --------------------------------------------------------------------------------------------------
+# Listening sockets, read from /proc (Linux)
+# --------------------------------------------------------------------------------------------------
+
+
+def _decode_address(hex_addr: str) -> str:
+    """/proc/net/tcp{,6} addresses are 32-bit words in host (little-endian) order."""
+    raw = bytes.fromhex(hex_addr)
+    ordered = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    return str(ipaddress.ip_address(ordered))
+
+
+def _listening(pid: int) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket the process holds in the LISTEN state."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            match = re.fullmatch(r"socket:\[(\d+)\]", os.readlink(fd))
+        except OSError:
+            continue
+        if match:
+            inodes.add(match.group(1))
+    found = set()
+    for table in ("tcp", "tcp6"):
+        path = Path(f"/proc/{pid}/net/{table}")
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and inode in inodes:  # 0A = TCP_LISTEN
+                address, port = local.split(":")
+                found.add((_decode_address(address), int(port, 16)))
+    return found
+
+
+# --------------------------------------------------------------------------------------------------
+# Headless chromium
+# --------------------------------------------------------------------------------------------------
+
+
+class _TextOf(HTMLParser):
+    """The visible text of a DOM dump: everything outside <script> and <style>, whitespace collapsed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: list[str] = []
+        self._hidden = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in ("script", "style"):
+            self._hidden += 1
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("script", "style") and self._hidden:
+            self._hidden -= 1
+
+    def handle_data(self, data: str) -> None:
+        if not self._hidden:
+            self.parts.append(data)
+
+    @classmethod
+    def of(cls, dom: str) -> str:
+        parser = cls()
+        parser.feed(dom)
+        parser.close()
+        return " ".join(" ".join(parser.parts).split())
+
+
+def _chromium(url: str, workdir: Path, *action: str) -> subprocess.CompletedProcess[str]:
+    """Run headless chromium once on ``url`` with a fresh profile; ``action``: --dump-dom or --screenshot."""
+    assert CHROMIUM is not None
+    profile = workdir / f"profile-{time.monotonic_ns()}"
+    profile.mkdir(parents=True)
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=10000",
+        "--window-size=1280,900",
+        *action,
+        url,
+    ]
+    env = {**os.environ, "HOME": str(profile)}  # nothing written to the real home
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=BROWSER_TIMEOUT_S, env=env, check=False
+    )
+    assert done.returncode == 0, f"chromium failed on {url} ({done.returncode}):\n{done.stderr[-2000:]}"
+    return done
+
+
+def _page_text(url: str, workdir: Path) -> str:
+    return _TextOf.of(_chromium(url, workdir, "--dump-dom").stdout)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------------------
+
+
+def test_dashboard_binds_loopback_only_by_default(dashboard: Dashboard) -> None:
+    if not Path(f"/proc/{dashboard.proc.pid}/fd").is_dir():
+        pytest.skip("reading listening sockets needs Linux /proc")
+    assert _listening(dashboard.proc.pid) == {("127.0.0.1", dashboard.port)}
+    with urllib.request.urlopen(f"{dashboard.base}/api/studies", timeout=10) as resp:
+        summaries = json.load(resp)["study_summaries"]
+    assert [(s["study_id"], s["study_name"]) for s in summaries] == [(dashboard.study_id, STUDY)]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no 'chromium' on PATH (Debian: apt-get install -y chromium)")
+def test_dashboard_page_lists_study_and_trials(dashboard: Dashboard, tmp_path: Path) -> None:
+    home = _page_text(f"{dashboard.base}/dashboard", tmp_path)
+    assert STUDY in home, f"study name missing from the study list: {home[:800]}"
+    assert "Direction: MAXIMIZE" in home, home[:800]
+
+    best = dashboard.best_number
+    lr, encoder, acc = TRIALS[best]
+    url = f"{dashboard.base}/dashboard/studies/{dashboard.study_id}/trials?numbers={best}"
+    page = _page_text(url, tmp_path)
+    assert f"{STUDY} (id={dashboard.study_id})" in page, page[:800]
+    assert f"{len(TRIALS)} Trials" in page, page[:800]
+    for number in range(len(TRIALS)):
+        assert re.search(rf"\bTrial {number}\b", page), f"Trial {number} missing: {page[:800]}"
+    assert "Best Trial" in page, page[:800]
+    # The selected (best) trial's details: its value, parameters and user attributes.
+    anchor = f"Trial {best} (trial_id="
+    assert anchor in page, f"best trial's details not shown: {page[:800]}"
+    details = page[page.index(anchor) :]
+    assert f"Value {acc}" in details, details[:800]
+    assert f"lr {lr}" in details and f"encoder {encoder}" in details, details[:800]
+    assert f"valid_acc {acc}" in details, details[:800]

@@ -1,0 +1,419 @@
+"""Tests for search/prepare.py: a generated audio corpus in several layouts -> the exact HW4 layout."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torchaudio
+from rich.console import Console
+
+from search.data import pack, read_layout
+from search.errors import UserError
+from search.prepare import (
+    STATE_NAME,
+    BadAudio,
+    PrepareReport,
+    compute_features,
+    feature_name,
+    normalise_peak,
+    prepare,
+    speech_bounds,
+)
+from tests.hw4fake import make_hw4
+
+INDEX = ("mapping.json", "metadata.json", "testdata.json", "answers.csv")
+NAME = re.compile(r"^uttr-[0-9a-f]{32}\.pt$")
+
+# name -> (f0 Hz, formant centres Hz, layout, sample rate, channels, file format)
+VOICES = {
+    "id00012": (105.0, (500, 1500, 2500), "session", 16000, 1, "WAV"),
+    "id00027": (140.0, (750, 1200, 2600), "flat", 44100, 2, "FLAC"),
+    "id00031": (185.0, (300, 2300, 3100), "session", 8000, 1, "WAV"),
+    "id00045": (230.0, (600, 1000, 2400), "session", 22050, 1, "WAV"),
+    "id00050": (290.0, (400, 1900, 3300), "flat", 16000, 1, "FLAC"),
+}
+PER_SPEAKER = 8
+
+
+@dataclass
+class Clip:
+    path: Path
+    key: str
+    lead: float  # seconds of near-silence before the voice
+    voiced: float
+    tail: float
+
+
+def voice(
+    f0: float, formants: tuple[int, ...], seconds: float, rate: int, rng: np.random.Generator
+) -> np.ndarray:
+    """A harmonic series with vibrato, shaped by formant bumps and a syllable-rate envelope, plus noise."""
+    t = np.arange(int(seconds * rate)) / rate
+    base = f0 * rng.uniform(0.95, 1.05)
+    freq = base * (1 + 0.03 * np.sin(2 * np.pi * rng.uniform(3, 6) * t + rng.uniform(0, 6)))
+    phase = 2 * np.pi * np.cumsum(freq) / rate
+    harmonics = np.arange(1, int(min(rate / 2, 4000) * 0.9 / (base * 1.05)) + 1)
+    gains = sum(np.exp(-(((harmonics * base - f) / 180.0) ** 2)) for f in formants) + 0.05 / harmonics
+    x = (gains[:, None] * np.sin(harmonics[:, None] * phase[None, :])).sum(axis=0)
+    x *= 0.65 + 0.35 * np.sin(2 * np.pi * rng.uniform(3, 5) * t) ** 2
+    x += rng.normal(0, 0.02 * np.abs(x).max(), size=x.shape)
+    return x / np.abs(x).max()
+
+
+def write_clip(path: Path, samples: np.ndarray, rate: int, channels: int, fmt: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if channels == 2:
+        samples = np.stack([samples, 0.8 * samples], axis=1)
+    sf.write(str(path), samples, rate, format=fmt, subtype="PCM_16")
+
+
+def padded(x: np.ndarray, rate: int, lead: float, tail: float, rng: np.random.Generator) -> np.ndarray:
+    def hush(seconds: float) -> np.ndarray:
+        return rng.normal(0, 1e-4, size=int(seconds * rate))
+
+    return np.concatenate([hush(lead), x, hush(tail)])
+
+
+def build_corpus(root: Path, seed: int = 0) -> list[Clip]:
+    rng = np.random.default_rng(seed)
+    clips = []
+    for spk, (f0, formants, layout, rate, channels, fmt) in VOICES.items():
+        for i in range(PER_SPEAKER):
+            ext = ".wav" if fmt == "WAV" else ".flac"
+            key = f"{spk}/{'sess' + 'AB'[i % 2] + '/' if layout == 'session' else ''}{i:05d}{ext}"
+            lead, voiced, tail = rng.uniform(0.3, 0.5), rng.uniform(1.0, 1.6), rng.uniform(0.3, 0.5)
+            x = 0.6 * rng.uniform(0.3, 1.0) * voice(f0, formants, voiced, rate, rng)
+            write_clip(root / key, padded(x, rate, lead, tail, rng), rate, channels, fmt)
+            clips.append(Clip(root / key, key, lead, voiced, tail))
+    # A speaker with one usable file (left out), and bad files of every kind.
+    write_clip(
+        root / "id00099/a/00000.wav", 0.5 * voice(160.0, (500, 1500), 1.2, 16000, rng), 16000, 1, "WAV"
+    )
+    (root / "id00012/sessA/empty.wav").write_bytes(b"")
+    (root / "id00027/notes.wav").write_text("these are not the samples you are looking for\n")
+    write_clip(root / "id00031/sessA/silent.wav", np.zeros(8000), 8000, 1, "WAV")
+    write_clip(root / "id00045/sessB/click.wav", 0.5 * voice(230.0, (600,), 0.1, 22050, rng), 22050, 1, "WAV")
+    write_clip(root / "stray.wav", 0.5 * voice(200.0, (800,), 1.0, 16000, rng), 16000, 1, "WAV")
+    (root / "README.txt").write_text("corpus notes\n")
+    return clips
+
+
+Corpus = tuple[Path, list[Clip]]
+Prepared = tuple[Path, PrepareReport]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
+    root = tmp_path_factory.mktemp("corpus") / "audio"
+    return root, build_corpus(root)
+
+
+@pytest.fixture(scope="module")
+def prepared(corpus: Corpus, tmp_path_factory: pytest.TempPathFactory) -> Prepared:
+    out = tmp_path_factory.mktemp("prepared") / "Dataset"
+    report = prepare(corpus[0], out, progress=False)
+    return out, report
+
+
+def records(out: Path) -> dict[str, dict[str, Any]]:
+    lines = (out / STATE_NAME).read_text().splitlines()[1:]
+    return {r["source"]: r for r in map(json.loads, lines)}
+
+
+def index_bytes(out: Path) -> dict[str, bytes]:
+    return {name: (out / name).read_bytes() for name in (*INDEX, STATE_NAME)}
+
+
+# --------------------------------------------------------------------------------------------------
+# The recipe, piece by piece
+# --------------------------------------------------------------------------------------------------
+
+
+def reference_features(path: Path) -> torch.Tensor:
+    """The recipe written out directly: mono, resample, norm -3 dB, trim, MelSpectrogram, log."""
+    data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    x = torch.from_numpy(data.mean(axis=1))
+    x = torchaudio.functional.resample(x, rate, 16000)
+    x = x * (10 ** (-3 / 20) / x.abs().max())
+    rms = [float(torch.sqrt(torch.mean(x[i : i + 320].double() ** 2))) for i in range(0, len(x) - 319, 160)]
+    loud = [r > 0.01 for r in rms]
+    starts = [i for i in range(len(loud) - 9) if all(loud[i : i + 10])]
+    first, last = starts[0], starts[-1] + 9
+    x = x[first * 160 : len(x) if last == len(loud) - 1 else last * 160 + 320]
+    mel = torchaudio.transforms.MelSpectrogram(
+        sample_rate=16000, n_fft=400, hop_length=160, f_min=50, n_mels=40
+    )(x)
+    return torch.log(mel + 1e-9).T
+
+
+def test_speech_bounds_trim_padding_and_short_clicks() -> None:
+    rng = np.random.default_rng(1)
+    tone = torch.from_numpy(voice(150.0, (700, 1800), 1.0, 16000, rng)).float()
+    click = torch.full((800,), 0.9)  # 50 ms: shorter than the 0.1 s that counts as speech
+    x = torch.cat([torch.zeros(4000), click, torch.zeros(4000), tone, torch.zeros(8000)])
+    x = normalise_peak(x)
+    assert float(x.abs().max()) == pytest.approx(10 ** (-3 / 20), rel=1e-5)
+    start, end = speech_bounds(x)
+    onset, offset = 8800, 8800 + len(tone)
+    assert onset - 320 <= start <= onset and offset <= end <= offset + 320
+    with pytest.raises(BadAudio, match="silent"):
+        normalise_peak(torch.zeros(16000))
+    with pytest.raises(BadAudio, match="too short"):
+        compute_features(np.ones(1000, dtype=np.float32), 16000)
+
+
+def test_features_match_the_recipe_computed_directly(prepared: Prepared, corpus: Corpus) -> None:
+    out, _ = prepared
+    root, clips = corpus
+    recs = records(out)
+    for clip in (clips[PER_SPEAKER + 3], clips[2 * PER_SPEAKER + 1], clips[0]):  # 44.1k stereo, 8k, 16k
+        saved = torch.load(out / recs[clip.key]["feature"], weights_only=True)
+        expected = reference_features(clip.path)
+        assert saved.dtype == torch.float32 and saved.shape == expected.shape and saved.shape[1] == 40
+        torch.testing.assert_close(saved, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_silence_trimming_shortens_padded_files(prepared: Prepared, corpus: Corpus) -> None:
+    out, _ = prepared
+    recs = records(out)
+    for clip in corpus[1]:
+        mel_len = recs[clip.key]["mel_len"]
+        untrimmed = 1 + int((clip.lead + clip.voiced + clip.tail) * 16000) // 160
+        assert mel_len <= untrimmed - 50, clip.key  # at least 0.6 s of padding removed
+        assert abs(mel_len - clip.voiced * 100) <= 6, clip.key  # what is left is the voice
+
+
+# --------------------------------------------------------------------------------------------------
+# The layout
+# --------------------------------------------------------------------------------------------------
+
+
+def test_output_passes_read_layout_and_pack(prepared: Prepared, tmp_path: Path) -> None:
+    out, report = prepared
+    layout = read_layout(out)
+    assert layout.n_mels == 40 and sorted(layout.speakers) == sorted(VOICES)
+    assert (report.speakers, report.train, report.test) == (5, 5 * (PER_SPEAKER - 1), 5)
+    assert len(layout.train) == report.train and len(layout.test) == report.test
+    data = pack(out, tmp_path / "cache", progress=False)
+    assert data.n_speakers == 5 and len(data.labelled) == 35 and len(data.test) == 5
+    first = layout.train[0]
+    assert np.allclose(data.utterance(0), torch.load(out / first.feature_path).numpy(), atol=0.02)
+
+
+def test_json_files_have_the_hw4_format(prepared: Prepared, corpus: Corpus) -> None:
+    out, _ = prepared
+    mapping = json.loads((out / "mapping.json").read_text())
+    meta = json.loads((out / "metadata.json").read_text())
+    testdata = json.loads((out / "testdata.json").read_text())
+    assert set(mapping) == {"speaker2id", "id2speaker"}
+    assert sorted(mapping["speaker2id"].values()) == list(range(5))
+    assert mapping["id2speaker"] == {str(i): s for s, i in mapping["speaker2id"].items()}
+    assert all(isinstance(k, str) for k in mapping["id2speaker"])
+    assert meta["n_mels"] == 40 and testdata["n_mels"] == 40 and set(meta["speakers"]) == set(VOICES)
+    train = [e for entries in meta["speakers"].values() for e in entries]
+    for entry in [*train, *testdata["utterances"]]:
+        assert set(entry) == {"feature_path", "mel_len"} and NAME.match(entry["feature_path"])
+        tensor = torch.load(out / entry["feature_path"], weights_only=True)
+        assert tensor.dtype == torch.float32 and tuple(tensor.shape) == (entry["mel_len"], 40)
+        assert tensor.is_contiguous() and float(tensor.min()) >= np.log(1e-9) - 1e-3
+    assert not {e["feature_path"] for e in train} & {e["feature_path"] for e in testdata["utterances"]}
+    # answers.csv: Id,Category in testdata order, each Category the true speaker of that file.
+    rows = list(csv.reader((out / "answers.csv").open()))
+    assert rows[0] == ["Id", "Category"]
+    assert [r[0] for r in rows[1:]] == [u["feature_path"] for u in testdata["utterances"]]
+    speaker_of = {r["feature"]: r["speaker"] for r in records(out).values() if "feature" in r}
+    assert all(speaker_of[fid] == spk for fid, spk in rows[1:])
+    assert sorted(spk for _, spk in rows[1:]) == sorted(VOICES)  # one test utterance per speaker
+    assert feature_name(corpus[1][0].key, 0) in speaker_of
+
+
+def test_bad_files_are_listed_and_the_run_succeeds(prepared: Prepared) -> None:
+    out, report = prepared
+    reasons = dict(report.skipped)
+    assert set(reasons) == {
+        "id00012/sessA/empty.wav",
+        "id00027/notes.wav",
+        "id00031/sessA/silent.wav",
+        "id00045/sessB/click.wav",
+        "stray.wav",
+    }
+    assert "empty" in reasons["id00012/sessA/empty.wav"]
+    assert "not readable audio" in reasons["id00027/notes.wav"]
+    assert "silent" in reasons["id00031/sessA/silent.wav"]
+    assert "too short" in reasons["id00045/sessB/click.wav"]
+    assert "speaker folder" in reasons["stray.wav"]
+    assert report.dropped == [("id00099", 1)]
+    assert "id00099" not in json.loads((out / "mapping.json").read_text())["speaker2id"]
+    console = Console(record=True, width=140)
+    console.print(report.render())
+    text = console.export_text()
+    assert "skipped files" in text and "notes.wav" in text and "id00099 (1)" in text
+
+
+def test_rerun_skips_done_files_and_is_deterministic(
+    prepared: Prepared, corpus: Corpus, tmp_path: Path
+) -> None:
+    out, first = prepared
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    before = {p.name: p.stat().st_mtime_ns for p in copy.glob("uttr-*.pt")}
+    report = prepare(corpus[0], copy, progress=False)
+    assert report.processed == 0 and report.reused == first.processed == 45
+    assert {p.name: p.stat().st_mtime_ns for p in copy.glob("uttr-*.pt")} == before
+    assert index_bytes(copy) == index_bytes(out)
+    assert report.skipped == first.skipped and report.dropped == first.dropped
+
+
+def test_parallel_fresh_run_gives_identical_outputs(
+    prepared: Prepared, corpus: Corpus, tmp_path: Path
+) -> None:
+    out, _ = prepared
+    other = tmp_path / "parallel"
+    report = prepare(corpus[0], other, workers=2, progress=False)
+    assert report.processed == 45
+    assert index_bytes(other) == index_bytes(out)
+    names = sorted(p.name for p in out.glob("uttr-*.pt"))
+    assert names == sorted(p.name for p in other.glob("uttr-*.pt"))
+    for name in names:
+        assert torch.equal(torch.load(out / name), torch.load(other / name)), name
+
+
+# --------------------------------------------------------------------------------------------------
+# Resuming after changes, other inputs, errors
+# --------------------------------------------------------------------------------------------------
+
+
+def small_corpus(root: Path, speakers: int = 2, per: int = 4) -> None:
+    rng = np.random.default_rng(5)
+    for s in range(speakers):
+        for i in range(per):
+            x = 0.5 * voice(120.0 + 60 * s, (500 + 300 * s, 1800), 0.8, 16000, rng)
+            write_clip(root / f"spk{s}" / f"{i}.wav", padded(x, 16000, 0.2, 0.2, rng), 16000, 1, "WAV")
+
+
+def test_resume_after_changes_kills_and_seed_change(tmp_path: Path) -> None:
+    audio, out = tmp_path / "audio", tmp_path / "out"
+    small_corpus(audio)
+    first = prepare(audio, out, test_fraction=0.5, progress=False)
+    assert (first.speakers, first.train, first.test, first.processed) == (2, 4, 4, 8)
+    recs = records(out)
+    # A deleted feature, a rewritten source, a removed source, a torn state line from a killed run.
+    (out / recs["spk0/0.wav"]["feature"]).unlink()
+    os.utime(audio / "spk0/1.wav", ns=(1, 1))
+    (audio / "spk1/3.wav").unlink()
+    with (out / STATE_NAME).open("a") as fh:
+        fh.write('{"source": "spk1/0.wav", "size": ')
+    again = prepare(audio, out, test_fraction=0.5, progress=False)
+    assert (again.processed, again.reused) == (2, 5)
+    assert (again.speakers, again.train + again.test) == (2, 7)
+    assert not (out / recs["spk1/3.wav"]["feature"]).exists()  # stale feature pruned
+    assert len(list(out.glob("uttr-*.pt"))) == 7 and not list(out.glob(".prepare-tmp-*"))
+    read_layout(out)
+    # A new seed renames features instead of recomputing them; the old names are gone.
+    third = prepare(audio, out, seed=3, progress=False)
+    assert third.processed == 0 and third.reused == 7
+    names = {p.name for p in out.glob("uttr-*.pt")}
+    assert names == {feature_name(r, 3) for r in records(out)} and len(names) == 7
+    assert (third.train, third.test) == (5, 2)
+    read_layout(out)
+
+
+def test_out_inside_the_audio_folder_and_a_busy_lock(tmp_path: Path) -> None:
+    audio = tmp_path / "audio"
+    small_corpus(audio, speakers=2, per=2)
+    out = audio / "features"  # would look like a speaker folder if it were not left out of the scan
+    report = prepare(audio, out, test_per_speaker=0, progress=False)
+    assert (report.speakers, report.train, report.test, report.skipped) == (2, 4, 0, [])
+    assert sorted(read_layout(out).speakers) == ["spk0", "spk1"]
+    assert prepare(audio, out, test_per_speaker=0, progress=False).processed == 0
+    fcntl = pytest.importorskip("fcntl")
+    with (out / ".prepare.lock").open("a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(UserError, match="another 'prepare'"):
+            prepare(audio, out, progress=False)
+
+
+def test_csv_file_list(corpus: Corpus, tmp_path: Path) -> None:
+    root, clips = corpus
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    rel = os.path.relpath(root, lists)
+    rows = [["path", "speaker"]]
+    rows += [[f"{rel}/{c.key}", "alice"] for c in clips[:3]]
+    rows += [[f"{rel}/{c.key}", "bob"] for c in clips[PER_SPEAKER : PER_SPEAKER + 3]]
+    rows += [[f"{rel}/missing.wav", "bob"], [f"{rel}/{clips[0].key}", "alice"], [f"{rel}/{clips[5].key}", ""]]
+    with (lists / "files.csv").open("w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    report = prepare(lists / "files.csv", tmp_path / "out", test_per_speaker=2, progress=False)
+    assert json.loads((tmp_path / "out/mapping.json").read_text())["speaker2id"].keys() == {"alice", "bob"}
+    assert (report.speakers, report.train, report.test) == (2, 2, 4)
+    reasons = [reason for _, reason in report.skipped]
+    assert any("not found" in r for r in reasons) and any("listed twice" in r for r in reasons)
+    assert any("empty speaker" in r for r in reasons)
+    read_layout(tmp_path / "out")
+    (lists / "bad.csv").write_text("file,label\nx.wav,alice\n")
+    with pytest.raises(UserError, match="header 'path,speaker'"):
+        prepare(lists / "bad.csv", tmp_path / "out2", progress=False)
+
+
+def test_user_errors(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="not found"):
+        prepare(tmp_path / "nowhere", tmp_path / "out", progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no .wav or .flac"):
+        prepare(tmp_path / "empty", tmp_path / "out", progress=False)
+    (tmp_path / "m4a/id1").mkdir(parents=True)
+    (tmp_path / "m4a/id1/a.m4a").write_bytes(b"\0")
+    with pytest.raises(UserError, match="convert them first"):
+        prepare(tmp_path / "m4a", tmp_path / "out", progress=False)
+    audio = tmp_path / "audio"
+    small_corpus(audio, speakers=2, per=2)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "thesis.tex").write_text("...")
+    with pytest.raises(UserError, match="not empty"):
+        prepare(audio, busy, progress=False)
+    with pytest.raises(UserError, match="refusing to overwrite"):
+        prepare(audio, make_hw4(tmp_path / "Dataset"), progress=False)
+    with pytest.raises(UserError, match="not both"):
+        prepare(audio, tmp_path / "out", test_per_speaker=1, test_fraction=0.2, progress=False)
+    with pytest.raises(UserError, match="no speaker has 3 usable"):
+        prepare(audio, tmp_path / "out", min_utterances=3, progress=False)
+    assert not (tmp_path / "out/mapping.json").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# The prepared set trains
+# --------------------------------------------------------------------------------------------------
+
+
+def test_short_training_run_beats_chance(prepared: Prepared, tmp_path: Path) -> None:
+    from search.config import Config
+    from search.train import train
+
+    out, report = prepared
+    config = Config.from_dict(
+        {
+            "encoder": "transformer", "d_model": 32, "heads": 2, "layers": 1, "ffn_dim": 64, "steps": 150,
+            "batch_size": 16, "segment_len": 64, "valid_steps": 150, "lr": 2e-3, "warmup_steps": 10,
+            "valid_ratio": 0.25,
+        }
+    )  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: more threads only spin, and 10x slower on a busy machine
+    try:
+        result = train(config, pack(out, tmp_path / "cache", progress=False), "cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert result.best_accuracy > 2 / report.speakers, result

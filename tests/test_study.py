@@ -1,0 +1,274 @@
+"""The search service end to end on CPU: exact budgets, pruning, resume, SIGKILL, Ctrl-C, PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from search.errors import UserError
+from search.storage import artifact_store, default_storage_url, open_storage
+from search.study import RunOptions, run, sha256_file
+
+SPACE = {
+    "name": "unit",
+    "params": {
+        "steps": 60,
+        "valid_steps": 20,
+        "batch_size": 16,
+        "segment_len": 48,
+        "warmup_steps": 5,
+        "eval_frame_budget": 8192,
+        "encoder": "transformer",
+        "ffn_dim": 32,
+        "d_model": {"low": 16, "high": 32, "step": 16},
+        "heads": 2,
+        "lr": {"low": 1.0e-4, "high": 3.0e-2, "log": True},
+        "pooling": {"choices": ["mean", "attention"]},
+    },
+    "sampler": {"name": "random", "seed": 0},
+    "pruner": {"name": "successive_halving", "min_resource": 1, "reduction_factor": 2},
+}
+
+
+def write_space(path: Path, **params: object) -> Path:
+    space = {**SPACE, "params": {**SPACE["params"], **params}}  # type: ignore[dict-item]
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def load(name: str = "unit", url: str | None = None) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=open_storage(url or default_storage_url(name)))
+
+
+def states(study: optuna.Study) -> dict[TrialState, int]:
+    out: dict[TrialState, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        out[t.state] = out.get(t.state, 0) + 1
+    return out
+
+
+def test_sqlite_workers_reach_exact_count_with_pruning_then_resume(tmp_path: Path, tiny_dir: Path) -> None:
+    space = write_space(tmp_path / "unit.yaml")
+    counts = run(RunOptions(space=str(space), trials=6, data=tiny_dir, workers=2, heartbeat=2, display=False))
+    study = load()
+    assert counts.finished == 6
+    by_state = states(study)
+    assert by_state.get(TrialState.COMPLETE, 0) + by_state.get(TrialState.PRUNED, 0) == 6
+    assert by_state.get(TrialState.PRUNED, 0) >= 1, by_state
+    assert TrialState.RUNNING not in by_state and TrialState.FAIL not in by_state  # no lock errors
+    store = artifact_store(study)
+    for t in study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        assert t.user_attrs["config"]["d_model"] == t.params["d_model"]
+        for key in ("parameters", "steps_per_s", "device", "best_step", "valid_acc", "checkpoint_sha256"):
+            assert key in t.user_attrs, key
+        fetched = tmp_path / f"ckpt-{t.number}.pt"
+        optuna.artifacts.download_artifact(
+            artifact_store=store, file_path=str(fetched), artifact_id=t.user_attrs["checkpoint_artifact"]
+        )
+        assert sha256_file(fetched) == t.user_attrs["checkpoint_sha256"]
+        ckpt = __import__("torch").load(fetched, weights_only=True)
+        assert ckpt["config"] == t.user_attrs["config"]
+    assert study.user_attrs["fingerprint"] and study.user_attrs["split_id"]
+
+    # Re-running with a larger budget resumes to exactly the new total; the same budget does nothing.
+    assert run(RunOptions(space=str(space), trials=8, data=tiny_dir, workers=2, display=False)).finished == 8
+    assert run(RunOptions(space=str(space), trials=8, data=tiny_dir, display=False)).finished == 8
+    assert len(load().get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 8
+
+
+def test_changed_data_or_space_is_refused(tmp_path: Path, tiny_dir: Path, fake_dir: Path) -> None:
+    space = write_space(tmp_path / "unit.yaml")
+    run(RunOptions(space=str(space), trials=1, data=tiny_dir, display=False))
+    with pytest.raises(UserError, match="another data set.*--allow-changed"):
+        run(RunOptions(space=str(space), trials=2, data=fake_dir, display=False))
+    write_space(tmp_path / "unit.yaml", layers={"low": 1, "high": 2})
+    with pytest.raises(UserError, match="another search space"):
+        run(RunOptions(space=str(space), trials=2, data=tiny_dir, display=False))
+    assert (
+        run(RunOptions(space=str(space), trials=2, data=tiny_dir, allow_changed=True, display=False)).finished
+        == 2
+    )
+
+
+def test_bad_config_trial_fails_with_reason_and_study_goes_on(tmp_path: Path, tiny_dir: Path) -> None:
+    space = write_space(
+        tmp_path / "unit.yaml", heads={"choices": [2, 3]}, d_model={"low": 16, "high": 32, "step": 16}
+    )
+    counts = run(RunOptions(space=str(space), trials=4, data=tiny_dir, display=False))
+    study = load()
+    assert counts.finished == 4
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    for t in failed:
+        assert "divisible by heads" in t.user_attrs["fail_reason"]
+    assert all(
+        t.params["d_model"] % t.params["heads"] == 0
+        for t in study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    )
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "search.cli", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait_for_step(status_dir: Path, min_step: int, timeout: float) -> dict[str, object]:
+    import json
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for path in status_dir.glob("*.json"):
+            try:
+                state = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(state.get("step"), int) and state["step"] >= min_step and not state.get("done"):
+                return state
+        time.sleep(0.2)
+    raise AssertionError(f"no worker reached step {min_step} within {timeout}s")
+
+
+def test_sigkill_worker_trial_is_retried_and_resumed(tmp_path: Path, tiny_dir: Path) -> None:
+    space = write_space(tmp_path / "unit.yaml", steps=400, valid_steps=50)
+    data = yaml.safe_load(space.read_text())
+    data["pruner"] = {"name": "none"}
+    space.write_text(yaml.safe_dump(data))
+    proc = _cli(
+        "run",
+        "--space",
+        str(space),
+        "--trials",
+        "3",
+        "--data",
+        str(tiny_dir),
+        "--workers",
+        "2",
+        "--heartbeat",
+        "1",
+        "--quiet",
+        cwd=tmp_path,
+    )
+    try:
+        victim = _wait_for_step(tmp_path / "studies/unit/workers" / socket.gethostname(), 120, timeout=120)
+        os.kill(int(victim["pid"]), signal.SIGKILL)  # type: ignore[arg-type]
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    study = load()
+    by_state = states(study)
+    assert by_state.get(TrialState.COMPLETE) == 3 and TrialState.RUNNING not in by_state, by_state
+    killed = study.get_trials(states=(TrialState.FAIL,))
+    assert [t.number for t in killed] == [victim["trial"]]
+    retries = [
+        t for t in study.get_trials(deepcopy=False) if t.system_attrs.get("failed_trial") == victim["trial"]
+    ]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+    assert retries[0].params == killed[0].params
+    assert retries[0].user_attrs["resumed_from_step"] >= 100  # from its last checkpoint, not step 0
+
+
+def test_ctrl_c_stops_cleanly_and_resumes(tmp_path: Path, tiny_dir: Path) -> None:
+    data = {
+        **SPACE,
+        "params": {**SPACE["params"], "steps": 400, "valid_steps": 50},
+        "pruner": {"name": "none"},
+    }
+    space = tmp_path / "unit.yaml"
+    space.write_text(yaml.safe_dump(data))
+    args = ("run", "--space", str(space), "--trials", "2", "--data", str(tiny_dir), "--quiet")
+    proc = _cli(*args, cwd=tmp_path)
+    try:
+        _wait_for_step(tmp_path / "studies/unit/workers" / socket.gethostname(), 120, timeout=120)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out and "resume" in out
+    study = load()
+    by_state = states(study)
+    assert TrialState.RUNNING not in by_state
+    assert by_state.get(TrialState.WAITING) == 1  # the interrupted trial is queued to resume
+    resumed = _cli(*args, cwd=tmp_path)
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    done = load().get_trials(states=(TrialState.COMPLETE,))
+    assert len(done) == 2
+    assert any(t.user_attrs["resumed_from_step"] >= 100 for t in done)
+
+
+def _postgres_url() -> str | None:
+    try:
+        import psycopg
+
+        with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", connect_timeout=3):
+            return "postgresql://postgres@127.0.0.1:5432"
+    except Exception:  # noqa: BLE001 - any failure means: no server to test against
+        return None
+
+
+@pytest.fixture
+def pg_database() -> Iterator[str]:
+    base = _postgres_url()
+    if base is None:
+        pytest.skip("no PostgreSQL server answers at 127.0.0.1:5432")
+    import psycopg
+
+    name = f"spkid_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(f"{base}/postgres", autocommit=True) as con:
+        con.execute(f'CREATE DATABASE "{name}"')
+    yield f"{base}/{name}"
+    with psycopg.connect(f"{base}/postgres", autocommit=True) as con:
+        con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.mark.postgres
+def test_three_workers_on_postgresql(tmp_path: Path, tiny_dir: Path, pg_database: str) -> None:
+    space = write_space(tmp_path / "unit.yaml")
+    counts = run(
+        RunOptions(
+            space=str(space),
+            trials=6,
+            data=tiny_dir,
+            workers=3,
+            storage=pg_database,
+            heartbeat=2,
+            display=False,
+        )
+    )
+    assert counts.finished == 6
+    study = load(url=pg_database)
+    by_state = states(study)
+    assert by_state.get(TrialState.COMPLETE, 0) + by_state.get(TrialState.PRUNED, 0) == 6
+    assert TrialState.RUNNING not in by_state and TrialState.FAIL not in by_state
+    assert len({t.user_attrs["worker"] for t in study.get_trials(deepcopy=False)}) >= 2
+
+
+def test_wrong_storage_url_and_unknown_study(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="expected sqlite:///"):
+        open_storage("mongodb://x")
+    with pytest.raises(UserError, match="cannot connect"):
+        open_storage("postgresql://nobody:secret@127.0.0.1:1/none")
+    try:
+        open_storage("postgresql://nobody:secret@127.0.0.1:1/none")
+    except UserError as exc:
+        assert "secret" not in str(exc)
