@@ -431,11 +431,13 @@ def eval_batches(
         start = end
 
 
-DEFAULT_SYNTH_PRESET = "small"
+def default_synth_preset() -> str:
+    """The generated set used when no --data is given (``$SPKID_SEARCH_SYNTH_PRESET``, default small)."""
+    return os.environ.get("SPKID_SEARCH_SYNTH_PRESET", "small")
 
 
 def default_data_dir() -> Path:
-    return Path(os.environ.get("SPKID_SEARCH_DATA", "studies/data")) / f"synth-{DEFAULT_SYNTH_PRESET}"
+    return Path(os.environ.get("SPKID_SEARCH_DATA", "studies/data")) / f"synth-{default_synth_preset()}"
 
 
 def open_data(root: Path | None, cache_root: Path | None = None, progress: bool = True) -> PackedData:
@@ -444,14 +446,11 @@ def open_data(root: Path | None, cache_root: Path | None = None, progress: bool 
         from search.progress import console
         from search.synth import generate
 
+        preset = default_synth_preset()
         root = default_data_dir()
         if not (root / "testdata.json").exists():
-            console.print(
-                f"[yellow]No --data given: generating the synthetic '{DEFAULT_SYNTH_PRESET}' set in {root}"
-            )
-            generate(root, preset=DEFAULT_SYNTH_PRESET, seed=0, progress=progress)
+            console.print(f"[yellow]No --data given: generating the synthetic '{preset}' set in {root}")
+            generate(root, preset=preset, seed=0, progress=progress)
         else:
-            console.print(
-                f"[yellow]No --data given: using the synthetic '{DEFAULT_SYNTH_PRESET}' set in {root}"
-            )
+            console.print(f"[yellow]No --data given: using the synthetic '{preset}' set in {root}")
     return pack(root, cache_root, progress=progress)

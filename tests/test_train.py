@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from search.config import Config
+from search.data import FeatureStore, PackedData, make_split
+from search.infer import accuracy, load_model, predict_logits
+from search.train import TrainingDiverged, lr_factor, spec_augment, train
+
+SMALL = {
+    "encoder": "transformer",
+    "d_model": 32,
+    "heads": 2,
+    "layers": 1,
+    "ffn_dim": 64,
+    "dropout": 0.0,
+    "steps": 150,
+    "batch_size": 16,
+    "segment_len": 64,
+    "lr": 3e-3,
+    "warmup_steps": 10,
+    "valid_steps": 50,
+    "valid_ratio": 0.25,
+}
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero() -> None:
+    assert lr_factor(0, 10, 100) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100) == pytest.approx(1.0)
+    assert lr_factor(10, 10, 100) == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100) == pytest.approx(0.5)
+    assert lr_factor(100, 10, 100) == pytest.approx(0.0, abs=1e-12)
+    values = [lr_factor(s, 10, 100) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+
+
+def test_short_run_beats_chance_and_checkpoint_reproduces(fake_data: PackedData, tmp_path: Path) -> None:
+    config = Config.from_dict(SMALL)
+    seen: list[tuple[int, dict[str, float]]] = []
+    result = train(
+        config, fake_data, "cpu", report=lambda s, m: seen.append((s, m)), out_dir=tmp_path, log_every=25
+    )
+    chance = 1.0 / fake_data.n_speakers
+    assert result.best_accuracy > 2 * chance
+    assert [s for s, m in seen if "valid_acc" in m] == [50, 100, 150]  # every valid_steps and at the end
+    assert all(math.isfinite(m["loss"]) and m["lr"] >= 0 for _, m in seen)
+    assert not (tmp_path / "last.pt").exists()  # a finished run leaves only best.pt
+    model, loaded_config, ckpt = load_model(tmp_path / "best.pt")
+    assert loaded_config == config
+    assert ckpt["step"] == result.best_step and ckpt["speakers"] == fake_data.speakers
+    split = make_split(fake_data, config.train.valid_ratio, config.train.split_seed)
+    logits = predict_logits(model, FeatureStore(fake_data), split.valid)
+    assert accuracy(logits, fake_data.labels[split.valid]) == pytest.approx(result.best_accuracy)
+    assert ckpt["metrics"]["valid_acc"] == pytest.approx(result.best_accuracy)
+
+
+def test_best_weights_are_a_copy_not_the_latest(fake_data: PackedData, tmp_path: Path) -> None:
+    """The sample code's defect: its 'best' state_dict aliased the live weights."""
+    config = Config.from_dict({**SMALL, "steps": 100, "valid_steps": 20, "lr": 5e-2, "warmup_steps": 1})
+    result = train(config, fake_data, "cpu", out_dir=tmp_path)
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert best["step"] == result.best_step
+    if result.best_step != result.last_step:
+        model, _, _ = load_model(tmp_path / "best.pt")
+        split = make_split(fake_data, config.train.valid_ratio, config.train.split_seed)
+        acc = accuracy(
+            predict_logits(model, FeatureStore(fake_data), split.valid), fake_data.labels[split.valid]
+        )
+        assert acc == pytest.approx(result.best_accuracy)
+
+
+def test_report_stop_ends_training(fake_data: PackedData) -> None:
+    config = Config.from_dict({**SMALL, "steps": 1000, "valid_steps": 20})
+    result = train(config, fake_data, "cpu", report=lambda s, m: "stop" if "valid_acc" in m else None)
+    assert result.stopped_early and result.last_step == 20
+
+
+def test_non_finite_loss_is_a_clear_error(fake_data: PackedData) -> None:
+    config = Config.from_dict({**SMALL, "lr": 1.0, "grad_clip": 0.0, "warmup_steps": 0, "steps": 400})
+    data = fake_data
+    poisoned = PackedData(**{**data.__dict__, "features": np.full_like(np.asarray(data.features), np.inf)})
+    with pytest.raises(TrainingDiverged, match="non-finite loss by step"):
+        train(config, poisoned, "cpu")
+
+
+def test_resume_from_last_checkpoint(fake_data: PackedData, tmp_path: Path) -> None:
+    config = Config.from_dict({**SMALL, "steps": 100, "valid_steps": 25, "checkpoint_steps": 25})
+    full = train(config, fake_data, "cpu", out_dir=tmp_path / "full")
+
+    def stop_at_50(step: int, metrics: dict[str, float]) -> str | None:
+        if step == 50:
+            raise KeyboardInterrupt
+        return None
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, fake_data, "cpu", report=stop_at_50, out_dir=tmp_path / "part")
+    assert (tmp_path / "part" / "last.pt").exists()
+    resumed = train(config, fake_data, "cpu", out_dir=tmp_path / "part")
+    assert resumed.resumed_from == 50
+    assert resumed.best_accuracy == pytest.approx(full.best_accuracy)
+
+
+def test_spec_augment_masks_only_valid_frames() -> None:
+    config = Config.from_dict(
+        {"spec_time_masks": 2, "spec_time_width": 5, "spec_freq_masks": 2, "spec_freq_width": 4}
+    )
+    x = torch.randn(8, 40, 40)
+    lengths = torch.tensor([40, 30, 20, 10, 40, 30, 20, 10])
+    x[torch.arange(40)[None, :] >= lengths[:, None]] = -20.0
+    g = torch.Generator().manual_seed(0)
+    y = spec_augment(x, lengths, config, g)
+    assert y.shape == x.shape and not torch.equal(x, y)
+    padded = torch.arange(40)[None, :] >= lengths[:, None]
+    assert torch.equal(y[padded], x[padded])
+    off = Config.from_dict({})
+    assert torch.equal(spec_augment(x, lengths, off, g), x)
