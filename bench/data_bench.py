@@ -58,8 +58,13 @@ def collate(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.
 
 def loader_batches(root: Path, batch_size: int):  # type: ignore[no-untyped-def]
     loader = DataLoader(
-        SampleCodeDataset(root), batch_size=batch_size, shuffle=True, num_workers=2, drop_last=True,
-        collate_fn=collate, persistent_workers=True,
+        SampleCodeDataset(root),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=2,
+        drop_last=True,
+        collate_fn=collate,
+        persistent_workers=True,
     )
     while True:
         yield from loader
@@ -125,10 +130,15 @@ def main() -> None:
     strong = Path(__file__).resolve().parent.parent / "spaces" / "baselines" / "strong.yaml"
     packed_sps = time_training(packed(), strong, data.n_mels, data.n_speakers, args.train_steps, args.device)
     loader_sps = time_training(
-        loader_batches(root, args.batch_size), strong, data.n_mels, data.n_speakers, args.train_steps, args.device
+        loader_batches(root, args.batch_size),
+        strong,
+        data.n_mels,
+        data.n_speakers,
+        args.train_steps,
+        args.device,
     )
     result = {
-        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
         "date": time.strftime("%Y-%m-%d"),
         "data": str(root),
         "utterances": int(len(data.lengths)),
