@@ -493,11 +493,12 @@ def render_export(result: ExportResult) -> Any:
     for m in result.members:
         params = ", ".join(f"{key}={_short(value)}" for key, value in sorted(m.params.items()))
         table.add_row(str(m.trial), m.state, str(m.weight), f"{m.valid_acc:.4f}", params or "-")
-    best = f"best member {result.best_member_valid_acc:.4f}"
+    table.add_section()
+    total = sum(m.weight for m in result.members)
     if result.ensemble_valid_acc is not None:
-        table.caption = f"ensemble soft-vote validation accuracy {result.ensemble_valid_acc:.4f} ({best})"
+        table.add_row("[bold]ensemble", "", str(total), f"[bold]{result.ensemble_valid_acc:.4f}", "soft vote")
     else:
-        table.caption = f"{best}; pass --data to score the ensemble on validation"
+        table.add_row("[bold]ensemble", "", str(total), "-", "pass --data to score it on validation")
     return table
 
 

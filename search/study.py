@@ -344,7 +344,7 @@ class RunOptions:
     study: str | None = None
     storage: str | None = None
     gpus: list[int] | None = None
-    per_gpu: int = 1
+    per_gpu: int = 4
     workers: int = 1
     steps: int | None = None
     seed: int = 0

@@ -225,7 +225,7 @@ class _Session:
     """One recording session: channel, noise and the speaker's state that day."""
 
     gain: F32  # (n_mels,) linear channel gain (colouring, band limits, speaker timbre folded in)
-    noise: F32  # (n_mels,) background noise shape, mean 1
+    noise: F32  # (n_mels,) log background-noise shape
     snr_db: float
     reverb: float
     gated: bool  # pauses are digital silence
@@ -247,7 +247,7 @@ def _smooth_curve(rng: np.random.Generator, n: int, std: float, terms: int = 5) 
 
 def _make_voice(rng: np.random.Generator, n_mels: int) -> _Voice:
     female = rng.random() < 0.5
-    warp = rng.normal(1.15 if female else 1.0, 0.045)
+    warp = rng.normal(1.15 if female else 1.0, 0.055)
     n_ph = len(_PHONES)
     accent = rng.normal(0.0, [0.05, 0.045, 0.035, 0.03], size=(n_ph, 4))
     shape = rng.normal(0.0, [0.03, 0.03, 0.025, 0.02])
@@ -261,7 +261,7 @@ def _make_voice(rng: np.random.Generator, n_mels: int) -> _Voice:
     amp_db[:, :4] = _FORMANT_DB + rng.normal(0.0, 2.0, 4) + rng.normal(0.0, 1.0, (n_ph, 4))
     nasality = rng.uniform(0.0, 12.0)
     amp_db[:, 4] = _SLOT5[:, 2] + np.where(_CLASS == "v", nasality, 0.0) + rng.normal(0.0, 1.5, n_ph)
-    f0 = math.exp(rng.normal(math.log(210.0 if female else 120.0), 0.14))
+    f0 = math.exp(rng.normal(math.log(210.0 if female else 120.0), 0.16))
     return _Voice(
         freq=freq.astype(np.float32),
         band=band.astype(np.float32),
@@ -281,11 +281,11 @@ def _make_voice(rng: np.random.Generator, n_mels: int) -> _Voice:
 
 def _make_session(rng: np.random.Generator, voice: _Voice, geo: _Geometry) -> _Session:
     n = len(geo.centre)
-    log_gain = voice.timbre + _smooth_curve(rng, n, rng.uniform(0.1, 0.35))
+    log_gain = voice.timbre + _smooth_curve(rng, n, rng.uniform(0.05, 0.15))
     u = rng.random()
-    if u < 0.05:  # narrow-band / telephone-like
+    if u < 0.03:  # narrow-band / telephone-like
         cutoff = rng.uniform(3400.0, 4200.0)
-    elif u < 0.2:  # lossy codec
+    elif u < 0.12:  # lossy codec
         cutoff = rng.uniform(5000.0, 7600.0)
     else:
         cutoff = 0.0
@@ -294,10 +294,9 @@ def _make_session(rng: np.random.Generator, voice: _Voice, geo: _Geometry) -> _S
     if rng.random() < 0.3:  # high-pass in the recording chain
         corner = rng.uniform(80.0, 250.0)
         log_gain = log_gain - 3.0 * np.clip(np.log2(corner / geo.centre), 0.0, None)
-    noise = np.exp(_smooth_curve(rng, n, 0.6) + rng.normal(-0.8, 0.3) * geo.octave)
     return _Session(
         gain=np.exp(log_gain).astype(np.float32),
-        noise=(noise / noise.mean()).astype(np.float32),
+        noise=(_smooth_curve(rng, n, 0.4) + rng.normal(-0.8, 0.3) * geo.octave).astype(np.float32),
         snr_db=rng.uniform(10.0, 40.0),
         reverb=rng.uniform(0.0, 0.6) if rng.random() < 0.6 else 0.0,
         gated=bool(rng.random() < 0.05),
@@ -402,10 +401,12 @@ def _render(rng: np.random.Generator, voice: _Voice, session: _Session, geo: _Ge
     level = np.exp((0.23026 * level_db + 0.35 * _knots(rng, n, 60)).astype(np.float32))
     power = env * src
     power *= level[:, None]
-    snr = session.snr_db + rng.normal(0.0, 3.0)
+    snr = session.snr_db + rng.normal(0.0, 4.0)
     noise_level = float(power.mean()) * 10.0 ** (-snr / 10.0)
-    noise_track = (noise_level * np.exp(0.3 * _knots(rng, n, 40))).astype(np.float32)
-    power += noise_track[:, None] * session.noise[None, :]
+    noise_shape = np.exp(session.noise + _smooth_curve(rng, len(geo.centre), 0.4))
+    noise_shape *= noise_level / noise_shape.mean()
+    noise_track = np.exp(0.3 * _knots(rng, n, 40)).astype(np.float32)
+    power += noise_track[:, None] * noise_shape[None, :]
 
     # Periodogram-like fluctuation per bin (wider filters average more FFT bins: less spread).
     wobble = rng.standard_normal(power.shape, dtype=np.float32)
@@ -413,14 +414,17 @@ def _render(rng: np.random.Generator, voice: _Voice, session: _Session, geo: _Ge
     np.exp(wobble, out=wobble)
     power *= wobble
 
-    if session.reverb > 0.0:
+    reverb = min(0.7, session.reverb * rng.uniform(0.5, 1.3))
+    if reverb > 0.0:
         tail = power.copy()
         for k in range(1, 5):
-            tail[k:] += (session.reverb**k) * power[:-k]
+            tail[k:] += (reverb**k) * power[:-k]
         power = tail
     if session.gated:
         power[_QUIET[track]] = 0.0
-    power *= session.gain[None, :] * np.exp(_smooth_curve(rng, len(geo.centre), 0.08))[None, :]
+    power *= (
+        session.gain[None, :] * np.exp(_smooth_curve(rng, len(geo.centre), rng.uniform(0.1, 0.35)))[None, :]
+    )
     peak = float(power.max())
     power += peak * session.dither
     power *= math.exp(rng.uniform(5.8, 7.3)) / (peak * (1.0 + session.dither))

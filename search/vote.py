@@ -45,6 +45,10 @@ METHODS = ("soft", "hard", "weighted")
 CSV_HEADER = ("Id", "Category")
 ANSWERS_NAME = "answers.csv"
 TEMPERATURE_RANGE = (0.05, 20.0)  # 1/T is searched in [1/20, 1/0.05]
+# On CPU a batch amortises nothing (the per-frame compute dominates, not per-call overhead) and large
+# batches push activations and (batch x T x T) attention maps out of cache: bench/infer_bench.py measured
+# a 224-wide conformer at 0.4x the batch-1 speed with 65,536 frames per batch and 0.9x with 2,048.
+CPU_FRAME_BUDGET = 2048
 
 
 # --------------------------------------------------------------------------------------------------
@@ -80,6 +84,7 @@ class Manifest:
     study: str
     strategy: str
     fingerprint: str
+    data_root: str | None
     split_ratio: float
     split_seed: int
     split_id: str
@@ -185,11 +190,21 @@ def read_manifest(export_dir: Path) -> Manifest:
         study=str(raw.get("study", "")),
         strategy=str(raw.get("strategy", "")),
         fingerprint=data["fingerprint"],
+        data_root=data["root"] if isinstance(data.get("root"), str) else None,
         split_ratio=ratio,
         split_seed=seed,
         split_id=split_id,
         members=parsed,
     )
+
+
+def export_data_root(export_dir: Path) -> Path:
+    """The data folder an export's study trained on (the default for ``vote --data``)."""
+    manifest = read_manifest(Path(export_dir))
+    if manifest.data_root is None or not (Path(manifest.data_root) / "testdata.json").is_file():
+        where = manifest.data_root or "not recorded"
+        raise UserError(f"{manifest.path}: the study's data folder ({where}) is not available; pass --data")
+    return Path(manifest.data_root)
 
 
 def verify_members(export_dir: Path, manifest: Manifest) -> list[Path]:
@@ -320,6 +335,11 @@ def check_compatible(ckpt: dict[str, Any], path: Path, data: PackedData) -> None
         )
 
 
+def frame_budget(configured: int, device: torch.device) -> int:
+    """Frames per inference batch: the config's on a GPU, at most :data:`CPU_FRAME_BUDGET` on CPU."""
+    return configured if device.type == "cuda" else min(configured, CPU_FRAME_BUDGET)
+
+
 def checkpoint_logits(
     ckpt: dict[str, Any], path: Path, data: PackedData, store: FeatureStore, index_sets: Sequence[np.ndarray]
 ) -> list[np.ndarray]:
@@ -329,7 +349,7 @@ def checkpoint_logits(
     model.to(store.device)
     index = np.concatenate([np.asarray(s, dtype=np.int64) for s in index_sets]) if index_sets else np.zeros(0)
     n_classes = len(ckpt["speakers"])
-    logits = predict_logits(model, store, index, config.train.eval_frame_budget)
+    logits = predict_logits(model, store, index, frame_budget(config.train.eval_frame_budget, store.device))
     if logits.shape[0] == 0:
         logits = np.zeros((0, n_classes), dtype=np.float32)
     out, start = [], 0
@@ -623,7 +643,8 @@ def render_vote(result: VoteResult) -> Any:
     def pct(x: float | None) -> str:
         return "-" if x is None else f"{x:.4f}"
 
-    table = Table(title=f"{result.method} vote -> {result.out} ({result.n_test} test utterances)")
+    what = f"{result.method} vote" if len(result.members) > 1 else "prediction"
+    table = Table(title=f"{what} -> {result.out} ({result.n_test} test utterances)")
     for column in ("member", "trial", "weight", "temperature", "valid acc", "test acc"):
         table.add_column(column, justify="left" if column == "member" else "right")
     for m in result.members:

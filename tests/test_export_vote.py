@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from search.storage import artifact_store, open_storage
 from search.train import train
 from search.vote import (
     combine,
+    export_data_root,
     fit_temperature,
     predict,
     read_manifest,
@@ -46,6 +48,15 @@ VALID_RATIO = 0.25
 SPLIT_SEED = 0
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread, and a busy 2-core machine cannot stall them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)
@@ -181,7 +192,7 @@ def test_export_top_writes_checked_folder(study: optuna.Study, data: PackedData)
         assert entry["sha256"] == sha256_file(out / entry["file"]) == trial.user_attrs["checkpoint_sha256"]
     assert result.ensemble_valid_acc is not None
     text = _render(render_export(result))
-    assert "ensemble soft-vote validation accuracy" in text and str(best[0].number) in text
+    assert f"{result.ensemble_valid_acc:.4f}" in text and "soft vote" in text and str(best[0].number) in text
 
 
 def test_export_without_data_skips_scoring(study: optuna.Study, tmp_path: Path) -> None:
@@ -302,6 +313,16 @@ def test_manifest_path_escaping_the_folder_is_refused(
     assert escape in str(err.value)
 
 
+def test_export_records_its_data_folder(exports: Exports, data: PackedData, tmp_path: Path) -> None:
+    assert export_data_root(exports.top.out) == Path(data.root)  # vote's default --data
+    export = _copy_export(exports.top.out, tmp_path)
+    manifest = json.loads((export / "manifest.json").read_text())
+    manifest["data"]["root"] = str(tmp_path / "gone")
+    (export / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="is not available; pass --data"):
+        export_data_root(export)
+
+
 def test_vote_refuses_other_data(exports: Exports, fake_data: PackedData, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="pass the data folder the study 'ev' was trained on"):
         vote(exports.top.out, fake_data, tmp_path / "s.csv")
@@ -353,6 +374,12 @@ def test_broken_artifact_is_refused_and_nothing_written(
         export_top(study, 3, out=out)
     assert str(stored) in str(err.value) and f"trial {victim.number}" in str(err.value)
     assert not (tmp_path / "exports").exists()
+    kept = tmp_path / "kept"
+    export_top(study, 1, out=kept)  # the best trial alone is intact
+    before = _snapshot(kept)
+    with pytest.raises(UserError, match=pattern):  # a failed --force leaves the old export as it was
+        export_top(study, 3, out=kept, force=True)
+    assert _snapshot(kept) == before and sorted(p.name for p in tmp_path.iterdir()) == ["kept", "own"]
     with pytest.raises(UserError, match=pattern):  # greedy needs every candidate's logits
         export_top(study, 2, out=out, strategy="greedy", data=data)
     assert not (tmp_path / "exports").exists()

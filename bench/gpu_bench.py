@@ -1,0 +1,306 @@
+"""One-shot GPU benchmark: trainer throughput with and without each optimisation, trials per GPU, memory,
+whole-utterance validation time, a projected 70k-step strong trial, and CUDA correctness checks.
+
+    bash bench/gpu.sh                 # on a single-GPU machine; writes bench/out/gpu.json (or $OUT/gpu.json)
+    python bench/gpu_bench.py --dry-run   # CPU, tiny set: checks the script itself (tested in CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from search.config import Config, load_config
+from search.data import CropSampler, FeatureStore, PackedData, make_split
+from search.infer import accuracy, predict_logits
+from search.model import build_model
+from search.train import train
+
+ROOT = Path(__file__).resolve().parent.parent
+STRONG = ROOT / "spaces" / "baselines" / "strong.yaml"
+
+
+def synthetic_packed(folder: Path, speakers: int, utterances: int, test: int, seed: int = 0) -> PackedData:
+    """A packed set of HW4 size built straight into the memmap (no .pt files): speaker templates + noise.
+
+    Lengths follow the real mel_len distribution (search.synth.utterance_lengths); every utterance is a
+    per-speaker spectral template with per-frame noise, so the loss falls and accuracy means something.
+    """
+    from search.synth import PRESETS, utterance_lengths
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    lengths = utterance_lengths(PRESETS["hw4"], rng, utterances + test).astype(np.int64)
+    labels = np.concatenate([rng.integers(0, speakers, utterances), -np.ones(test, dtype=np.int64)])
+    offsets = np.zeros_like(lengths)
+    np.cumsum(lengths[:-1], out=offsets[1:])
+    feats = np.lib.format.open_memmap(
+        folder / "features.npy", mode="w+", dtype=np.float16, shape=(int(lengths.sum()), 40)
+    )
+    templates = rng.normal(-6.0, 2.0, size=(speakers, 40)).astype(np.float32)
+    test_speaker = rng.integers(0, speakers, test)
+    chunk = 4096
+    gen = torch.Generator().manual_seed(seed)
+    for start in range(0, len(lengths), chunk):
+        idx = np.arange(start, min(start + chunk, len(lengths)))
+        spk = np.where(labels[idx] >= 0, labels[idx], test_speaker[np.clip(idx - utterances, 0, test - 1)])
+        rows = np.repeat(spk, lengths[idx])
+        noise = torch.randn(len(rows), 40, generator=gen).numpy() * 2.5
+        lo, hi = offsets[idx[0]], offsets[idx[-1]] + lengths[idx[-1]]
+        feats[lo:hi] = (templates[rows] + noise).astype(np.float16)
+    feats.flush()
+    return PackedData(
+        root=folder,
+        cache_dir=folder,
+        fingerprint=f"bench{seed}",
+        n_mels=40,
+        speakers=[f"id{10000 + i:05d}" for i in range(speakers)],
+        ids=[f"u{i}" for i in range(len(lengths))],
+        features=np.load(folder / "features.npy", mmap_mode="c"),
+        offsets=offsets,
+        lengths=lengths,
+        labels=labels,
+    )
+
+
+def ablation(config: Config, data: PackedData, device: str, steps: int, **opt: bool) -> float:
+    """Steps/s of the training step with each fast-path piece switched on or off."""
+    t = config.train
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    model = build_model(config.model, data.n_mels, data.n_speakers).to(dev)
+    split = make_split(data)
+    store = FeatureStore(data, dev if opt["data_on_gpu"] else "cpu")
+    sampler = CropSampler(store, split.train, t.batch_size, t.segment_len, seed=0)
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=opt["fused"] and dev.type == "cuda")
+    step_fn = torch.compile(model) if opt.get("compile") else model
+
+    def one() -> None:
+        x, lengths, labels = sampler.next()
+        x, lengths, labels = x.to(dev, non_blocking=True), lengths.to(dev), labels.to(dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=opt["bf16"] and dev.type == "cuda"):
+            loss = F.cross_entropy(step_fn(x, lengths, labels).float(), labels)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optim.step()
+        if opt["sync_each_step"]:
+            loss.item()
+
+    for _ in range(max(5, steps // 10)):
+        one()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        one()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return steps / (time.perf_counter() - start)
+
+
+DRY_MODEL = {"d_model": 32, "heads": 2, "layers": 1, "ffn_dim": 64, "conv_kernel": 7, "batch_size": 8}
+
+
+def bench_config(dry: bool) -> Config:
+    """The strong baseline (batch 32, 128-frame crops); a tiny stand-in for the CPU dry run."""
+    strong = load_config(STRONG)
+    return strong.replace(**DRY_MODEL) if dry else strong
+
+
+def _trial_proc(args: tuple[str, str, int, bool, Any]) -> None:
+    folder, device, steps, dry, queue = args
+    torch.set_num_threads(2)
+    data = _open(Path(folder))
+    config = bench_config(dry).replace(steps=steps, valid_steps=10 * steps)  # no validation inside
+    queue.put(("ready", os.getpid()))
+    result = train(config, data, device, log_every=steps)
+    queue.put(("done", result.steps_per_s))
+
+
+def _open(folder: Path) -> PackedData:
+    meta = json.loads((folder / "meta.json").read_text())
+    index = np.load(folder / "index.npz")
+    return PackedData(
+        root=folder,
+        cache_dir=folder,
+        fingerprint=meta["fingerprint"],
+        n_mels=40,
+        speakers=meta["speakers"],
+        ids=[f"u{i}" for i in range(len(index["lengths"]))],
+        features=np.load(folder / "features.npy", mmap_mode="c"),
+        offsets=index["offsets"],
+        lengths=index["lengths"],
+        labels=index["labels"],
+    )
+
+
+def trials_per_gpu(folder: Path, device: str, k: int, steps: int, dry: bool) -> float:
+    """Aggregate trial-steps/s with k trainer processes sharing one GPU (as --per-gpu k does)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [
+        ctx.Process(target=_trial_proc, args=((str(folder), device, steps, dry, queue),)) for _ in range(k)
+    ]
+    for p in procs:
+        p.start()
+    rates = []
+    while len(rates) < k:
+        kind, value = queue.get(timeout=600)
+        if kind == "done":
+            rates.append(value)
+    for p in procs:
+        p.join()
+    return float(sum(rates))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--dry-run", action="store_true", help="tiny set on CPU: checks the script, not the GPU"
+    )
+    parser.add_argument("--steps", type=int, default=200, help="timed steps per measurement")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "bench" / "out")))
+    parser.add_argument("--skip-k", action="store_true", help="skip the trials-per-GPU measurement")
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to warm up)")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    dry = args.dry_run
+    device = "cpu" if dry else "cuda"
+    if not dry and not torch.cuda.is_available():
+        raise SystemExit("gpu_bench: no CUDA GPU visible; use --dry-run to check the script on CPU")
+    speakers, utts, test = (8, 200, 20) if dry else (600, 56666, 8000)
+    steps = 3 if dry else args.steps
+    folder = Path("/dev/shm" if Path("/dev/shm").is_dir() and not dry else args.out) / "spkid-gpu-bench"
+    data = synthetic_packed(folder, speakers, utts, test)
+    (folder / "meta.json").write_text(
+        json.dumps({"fingerprint": data.fingerprint, "speakers": data.speakers})
+    )
+    np.savez(folder / "index.npz", offsets=data.offsets, lengths=data.lengths, labels=data.labels)
+    result: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu (dry run)",
+        "torch": torch.__version__,
+        "frames": int(data.lengths.sum()),
+        "utterances": int(len(data.lengths)),
+        "data_build_s": round(time.perf_counter() - started, 1),
+    }
+    strong = bench_config(dry)
+    base = {"data_on_gpu": False, "bf16": False, "fused": False, "sync_each_step": True}
+    ladder = [
+        ("naive (host batches, fp32, foreach AdamW, sync every step)", {}),
+        ("+ features on GPU, crops gathered on device", {"data_on_gpu": True}),
+        ("+ bf16 autocast", {"data_on_gpu": True, "bf16": True}),
+        ("+ fused AdamW", {"data_on_gpu": True, "bf16": True, "fused": True}),
+        (
+            "+ no host sync per step (full fast path)",
+            {"data_on_gpu": True, "bf16": True, "fused": True, "sync_each_step": False},
+        ),
+    ]
+    if args.compile:
+        ladder.append(("+ torch.compile", {**ladder[-1][1], "compile": True}))
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    result["steps_per_s"] = {
+        name: round(ablation(strong, data, device, steps, **{**base, **o}), 1) for name, o in ladder
+    }
+    fast = list(result["steps_per_s"].values())[4]
+
+    # Correctness on the device: loss falls, padding invariance, bf16 vs fp32 validation agree.
+    torch.manual_seed(0)
+    check_steps = 30 if dry else 600
+    config = strong.replace(
+        steps=check_steps, valid_steps=check_steps, warmup_steps=min(100, check_steps // 4)
+    )
+    losses: list[float] = []
+    trained = train(
+        config, data, device, report=lambda s, m: losses.append(m["loss"]), log_every=max(1, check_steps // 6)
+    )
+    result["trainer_steps_per_s"] = round(trained.steps_per_s, 1)
+    result["peak_gpu_memory_gib"] = (
+        round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None
+    )
+    model = build_model(config.model, 40, data.n_speakers).to(device).eval()
+    split = make_split(data)
+    store = FeatureStore(data, device)
+    valid = split.valid
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    logits_bf16 = predict_logits(model, store, valid)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    result["validation_s"] = round(time.perf_counter() - t0, 2)
+    result["validation_utterances"] = int(len(valid))
+    with torch.autocast(device, enabled=False):
+        logits_fp32 = _predict_fp32(model, store, valid)
+    labels = data.labels[valid]
+    result["checks"] = {
+        "loss_first": round(losses[0], 3),
+        "loss_last": round(losses[-1], 3),
+        "loss_falls": losses[-1] < losses[0],
+        "padding_invariance_max_abs_diff": _padding_diff(model, store, valid[:8]),
+        "valid_acc_bf16": round(accuracy(logits_bf16, labels), 4),
+        "valid_acc_fp32": round(accuracy(logits_fp32, labels), 4),
+    }
+    result["checks"]["bf16_fp32_agree"] = (
+        abs(result["checks"]["valid_acc_bf16"] - result["checks"]["valid_acc_fp32"]) <= 0.01
+    )
+    result["checks"]["padding_invariant"] = result["checks"]["padding_invariance_max_abs_diff"] < 1e-3
+    result["projected_70k_strong_trial_min"] = round((70000 / fast + 35 * result["validation_s"]) / 60, 1)
+    if not args.skip_k:
+        k_steps = 5 if dry else 300
+        result["aggregate_trial_steps_per_s"] = {
+            str(k): round(trials_per_gpu(folder, device, k, k_steps, dry), 1)
+            for k in ((1, 2) if dry else (1, 2, 4))
+        }
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    if not dry:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@torch.no_grad()
+def _predict_fp32(model: torch.nn.Module, store: FeatureStore, indices: np.ndarray) -> np.ndarray:
+    from search.data import eval_batches
+
+    out = np.zeros((len(indices), 0), dtype=np.float32)
+    pos = {int(i): k for k, i in enumerate(indices)}
+    for batch, x, lengths in eval_batches(store, indices):
+        logits = model(x, lengths).float().cpu().numpy()
+        if out.shape[1] == 0:
+            out = np.zeros((len(indices), logits.shape[1]), dtype=np.float32)
+        out[[pos[int(i)] for i in batch]] = logits
+    return out
+
+
+@torch.no_grad()
+def _padding_diff(model: torch.nn.Module, store: FeatureStore, indices: np.ndarray) -> float:
+    """Max |logit difference| between each utterance alone and inside one padded batch (fp32)."""
+    lens = torch.as_tensor(store.data.lengths[indices], device=store.device)
+    idx = torch.as_tensor(indices, device=store.device)
+    batch = store.gather(idx, torch.zeros_like(lens), lens, int(lens.max()))
+    together = model(batch, lens)
+    worst = 0.0
+    for row in range(len(indices)):
+        n = int(lens[row])
+        alone = model(batch[row : row + 1, :n], lens[row : row + 1])
+        worst = max(worst, float((alone - together[row : row + 1]).abs().max()))
+    return worst
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""The GPU benchmark script's CPU dry run: the script itself works end to end and writes its JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_bench_dry_run_writes_results(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_bench.py"), "--dry-run", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert len(result["steps_per_s"]) == 5 and all(v > 0 for v in result["steps_per_s"].values())
+    checks = result["checks"]
+    assert checks["loss_falls"] and checks["padding_invariant"] and checks["bf16_fp32_agree"]
+    assert set(result["aggregate_trial_steps_per_s"]) == {"1", "2"}
+    assert result["validation_utterances"] > 0 and result["projected_70k_strong_trial_min"] > 0
+
+
+def test_gpu_script_refuses_without_cuda(tmp_path: Path) -> None:
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the real benchmark would run")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_bench.py"), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert proc.returncode != 0 and "no CUDA GPU visible" in proc.stderr
