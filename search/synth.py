@@ -283,17 +283,14 @@ def _make_session(rng: np.random.Generator, voice: _Voice, geo: _Geometry) -> _S
     n = len(geo.centre)
     log_gain = voice.timbre + _smooth_curve(rng, n, rng.uniform(0.05, 0.15))
     u = rng.random()
-    if u < 0.03:  # narrow-band / telephone-like
+    if u < 0.02:  # narrow-band / telephone-like
         cutoff = rng.uniform(3400.0, 4200.0)
-    elif u < 0.12:  # lossy codec
+    elif u < 0.08:  # lossy codec
         cutoff = rng.uniform(5000.0, 7600.0)
     else:
         cutoff = 0.0
     if cutoff:
         log_gain = log_gain - 30.0 * np.clip((geo.centre - cutoff) / (0.12 * cutoff), 0.0, 1.0)
-    if rng.random() < 0.3:  # high-pass in the recording chain
-        corner = rng.uniform(80.0, 250.0)
-        log_gain = log_gain - 3.0 * np.clip(np.log2(corner / geo.centre), 0.0, None)
     return _Session(
         gain=np.exp(log_gain).astype(np.float32),
         noise=(_smooth_curve(rng, n, 0.4) + rng.normal(-0.8, 0.3) * geo.octave).astype(np.float32),
@@ -422,9 +419,12 @@ def _render(rng: np.random.Generator, voice: _Voice, session: _Session, geo: _Ge
         power = tail
     if session.gated:
         power[_QUIET[track]] = 0.0
-    power *= (
-        session.gain[None, :] * np.exp(_smooth_curve(rng, len(geo.centre), rng.uniform(0.1, 0.35)))[None, :]
-    )
+    # Channel: the session's colouring and band limit, this take's microphone colouring and high-pass.
+    log_gain = _smooth_curve(rng, len(geo.centre), rng.uniform(0.1, 0.35))
+    if rng.random() < 0.3:
+        corner = rng.uniform(80.0, 250.0)
+        log_gain -= 3.0 * np.clip(np.log2(corner / geo.centre), 0.0, None)
+    power *= session.gain[None, :] * np.exp(log_gain)[None, :]
     peak = float(power.max())
     power += peak * session.dither
     power *= math.exp(rng.uniform(5.8, 7.3)) / (peak * (1.0 + session.dither))
@@ -574,18 +574,22 @@ def generate(
     test: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    workers: int | None = None,
 ) -> Path:
     """Write a synthetic HW4-layout data set into directory ``out`` and return ``out``.
 
     ``preset`` picks a :data:`PRESETS` entry; ``speakers``, ``utterances`` (labelled, total) and
     ``test`` replace its counts (giving only ``speakers`` keeps the preset's utterances per speaker).
     ``out`` must be missing, empty, or an earlier synth output (which is replaced once the new set is
-    complete). The same arguments and ``seed`` give byte-identical files.
+    complete). The same arguments and ``seed`` give byte-identical files whatever ``workers`` is:
+    ``None`` uses one process for small sets and up to 8 for large ones, an integer forces that many.
     """
     out = Path(out)
     spec = resolve_spec(preset, speakers, utterances, test)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise UserError(f"synth: seed must be a non-negative integer, got {seed!r}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise UserError(f"synth: workers must be a positive integer, got {workers!r}")
     if out.exists() and not out.is_dir():
         raise UserError(f"synth: {out} exists and is not a directory; choose a new or empty directory")
     replacing = out.is_dir() and any(out.iterdir())
@@ -614,17 +618,30 @@ def generate(
         for i in range(spec.speakers)
         for j in range(plan.sessions[i])
     }
-    _write_features(partial, plan, voices, sessions, geo, seed, progress)
+    world = _World(partial, plan, voices, sessions, geo, seed)
+    if workers is None:
+        workers = 1 if len(plan.files) < 4000 else max(1, min(8, os.cpu_count() or 1))
+    _write_features(world, workers, progress)
+    _write_index(partial, plan, spec, preset, seed)
+    if replacing:
+        shutil.rmtree(out)
+    elif out.exists():
+        out.rmdir()
+    os.replace(partial, out)
+    return out
 
+
+def _write_index(folder: Path, plan: _Plan, spec: SynthSpec, preset: str, seed: int) -> None:
+    """The JSON files, answers and the marker: written after every feature file exists."""
     u = plan.labelled
     test_rows = [(plan.files[k], plan.names[plan.speaker[k]]) for k in range(u, len(plan.files))]
-    with open(partial / "answers.csv", "w", encoding="utf-8", newline="") as f:
+    with open(folder / "answers.csv", "w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["Id", "Category"])
         writer.writerows(test_rows)
     n_mels = spec.n_mels
     _write_json(
-        partial / "testdata.json",
+        folder / "testdata.json",
         {
             "n_mels": n_mels,
             "utterances": [
@@ -637,18 +654,18 @@ def generate(
     for k in range(u):
         per_speaker[plan.speaker[k]].append({"feature_path": plan.files[k], "mel_len": int(plan.length[k])})
     _write_json(
-        partial / "metadata.json",
+        folder / "metadata.json",
         {"n_mels": n_mels, "speakers": {name: per_speaker[i] for i, name in enumerate(plan.names)}},
     )
     _write_json(
-        partial / "mapping.json",
+        folder / "mapping.json",
         {
             "speaker2id": {name: i for i, name in enumerate(plan.names)},
             "id2speaker": {str(i): name for i, name in enumerate(plan.names)},
         },
     )
     _write_json(
-        partial / MARKER,
+        folder / MARKER,
         {
             "generator": GENERATOR,
             "preset": preset,
@@ -657,36 +674,62 @@ def generate(
             "frames": int(plan.length.sum()),
         },
     )
-    if replacing:
-        shutil.rmtree(out)
-    elif out.exists():
-        out.rmdir()
-    os.replace(partial, out)
-    return out
 
 
-def _write_features(
-    folder: Path,
-    plan: _Plan,
-    voices: list[_Voice],
-    sessions: dict[tuple[int, int], _Session],
-    geo: _Geometry,
-    seed: int,
-    progress: bool,
-) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+@dataclass(frozen=True)
+class _World:
+    """Everything a (worker) process needs to render and save any utterance of the plan."""
 
-    columns = (
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, disable=not progress) as bar:
-        task = bar.add_task("synth utterances", total=len(plan.files))
-        for k, name in enumerate(plan.files):
-            i, j = int(plan.speaker[k]), int(plan.session[k])
-            rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(3, k)))
-            feats = _render(rng, voices[i], sessions[(i, j)], geo, int(plan.length[k]))
-            torch.save(torch.from_numpy(feats), folder / name)
-            bar.advance(task)
+    folder: Path
+    plan: _Plan
+    voices: list[_Voice]
+    sessions: dict[tuple[int, int], _Session]
+    geo: _Geometry
+    seed: int
+
+
+_WORKER_WORLD: _World | None = None
+
+
+def _init_worker(world: _World) -> None:
+    global _WORKER_WORLD
+    _WORKER_WORLD = world
+    torch.set_num_threads(1)
+
+
+def _write_range(world: _World, start: int, stop: int) -> int:
+    """Render and save utterances ``start..stop-1`` of the plan; each has its own seed, so any order works."""
+    plan = world.plan
+    for k in range(start, stop):
+        i, j = int(plan.speaker[k]), int(plan.session[k])
+        rng = np.random.default_rng(np.random.SeedSequence(world.seed, spawn_key=(3, k)))
+        feats = _render(rng, world.voices[i], world.sessions[(i, j)], world.geo, int(plan.length[k]))
+        torch.save(torch.from_numpy(feats), world.folder / plan.files[k])
+    return stop - start
+
+
+def _worker_range(start: int, stop: int) -> int:
+    assert _WORKER_WORLD is not None
+    return _write_range(_WORKER_WORLD, start, stop)
+
+
+def _write_features(world: _World, workers: int, progress: bool) -> None:
+    from search.progress import progress_bar
+
+    total = len(world.plan.files)
+    with progress_bar("synth utterances", total, enabled=progress) as advance:
+        if workers <= 1:
+            for k in range(total):
+                advance(_write_range(world, k, k + 1))
+            return
+        import multiprocessing
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        chunk = 200
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, context, _init_worker, (world,)) as pool:
+            pending = {pool.submit(_worker_range, a, min(a + chunk, total)) for a in range(0, total, chunk)}
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    advance(future.result())
