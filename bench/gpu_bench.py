@@ -290,9 +290,10 @@ def _predict_fp32(model: torch.nn.Module, store: FeatureStore, indices: np.ndarr
 @torch.no_grad()
 def _padding_diff(model: torch.nn.Module, store: FeatureStore, indices: np.ndarray) -> float:
     """Max |logit difference| between each utterance alone and inside one padded batch (fp32)."""
-    lens = torch.as_tensor(store.data.lengths[indices], device=store.device)
-    idx = torch.as_tensor(indices, device=store.device)
-    batch = store.gather(idx, torch.zeros_like(lens), lens, int(lens.max()))
+    lens = torch.as_tensor(store.data.lengths[indices], device=store.home)
+    idx = torch.as_tensor(indices, device=store.home)
+    batch = store.gather(idx, torch.zeros_like(lens), lens, int(store.data.lengths[indices].max()))
+    lens = store.to_device(lens)
     together = model(batch, lens)
     worst = 0.0
     for row in range(len(indices)):

@@ -52,7 +52,11 @@ def main() -> None:
             space = {**smoke, "name": name, "pruner": pruner}
             Path(f"{name}.yaml").write_text(yaml.safe_dump(space))
             start = time.perf_counter()
-            run(RunOptions(space=f"{name}.yaml", trials=args.trials, data=data, workers=args.workers, display=False))
+            run(
+                RunOptions(
+                    space=f"{name}.yaml", trials=args.trials, data=data, workers=args.workers, display=False
+                )
+            )
             study = optuna.load_study(study_name=name, storage=open_storage(default_storage_url(name)))
             results[label] = {
                 "pruner": pruner,
@@ -62,7 +66,9 @@ def main() -> None:
                 "best_valid_acc": round(study.best_value, 4),
                 "wall_s": round(time.perf_counter() - start, 1),
             }
-    results["steps_saved"] = 1 - results["default pruner"]["steps_spent"] / results["no pruning"]["steps_spent"]
+    results["steps_saved"] = (
+        1 - results["default pruner"]["steps_spent"] / results["no pruning"]["steps_spent"]
+    )
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "pruning_bench.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

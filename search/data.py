@@ -345,30 +345,58 @@ def make_split(data: PackedData, ratio: float = 0.1, seed: int = 0) -> Split:
 
 
 class FeatureStore:
-    """The packed features as one torch tensor on a device, so crops are gathered where they are used.
+    """The packed features as one torch tensor, so crops are gathered with one indexing op.
 
-    On CPU this wraps the memmap without copying; on CUDA the whole float16 array is moved to the GPU
-    once when it fits (HW4 is about 3 GB), so a batch never crosses the PCIe bus.
+    On CPU this wraps the memmap without copying. On CUDA the whole float16 array is moved to the GPU
+    once when it fits in half the free memory (HW4 is about 3 GB), so a batch never crosses the PCIe
+    bus; otherwise it stays in host memory (``resident`` is False), crops are gathered there into
+    pinned memory and copied asynchronously, and :class:`CropSampler` prepares the next batch while
+    the GPU works on the current one.
     """
 
-    def __init__(self, data: PackedData, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, data: PackedData, device: torch.device | str = "cpu", resident: bool | None = None
+    ) -> None:
         self.data = data
         self.device = torch.device(device)
         feats = torch.from_numpy(data.features)
-        self.features = feats.to(self.device) if self.device.type != "cpu" else feats
-        self.offsets = torch.from_numpy(data.offsets).to(self.device)
-        self.lengths = torch.from_numpy(data.lengths).to(self.device)
-        self.labels = torch.from_numpy(data.labels).to(self.device)
+        if resident is None:
+            resident = (
+                self.device.type == "cpu" or feats.nbytes < 0.5 * torch.cuda.mem_get_info(self.device)[0]
+            )
+        self.resident = resident
+        self.home = self.device if resident else torch.device("cpu")  # where features and index live
+        self.features = feats.to(self.home)
+        self.offsets = torch.from_numpy(data.offsets).to(self.home)
+        self.lengths = torch.from_numpy(data.lengths).to(self.home)
+        self.labels = torch.from_numpy(data.labels).to(self.home)
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """Move a tensor from ``home`` to the compute device (pinned + non-blocking from the host)."""
+        if t.device == self.device:
+            return t
+        if self.device.type == "cuda":
+            t = t.pin_memory()
+        return t.to(self.device, non_blocking=True)
 
     def gather(
         self, index: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, width: int
     ) -> torch.Tensor:
-        """Frames ``starts[b] .. starts[b] + lengths[b]`` of utterances ``index[b]``, padded to ``width``."""
-        steps = torch.arange(width, device=self.device)
+        """Frames ``starts[b] .. starts[b] + lengths[b]`` of utterances ``index[b]``, padded to ``width``.
+
+        Inputs live on ``home``; the result is on the compute device.
+        """
+        steps = torch.arange(width, device=self.home)
         mask = steps[None, :] < lengths[:, None]
         rows = self.offsets[index][:, None] + starts[:, None] + torch.where(mask, steps[None, :], 0)
-        x = self.features[rows.reshape(-1)].reshape(len(index), width, -1).float()
-        return x.masked_fill(~mask[:, :, None], PAD_VALUE)
+        x = self.features[rows.reshape(-1)].reshape(len(index), width, -1)
+        if not self.resident:  # pad on the host in float16, convert on the device: half the bytes to copy
+            x = self.to_device(x.masked_fill(~mask[:, :, None], PAD_VALUE))
+            return x.float()
+        return x.float().masked_fill(~mask[:, :, None], PAD_VALUE)
+
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class CropSampler:
@@ -380,31 +408,46 @@ class CropSampler:
         if len(indices) == 0:
             raise UserError("no training utterances: the data set or split is empty")
         self.store = store
-        self.indices = torch.as_tensor(indices, dtype=torch.int64, device=store.device)
+        self.indices = torch.as_tensor(indices, dtype=torch.int64, device=store.home)
         self.batch_size = batch_size
         self.segment_len = segment_len
-        self.generator = torch.Generator(device=store.device)
+        self.generator = torch.Generator(device=store.home)
         self.generator.manual_seed(seed)
+        self._ahead: Batch | None = None
+        self._before_ahead = self.generator.get_state()
 
     def state(self) -> torch.Tensor:
-        return self.generator.get_state()
+        """RNG state as of the last batch handed out (a prefetched batch is drawn again on resume)."""
+        return self._before_ahead if self._ahead is not None else self.generator.get_state()
 
     def set_state(self, state: torch.Tensor) -> None:
         self.generator.set_state(state)
+        self._ahead = None
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One batch: features (B, T, n_mels) float32, lengths (B,), labels (B,)."""
-        dev, g = self.store.device, self.generator
-        pick = torch.randint(len(self.indices), (self.batch_size,), device=dev, generator=g)
+    def _draw(self) -> Batch:
+        home, g = self.store.home, self.generator
+        pick = torch.randint(len(self.indices), (self.batch_size,), device=home, generator=g)
         index = self.indices[pick]
         full = self.store.lengths[index]
         lengths = full.clamp(max=self.segment_len)
         spare = full - lengths
-        starts = (torch.rand(self.batch_size, device=dev, generator=g) * (spare + 1).float()).long()
+        starts = (torch.rand(self.batch_size, device=home, generator=g) * (spare + 1).float()).long()
         starts = torch.minimum(starts, spare)
-        width = self.segment_len
-        x = self.store.gather(index, starts, lengths, width)
-        return x, lengths, self.store.labels[index]
+        x = self.store.gather(index, starts, lengths, self.segment_len)
+        return x, self.store.to_device(lengths), self.store.to_device(self.store.labels[index])
+
+    def next(self) -> Batch:
+        """One batch: features (B, T, n_mels) float32, lengths (B,), labels (B,), on the compute device.
+
+        From a host-resident store the following batch is gathered and its copy started right away,
+        so it overlaps the GPU's work on this one (double buffering).
+        """
+        if self.store.resident:
+            return self._draw()
+        batch = self._ahead if self._ahead is not None else self._draw()
+        self._before_ahead = self.generator.get_state()
+        self._ahead = self._draw()
+        return batch
 
 
 def eval_batches(
@@ -423,11 +466,11 @@ def eval_batches(
         while end < len(order) and (end - start + 1) * int(store.data.lengths[order[end]]) <= frame_budget:
             end += 1
         batch = order[start:end]
-        lens = torch.as_tensor(store.data.lengths[batch], device=store.device)
-        width = int(lens.max())
-        index = torch.as_tensor(batch, device=store.device)
+        lens = torch.as_tensor(store.data.lengths[batch], device=store.home)
+        width = int(store.data.lengths[batch].max())
+        index = torch.as_tensor(batch, device=store.home)
         x = store.gather(index, torch.zeros_like(lens), lens, width)
-        yield batch, x, lens
+        yield batch, x, store.to_device(lens)
         start = end
 
 

@@ -6,14 +6,18 @@ SQLite (embedded, under ``studies/<study>/study.db``) is the default; PostgreSQL
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 import sqlite3
+import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import optuna
+import sqlalchemy.exc
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
@@ -96,21 +100,85 @@ def _prepare_sqlite(url: str) -> None:
         raise UserError(f"--storage {url}: cannot open the SQLite file ({exc})") from None
 
 
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by ``***`` (for messages: never echo a password)."""
+    return re.sub(r"://([^:@/]+):[^@/]+@", r"://\1:***@", url)
+
+
+def check_storage_url(url: str) -> str:
+    """Check a storage URL's form (no connection yet) and return it normalised for SQLAlchemy."""
+    if not re.match(r"^(sqlite|postgresql|postgresql\+psycopg|postgres|mysql(\+\w+)?)://", url):
+        raise UserError(
+            f"--storage '{mask_url(url)}': expected sqlite:///path/to/file.db or postgresql://user@host/db"
+        )
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://") :]
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://") :]
+    return url
+
+
+def is_transient_db_error(exc: BaseException) -> bool:
+    """A lost or refused database connection (a restart, a network blip) or a busy SQLite file.
+
+    Worth waiting for and retrying; anything else (a missing table, bad data) is a real error. Optuna
+    wraps SQLAlchemy errors in ``StorageInternalError`` and some failures surface while handling
+    others, so the whole ``__cause__``/``__context__`` chain is searched.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, sqlalchemy.exc.DisconnectionError):
+            return True
+        if isinstance(current, sqlalchemy.exc.DBAPIError):
+            if isinstance(current.orig, sqlite3.Error):
+                text = str(current.orig).lower()
+                return "locked" in text or "busy" in text
+            if current.connection_invalidated or isinstance(
+                current, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
+            ):
+                return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+class ResilientRDBStorage(RDBStorage):
+    """An RDBStorage whose heartbeat outlives a database outage.
+
+    Optuna records heartbeats from a background thread that dies, with a traceback, on the first
+    failed write; the trial then looks dead after the grace period although its worker is training
+    on. Here a beat that fails for a transient reason is skipped and the next one retries.
+    """
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            super().record_heartbeat(trial_id)
+        except Exception as exc:
+            if not is_transient_db_error(exc):
+                raise
+
+
 def open_storage(
     url: str,
     heartbeat_interval: int | None = None,
     grace_period: int | None = None,
     max_retry: int | None = 3,
+    must_exist: bool = False,
 ) -> RDBStorage:
-    """An RDBStorage for ``url``; with a heartbeat, a killed worker's trial is retried, not left RUNNING."""
-    if not re.match(r"^(sqlite|postgresql|postgresql\+psycopg|postgres|mysql(\+\w+)?)://", url):
-        raise UserError(f"--storage '{url}': expected sqlite:///path/to/file.db or postgresql://user@host/db")
-    if url.startswith("postgres://"):
-        url = "postgresql://" + url[len("postgres://") :]
-    if url.startswith("postgresql://"):
-        url = "postgresql+psycopg://" + url[len("postgresql://") :]
+    """An RDBStorage for ``url``; with a heartbeat, a killed worker's trial is retried, not left RUNNING.
+
+    ``must_exist`` (read-only commands): a SQLite file that is not there is an error, not created.
+    """
+    url = check_storage_url(url)
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
+        path_text = url[len("sqlite:///") :]
+        if must_exist and path_text and path_text != ":memory:" and not Path(path_text).is_file():
+            raise UserError(
+                f"--storage {url}: {path_text} does not exist; check the path (only 'spkid-search run' "
+                "creates a study)"
+            )
         _prepare_sqlite(url)
         engine_kwargs["connect_args"] = {"timeout": 120}
     else:
@@ -125,11 +193,10 @@ def open_storage(
                     "grace_period": grace_period or 4 * heartbeat_interval,
                     "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
                 }
-            return RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+            return ResilientRDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
     except Exception as exc:  # noqa: BLE001 - sqlalchemy/driver errors come in many types
         first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
-        shown = re.sub(r"://([^:@/]+):[^@/]+@", r"://\1:***@", url)  # never echo a password
-        raise UserError(f"--storage {shown}: cannot connect ({first[:200]})") from None
+        raise UserError(f"--storage {mask_url(url)}: cannot connect ({mask_url(first)[:200]})") from None
 
 
 def study_names(storage: RDBStorage) -> list[str]:
@@ -174,13 +241,48 @@ def resolve(study: str | None, storage_url: str | None) -> tuple[RDBStorage, opt
                 f"study '{study}' does not exist ({path} not found); check --study or pass --storage"
             )
         storage_url = default_storage_url(study)
-    storage = open_storage(storage_url)
+    storage = open_storage(storage_url, must_exist=True)
     loaded = load_study(storage, study, storage_url)
     return storage, loaded, storage_url
 
 
-def artifact_store(study: optuna.Study) -> FileSystemArtifactStore:
+class AtomicArtifactStore(FileSystemArtifactStore):
+    """A file-system artifact store that never holds half an artifact.
+
+    Each artifact is written to a temporary file in the store's folder, synced and renamed into place,
+    so a full disk, a read-only remount or a vanished folder fails the upload with the OS error and
+    leaves nothing behind that an export or the dashboard could pick up.
+    """
+
+    def __init__(self, base_path: str | Path) -> None:
+        super().__init__(base_path)
+        self.root = Path(base_path)
+
+    def write(self, artifact_id: str, content_body: IO[bytes]) -> None:
+        if not artifact_id or Path(artifact_id).name != artifact_id or artifact_id in (".", ".."):
+            raise ValueError(f"Invalid artifact_id: {artifact_id}")
+        final = self.root / artifact_id
+        fd, tmp = tempfile.mkstemp(prefix=f".{artifact_id}.", suffix=".part", dir=self.root)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                shutil.copyfileobj(content_body, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+
+def artifact_store(study: optuna.Study) -> AtomicArtifactStore:
     """The study's artifact store: the folder recorded at creation (default studies/<study>/artifacts)."""
     base = Path(study.user_attrs.get("artifact_dir") or study_dir(study.study_name) / "artifacts")
-    base.mkdir(parents=True, exist_ok=True)
-    return FileSystemArtifactStore(base_path=str(base))
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(
+            f"{base}: cannot create the study's artifact folder ({exc.strerror or exc}); "
+            "make it a writable folder"
+        ) from None
+    return AtomicArtifactStore(base_path=str(base))

@@ -236,3 +236,21 @@ def test_damaged_cache_is_reported(hw4: Path) -> None:
         pack(hw4, cache, progress=False)
     shutil.rmtree(data.cache_dir)
     assert pack(hw4, cache, progress=False).fingerprint == data.fingerprint
+
+
+def test_host_resident_store_gives_the_same_batches(fake_data: PackedData) -> None:
+    """The pinned, double-buffered path (features too big for the GPU) yields exactly the same crops."""
+    split = make_split(fake_data)
+    on_device = CropSampler(FeatureStore(fake_data), split.train, 16, 64, seed=5)
+    host = FeatureStore(fake_data, resident=False)
+    assert not host.resident
+    from_host = CropSampler(host, split.train, 16, 64, seed=5)
+    for _ in range(3):
+        a, b = on_device.next(), from_host.next()
+        assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
+    resumed = CropSampler(host, split.train, 16, 64, seed=0)
+    resumed.set_state(from_host.state())
+    assert all(torch.equal(p, q) for p, q in zip(resumed.next(), on_device.next(), strict=True))
+    whole = [x for _, x, _ in eval_batches(host, fake_data.labelled, 2000)]
+    again = [x for _, x, _ in eval_batches(FeatureStore(fake_data), fake_data.labelled, 2000)]
+    assert all(torch.equal(p, q) for p, q in zip(whole, again, strict=True))
