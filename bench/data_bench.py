@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import time
@@ -107,8 +108,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--train-steps", type=int, default=30)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--train-threads", type=int, default=2, help="torch threads for the training comparison"
+    )
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    # One intra-op thread for batch timing: each DataLoader worker also runs with one, and torch's thread
+    # pool costs more than it saves on ops this small (and badly so on a shared 2-core machine).
+    torch.set_num_threads(1)
     root = args.data
     if root is None:
         from search.synth import generate
@@ -128,6 +134,7 @@ def main() -> None:
     packed_bps = time_batches(packed(), args.batches)
     loader_bps = time_batches(loader_batches(root, args.batch_size), args.batches)
     strong = Path(__file__).resolve().parent.parent / "spaces" / "baselines" / "strong.yaml"
+    torch.set_num_threads(args.train_threads)
     packed_sps = time_training(packed(), strong, data.n_mels, data.n_speakers, args.train_steps, args.device)
     loader_sps = time_training(
         loader_batches(root, args.batch_size),
@@ -138,7 +145,8 @@ def main() -> None:
         args.device,
     )
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "train_threads": args.train_threads,
         "date": time.strftime("%Y-%m-%d"),
         "data": str(root),
         "utterances": int(len(data.lengths)),

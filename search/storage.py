@@ -12,6 +12,7 @@ import re
 import shutil
 import sqlite3
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import IO, Any
@@ -23,6 +24,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from search.errors import UserError
 
+SCHEMA_ATTEMPTS = 4  # opening a new database that other processes create at the same moment
 STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 NETWORK_FS = {
     "nfs",
@@ -183,20 +185,42 @@ def open_storage(
         engine_kwargs["connect_args"] = {"timeout": 120}
     else:
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            kwargs: dict[str, Any] = {}
-            if heartbeat_interval:
-                kwargs = {
-                    "heartbeat_interval": heartbeat_interval,
-                    "grace_period": grace_period or 4 * heartbeat_interval,
-                    "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
-                }
-            return ResilientRDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - sqlalchemy/driver errors come in many types
-        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
-        raise UserError(f"--storage {mask_url(url)}: cannot connect ({mask_url(first)[:200]})") from None
+    for attempt in range(1, SCHEMA_ATTEMPTS + 1):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                kwargs: dict[str, Any] = {}
+                if heartbeat_interval:
+                    kwargs = {
+                        "heartbeat_interval": heartbeat_interval,
+                        "grace_period": grace_period or 4 * heartbeat_interval,
+                        "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(
+                            max_retry=max_retry
+                        ),
+                    }
+                return ResilientRDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - sqlalchemy/driver errors come in many types
+            # Several processes opening a new database at once race to create Optuna's tables (the
+            # loser finds a table or row already there): they exist now, the next attempt opens them.
+            if attempt < SCHEMA_ATTEMPTS and (_is_schema_race(exc) or is_transient_db_error(exc)):
+                time.sleep(0.25 * attempt)
+                continue
+            first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
+            raise UserError(f"--storage {mask_url(url)}: cannot connect ({mask_url(first)[:200]})") from None
+    raise AssertionError("unreachable")
+
+
+def _is_schema_race(exc: BaseException) -> bool:
+    current: BaseException | None = exc
+    for _ in range(10):
+        if current is None:
+            return False
+        if isinstance(current, sqlalchemy.exc.IntegrityError) or (
+            isinstance(current, sqlalchemy.exc.DBAPIError) and "already exists" in str(current.orig)
+        ):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def study_names(storage: RDBStorage) -> list[str]:

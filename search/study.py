@@ -4,6 +4,12 @@ Each worker loops: fail stale trials (a SIGKILLed worker's trial is retried thro
 heartbeat callback), check the study-wide budget, run one trial through :func:`search.train.train`.
 A trial's folder is keyed by its *original* number, so a retried trial resumes from the ``last.pt``
 its killed predecessor wrote. The best checkpoint goes to the study's artifact store.
+
+Faults the service rides out: a worker killed by a signal is restarted by the driver (a bounded number
+of times) while the budget is not met; a database that goes away (a PostgreSQL restart, a busy SQLite
+file) is waited for with exponential backoff for at most ``storage_patience`` seconds, after which the
+worker stops with one line saying so; a trial whose result could not be recorded during the outage
+goes stale and is retried from its checkpoint like a killed one.
 """
 
 from __future__ import annotations
@@ -19,8 +25,9 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import optuna
 from optuna.artifacts import upload_artifact
@@ -31,6 +38,11 @@ from search.errors import UserError
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 DEFAULT_HEARTBEAT = 20
+STORAGE_PATIENCE = 300.0  # seconds a worker waits for an unreachable storage before it gives up
+MAX_TRIALS = 100_000
+MAX_STEPS = 10_000_000
+MAX_WORKERS = 64
+T = TypeVar("T")
 
 
 class SkipTrial(Exception):
@@ -58,6 +70,7 @@ class WorkerSpec:
     threads: int
     max_failures: int
     poll: float = 1.0
+    storage_patience: float = STORAGE_PATIENCE
 
 
 # --------------------------------------------------------------------------------------------------
@@ -127,6 +140,112 @@ def record_identity(study: optuna.Study, attrs: dict[str, Any], allow_changed: b
 
 
 # --------------------------------------------------------------------------------------------------
+# Riding out storage outages
+# --------------------------------------------------------------------------------------------------
+
+
+def _first_line(exc: BaseException) -> str:
+    return ((str(exc).strip().splitlines() or [exc.__class__.__name__])[0])[:200]
+
+
+class StorageWait:
+    """Bounded patience with an unreachable storage: retry with backoff, then give up with one line.
+
+    ``call(fn, ...)`` retries ``fn`` while it fails for a transient reason (see
+    :func:`search.storage.is_transient_db_error`), sleeping 0.5 s, 1 s, 2 s ... up to 8 s between tries,
+    for at most ``patience`` seconds since the first failure of this outage; then it raises a
+    :class:`UserError` naming the storage and what to do. Any other error is raised at once.
+    """
+
+    def __init__(
+        self, url: str, patience: float, on_wait: Callable[[str, float], None] | None = None
+    ) -> None:
+        self.url = url
+        self.patience = patience
+        self.on_wait = on_wait
+        self.since: float | None = None
+        self.delay = 0.5
+
+    def pause(self, exc: BaseException) -> None:
+        """One failed attempt: sleep before the next, or raise when patience is spent."""
+        from search.storage import mask_url
+
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+        waited = now - self.since
+        reason = _first_line(exc)
+        if waited >= self.patience:
+            raise UserError(
+                f"storage {mask_url(self.url)} unreachable for {waited:.0f} s ({mask_url(reason)}); the "
+                "study is kept as it was: run the same command again once the database answers"
+            )
+        if self.on_wait is not None:
+            self.on_wait(reason, waited)
+        time.sleep(min(self.delay, max(0.1, self.patience - waited)))
+        self.delay = min(2 * self.delay, 8.0)
+
+    def reset(self) -> None:
+        self.since, self.delay = None, 0.5
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        from search.storage import is_transient_db_error
+
+        while True:
+            try:
+                result = fn(*args)
+            except Exception as exc:
+                if not is_transient_db_error(exc):
+                    raise
+                self.pause(exc)
+                continue
+            self.reset()
+            return result
+
+
+def fail_silent_trials(study: optuna.Study, engine: Any, older_than: float) -> list[int]:
+    """Fail (and queue for retry) RUNNING trials that never recorded a heartbeat.
+
+    Optuna's stale check only sees trials with a heartbeat row; a worker killed between taking a trial
+    and its first beat (a window of milliseconds) would leave a RUNNING trial that nothing ever ends,
+    and the study would wait for it forever. Returns the numbers of the trials it failed.
+    """
+    import sqlalchemy
+
+    cutoff = datetime.now() - timedelta(seconds=older_than)
+    running = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if t.datetime_start is not None and t.datetime_start < cutoff
+    ]
+    if not running:
+        return []
+    ids = ", ".join(str(int(t._trial_id)) for t in running)
+    with engine.connect() as con:
+        beating = {
+            int(row[0])
+            for row in con.execute(
+                sqlalchemy.text(f"SELECT trial_id FROM trial_heartbeats WHERE trial_id IN ({ids})")
+            )
+        }
+    failed = []
+    for t in running:
+        if t._trial_id in beating:
+            continue
+        try:
+            if not study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # it finished meanwhile
+        study._storage.set_trial_user_attr(
+            t._trial_id, "fail_reason", "never sent a heartbeat (its worker died as it started); retried"
+        )
+        RetryHeartbeatStaleTrialCallback(max_retry=3)(study, study._storage.get_trial(t._trial_id))
+        failed.append(t.number)
+    return failed
+
+
+# --------------------------------------------------------------------------------------------------
 # The worker
 # --------------------------------------------------------------------------------------------------
 
@@ -179,7 +298,7 @@ def worker_main(spec: WorkerSpec) -> int:
 
     from search.data import make_split, open_cache
     from search.space import load_space, make_pruner, make_sampler
-    from search.storage import artifact_store, open_storage
+    from search.storage import artifact_store, is_transient_db_error, open_storage
 
     torch.set_num_threads(max(1, spec.threads))
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -200,14 +319,20 @@ def worker_main(spec: WorkerSpec) -> int:
     parent = os.getppid()
     current: dict[str, Any] = {}
 
+    def waiting(reason: str, waited: float) -> None:
+        _write_status(spec, {"waiting": f"storage unreachable for {waited:.0f} s ({reason}); retrying"})
+
+    wait = StorageWait(spec.storage_url, spec.storage_patience, on_wait=waiting)
+
     def objective(trial: optuna.Trial) -> float:
         try:
             return run_trial(trial)
         except (optuna.TrialPruned, SkipTrial, KeyboardInterrupt):
             raise
         except Exception as exc:
-            if not trial.user_attrs.get("fail_reason"):
-                trial.set_user_attr("fail_reason", f"{exc.__class__.__name__}: {exc}"[:500])
+            with contextlib.suppress(Exception):  # best effort: the storage may be what failed
+                if not trial.user_attrs.get("fail_reason"):
+                    trial.set_user_attr("fail_reason", f"{exc.__class__.__name__}: {exc}"[:500])
             raise
 
     def run_trial(trial: optuna.Trial) -> float:
@@ -253,8 +378,9 @@ def worker_main(spec: WorkerSpec) -> int:
             state = {"trial": trial.number, "step": step, "total": config.train.steps, **metrics}
             _write_status(spec, state)
             if "valid_acc" in metrics:
-                trial.report(metrics["valid_acc"], step)
-                if trial.should_prune():
+                # Through a storage outage the trial waits here and trains on once the database is back.
+                wait.call(trial.report, metrics["valid_acc"], step)
+                if wait.call(trial.should_prune):
                     pruned = True
                     return "stop"
             return None
@@ -271,51 +397,96 @@ def worker_main(spec: WorkerSpec) -> int:
         except torch.OutOfMemoryError:
             trial.set_user_attr("fail_reason", f"CUDA out of memory on {spec.device}")
             raise
-        trial.set_user_attr("valid_acc", result.best_accuracy)
-        trial.set_user_attr("best_step", result.best_step)
-        trial.set_user_attr("parameters", result.parameters)
-        trial.set_user_attr("steps_per_s", round(result.steps_per_s, 3))
-        trial.set_user_attr("resumed_from_step", result.resumed_from)
-        trial.set_user_attr("wall_s", round(time.time() - started, 1))
-        if result.checkpoint is not None:
+        finished = {
+            "valid_acc": result.best_accuracy,
+            "best_step": result.best_step,
+            "parameters": result.parameters,
+            "steps_per_s": round(result.steps_per_s, 3),
+            "resumed_from_step": result.resumed_from,
+            "wall_s": round(time.time() - started, 1),
+        }
+        for key, value in finished.items():  # the training is done: wait out an outage, do not lose it
+            wait.call(trial.set_user_attr, key, value)
+        checkpoint = result.checkpoint
+        if checkpoint is not None:
             try:
-                digest = sha256_file(result.checkpoint)
-                artifact_id = upload_artifact(
-                    artifact_store=store, file_path=str(result.checkpoint), study_or_trial=trial
+                digest = sha256_file(checkpoint)
+                artifact_id = wait.call(
+                    lambda: upload_artifact(
+                        artifact_store=store, file_path=str(checkpoint), study_or_trial=trial
+                    )
                 )
             except OSError as exc:
-                trial.set_user_attr("fail_reason", f"checkpoint could not be stored: {exc}")
+                # A full disk, a read-only or vanished folder: this trial fails with the reason, nothing
+                # partial is left in the store, and its folder is freed (a FAIL trial is never resumed).
+                wait.call(
+                    trial.set_user_attr,
+                    "fail_reason",
+                    f"checkpoint could not be stored in {store.root}: {exc.strerror or exc}; "
+                    "free space or repair the folder, the study goes on",
+                )
+                checkpoint.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    out_dir.rmdir()
                 raise
-            trial.set_user_attr("checkpoint_artifact", artifact_id)
-            trial.set_user_attr("checkpoint_sha256", digest)
-            result.checkpoint.unlink()
+            wait.call(trial.set_user_attr, "checkpoint_artifact", artifact_id)
+            wait.call(trial.set_user_attr, "checkpoint_sha256", digest)
+            checkpoint.unlink()
             with contextlib.suppress(OSError):
                 out_dir.rmdir()  # nothing left once the artifact store holds the checkpoint
         if pruned:
             raise optuna.TrialPruned(f"pruned at step {result.last_step}")
         return result.best_accuracy
 
+    def one_round() -> bool:
+        """Fail stale trials, check the budget, run one trial; False once this worker should stop."""
+        fail_stale_trials(study)
+        counts = count_trials(study.get_trials(deepcopy=False))
+        if counts.finished >= spec.trials:
+            return False
+        if counts.failed >= spec.max_failures:
+            _write_status(spec, {"stopped": f"{counts.failed} failed trials (max {spec.max_failures})"})
+            return False
+        if counts.holding >= spec.trials and counts.waiting == 0:
+            # Others are running the last trials; stay to retry stale ones, and end any trial that
+            # never sent a heartbeat (else the study would wait for it forever).
+            fail_silent_trials(study, storage.engine, older_than=max(30.0, 2.0 * spec.grace))
+            _write_status(spec, {"idle": True})
+            time.sleep(spec.poll)
+            return True
+        current.clear()
+        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+        return True
+
+    def finished_elsewhere() -> bool:
+        """True when the trial in hand was ended by someone else (failed as stale during an outage)."""
+        trial = current.get("trial")
+        if trial is None:
+            return False
+        return wait.call(study._storage.get_trial, trial._trial_id).state != TrialState.RUNNING
+
     try:
         while True:
-            fail_stale_trials(study)
-            counts = count_trials(study.get_trials(deepcopy=False))
-            if counts.finished >= spec.trials:
+            try:
+                go_on = one_round()
+            except Exception as exc:
+                if is_transient_db_error(exc):
+                    # The result of the trial in hand may not be recorded: it goes stale and is retried.
+                    wait.pause(exc)
+                    continue
+                if finished_elsewhere():
+                    continue  # its retry resumes from the checkpoint; this worker takes the next trial
+                raise
+            wait.reset()
+            if not go_on:
                 break
-            if counts.failed >= spec.max_failures:
-                _write_status(spec, {"stopped": f"{counts.failed} failed trials (max {spec.max_failures})"})
-                break
-            if counts.holding >= spec.trials and counts.waiting == 0:
-                _write_status(spec, {"idle": True})
-                time.sleep(spec.poll)  # others are running the last trials; stay to retry stale ones
-                continue
-            current.clear()
-            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
     except KeyboardInterrupt:
         trial = current.get("trial")
         if trial is not None:
-            frozen = study._storage.get_trial(trial._trial_id)
-            if frozen.state == TrialState.FAIL:
-                RetryHeartbeatStaleTrialCallback()(study, frozen)  # resume it from last.pt next time
+            with contextlib.suppress(Exception):  # a storage that is down now: the trial goes stale instead
+                frozen = study._storage.get_trial(trial._trial_id)
+                if frozen.state == TrialState.FAIL:
+                    RetryHeartbeatStaleTrialCallback()(study, frozen)  # resume it from last.pt next time
         return 130
     finally:
         _write_status(spec, {"done": True})
@@ -352,6 +523,8 @@ class RunOptions:
     heartbeat: int | None = None
     max_failures: int | None = None
     display: bool = True
+    max_respawns: int | None = None  # restarts of signal-killed workers per run (default 5 per worker)
+    storage_patience: float = STORAGE_PATIENCE
 
 
 def plan_devices(opts: RunOptions) -> list[str]:
@@ -368,28 +541,58 @@ def plan_devices(opts: RunOptions) -> list[str]:
     return ["cpu"] * opts.workers
 
 
+def _log(message: str) -> None:
+    """One line for the user on stderr (above the live display when there is one)."""
+    from search.progress import console
+
+    console.print(message, style="yellow", markup=False, highlight=False)
+
+
+def _exit_text(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
 def run(
     opts: RunOptions, on_update: Callable[[optuna.Study, Counts, list[dict[str, Any]]], None] | None = None
 ) -> Counts:
-    """Create or resume the study, start the workers, and wait until the budget is met."""
+    """Create or resume the study, start the workers, and wait until the budget is met.
+
+    A worker killed by a signal (SIGKILL, the OOM killer) while the budget is not met is started again,
+    at most ``max_respawns`` times per run; its trial goes stale and is retried from its checkpoint.
+    """
     from search.data import make_split, open_data
     from search.space import load_space
-    from search.storage import check_study_name, default_storage_url, open_storage, study_dir
+    from search.storage import (
+        check_storage_url,
+        check_study_name,
+        default_storage_url,
+        is_transient_db_error,
+        open_storage,
+        study_dir,
+    )
 
     space = load_space(opts.space)
     name = check_study_name(opts.study or space.name)
-    if opts.trials > 100_000:
-        raise UserError(f"--trials {opts.trials}: absurdly many; use at most 100000")
+    if opts.trials > MAX_TRIALS:
+        raise UserError(f"--trials {opts.trials}: absurdly many; use at most {MAX_TRIALS}")
+    if opts.steps is not None and opts.steps > MAX_STEPS:
+        raise UserError(f"--steps {opts.steps}: absurdly many; use at most {MAX_STEPS:,}")
     devices = plan_devices(opts)
-    if len(devices) > 64:
-        raise UserError(f"{len(devices)} workers requested; at most 64 per machine")
+    if len(devices) > MAX_WORKERS:
+        raise UserError(f"{len(devices)} workers requested; at most {MAX_WORKERS} per machine")
     url = opts.storage or default_storage_url(name)
+    check_storage_url(url)  # its form now; connecting (and creating a SQLite file) once the data is good
     heartbeat = opts.heartbeat or int(space.study.get("heartbeat_interval", DEFAULT_HEARTBEAT))
     grace = int(space.study.get("grace_period", 3 * heartbeat))
-    storage = open_storage(url, heartbeat, grace)
     data = open_data(opts.data, progress=opts.display)
     base = space.config_for({})
     split = make_split(data, base.train.valid_ratio, base.train.split_seed)
+    storage = open_storage(url, heartbeat, grace)
     home = study_dir(name)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
@@ -436,26 +639,92 @@ def run(
             status_dir=str(status_dir),
             threads=threads,
             max_failures=opts.max_failures or max(opts.trials, 3),
+            storage_patience=opts.storage_patience,
         )
         for i, dev in enumerate(devices)
     ]
+    respawn_limit = opts.max_respawns if opts.max_respawns is not None else 5 * len(specs)
+    respawns = 0
+    outage = {"logged": False}
+
+    def storage_lost(reason: str, waited: float) -> None:
+        if not outage["logged"]:
+            _log(
+                f"storage unreachable ({reason}); workers wait and retry for up to "
+                f"{opts.storage_patience:.0f} s"
+            )
+            outage["logged"] = True
+
+    wait = StorageWait(url, opts.storage_patience, on_wait=storage_lost)
+
+    def finished_now() -> int | None:
+        try:
+            return count_trials(study.get_trials(deepcopy=False)).finished
+        except Exception as exc:
+            if is_transient_db_error(exc):
+                return None
+            raise
+
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker_entry, args=(s,), name=s.worker) for s in specs]
-    for p in procs:
-        p.start()
+    procs: dict[str, Any] = {}
+    exits: dict[str, int | None] = {}
+
+    def start(spec: WorkerSpec) -> None:
+        proc = ctx.Process(target=_worker_entry, args=(spec,), name=spec.worker)
+        procs[spec.worker] = proc
+        proc.start()
+
     try:
-        while any(p.is_alive() for p in procs):
-            if on_update is not None:
-                trials = study.get_trials(deepcopy=False)
-                on_update(study, count_trials(trials), read_status(status_dir))
+        for s in specs:
+            start(s)
+        while len(exits) < len(specs):
+            for s in specs:
+                proc = procs[s.worker]
+                if s.worker in exits or proc.is_alive():
+                    continue
+                proc.join()
+                code = proc.exitcode
+                killed = code is not None and code < 0 and -code not in (signal.SIGINT, signal.SIGTERM)
+                if killed:
+                    done = finished_now()
+                    if (done is None or done < opts.trials) and respawns < respawn_limit:
+                        respawns += 1
+                        _log(
+                            f"worker {s.worker} ({s.device}) {_exit_text(code)}; restarting it "
+                            f"({respawns} of at most {respawn_limit} restarts); its trial resumes from "
+                            "its last checkpoint"
+                        )
+                        start(s)
+                        continue
+                    if done is None or done < opts.trials:
+                        _log(f"worker {s.worker} {_exit_text(code)}; restart limit ({respawn_limit}) spent")
+                exits[s.worker] = code
+            if on_update is not None and len(exits) < len(specs):
+                try:
+                    on_update(study, count_trials(study.get_trials(deepcopy=False)), read_status(status_dir))
+                    if outage["logged"]:
+                        _log("storage reachable again")
+                        outage["logged"] = False
+                except Exception as exc:
+                    if not is_transient_db_error(exc):
+                        raise
+                    storage_lost(_first_line(exc), 0.0)
             time.sleep(1.0)
     except KeyboardInterrupt:
-        stop_workers(procs)
+        stop_workers(list(procs.values()))
         raise
     errors = [s.get("error") for s in read_status(status_dir) if s.get("error")]
     if errors:
         raise UserError(str(errors[0]))
-    return count_trials(study.get_trials(deepcopy=False))
+    counts = wait.call(lambda: count_trials(study.get_trials(deepcopy=False)))
+    broken = {w: code for w, code in exits.items() if code not in (0, 130)}
+    if counts.finished < opts.trials and broken:
+        what = ", ".join(f"worker {w} {_exit_text(code)}" for w, code in sorted(broken.items()))
+        raise UserError(
+            f"study '{name}' holds {counts.finished} of {opts.trials} finished trials: {what} "
+            f"({respawns} restarts used); fix the cause and run the same command again to resume"
+        )
+    return counts
 
 
 def stop_workers(procs: list[Any], timeout: float = 60.0) -> None:

@@ -1,0 +1,414 @@
+"""Faults injected into running studies: SIGKILLed workers, a PostgreSQL restart, a broken artifact store,
+SIGTERM and Ctrl-C. Each test drives ``spkid-search run`` as a user would and then checks that the study
+holds exactly the finished trials asked for, that no trial is left RUNNING and that nothing is corrupt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from optuna.trial import FrozenTrial, TrialState
+
+from search.storage import default_storage_url, open_storage
+from search.study import count_trials, sha256_file
+from tests.reliability.conftest import (
+    Figures,
+    pid_alive,
+    postgres_answers,
+    wait_for,
+    worker_states,
+    write_space,
+)
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+_STORAGES: dict[str, Any] = {}
+
+
+def load(name: str = "unit", url: str | None = None) -> optuna.Study:
+    """The study, through one storage per database (building a storage is costly; tests poll often)."""
+    if url is None:
+        url = f"sqlite:///{Path(default_storage_url(name)[len('sqlite:///') :]).resolve()}"
+    if url not in _STORAGES:
+        _STORAGES[url] = open_storage(url)
+    return optuna.load_study(study_name=name, storage=_STORAGES[url])
+
+
+def trials_so_far(name: str = "unit") -> list[FrozenTrial]:
+    """The study's trials while ``spkid-search run`` works on it ([] before it has created it)."""
+    if not Path(default_storage_url(name)[len("sqlite:///") :]).is_file():
+        return []
+    try:
+        return load(name).get_trials(deepcopy=False)
+    except KeyError:  # the file is there, the study not yet
+        return []
+
+
+def status_dir(root: Path, study: str = "unit") -> Path:
+    return root / "studies" / study / "workers" / socket.gethostname()
+
+
+def retry_of(trials: list[FrozenTrial], number: int) -> FrozenTrial | None:
+    """The trial Optuna queued to retry trial ``number`` (its retry history ends with it)."""
+    for t in trials:
+        history = t.system_attrs.get("retry_history") or []
+        if history and history[-1] == number:
+            return t
+    return None
+
+
+def check_no_trial_lost(study: optuna.Study, budget: int, figures: Figures) -> list[FrozenTrial]:
+    """Exactly ``budget`` finished trials, nothing RUNNING or WAITING; returns all trials."""
+    trials = study.get_trials(deepcopy=False)
+    counts = count_trials(trials)
+    figures.trials_checked += budget
+    figures.trials_lost += max(0, budget - counts.finished)
+    assert counts.finished == budget, counts
+    assert counts.running == 0 and counts.waiting == 0, counts
+    return trials
+
+
+def check_retried_from_checkpoint(trials: list[FrozenTrial], number: int, min_step: int) -> FrozenTrial:
+    """Trial ``number`` was retried with its parameters and the retry resumed from a checkpoint."""
+    by_number = {t.number: t for t in trials}
+    retry = retry_of(trials, number)
+    assert retry is not None, f"trial {number} was never retried"
+    assert retry.params == by_number[number].params
+    if retry.state == TrialState.FAIL:  # killed again: its own retry must have resumed
+        return check_retried_from_checkpoint(trials, retry.number, min_step)
+    assert retry.state in FINISHED, (retry.number, retry.state)
+    assert retry.user_attrs["resumed_from_step"] >= min_step, (number, retry.user_attrs)
+    return retry
+
+
+# --------------------------------------------------------------------------------------------------
+# SIGKILL
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.deadline(240)
+def test_kill9_random_worker_five_times_during_twenty_trials(
+    tmp_path: Path, tiny_dir: Path, cli: Any, figures: Figures
+) -> None:
+    space = write_space(tmp_path / "unit.yaml", steps=240, valid_steps=40)
+    run = cli(
+        *("run", "--space", str(space), "--trials", "20", "--data", str(tiny_dir)),
+        *("--workers", "2", "--heartbeat", "1", "--quiet"),
+    )
+    rng = random.Random(20)
+    killed: dict[int, int] = {}  # trial number -> the step its worker had reported
+    chain_kills: dict[int, int] = {}  # original trial -> times its line was killed (Optuna retries 3)
+    dead_pids: set[int] = set()
+    spared: set[int] = set()  # trials whose line was killed twice already, or that just ended
+
+    def victims() -> list[dict[str, Any]]:
+        return [
+            s
+            for s in worker_states(status_dir(tmp_path))
+            if isinstance(s.get("step"), int)
+            and 80 <= s["step"] < 240  # past its second checkpoint (steps 40 and 80), still training
+            and not s.get("done")
+            and s["pid"] not in dead_pids
+            and s["trial"] not in killed
+            and s["trial"] not in spared
+            and pid_alive(s["pid"])
+        ]
+
+    while len(killed) < 5:
+        candidates = wait_for(victims, 120, "a worker past its second checkpoint", poll=0.05)
+        victim = rng.choice(candidates)
+        trial = trials_so_far()[victim["trial"]]
+        root = int(trial.system_attrs.get("failed_trial", trial.number))
+        if chain_kills.get(root, 0) >= 2 or trial.state != TrialState.RUNNING:
+            spared.add(victim["trial"])
+            continue
+        os.kill(victim["pid"], signal.SIGKILL)
+        dead_pids.add(victim["pid"])
+        killed[victim["trial"]] = victim["step"]
+        chain_kills[root] = chain_kills.get(root, 0) + 1
+    figures.fault("SIGKILL of a worker", len(killed))
+
+    assert run.wait(timeout=180) == 0, run.output()
+    out = run.output()
+    assert "Traceback" not in out, out
+    assert out.count("restarting it") == 5, out
+    study = load()
+    trials = check_no_trial_lost(study, 20, figures)
+    failed = {t.number for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("skipped")}
+    assert failed == set(killed), (failed, killed)
+    for number, step in killed.items():
+        check_retried_from_checkpoint(trials, number, 40)
+        direct = retry_of(trials, number)
+        if direct is not None and direct.state in FINISHED:  # from a checkpoint written before the kill
+            assert direct.user_attrs["resumed_from_step"] <= step, (number, step, direct.user_attrs)
+    with sqlite3.connect(tmp_path / "studies/unit/study.db") as con:
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    print(f"5 SIGKILLs: trials {sorted(killed)} killed, all retried from their checkpoints; 20/20 finished")
+
+
+# --------------------------------------------------------------------------------------------------
+# PostgreSQL restarted mid-study
+# --------------------------------------------------------------------------------------------------
+
+
+def _pg_cluster() -> tuple[str, str] | None:
+    ctl = shutil.which("pg_ctlcluster")
+    conf = Path("/etc/postgresql")
+    if ctl is None or os.geteuid() != 0 or not conf.is_dir():
+        return None
+    versions = sorted(p.name for p in conf.iterdir() if (p / "main").is_dir())
+    return (ctl, versions[-1]) if versions else None
+
+
+def _pg_finished(url: str) -> int:
+    import psycopg
+
+    try:
+        with psycopg.connect(url, connect_timeout=2) as con:
+            row = con.execute("SELECT count(*) FROM trials WHERE state IN ('COMPLETE', 'PRUNED')").fetchone()
+            return int(row[0]) if row else 0
+    except Exception:  # noqa: BLE001 - not created yet, or restarting
+        return 0
+
+
+@pytest.mark.postgres
+@pytest.mark.deadline(240)
+def test_three_workers_ride_out_a_postgresql_restart(
+    tmp_path: Path, tiny_dir: Path, cli: Any, pg_database: str, figures: Figures
+) -> None:
+    cluster = _pg_cluster()
+    if cluster is None:
+        pytest.skip("cannot restart the local PostgreSQL server here (needs pg_ctlcluster and root)")
+    ctl, version = cluster
+    space = write_space(tmp_path / "unit.yaml", steps=200, valid_steps=40)
+    run = cli(
+        *("run", "--space", str(space), "--trials", "9", "--data", str(tiny_dir), "--study", "pgrel"),
+        *("--storage", pg_database, "--workers", "3", "--heartbeat", "1", "--quiet"),
+    )
+    try:
+
+        def mid_study() -> bool:
+            training = [s for s in worker_states(status_dir(tmp_path, "pgrel")) if s.get("step", 0) >= 40]
+            return bool(training) and _pg_finished(pg_database) >= 2
+
+        wait_for(mid_study, 150, "two finished trials and one mid-training", poll=0.2)
+        restart = subprocess.run(
+            [ctl, "--skip-systemctl-redirect", version, "main", "restart"],
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        assert restart.returncode == 0, restart.stderr
+        figures.fault("PostgreSQL restart", 1)
+        assert run.wait(timeout=180) == 0, run.output()
+    finally:
+        if not postgres_answers():
+            subprocess.run([ctl, "--skip-systemctl-redirect", version, "main", "start"], timeout=90)
+        wait_for(postgres_answers, 60, "PostgreSQL to answer after the test", 0.5)
+    out = run.output()
+    assert "Traceback" not in out, out
+    study = load("pgrel", pg_database)
+    trials = check_no_trial_lost(study, 9, figures)
+    assert len({t.user_attrs.get("worker") for t in trials}) >= 2
+    hit = [t for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("skipped")]
+    for t in hit:  # a trial cut off by the restart went stale and was retried, not dropped
+        assert retry_of(trials, t.number) is not None, (t.number, t.user_attrs)
+    print(f"PostgreSQL restarted mid-study: {len(hit)} trial(s) retried, 9/9 finished")
+
+
+# --------------------------------------------------------------------------------------------------
+# The artifact store breaks: full disk, read-only, not a folder
+# --------------------------------------------------------------------------------------------------
+
+
+def _mount_tmpfs(target: Path, size: str) -> bool:
+    try:
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)],
+            capture_output=True,
+            timeout=20,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def _remount(target: Path, mode: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(target)], check=True, timeout=20)
+
+
+class DiskFull:
+    reason = "No space left on device"
+
+    def __init__(self, disk: Path) -> None:
+        self.filler = disk / "filler"
+
+    def break_(self) -> None:
+        with open(self.filler, "wb") as fh, contextlib.suppress(OSError):
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+
+    def repair(self) -> None:
+        self.filler.unlink(missing_ok=True)
+
+
+class ReadOnly:
+    reason = "Read-only file system"
+
+    def __init__(self, disk: Path) -> None:
+        self.disk = disk
+        self.broken = False
+
+    def break_(self) -> None:
+        _remount(self.disk, "ro")
+        self.broken = True
+
+    def repair(self) -> None:
+        if self.broken:
+            _remount(self.disk, "rw")
+            self.broken = False
+
+
+class NotAFolder:
+    reason = "Not a directory"
+
+    def __init__(self, store: Path) -> None:
+        self.store = store
+        self.away = store.with_name(store.name + ".away")
+
+    def break_(self) -> None:
+        self.store.rename(self.away)
+        self.store.write_text("a file where the artifact folder was\n")
+
+    def repair(self) -> None:
+        if self.away.exists():
+            self.store.unlink(missing_ok=True)
+            self.away.rename(self.store)
+
+
+@pytest.mark.deadline(200)
+def test_broken_artifact_store_fails_one_trial_each_and_study_goes_on(
+    tmp_path: Path, tiny_dir: Path, cli: Any, figures: Figures
+) -> None:
+    from search.export import export_top
+    from search.vote import read_manifest, verify_members
+
+    space = write_space(tmp_path / "unit.yaml", steps=60, valid_steps=20)
+    disk = tmp_path / "artifact-disk"
+    disk.mkdir()
+    mounted = _mount_tmpfs(disk, "1m")
+    store = disk / "store"
+    store.mkdir()
+    home = tmp_path / "studies" / "unit"
+    home.mkdir(parents=True)
+    (home / "artifacts").symlink_to(store)  # the study records the resolved folder: the small disk
+    faults: list[Any] = [DiskFull(disk), ReadOnly(disk)] if mounted else []
+    faults.append(NotAFolder(store))
+    try:
+        faults[0].break_()
+        run = cli(
+            *("run", "--space", str(space), "--trials", "3", "--data", str(tiny_dir)),
+            *("--workers", "1", "--max-failures", "10", "--quiet"),
+        )
+        seen: set[int] = set()
+        for i, fault in enumerate(faults):
+            if i:
+                fault.break_()
+
+            def failed_by(fault: Any = fault) -> FrozenTrial | None:
+                for t in trials_so_far():
+                    if t.number not in seen and fault.reason in str(t.user_attrs.get("fail_reason")):
+                        return t
+                return None
+
+            trial = wait_for(failed_by, 120, f"a trial to fail with '{fault.reason}'", poll=0.25)
+            seen.add(trial.number)
+            fault.repair()
+            figures.fault(f"artifact store: {fault.reason}", 1)
+        assert run.wait(timeout=120) == 0, run.output()
+        assert "Traceback" not in run.output()
+
+        study = load()
+        trials = check_no_trial_lost(study, 3, figures)
+        failed = sorted((t for t in trials if t.state == TrialState.FAIL), key=lambda t: t.number)
+        assert len(failed) == len(faults), [(t.number, t.user_attrs.get("fail_reason")) for t in failed]
+        for t, fault in zip(failed, faults, strict=True):
+            assert "checkpoint could not be stored" in t.user_attrs["fail_reason"]
+            assert fault.reason in t.user_attrs["fail_reason"]
+            assert not (home / "trials" / f"{t.number:05d}" / "best.pt").exists()  # its folder was freed
+        # The store holds exactly the finished trials' checkpoints, whole: no partial or temporary file.
+        done = [t for t in trials if t.state in FINISHED]
+        stored = sorted(p.name for p in store.iterdir())
+        assert stored == sorted(t.user_attrs["checkpoint_artifact"] for t in done), stored
+        for t in done:
+            digest = sha256_file(store / t.user_attrs["checkpoint_artifact"])
+            assert digest == t.user_attrs["checkpoint_sha256"]
+        result = export_top(study, 3, out=tmp_path / "export")
+        assert {m.trial for m in result.members} == {t.number for t in done}
+        verify_members(tmp_path / "export", read_manifest(tmp_path / "export"))
+    finally:
+        for fault in reversed(faults):
+            with contextlib.suppress(Exception):
+                fault.repair()
+        if mounted:
+            subprocess.run(["umount", "-l", str(disk)], timeout=20)
+    reasons = [f.reason for f in faults]
+    print(f"artifact store faults {reasons}: one FAIL each, 3/3 finished, export verified")
+
+
+# --------------------------------------------------------------------------------------------------
+# SIGTERM and Ctrl-C
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["SIGTERM to the driver", "Ctrl-C to the process group"])
+@pytest.mark.deadline(200)
+def test_stop_signal_is_clean_and_the_study_resumes_to_the_exact_count(
+    how: str, tmp_path: Path, tiny_dir: Path, cli: Any, figures: Figures
+) -> None:
+    space = write_space(tmp_path / "unit.yaml", steps=240, valid_steps=40)
+    args = ("run", "--space", str(space), "--trials", "3", "--data", str(tiny_dir), "--workers", "2")
+    args += ("--heartbeat", "1", "--quiet")
+    first = cli(*args)
+
+    def past_checkpoint() -> bool:
+        return any(s.get("step", 0) >= 80 and not s.get("done") for s in worker_states(status_dir(tmp_path)))
+
+    wait_for(past_checkpoint, 120, "a worker past its second checkpoint", poll=0.05)
+    if how.startswith("SIGTERM"):
+        first.signal_parent(signal.SIGTERM)
+    else:
+        first.signal_group(signal.SIGINT)
+    figures.fault(how, 1)
+    assert first.wait(timeout=90) == 130, first.output()
+    out = first.output()
+    assert "Traceback" not in out and "resume" in out, out
+    trials = load().get_trials(deepcopy=False)
+    counts = count_trials(trials)
+    interrupted = [
+        t
+        for t in trials
+        if t.state == TrialState.FAIL and "interrupted" in str(t.user_attrs.get("fail_reason"))
+    ]
+    assert counts.running == 0, counts
+    assert interrupted and counts.waiting == len(interrupted), (counts, interrupted)
+
+    second = cli(*args)
+    assert second.wait(timeout=150) == 0, second.output()
+    trials = check_no_trial_lost(load(), 3, figures)
+    for t in interrupted:
+        check_retried_from_checkpoint(trials, t.number, 40)
+    print(f"{how}: {len(interrupted)} trial(s) interrupted, resumed from their checkpoints; 3/3 finished")

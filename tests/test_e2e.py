@@ -1,0 +1,43 @@
+"""The README's workflow as a new user runs it: run -> status -> export-top -> vote, all via the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "200"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "search.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, f"{args}: {proc.stderr[-3000:]}"
+    return proc
+
+
+def test_run_export_vote_round_trip(tmp_path: Path, tiny_dir: Path) -> None:
+    data = str(tiny_dir)
+    cli("run", "--space", "smoke", "--trials", "3", "--steps", "60", "--data", data, "--quiet", cwd=tmp_path)
+    status = cli("status", cwd=tmp_path)
+    assert "best trials" in status.stdout + status.stderr
+    cli("export-top", "2", "--data", data, "--quiet", cwd=tmp_path)
+    export = tmp_path / "studies" / "smoke" / "export" / "top2"
+    manifest = json.loads((export / "manifest.json").read_text())
+    assert len(manifest["members"]) == 2
+    vote = cli("vote", str(export), "--data", data, "--out", "submission.csv", "--quiet", cwd=tmp_path)
+    rows = list(csv.reader((tmp_path / "submission.csv").open()))
+    test = json.loads((tiny_dir / "testdata.json").read_text())["utterances"]
+    speakers = set(json.loads((tiny_dir / "mapping.json").read_text())["speaker2id"])
+    assert rows[0] == ["Id", "Category"]
+    assert [r[0] for r in rows[1:]] == [u["feature_path"] for u in test]
+    assert all(r[1] in speakers for r in rows[1:])
+    assert "test" in (vote.stdout + vote.stderr).lower()  # answers.csv exists: test accuracy is reported
