@@ -30,9 +30,8 @@ from search.config import Config
 from search.data import CropSampler, FeatureStore, PackedData, make_split, pack
 from search.devices import resolve_device
 from search.errors import UserError
-from search.infer import load_model, predict_logits
+from search.infer import CPU_FRAME_BUDGET, frame_budget, load_model, predict_logits
 from search.model import SpeakerNet, build_model, count_parameters
-from search.vote import CPU_FRAME_BUDGET, frame_budget
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 # The "strong" baseline of shared/hw4-format.md: torchaudio Conformer, d_model 224, mean pooling, BN + Linear.

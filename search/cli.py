@@ -375,8 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", help="study name (default: the space's name)")
     p.add_argument("--storage", help="storage URL (default sqlite:///studies/<study>/study.db)")
     p.add_argument("--gpus", type=_gpu_list, help="GPU indices to use, e.g. 0,1 (default: all visible)")
-    p.add_argument("--per-gpu", type=_positive, default=4,
-                   help="trials run at once on each GPU (default 4: 3.4x one trial's throughput on an H200)")
+    p.add_argument(
+        "--per-gpu",
+        type=_positive,
+        default=4,
+        help="trials run at once on each GPU (default 4: 3.4x one trial's throughput on an H200)",
+    )
     p.add_argument("--workers", type=_positive, default=1, help="CPU workers when no GPU is used (default 1)")
     p.add_argument("--steps", type=_positive, help="override every trial's training steps")
     p.add_argument("--seed", type=int, default=0, help="sampler seed offset (default 0)")

@@ -20,6 +20,16 @@ from search.data import FeatureStore, eval_batches
 from search.errors import UserError
 from search.model import SpeakerNet, build_model
 
+# On CPU a batch amortises nothing (the per-frame compute dominates, not per-call overhead) and large
+# batches push activations and (batch x T x T) attention maps out of cache: bench/infer_bench.py measured
+# a 224-wide conformer at 0.4x the batch-1 speed with 65,536 frames per batch and 0.9x with 2,048.
+CPU_FRAME_BUDGET = 2048
+
+
+def frame_budget(configured: int, device: torch.device) -> int:
+    """Frames per inference batch: the config's on a GPU, at most :data:`CPU_FRAME_BUDGET` on CPU."""
+    return configured if device.type == "cuda" else min(configured, CPU_FRAME_BUDGET)
+
 
 def save_atomic(obj: dict[str, Any], path: Path) -> None:
     """torch.save to a temp file in the same folder, fsync, then rename: a crash never leaves half a file."""
@@ -78,15 +88,18 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[SpeakerN
 
 @torch.no_grad()
 def predict_logits(
-    model: SpeakerNet, store: FeatureStore, indices: np.ndarray, frame_budget: int = 65536
+    model: SpeakerNet, store: FeatureStore, indices: np.ndarray, budget: int = 65536
 ) -> np.ndarray:
-    """Whole-utterance logits (float32, rows in the order of ``indices``), batched by length."""
+    """Whole-utterance logits (float32, rows in the order of ``indices``), batched by length.
+
+    ``budget`` caps batch size x longest utterance (frames); on CPU it is capped further (see above).
+    """
     was_training = model.training
     model.eval()
     out = np.zeros((len(indices), 0), dtype=np.float32)
     position = {int(i): k for k, i in enumerate(indices)}
     use_bf16 = store.device.type == "cuda"
-    for batch, x, lengths in eval_batches(store, indices, frame_budget):
+    for batch, x, lengths in eval_batches(store, indices, frame_budget(budget, store.device)):
         with torch.autocast(store.device.type, dtype=torch.bfloat16, enabled=use_bf16):
             logits = model(x, lengths)
         logits_np = logits.float().cpu().numpy()

@@ -78,22 +78,31 @@ def _filesystem_type(path: Path) -> str | None:
     return kind
 
 
-def _prepare_sqlite(url: str) -> None:
-    """Create the folder, refuse network filesystems, and switch the file to WAL once (it persists)."""
+def _refuse_network_sqlite(url: str) -> None:
+    """SQLite's file locking is unsafe on NFS, CIFS and friends: refuse, naming PostgreSQL instead."""
     path_text = url[len("sqlite:///") :]
     if not path_text or path_text == ":memory:":
         return
+    folder = Path(path_text).parent
+    fs = _filesystem_type(folder)
+    if fs in NETWORK_FS and not os.environ.get("SPKID_SEARCH_ALLOW_NETWORK_SQLITE"):
+        raise UserError(
+            f"--storage {url}: {folder} is on a network filesystem ({fs}); SQLite locking is unsafe "
+            "there. Use PostgreSQL (--storage postgresql://user@host/db) for several machines"
+        )
+
+
+def _prepare_sqlite(url: str) -> None:
+    """Refuse network filesystems, create the folder, and switch the file to WAL once (it persists)."""
+    path_text = url[len("sqlite:///") :]
+    if not path_text or path_text == ":memory:":
+        return
+    _refuse_network_sqlite(url)
     path = Path(path_text)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"--storage {url}: cannot create {path.parent} ({exc.strerror})") from None
-    fs = _filesystem_type(path.parent)
-    if fs in NETWORK_FS and not os.environ.get("SPKID_SEARCH_ALLOW_NETWORK_SQLITE"):
-        raise UserError(
-            f"--storage {url}: {path.parent} is on a network filesystem ({fs}); SQLite locking is unsafe "
-            "there. Use PostgreSQL (--storage postgresql://user@host/db) for several machines"
-        )
     try:
         con = sqlite3.connect(path, timeout=60)
         con.execute("PRAGMA journal_mode=WAL")
@@ -117,6 +126,8 @@ def check_storage_url(url: str) -> str:
         url = "postgresql://" + url[len("postgres://") :]
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://") :]
+    if url.startswith("sqlite:///"):
+        _refuse_network_sqlite(url)
     return url
 
 
@@ -143,6 +154,18 @@ def is_transient_db_error(exc: BaseException) -> bool:
                 return True
         current = current.__cause__ or current.__context__
     return False
+
+
+def db_error_text(exc: BaseException) -> str:
+    """The driver's own words for a database error (Optuna's wrapper text only says a commit failed)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, sqlalchemy.exc.DBAPIError) and str(current.orig).strip():
+            return str(current.orig).strip().splitlines()[0][:200]
+        current = current.__cause__ or current.__context__
+    return ((str(exc).strip().splitlines() or [exc.__class__.__name__])[0])[:200]
 
 
 class ResilientRDBStorage(RDBStorage):

@@ -145,7 +145,9 @@ def record_identity(study: optuna.Study, attrs: dict[str, Any], allow_changed: b
 
 
 def _first_line(exc: BaseException) -> str:
-    return ((str(exc).strip().splitlines() or [exc.__class__.__name__])[0])[:200]
+    from search.storage import db_error_text
+
+    return db_error_text(exc)
 
 
 class StorageWait:
@@ -233,14 +235,17 @@ def fail_silent_trials(study: optuna.Study, engine: Any, older_than: float) -> l
         if t._trial_id in beating:
             continue
         try:
+            study._storage.set_trial_user_attr(
+                t._trial_id, "fail_reason", "never sent a heartbeat (its worker died as it started); retried"
+            )
             if not study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # it finished meanwhile
-        study._storage.set_trial_user_attr(
-            t._trial_id, "fail_reason", "never sent a heartbeat (its worker died as it started); retried"
-        )
-        RetryHeartbeatStaleTrialCallback(max_retry=3)(study, study._storage.get_trial(t._trial_id))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retry = RetryHeartbeatStaleTrialCallback(max_retry=3)
+        retry(study, study._storage.get_trial(t._trial_id))
         failed.append(t.number)
     return failed
 
@@ -545,7 +550,7 @@ def _log(message: str) -> None:
     """One line for the user on stderr (above the live display when there is one)."""
     from search.progress import console
 
-    console.print(message, style="yellow", markup=False, highlight=False)
+    console.print(message, style="yellow", markup=False, highlight=False, soft_wrap=True)
 
 
 def _exit_text(code: int | None) -> str:

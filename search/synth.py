@@ -13,9 +13,12 @@ the 40 mel bins (HTK mel, 50 Hz - 8 kHz, as the HW4 extractor) from a source-fil
 * speakers differ in vocal-tract length (a warp of all formants), per-phone formant habits (accent),
   formant bandwidths and amplitudes, pitch and its range (harmonics resolved in the low mel bins),
   spectral tilt, breathiness, nasality, speaking rate, phone usage and a mild static timbre;
-* every recording session gets its own channel: a random smooth colouring, optional band limits
-  (bins above a low-pass cut-off sit at or near the ``ln(1e-9)`` floor), background noise at a random
-  SNR, reverberation and, rarely, digitally silent pauses; test utterances come from held-out sessions;
+* every recording session (about 8 labelled utterances each) has its own channel: a mild colouring,
+  sometimes a band limit (bins above the cut-off sit at or near the ``ln(1e-9)`` floor), a background
+  noise spectrum and SNR, reverberation and, rarely, digitally silent pauses; on top, every utterance
+  gets its own microphone colouring, sometimes a high-pass, and noise/SNR/reverb jitter. Test
+  utterances come from held-out sessions of the same speakers, so they are somewhat harder than a
+  random validation split;
 * within an utterance, syllables of vowels, nasals, approximants, fricatives, stops and short pauses
   follow each other with coarticulated formant tracks, a pitch contour and a loudness contour, and
   periodogram-like noise is added to every bin, so a short crop carries less identity than the whole;
@@ -23,8 +26,9 @@ the 40 mel bins (HTK mel, 50 Hz - 8 kHz, as the HW4 extractor) from a source-fil
 
 Speakers overlap: a linear classifier on per-utterance mean/std features is well above chance and well
 below 100%, while models that can read formant positions per phone and pitch harmonics do better.
-Everything is drawn from ``numpy.random.SeedSequence(seed)`` children keyed by what is being drawn, so a
-seed gives byte-identical files. Files are written one at a time into a hidden sibling directory that is
+Everything is drawn from ``numpy.random.SeedSequence(seed)`` children keyed by what is being drawn (the
+plan, each speaker, each session, each utterance), so a seed gives byte-identical files whatever the
+number of worker processes. Files are written one at a time into a hidden sibling directory that is
 renamed into place only when complete, so an interrupted run never looks like a finished set.
 """
 
@@ -35,6 +39,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from statistics import NormalDist
@@ -305,7 +310,7 @@ def _make_session(rng: np.random.Generator, voice: _Voice, geo: _Geometry) -> _S
 
 def _knots(rng: np.random.Generator, n: int, spacing: int) -> npt.NDArray[np.float64]:
     """Slow random wiggle of unit std over ``n`` frames, one random value per ``spacing`` frames."""
-    m = n // spacing + 2
+    m = n // spacing + 3
     return np.interp(np.arange(n), np.arange(m) * spacing - rng.uniform(0, spacing), rng.normal(0.0, 1.0, m))
 
 
@@ -425,7 +430,7 @@ def _render(rng: np.random.Generator, voice: _Voice, session: _Session, geo: _Ge
         corner = rng.uniform(80.0, 250.0)
         log_gain -= 3.0 * np.clip(np.log2(corner / geo.centre), 0.0, None)
     power *= session.gain[None, :] * np.exp(log_gain)[None, :]
-    peak = float(power.max())
+    peak = float(power.max()) or 1.0  # all-silent is impossible for real lengths; stay finite anyway
     power += peak * session.dither
     power *= math.exp(rng.uniform(5.8, 7.3)) / (peak * (1.0 + session.dither))
     power += 1e-9
@@ -520,6 +525,9 @@ def resolve_spec(
     if preset not in PRESETS:
         raise UserError(f"unknown synth preset '{preset}' (choose one of: {', '.join(PRESETS)})")
     spec = PRESETS[preset]
+    for key, value in (("speakers", speakers), ("utterances", utterances), ("test", test)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise UserError(f"synth: {key} must be an integer, got {value!r}")
     if speakers is not None and utterances is None:
         per = spec.utterances / spec.speakers
         spec = replace(spec, speakers=speakers, utterances=max(3 * speakers, round(per * speakers)))
@@ -529,10 +537,6 @@ def resolve_spec(
         spec = replace(spec, utterances=utterances)
     if test is not None:
         spec = replace(spec, test=test)
-    for key in ("speakers", "utterances", "test"):
-        value = getattr(spec, key)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"synth: {key} must be an integer, got {value!r}")
     if not 1 <= spec.speakers <= 100000:
         raise UserError(f"synth: speakers must be between 1 and 100000, got {spec.speakers}")
     if spec.utterances < 3 * spec.speakers:
@@ -694,7 +698,6 @@ _WORKER_WORLD: _World | None = None
 def _init_worker(world: _World) -> None:
     global _WORKER_WORLD
     _WORKER_WORLD = world
-    torch.set_num_threads(1)
 
 
 def _write_range(world: _World, start: int, stop: int) -> int:
@@ -708,28 +711,30 @@ def _write_range(world: _World, start: int, stop: int) -> int:
     return stop - start
 
 
-def _worker_range(start: int, stop: int) -> int:
+def _worker_range(bounds: tuple[int, int]) -> int:
     assert _WORKER_WORLD is not None
-    return _write_range(_WORKER_WORLD, start, stop)
+    return _write_range(_WORKER_WORLD, *bounds)
 
 
 def _write_features(world: _World, workers: int, progress: bool) -> None:
     from search.progress import progress_bar
 
     total = len(world.plan.files)
-    with progress_bar("synth utterances", total, enabled=progress) as advance:
-        if workers <= 1:
+    if workers <= 1:
+        with progress_bar("synth utterances", total, enabled=progress) as advance:
             for k in range(total):
                 advance(_write_range(world, k, k + 1))
-            return
-        import multiprocessing
-        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+        return
+    import multiprocessing
 
-        chunk = 200
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, context, _init_worker, (world,)) as pool:
-            pending = {pool.submit(_worker_range, a, min(a + chunk, total)) for a in range(0, total, chunk)}
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    advance(future.result())
+    # fork where there is one: no re-import of the caller's __main__, nothing to pickle. The pool is made
+    # before the progress bar starts its refresh thread; workers only use numpy and torch.save.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    chunk = 200
+    bounds = [(a, min(a + chunk, total)) for a in range(0, total, chunk)]
+    with warnings.catch_warnings():  # Python 3.12+ warns about fork in threaded processes; see above
+        warnings.filterwarnings("ignore", message=".*fork", category=DeprecationWarning)
+        pool = multiprocessing.get_context(method).Pool(workers, _init_worker, (world,))
+    with pool, progress_bar("synth utterances", total, enabled=progress) as advance:
+        for done in pool.imap_unordered(_worker_range, bounds):
+            advance(done)

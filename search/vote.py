@@ -45,10 +45,6 @@ METHODS = ("soft", "hard", "weighted")
 CSV_HEADER = ("Id", "Category")
 ANSWERS_NAME = "answers.csv"
 TEMPERATURE_RANGE = (0.05, 20.0)  # 1/T is searched in [1/20, 1/0.05]
-# On CPU a batch amortises nothing (the per-frame compute dominates, not per-call overhead) and large
-# batches push activations and (batch x T x T) attention maps out of cache: bench/infer_bench.py measured
-# a 224-wide conformer at 0.4x the batch-1 speed with 65,536 frames per batch and 0.9x with 2,048.
-CPU_FRAME_BUDGET = 2048
 
 
 # --------------------------------------------------------------------------------------------------
@@ -335,11 +331,6 @@ def check_compatible(ckpt: dict[str, Any], path: Path, data: PackedData) -> None
         )
 
 
-def frame_budget(configured: int, device: torch.device) -> int:
-    """Frames per inference batch: the config's on a GPU, at most :data:`CPU_FRAME_BUDGET` on CPU."""
-    return configured if device.type == "cuda" else min(configured, CPU_FRAME_BUDGET)
-
-
 def checkpoint_logits(
     ckpt: dict[str, Any], path: Path, data: PackedData, store: FeatureStore, index_sets: Sequence[np.ndarray]
 ) -> list[np.ndarray]:
@@ -349,7 +340,7 @@ def checkpoint_logits(
     model.to(store.device)
     index = np.concatenate([np.asarray(s, dtype=np.int64) for s in index_sets]) if index_sets else np.zeros(0)
     n_classes = len(ckpt["speakers"])
-    logits = predict_logits(model, store, index, frame_budget(config.train.eval_frame_budget, store.device))
+    logits = predict_logits(model, store, index, config.train.eval_frame_budget)
     if logits.shape[0] == 0:
         logits = np.zeros((0, n_classes), dtype=np.float32)
     out, start = [], 0

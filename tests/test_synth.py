@@ -6,6 +6,7 @@ import csv
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -136,9 +137,10 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path, tiny_dir: Path)
 
 
 def test_parallel_workers_give_the_same_files(tmp_path: Path) -> None:
-    kw = dict(preset="tiny", speakers=4, utterances=12, test=4, seed=5, progress=False)
-    one = generate(tmp_path / "one", workers=1, **kw)  # type: ignore[arg-type]
-    two = generate(tmp_path / "two", workers=2, **kw)  # type: ignore[arg-type]
+    one, two = (
+        generate(tmp_path / n, "tiny", speakers=4, utterances=12, test=4, seed=5, progress=False, workers=w)
+        for n, w in (("one", 1), ("two", 2))
+    )
     names = sorted(p.name for p in one.iterdir())
     assert names == sorted(p.name for p in two.iterdir())
     assert all((one / n).read_bytes() == (two / n).read_bytes() for n in names)
@@ -171,17 +173,21 @@ def test_empty_dir_and_earlier_output_are_replaced(tmp_path: Path) -> None:
     generate(out, preset="tiny", speakers=3, utterances=9, test=2, seed=1, progress=False)
     assert len(list(out.glob("uttr-*.pt"))) == 11
     generate(out, preset="tiny", speakers=4, utterances=12, test=3, seed=2, progress=False)
-    fresh = generate(tmp_path / "fresh", preset="tiny", speakers=4, utterances=12, test=3, seed=2, progress=False)
+    fresh = generate(
+        tmp_path / "fresh", preset="tiny", speakers=4, utterances=12, test=3, seed=2, progress=False
+    )
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in fresh.iterdir())
     assert len(list(out.glob("uttr-*.pt"))) == 15
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_interrupted_run_leaves_no_finished_looking_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_run_leaves_no_finished_looking_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls = {"n": 0}
     real = synth._render
 
-    def flaky(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def flaky(*args: Any, **kwargs: Any) -> np.ndarray:
         calls["n"] += 1
         if calls["n"] > 5:
             raise KeyboardInterrupt
@@ -254,7 +260,9 @@ def _stats(x: np.ndarray) -> np.ndarray:
     return np.concatenate([x.mean(0), x.std(0)])
 
 
-def _logreg_accuracy(train_x: np.ndarray, train_y: np.ndarray, tests: list[np.ndarray], test_y: np.ndarray) -> list[float]:
+def _logreg_accuracy(
+    train_x: np.ndarray, train_y: np.ndarray, tests: list[np.ndarray], test_y: np.ndarray
+) -> list[float]:
     mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
     torch.manual_seed(0)
     x = torch.tensor((train_x - mu) / sd, dtype=torch.float32)

@@ -1,0 +1,468 @@
+"""Bad and hostile input to every command, table-driven.
+
+One small real study (two trials) and its export are built once for the module; every case then runs
+``python -m search.cli ...`` as a subprocess against it and must end with a non-zero exit, exactly one
+short line on stderr that names the file or key at fault and says what to do, and no traceback. Every
+file under ``studies/`` is hashed before and after the whole corpus: no case may change a study, a
+checkpoint or an export, and none may execute the pickle payloads planted in tensor files.
+
+The cases run a few at a time (subprocess start-up, mostly importing torch, dominates their cost).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from tests.hw4fake import make_hw4
+from tests.reliability.conftest import FIGURES, SPACE, DeadlineExceeded
+
+CASE_TIMEOUT_S = 120
+ARENA_DEADLINE_S = 480
+PARALLEL = 3
+MAX_LINE = 1000  # a message a person reads, not a dump
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    command: str  # the arguments, split like a shell would; placeholders are filled in per token
+    names: str  # the file, key or value the message must name
+    fix: str  # words of the advice the message must give
+    xfail: str = ""  # a known bug in a module this suite does not own (see the campaign report)
+
+    @property
+    def argv(self) -> list[str]:
+        return shlex.split(self.command)
+
+
+# Placeholders: {tiny} the study's data, {fake} another data set, {export} the study's export folder,
+# {attack} the folder of hostile files built below (outside studies/).
+RUN = "run --space {attack}/ok.yaml --trials 2"
+TRAIN = "train --quiet --config {attack}/config.yaml --data"
+VOTE = "vote --quiet --data {tiny}"
+PREDICT = "predict --quiet --data {tiny} --out {attack}/p.csv"
+BOMB_BUG = "space.py/config.py echo the whole value with !r: a YAML alias bomb becomes a 3.7 MB line"
+PORT_BUG = "cli.py accepts --port 70000; the server's bind then raises OverflowError (a traceback)"
+CASES = [
+    # run: search spaces
+    Case("run-space-missing", "run --space {attack}/none.yaml --trials 2", "none.yaml", "no such file"),
+    Case(
+        "run-space-truncated", "run --space {attack}/truncated.yaml --trials 2", "truncated.yaml", "malformed"
+    ),
+    Case(
+        "run-space-not-a-mapping",
+        "run --space {attack}/list.yaml --trials 2",
+        "list.yaml",
+        "expected a mapping",
+    ),
+    Case(
+        "run-space-python-tag",
+        "run --space {attack}/python-tag.yaml --trials 2",
+        "python-tag.yaml",
+        "malformed",
+    ),
+    Case("run-space-code", "run --space {attack}/code.yaml --trials 2", "constraints", "only arithmetic"),
+    Case(
+        "run-space-low-above-high",
+        "run --space {attack}/inverted.yaml --trials 2",
+        "params.d_model",
+        "> high",
+    ),
+    Case(
+        "run-space-unknown-key",
+        "run --space {attack}/unknown.yaml --trials 2",
+        "params.frobnicate",
+        "unknown",
+    ),
+    Case(
+        "run-space-bare-list", "run --space {attack}/bare-list.yaml --trials 2", "params.pooling", "choices:"
+    ),
+    Case("run-space-unsatisfiable", "run --space {attack}/never.yaml --trials 2", "never.yaml", "never held"),
+    Case(
+        "run-space-alias-bomb", "run --space {attack}/bomb.yaml --trials 2", "pooling", "not valid", BOMB_BUG
+    ),
+    # run: numbers, names, storage, data
+    Case("run-trials-absurd", "run --space {attack}/ok.yaml --trials 5000000", "--trials 5000000", "at most"),
+    Case("run-steps-absurd", f"{RUN} --steps 999999999", "--steps 999999999", "at most"),
+    Case("run-workers-absurd", f"{RUN} --workers 5000", "5000 workers", "at most 64"),
+    Case("run-gpu-absent", f"{RUN} --gpus 7", "--gpus: GPU 7", "not visible"),
+    Case("run-study-escapes", f"{RUN} --study ../evil", "'../evil'", "letters, digits"),
+    Case("run-storage-scheme", f"{RUN} --storage redis://x", "redis://x", "expected sqlite:///"),
+    Case(
+        "run-storage-unreachable",
+        f"{RUN} --quiet --data {{tiny}} --storage postgresql://nobody:hunter2@127.0.0.1:1/none",
+        "nobody:***@127.0.0.1:1",
+        "cannot connect",
+    ),
+    Case(
+        "run-storage-uncreatable",
+        f"{RUN} --quiet --data {{tiny}} --storage sqlite:////proc/spkid/study.db",
+        "/proc/spkid",
+        "cannot create",
+    ),
+    Case(
+        "run-other-data-set",
+        "run --quiet --space {attack}/fix.yaml --study fix --trials 3 --data {fake}",
+        "study 'fix'",
+        "--allow-changed",
+    ),
+    Case("run-pickle-in-data", f"{RUN} --quiet --study fresh --data {{attack}}/evil-data", "uttr-", "unsafe"),
+    # train
+    Case("train-config-missing", "train --quiet --config {attack}/none.yaml", "none.yaml", "not found"),
+    Case(
+        "train-config-wrong-type",
+        "train --quiet --config {attack}/wrong-type.yaml",
+        "'d_model'",
+        "must be int",
+    ),
+    Case("train-steps-absurd", f"{TRAIN} {{tiny}} --steps 999999999", "'steps'", "at most 10,000,000"),
+    Case("train-data-wrong-shape", f"{TRAIN} {{attack}}/shape-data", "n_mels mismatch", "metadata says 40"),
+    Case("train-data-path-escapes", f"{TRAIN} {{attack}}/escape-data", "feature_path", "plain file name"),
+    Case(
+        "train-data-truncated-json", f"{TRAIN} {{attack}}/truncated-data", "metadata.json", "restore the file"
+    ),
+    Case("train-data-missing", f"{TRAIN} {{attack}}/none", "{attack}/none", "pass --data"),
+    # status and dashboard
+    Case("status-unknown-study", "status --study nope", "study 'nope'", "check --study"),
+    Case("status-study-escapes", "status --study ../fix", "'../fix'", "letters, digits"),
+    Case(
+        "status-storage-typo",
+        "status --storage sqlite:///studies/typo.db",
+        "studies/typo.db",
+        "check the path",
+    ),
+    Case("status-storage-scheme", "status --storage mongodb://x", "mongodb://x", "expected sqlite:///"),
+    Case("dashboard-unknown-study", "dashboard --study nope", "study 'nope'", "check --study"),
+    Case("dashboard-study-escapes", "dashboard --study ../../etc", "'../../etc'", "letters, digits"),
+    Case("dashboard-port-absurd", "dashboard --study fix --port 70000", "70000", "65535", PORT_BUG),
+    # export-top
+    Case("export-unknown-study", "export-top 1 --quiet --study nope", "study 'nope'", "check --study"),
+    Case("export-study-escapes", "export-top 1 --quiet --study ../fix", "'../fix'", "letters, digits"),
+    Case("export-k-absurd", "export-top 5000 --quiet --study fix", "K=5000", "lower K"),
+    Case("export-already-there", "export-top 2 --quiet --study fix", "top2", "--force"),
+    Case(
+        "export-greedy-other-data",
+        "export-top 1 --quiet --study fix --strategy greedy --data {fake} --out {attack}/greedy",
+        "--data",
+        "pass that folder",
+    ),
+    # vote
+    Case("vote-folder-missing", f"{VOTE} {{attack}}/no-export", "no-export", "export-top"),
+    Case("vote-manifest-missing", f"{VOTE} {{attack}}/empty-export", "manifest.json", "export-top"),
+    Case(
+        "vote-manifest-truncated", f"{VOTE} {{attack}}/x-truncated", "manifest.json", "re-create the export"
+    ),
+    Case("vote-manifest-foreign", f"{VOTE} {{attack}}/x-foreign", "manifest.json", "re-create the export"),
+    Case("vote-member-tampered", f"{VOTE} {{attack}}/x-tampered", "trial-", "re-export"),
+    Case("vote-member-missing", f"{VOTE} {{attack}}/x-missing", "trial-", "restore the file"),
+    Case("vote-path-dotdot", f"{VOTE} {{attack}}/x-dotdot", "../../", "escapes the export folder"),
+    Case("vote-path-absolute", f"{VOTE} {{attack}}/x-absolute", "/etc/passwd", "escapes the export folder"),
+    Case("vote-path-symlink", f"{VOTE} {{attack}}/x-symlink", "resolves outside", "copy the checkpoint"),
+    Case("vote-member-pickle", f"{VOTE} {{attack}}/x-pickle", "trial-", "unsafe"),
+    Case("vote-member-tensor", f"{VOTE} {{attack}}/x-tensor", "trial-", "not an spkid-search checkpoint"),
+    Case("vote-other-data-set", "vote --quiet {export} --data {fake}", "--data", "pass the data folder"),
+    Case("vote-out-exists", f"{VOTE} {{export}} --out {{attack}}/existing.csv", "existing.csv", "--force"),
+    # predict
+    Case("predict-missing", f"{PREDICT} {{attack}}/none.pt", "none.pt", "not found"),
+    Case("predict-pickle-payload", f"{PREDICT} {{attack}}/evil-raw.pt", "evil-raw.pt", "unsafe"),
+    Case("predict-truncated", f"{PREDICT} {{attack}}/truncated.pt", "truncated.pt", "corrupt"),
+    Case(
+        "predict-wrong-shape",
+        f"{PREDICT} {{attack}}/wrong-shape.pt",
+        "wrong-shape.pt",
+        "weights do not match",
+    ),
+    # synth and prepare
+    Case("synth-speakers-absurd", "synth --quiet --out {attack}/s --speakers 5000000", "speakers", "100000"),
+    Case("synth-out-not-empty", "synth --quiet --out {attack}/evil-data --preset tiny", "evil-data", "empty"),
+    Case(
+        "prepare-audio-missing", "prepare --quiet {attack}/no-audio --out {attack}/prep", "no-audio", "AUDIO"
+    ),
+    Case(
+        "prepare-csv-bad-header", "prepare --quiet {attack}/list.csv --out {attack}/prep", "list.csv", "path,"
+    ),
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# The arena: a real study and export to attack, and the hostile files
+# --------------------------------------------------------------------------------------------------
+
+
+class Payload:
+    """Unpickling this runs ``os.mkdir(marker)``: proof of execution if the marker ever appears."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (os.mkdir, (str(self.marker),))
+
+
+def _cli(args: list[str], cwd: Path, env: dict[str, str], timeout: float = CASE_TIMEOUT_S) -> Any:
+    return subprocess.run(
+        [sys.executable, "-m", "search.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    out = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            out[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _export_copy(export: Path, attack: Path, name: str) -> tuple[Path, dict[str, Any]]:
+    target = attack / name
+    shutil.copytree(export, target)
+    return target, json.loads((target / "manifest.json").read_text())
+
+
+def _build_attack(attack: Path, export: Path, marker: Path) -> None:
+    attack.mkdir()
+    ok = {**SPACE, "name": "ok"}
+    (attack / "ok.yaml").write_text(yaml.safe_dump(ok))
+    (attack / "truncated.yaml").write_text(yaml.safe_dump(ok)[:60])
+    (attack / "list.yaml").write_text("- d_model\n- heads\n")
+    (attack / "python-tag.yaml").write_text(f"params: !!python/object/apply:os.mkdir ['{marker}']\n")
+    code = {**ok, "constraints": [f"__import__('os').mkdir('{marker}')"]}
+    (attack / "code.yaml").write_text(yaml.safe_dump(code))
+    inverted = {**ok, "params": {**ok["params"], "d_model": {"low": 64, "high": 16}}}
+    (attack / "inverted.yaml").write_text(yaml.safe_dump(inverted))
+    (attack / "unknown.yaml").write_text(yaml.safe_dump({**ok, "params": {**ok["params"], "frobnicate": 1}}))
+    bare = {**ok, "params": {**ok["params"], "pooling": ["mean", "attention"]}}
+    (attack / "bare-list.yaml").write_text(yaml.safe_dump(bare))
+    (attack / "never.yaml").write_text(yaml.safe_dump({**ok, "constraints": ["d_model > 1000"]}))
+    names = "abcdef"  # six levels of nine: 531,441 strings from a 300-byte file
+    bomb = "name: bomb\ndescription:\n  - &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+    for i in range(1, len(names)):
+        bomb += f"  - &{names[i]} [" + ", ".join(["*" + names[i - 1]] * 9) + "]\n"
+    (attack / "bomb.yaml").write_text(bomb + f"params:\n  steps: 10\n  pooling: {{choices: *{names[-1]}}}\n")
+    config = {k: v for k, v in ok["params"].items() if not isinstance(v, dict)}
+    config.update({"d_model": 16, "lr": 1e-3, "pooling": "mean", "steps": 4, "valid_steps": 4})
+    (attack / "config.yaml").write_text(yaml.safe_dump(config))
+    (attack / "wrong-type.yaml").write_text(yaml.safe_dump({**config, "d_model": "many"}))
+    (attack / "existing.csv").write_text("Id,Category\n")
+    (attack / "list.csv").write_text("file,who\na.wav,x\n")
+    (attack / "empty-export").mkdir()
+
+    # Data sets with one hostile file each (hand-built: exact control over every file).
+    for name in ("evil-data", "shape-data", "escape-data", "truncated-data"):
+        make_hw4(attack / name, speakers=3, per_speaker=4, test=2)
+    victim = json.loads((attack / "evil-data" / "metadata.json").read_text())
+    first = next(iter(victim["speakers"].values()))[0]["feature_path"]
+    torch.save(Payload(marker), attack / "evil-data" / first)
+    meta = json.loads((attack / "shape-data" / "metadata.json").read_text())
+    entry = next(iter(meta["speakers"].values()))[0]
+    torch.save(torch.zeros(entry["mel_len"], 20), attack / "shape-data" / entry["feature_path"])
+    meta = json.loads((attack / "escape-data" / "metadata.json").read_text())
+    next(iter(meta["speakers"].values()))[0]["feature_path"] = "../../studies/fix/study.db"
+    (attack / "escape-data" / "metadata.json").write_text(json.dumps(meta))
+    text = (attack / "truncated-data" / "metadata.json").read_text()
+    (attack / "truncated-data" / "metadata.json").write_text(text[: len(text) // 2])
+
+    # Checkpoints: a raw pickle payload, a truncated file, weights of the wrong shape, a bare tensor.
+    members = sorted(export.glob("trial-*.pt"))
+    real = members[0]
+    (attack / "evil-raw.pt").write_bytes(__import__("pickle").dumps(Payload(marker)))
+    torch.save(Payload(marker), attack / "evil-zip.pt")
+    data = real.read_bytes()
+    (attack / "truncated.pt").write_bytes(data[: len(data) // 2])
+    ckpt = torch.load(real, weights_only=True)
+    key = next(iter(ckpt["model"]))
+    ckpt["model"][key] = torch.zeros(3, 3, 3)
+    torch.save(ckpt, attack / "wrong-shape.pt")
+    torch.save(torch.zeros(3, 3), attack / "tensor.pt")
+
+    # Copies of the real export, each broken one way (the original under studies/ stays intact).
+    folder, manifest = _export_copy(export, attack, "x-truncated")
+    text = (folder / "manifest.json").read_text()
+    (folder / "manifest.json").write_text(text[: len(text) // 2])
+    folder, manifest = _export_copy(export, attack, "x-foreign")
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "format": "somebody-else"}))
+    folder, manifest = _export_copy(export, attack, "x-tampered")
+    member = folder / manifest["members"][0]["file"]
+    raw = bytearray(member.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    member.write_bytes(bytes(raw))
+    folder, manifest = _export_copy(export, attack, "x-missing")
+    (folder / manifest["members"][0]["file"]).unlink()
+    for name, path in (
+        ("x-dotdot", f"../../studies/fix/export/top2/{real.name}"),
+        ("x-absolute", "/etc/passwd"),
+    ):
+        folder, manifest = _export_copy(export, attack, name)
+        manifest["members"][0]["file"] = path
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+    folder, manifest = _export_copy(export, attack, "x-symlink")
+    outside = attack / "outside.pt"
+    shutil.copy(folder / manifest["members"][0]["file"], outside)
+    (folder / manifest["members"][0]["file"]).unlink()
+    (folder / manifest["members"][0]["file"]).symlink_to(outside)
+    for name, planted in (("x-pickle", attack / "evil-zip.pt"), ("x-tensor", attack / "tensor.pt")):
+        folder, manifest = _export_copy(export, attack, name)
+        target = folder / manifest["members"][0]["file"]
+        shutil.copy(planted, target)
+        manifest["members"][0]["sha256"] = _sha(target)  # a consistent manifest: only the loader can refuse
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@dataclass
+class Arena:
+    root: Path
+    env: dict[str, str]
+    studies_before: dict[str, str]
+    results: dict[str, Any]
+    marker: Path
+    elapsed: float
+
+
+@pytest.fixture(scope="module")
+def arena(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path, fake_dir: Path) -> Iterator[Arena]:
+    def expired(signum: int, frame: FrameType | None) -> None:
+        raise DeadlineExceeded(f"building and running the bad-input corpus took over {ARENA_DEADLINE_S} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)  # a module fixture is outside the per-test deadline
+    signal.alarm(ARENA_DEADLINE_S)
+    try:
+        built = _arena(tmp_path_factory.mktemp("arena"), tiny_dir, fake_dir)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    yield built
+    print(f"\n{len(CASES)} bad inputs across every command in {built.elapsed:.0f} s")
+
+
+def _arena(root: Path, tiny_dir: Path, fake_dir: Path) -> Arena:
+    env = {
+        **os.environ,
+        "SPKID_SEARCH_CACHE": str(root / "cache"),
+        "SPKID_SEARCH_DATA": str(root / "data"),
+        "SPKID_SEARCH_STUDIES": str(root / "studies"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    space = {**SPACE, "name": "fix", "params": {**SPACE["params"], "steps": 20, "valid_steps": 10}}
+    (root / "fix.yaml").write_text(yaml.safe_dump(space))
+    built = _cli(
+        ["run", "--space", "fix.yaml", "--trials", "2", "--data", str(tiny_dir), "--quiet"], root, env
+    )
+    assert built.returncode == 0, built.stderr[-2000:]
+    exported = _cli(["export-top", "2", "--study", "fix", "--quiet"], root, env)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    with sqlite3.connect(root / "studies/fix/study.db") as con:  # fold the WAL in: the file is at rest
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    export = root / "studies/fix/export/top2"
+    attack = root / "attack"
+    marker = root / "PAYLOAD-RAN"
+    _build_attack(attack, export, marker)
+    shutil.copy(root / "fix.yaml", attack / "fix.yaml")
+    places = {"tiny": str(tiny_dir), "fake": str(fake_dir), "export": str(export), "attack": str(attack)}
+    before = _tree_digest(root / "studies")
+
+    def one(case: Case) -> Any:
+        argv = [a.format(**places) for a in case.argv]
+        started = time.monotonic()
+        try:
+            done = _cli(argv, root, env)
+        except subprocess.TimeoutExpired:
+            return {"rc": None, "stderr": "", "stdout": "", "seconds": time.monotonic() - started}
+        return {
+            "rc": done.returncode,
+            "stderr": done.stderr,
+            "stdout": done.stdout,
+            "seconds": time.monotonic() - started,
+        }
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        results = dict(zip([c.id for c in CASES], pool.map(one, CASES), strict=True))
+    FIGURES.inputs += len(CASES)
+    return Arena(root, env, before, results, marker, time.monotonic() - started)
+
+
+# --------------------------------------------------------------------------------------------------
+# The checks
+# --------------------------------------------------------------------------------------------------
+
+
+def _params() -> list[Any]:
+    out = []
+    for case in CASES:
+        marks = [pytest.mark.xfail(reason=case.xfail, strict=True)] if case.xfail else []
+        out.append(pytest.param(case, id=case.id, marks=marks))
+    return out
+
+
+@pytest.mark.deadline(600)
+@pytest.mark.parametrize("case", _params())
+def test_bad_input_is_refused_in_one_line(case: Case, arena: Arena) -> None:
+    result = arena.results[case.id]
+    err = result["stderr"]
+    shown = err if len(err) < 3000 else err[:1500] + f"... ({len(err)} characters)"
+    assert result["rc"] is not None, f"{case.id}: did not finish within {CASE_TIMEOUT_S} s"
+    assert result["rc"] == 2, (case.id, result["rc"], shown)
+    assert "Traceback" not in err and "Traceback" not in result["stdout"], shown
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, (case.id, shown)
+    line = lines[0]
+    assert len(line) <= MAX_LINE, (case.id, f"{len(line)} characters", line[:300])
+    assert line.startswith(f"spkid-search {case.argv[0]}: error: "), line
+    names = case.names.format(attack=arena.root / "attack")
+    assert names in line, (case.id, "does not name", names, line)
+    assert case.fix in line, (case.id, "gives no fix like", case.fix, line)
+    assert "hunter2" not in err  # a password is never echoed
+
+
+def test_corpus_is_large_and_covers_every_command() -> None:
+    commands = {c.argv[0] for c in CASES}
+    assert len(CASES) >= 30
+    assert commands == {
+        "run",
+        "train",
+        "status",
+        "dashboard",
+        "export-top",
+        "vote",
+        "predict",
+        "synth",
+        "prepare",
+    }
+
+
+def test_no_study_checkpoint_or_export_was_touched_and_no_payload_ran(arena: Arena) -> None:
+    after = _tree_digest(arena.root / "studies")
+    changed = sorted(
+        k for k in set(after) | set(arena.studies_before) if after.get(k) != arena.studies_before.get(k)
+    )
+    assert not changed, changed
+    assert not arena.marker.exists(), "a pickle payload was executed"
+    assert len(arena.studies_before) >= 4  # the study database, two checkpoints and the manifest at least
