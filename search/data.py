@@ -389,7 +389,10 @@ class FeatureStore:
         steps = torch.arange(width, device=self.home)
         mask = steps[None, :] < lengths[:, None]
         rows = self.offsets[index][:, None] + starts[:, None] + torch.where(mask, steps[None, :], 0)
-        x = self.features[rows.reshape(-1)].reshape(len(index), width, -1)
+        if self.home.type == "cpu":  # numpy's fancy indexing on the memmap is ~4x faster than torch's
+            x = torch.from_numpy(self.data.features[rows.reshape(-1).numpy()]).reshape(len(index), width, -1)
+        else:
+            x = self.features[rows.reshape(-1)].reshape(len(index), width, -1)
         if not self.resident:  # pad on the host in float16, convert on the device: half the bytes to copy
             x = self.to_device(x.masked_fill(~mask[:, :, None], PAD_VALUE))
             return x.float()
