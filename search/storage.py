@@ -47,9 +47,10 @@ def studies_root() -> Path:
 
 def check_study_name(name: str) -> str:
     """Study names become folder names, so only a safe, short alphabet is allowed."""
-    if not STUDY_NAME.match(name):
+    if not STUDY_NAME.fullmatch(name):  # fullmatch: '$' alone would let a trailing newline through
         raise UserError(
-            f"study name '{name}' is not allowed: use letters, digits, '.', '_' or '-' (at most 64, no '/')"
+            f"study name {name[:80]!r} is not allowed: use letters, digits, '.', '_' or '-' (at most 64, "
+            "no '/')"
         )
     return name
 
@@ -103,12 +104,22 @@ def _prepare_sqlite(url: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"--storage {url}: cannot create {path.parent} ({exc.strerror})") from None
-    try:
-        con = sqlite3.connect(path, timeout=60)
-        con.execute("PRAGMA journal_mode=WAL")
-        con.close()
-    except sqlite3.Error as exc:
-        raise UserError(f"--storage {url}: cannot open the SQLite file ({exc})") from None
+    for attempt in range(1, 11):
+        try:
+            con = sqlite3.connect(path, timeout=60)
+            try:
+                if str(con.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                    con.execute("PRAGMA journal_mode=WAL")
+            finally:
+                con.close()
+            return
+        except sqlite3.Error as exc:
+            # Switching the journal mode needs the file to itself: a process creating the same new
+            # study at this moment makes SQLite answer 'locked' at once, whatever the busy timeout.
+            busy = "locked" in str(exc) or "busy" in str(exc)
+            if not busy or attempt == 10:
+                raise UserError(f"--storage {url}: cannot open the SQLite file ({exc})") from None
+            time.sleep(0.1 * attempt)
 
 
 def mask_url(url: str) -> str:

@@ -86,6 +86,7 @@ class Counts:
     running: int = 0
     waiting: int = 0
     skipped: int = 0
+    retried: int = 0  # FAIL trials queued again (killed, interrupted, cut off by an outage): not failures
 
     @property
     def finished(self) -> int:
@@ -102,6 +103,12 @@ def is_skipped(t: FrozenTrial) -> bool:
 
 
 def count_trials(trials: list[FrozenTrial]) -> Counts:
+    """Trials by state; a FAIL trial that was queued again counts as retried, not as failed.
+
+    Only real failures (a bad configuration, divergence, out of memory, a checkpoint that could not be
+    stored) count toward ``--max-failures``: a study stopped twice with Ctrl-C must still resume.
+    """
+    requeued = {n for t in trials for n in (t.system_attrs.get("retry_history") or [])}
     c = Counts()
     for t in trials:
         if t.state == TrialState.COMPLETE:
@@ -115,6 +122,8 @@ def count_trials(trials: list[FrozenTrial]) -> Counts:
         elif t.state == TrialState.FAIL:
             if is_skipped(t):
                 c.skipped += 1
+            elif t.number in requeued:
+                c.retried += 1
             else:
                 c.failed += 1
     return c
@@ -205,6 +214,22 @@ class StorageWait:
             return result
 
 
+def queue_retry(study: optuna.Study, frozen: FrozenTrial, max_retry: int | None = 3) -> None:
+    """Queue a FAIL trial again (it resumes from its checkpoint), unless a retry of it exists already.
+
+    The check makes a repeated call harmless: a retry after a lost acknowledgement never queues the
+    same trial twice (which would run one trial too many).
+    """
+    for t in study.get_trials(deepcopy=False):
+        history = t.system_attrs.get("retry_history") or []
+        if history and history[-1] == frozen.number:
+            return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        callback = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+    callback(study, frozen)
+
+
 def fail_silent_trials(study: optuna.Study, engine: Any, older_than: float) -> list[int]:
     """Fail (and queue for retry) RUNNING trials that never recorded a heartbeat.
 
@@ -242,10 +267,7 @@ def fail_silent_trials(study: optuna.Study, engine: Any, older_than: float) -> l
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # it finished meanwhile
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            retry = RetryHeartbeatStaleTrialCallback(max_retry=3)
-        retry(study, study._storage.get_trial(t._trial_id))
+        queue_retry(study, study._storage.get_trial(t._trial_id))
         failed.append(t.number)
     return failed
 
@@ -259,9 +281,13 @@ class _StopRequested(KeyboardInterrupt):
     """Raised in a worker by SIGTERM (sent by the parent on Ctrl-C)."""
 
 
+_STOP = {"requested": False}  # also remembered, in case the exception itself gets lost on the way
+
+
 def _install_worker_signals() -> None:
     def on_term(signum: int, frame: Any) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one clean stop; ignore repeats during clean-up
+        _STOP["requested"] = True
         raise _StopRequested()
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C is handled by the parent
@@ -328,6 +354,7 @@ def worker_main(spec: WorkerSpec) -> int:
         _write_status(spec, {"waiting": f"storage unreachable for {waited:.0f} s ({reason}); retrying"})
 
     wait = StorageWait(spec.storage_url, spec.storage_patience, on_wait=waiting)
+    brief = StorageWait(spec.storage_url, min(5.0, spec.storage_patience))  # while stopping
 
     def objective(trial: optuna.Trial) -> float:
         try:
@@ -335,6 +362,8 @@ def worker_main(spec: WorkerSpec) -> int:
         except (optuna.TrialPruned, SkipTrial, KeyboardInterrupt):
             raise
         except Exception as exc:
+            if is_transient_db_error(exc):
+                current["requeue"] = True  # cut off by the storage, not by its configuration
             with contextlib.suppress(Exception):  # best effort: the storage may be what failed
                 if not trial.user_attrs.get("fail_reason"):
                     trial.set_user_attr("fail_reason", f"{exc.__class__.__name__}: {exc}"[:500])
@@ -344,13 +373,13 @@ def worker_main(spec: WorkerSpec) -> int:
         from search.train import train
 
         current["trial"] = trial
-        system = study._storage.get_trial_system_attrs(trial._trial_id)
+        system = wait.call(study._storage.get_trial_system_attrs, trial._trial_id)
         root = int(system.get("failed_trial", trial.number))  # a retry keeps its original's folder
         for key in ("fail_reason", "skipped"):
             if key in trial.user_attrs:
-                trial.set_user_attr(key, None)
+                wait.call(trial.set_user_attr, key, None)
         if root == trial.number:
-            earlier = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number]
+            earlier = [t for t in wait.call(study.get_trials, False) if t.number < trial.number]
             if count_trials(earlier).holding >= spec.trials:
                 trial.set_user_attr("skipped", True)
                 raise SkipTrial(f"study already holds {spec.trials} trials")
@@ -369,17 +398,17 @@ def worker_main(spec: WorkerSpec) -> int:
         except UserError as exc:
             trial.set_user_attr("fail_reason", f"bad config: {exc}")
             raise
-        trial.set_user_attr("config", config.to_dict())
-        trial.set_user_attr("device", spec.device)
-        trial.set_user_attr("worker", spec.worker)
+        settings: dict[str, Any] = {"config": config.to_dict(), "device": spec.device, "worker": spec.worker}
+        for name, setting in settings.items():
+            wait.call(trial.set_user_attr, name, setting)
         out_dir = trials_dir / f"{root:05d}"
         pruned = False
         started = time.time()
 
         def report(step: int, metrics: dict[str, float]) -> str | None:
             nonlocal pruned
-            if os.getppid() != parent:
-                raise _StopRequested()  # the parent died: stop as if told to
+            if os.getppid() != parent or _STOP["requested"]:
+                raise _StopRequested()  # the parent died (or a stop got lost): stop as if told to
             state = {"trial": trial.number, "step": step, "total": config.train.steps, **metrics}
             _write_status(spec, state)
             if "valid_acc" in metrics:
@@ -394,10 +423,14 @@ def worker_main(spec: WorkerSpec) -> int:
         try:
             result = train(config, data, spec.device, report=report, out_dir=out_dir, split=split)
         except _StopRequested:
-            trial.set_user_attr(
-                "fail_reason", "interrupted (Ctrl-C or SIGTERM); retried when the study resumes"
-            )
-            trial.set_user_attr("interrupted", True)
+            # Best effort and brief: a failing write here (a busy SQLite file) must not swallow the stop.
+            with contextlib.suppress(Exception):
+                brief.call(
+                    trial.set_user_attr,
+                    "fail_reason",
+                    "interrupted (Ctrl-C or SIGTERM); retried when the study resumes",
+                )
+                brief.call(trial.set_user_attr, "interrupted", True)
             raise
         except torch.OutOfMemoryError:
             trial.set_user_attr("fail_reason", f"CUDA out of memory on {spec.device}")
@@ -461,7 +494,15 @@ def worker_main(spec: WorkerSpec) -> int:
             return True
         current.clear()
         study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+        if current.get("requeue"):
+            requeue(current["trial"])
         return True
+
+    def requeue(trial: optuna.Trial) -> None:
+        """Queue a trial that a storage outage failed, like a killed one, to resume from its checkpoint."""
+        frozen = wait.call(study._storage.get_trial, trial._trial_id)
+        if frozen.state == TrialState.FAIL:
+            wait.call(queue_retry, study, frozen)
 
     def finished_elsewhere() -> bool:
         """True when the trial in hand was ended by someone else (failed as stale during an outage)."""
@@ -472,6 +513,8 @@ def worker_main(spec: WorkerSpec) -> int:
 
     try:
         while True:
+            if _STOP["requested"]:
+                raise _StopRequested()
             try:
                 go_on = one_round()
             except Exception as exc:
@@ -488,10 +531,10 @@ def worker_main(spec: WorkerSpec) -> int:
     except KeyboardInterrupt:
         trial = current.get("trial")
         if trial is not None:
-            with contextlib.suppress(Exception):  # a storage that is down now: the trial goes stale instead
-                frozen = study._storage.get_trial(trial._trial_id)
+            with contextlib.suppress(Exception):  # a storage that stays down: the trial goes stale instead
+                frozen = brief.call(study._storage.get_trial, trial._trial_id)
                 if frozen.state == TrialState.FAIL:
-                    RetryHeartbeatStaleTrialCallback()(study, frozen)  # resume it from last.pt next time
+                    brief.call(queue_retry, study, frozen, None)  # resume it from last.pt next time
         return 130
     finally:
         _write_status(spec, {"done": True})
@@ -570,7 +613,6 @@ def run(
     A worker killed by a signal (SIGKILL, the OOM killer) while the budget is not met is started again,
     at most ``max_respawns`` times per run; its trial goes stale and is retried from its checkpoint.
     """
-    from search.data import make_split, open_data
     from search.space import load_space
     from search.storage import (
         check_storage_url,
@@ -594,6 +636,8 @@ def run(
     check_storage_url(url)  # its form now; connecting (and creating a SQLite file) once the data is good
     heartbeat = opts.heartbeat or int(space.study.get("heartbeat_interval", DEFAULT_HEARTBEAT))
     grace = int(space.study.get("grace_period", 3 * heartbeat))
+    from search.data import make_split, open_data  # torch: after the checks that need none
+
     data = open_data(opts.data, progress=opts.display)
     base = space.config_for({})
     split = make_split(data, base.train.valid_ratio, base.train.split_seed)
@@ -722,6 +766,13 @@ def run(
     if errors:
         raise UserError(str(errors[0]))
     counts = wait.call(lambda: count_trials(study.get_trials(deepcopy=False)))
+    max_failures = opts.max_failures or max(opts.trials, 3)
+    if counts.finished < opts.trials and counts.failed >= max_failures:
+        raise UserError(
+            f"study '{name}' stopped at {counts.finished} of {opts.trials} finished trials after "
+            f"{counts.failed} failed ones (--max-failures {max_failures}); 'spkid-search status' shows "
+            "why they failed: fix that, or raise --max-failures, and run the same command again"
+        )
     broken = {w: code for w, code in exits.items() if code not in (0, 130)}
     if counts.finished < opts.trials and broken:
         what = ", ".join(f"worker {w} {_exit_text(code)}" for w, code in sorted(broken.items()))

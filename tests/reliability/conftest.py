@@ -79,6 +79,14 @@ FIGURES = Figures()
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "deadline(seconds): hard wall-clock limit for one test (SIGALRM)")
+    config.addinivalue_line("markers", "reliability: the fault, bad-input and security campaign (-m)")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.reliability)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -32,8 +32,8 @@ def test_four_sqlite_workers_finish_fifty_trials_without_a_lock_error(
     space = write_space(
         tmp_path / "unit.yaml",
         pruner={"name": "successive_halving", "min_resource": 1, "reduction_factor": 2},
-        steps=20,
-        valid_steps=10,
+        steps=10,
+        valid_steps=5,
     )
     started = time.monotonic()
     opts = RunOptions(space=str(space), trials=50, data=tiny_dir, workers=4, heartbeat=1, display=False)
