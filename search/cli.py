@@ -190,6 +190,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     from search.progress import console
     from search.storage import artifact_store, resolve
 
+    if not 1 <= args.port <= 65535:
+        raise UserError(f"--port {args.port}: must be a TCP port between 1 and 65535")
     storage, study, url = resolve(args.study, args.storage)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]Warning: --host {args.host} exposes the dashboard beyond this machine.")

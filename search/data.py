@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,7 +137,9 @@ def read_layout(root: Path) -> HW4Layout:
 def load_feature(path: Path, n_mels: int, mel_len: int | None = None) -> torch.Tensor:
     """Load one ``uttr-*.pt`` safely (weights_only) and check it is a (mel_len, n_mels) float tensor."""
     try:
-        tensor = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a refused legacy pickle is reported below in one line
+            tensor = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"{path}: feature file not found (listed in the metadata)") from None
     except Exception as exc:  # noqa: BLE001 - pickle/zip errors come in many types

@@ -70,19 +70,19 @@ class RunView:
         self.live = Live(Text("starting workers..."), console=console, refresh_per_second=2, transient=False)
 
     def __enter__(self) -> RunView:
-        if self.enabled:
-            self.live.start()
-        return self
+        return self  # the live view starts on the first update, after run() has validated everything
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self.enabled:
+        if self.live.is_started:
             self.live.stop()
 
     def update(self, study: optuna.Study, counts: Counts, workers: list[dict[str, Any]]) -> None:
         if not self.enabled:
             return
+        if not self.live.is_started:
+            self.live.start()
         if self.start_finished is None:
             self.start_finished = counts.finished
         table = Table(header_style="bold", expand=False)

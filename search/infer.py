@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``; anything else (a pickle payload, junk) is refused."""
     path = Path(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a refused legacy pickle is reported below in one line
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"{path}: checkpoint not found") from None
     except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types

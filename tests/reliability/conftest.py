@@ -79,14 +79,18 @@ FIGURES = Figures()
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "deadline(seconds): hard wall-clock limit for one test (SIGALRM)")
-    config.addinivalue_line("markers", "reliability: the fault, bad-input and security campaign (-m)")
+    config.addinivalue_line("markers", "slow: long fault-injection test, run with SPKID_SLOW_TESTS=1")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    here = Path(__file__).parent
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark this folder's tests; the long fault-injection studies (minutes each) run only when asked for."""
+    skip = pytest.mark.skip(
+        reason="long fault-injection study: run with SPKID_SLOW_TESTS=1 (about 10-20 min)"
+    )
     for item in items:
-        if here in Path(str(item.fspath)).parents:
-            item.add_marker(pytest.mark.reliability)
+        if item.get_closest_marker("slow"):
+            item.add_marker(skip)
+    config.addinivalue_line("markers", "reliability: the fault, bad-input and security campaign (-m)")
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

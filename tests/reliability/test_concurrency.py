@@ -25,6 +25,7 @@ from search.study import RunOptions, StorageWait, count_trials, fail_silent_tria
 from tests.reliability.conftest import Figures, postgres_answers, write_space
 
 
+@pytest.mark.slow
 @pytest.mark.deadline(240)
 def test_four_sqlite_workers_finish_fifty_trials_without_a_lock_error(
     tmp_path: Path, tiny_dir: Path, capfd: pytest.CaptureFixture[str], figures: Figures

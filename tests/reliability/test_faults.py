@@ -101,6 +101,7 @@ def check_retried_from_checkpoint(trials: list[FrozenTrial], number: int, min_st
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.deadline(240)
 def test_kill9_random_worker_five_times_during_twenty_trials(
     tmp_path: Path, tiny_dir: Path, cli: Any, figures: Figures
@@ -171,6 +172,7 @@ def test_kill9_random_worker_five_times_during_twenty_trials(
     )
 
 
+@pytest.mark.slow
 @pytest.mark.deadline(150)
 def test_a_worker_that_keeps_dying_is_restarted_a_bounded_number_of_times(
     tmp_path: Path, tiny_dir: Path, figures: Figures
@@ -232,6 +234,7 @@ def _pg_finished(url: str) -> int:
         return 0
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 @pytest.mark.deadline(240)
 def test_three_workers_ride_out_a_postgresql_restart(
@@ -348,6 +351,7 @@ class NotAFolder:
             self.away.rename(self.store)
 
 
+@pytest.mark.slow
 @pytest.mark.deadline(200)
 def test_broken_artifact_store_fails_one_trial_each_and_study_goes_on(
     tmp_path: Path, tiny_dir: Path, cli: Any, figures: Figures
@@ -424,6 +428,7 @@ def test_broken_artifact_store_fails_one_trial_each_and_study_goes_on(
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.deadline(200)
 def test_sigterm_then_ctrl_c_stop_cleanly_and_the_study_resumes_to_the_exact_count(
     tmp_path: Path, tiny_dir: Path, cli: Any, figures: Figures
