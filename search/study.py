@@ -547,6 +547,9 @@ def _worker_entry(spec: WorkerSpec) -> None:
     except UserError as exc:
         _write_status(spec, {"error": str(exc)})
         code = 2
+    except KeyboardInterrupt:  # told to stop while still starting (importing torch, opening the data)
+        _write_status(spec, {"done": True})
+        code = 130
     os._exit(code)  # skip interpreter teardown of torch threads in a worker
 
 
@@ -602,6 +605,8 @@ def _exit_text(code: int | None) -> str:
             return f"was killed by {signal.Signals(-code).name}"
         except ValueError:
             return f"was killed by signal {-code}"
+    if code == 130:
+        return "was stopped (SIGTERM or Ctrl-C sent to it, not to spkid-search run)"
     return f"exited with code {code}"
 
 
@@ -773,7 +778,7 @@ def run(
             f"{counts.failed} failed ones (--max-failures {max_failures}); 'spkid-search status' shows "
             "why they failed: fix that, or raise --max-failures, and run the same command again"
         )
-    broken = {w: code for w, code in exits.items() if code not in (0, 130)}
+    broken = {w: code for w, code in exits.items() if code != 0}
     if counts.finished < opts.trials and broken:
         what = ", ".join(f"worker {w} {_exit_text(code)}" for w, code in sorted(broken.items()))
         raise UserError(
