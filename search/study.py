@@ -15,7 +15,6 @@ goes stale and is retried from its checkpoint like a killed one.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -34,6 +33,7 @@ from optuna.artifacts import upload_artifact
 from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
+from search.checksum import sha256_file
 from search.errors import UserError
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -312,14 +312,6 @@ def _write_status(spec: WorkerSpec, state: dict[str, Any]) -> None:
         os.replace(tmp, path)
     except OSError:
         pass  # the display is best effort; training must not fail for it
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def worker_main(spec: WorkerSpec) -> int:

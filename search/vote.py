@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import json
 import math
 import os
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from search.checksum import sha256_file
 from search.config import Config
 from search.data import FeatureStore, PackedData, Split, make_split
 from search.errors import UserError
@@ -50,15 +50,6 @@ TEMPERATURE_RANGE = (0.05, 20.0)  # 1/T is searched in [1/20, 1/0.05]
 # --------------------------------------------------------------------------------------------------
 # Files: checksums, manifest, member paths
 # --------------------------------------------------------------------------------------------------
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks (checkpoints can be hundreds of MB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
