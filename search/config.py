@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from search.errors import UserError
+from search.errors import UserError, shown
 
 ENCODERS = ("transformer", "conformer")
 POOLINGS = ("mean", "attention", "attentive_stats")
@@ -129,7 +129,7 @@ def _coerce(source: str, key: str, value: Any, kind: type) -> Any:
             return float(value)
     if kind is str and isinstance(value, str):
         return value
-    raise UserError(f"{source}: key '{key}' must be {kind.__name__}, got {value!r}")
+    raise UserError(f"{source}: key '{key}' must be {kind.__name__}, got {shown(value)}")
 
 
 def validate(config: Config, source: str = "config", cross: bool = True) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from search.errors import UserError
+from search.errors import UserError, load_failure, shown
 
 PAD_VALUE = -20.0
 FEATURE_NAME = re.compile(r"^[A-Za-z0-9._-]+\.pt$")
@@ -76,7 +76,7 @@ def _utterance(entry: Any, path: Path, where: str, label: int) -> Utterance:
     if not isinstance(feature_path, str) or not FEATURE_NAME.match(feature_path):
         raise UserError(f"{path}: '{where}feature_path' must be a plain file name like uttr-<hex>.pt")
     if not isinstance(mel_len, int) or isinstance(mel_len, bool) or mel_len < 1:
-        raise UserError(f"{path}: '{where}mel_len' must be a positive integer, got {mel_len!r}")
+        raise UserError(f"{path}: '{where}mel_len' must be a positive integer, got {shown(mel_len)}")
     return Utterance(feature_path, mel_len, label)
 
 
@@ -143,8 +143,8 @@ def load_feature(path: Path, n_mels: int, mel_len: int | None = None) -> torch.T
     except FileNotFoundError:
         raise UserError(f"{path}: feature file not found (listed in the metadata)") from None
     except Exception as exc:  # noqa: BLE001 - pickle/zip errors come in many types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise UserError(f"{path}: unreadable tensor file ({first[:160]}); restore or remove it") from None
+        reason = load_failure(exc)
+        raise UserError(f"{path}: unreadable tensor file: {reason}; restore or remove it") from None
     if not isinstance(tensor, torch.Tensor):
         raise UserError(f"{path}: holds a {type(tensor).__name__}, expected a tensor (mel_len, {n_mels})")
     if tensor.dim() != 2 or not tensor.is_floating_point():

@@ -6,6 +6,9 @@ so every check that guards user input raises this with the file/key at fault and
 
 from __future__ import annotations
 
+import pickle
+import re
+
 
 class UserError(Exception):
     """A problem with the user's input or environment, with a message that says how to fix it."""
@@ -17,3 +20,28 @@ class UserError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, so an error line stays one readable line.
+
+    A hostile YAML (an alias bomb) can expand to megabytes; echoing it whole would bury the message.
+    """
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def load_failure(exc: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` refused a file, in a few words.
+
+    torch's own text opens with a paragraph about changed defaults and suggests re-running with
+    ``weights_only=False`` (the unsafe fix); the useful part is the global the file tried to import.
+    """
+    text = str(exc)
+    blocked = re.search(r"GLOBAL (\S+)", text)
+    if isinstance(exc, pickle.UnpicklingError) and blocked:
+        return f"it holds Python objects, not only tensors (it imports {blocked.group(1)}), unsafe to load"
+    first = (text.strip().splitlines() or [exc.__class__.__name__])[0]
+    if "Weights only load failed" in first:
+        return "it holds Python objects, not only tensors, unsafe to load"
+    return shown(first, 160).strip("'\"")

@@ -18,7 +18,7 @@ import torch
 
 from search.config import Config
 from search.data import FeatureStore, eval_batches
-from search.errors import UserError
+from search.errors import UserError, load_failure
 from search.model import SpeakerNet, build_model
 
 # On CPU a batch amortises nothing (the per-frame compute dominates, not per-call overhead) and large
@@ -59,9 +59,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise UserError(f"{path}: checkpoint not found") from None
     except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types
-        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
+        reason = load_failure(exc)
         raise UserError(
-            f"{path}: not a loadable checkpoint ({first[:160]}); it may be corrupt or unsafe"
+            f"{path}: not a loadable checkpoint: {reason}; it may be corrupt: replace it with one you trust"
         ) from None
     if not isinstance(ckpt, dict) or not {"config", "model", "n_mels", "speakers"} <= set(ckpt):
         raise UserError(f"{path}: not an spkid-search checkpoint (needs config, model, n_mels, speakers)")

@@ -33,7 +33,7 @@ from typing import Any
 import optuna
 
 from search.config import ALL_FIELDS, Config, read_yaml
-from search.errors import UserError
+from search.errors import UserError, shown
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "spaces"
 TOP_KEYS = {"name", "description", "params", "constraints", "sampler", "pruner", "enqueue", "study"}
@@ -196,21 +196,21 @@ def _param(key: str, spec: dict[str, Any], where: str) -> Param:
             try:
                 Config.from_dict({key: choice}, source=where, cross=False)
             except UserError as exc:
-                raise UserError(f"{where}.choices: {choice!r} is not valid ({_tail(exc)})") from None
+                raise UserError(f"{where}.choices: {shown(choice)} is not valid ({_tail(exc)})") from None
         return Param(key, optuna.distributions.CategoricalDistribution(choices), when)
     if "low" not in spec or "high" not in spec:
         raise UserError(f"{where}: needs 'low' and 'high' (or 'choices' for a categorical)")
     low, high, step, log = spec["low"], spec["high"], spec.get("step"), spec.get("log", False)
     for label, value in (("low", low), ("high", high), ("step", step)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise UserError(f"{where}.{label}: must be a number, got {value!r}")
+            raise UserError(f"{where}.{label}: must be a number, got {shown(value)}")
     if not isinstance(log, bool):
         raise UserError(f"{where}.log: must be true or false")
     field_type = ALL_FIELDS[key]
     if kind is None:
         kind = "int" if field_type is int else "float"
     if kind not in ("int", "float"):
-        raise UserError(f"{where}.type: must be int, float or categorical, got {kind!r}")
+        raise UserError(f"{where}.type: must be int, float or categorical, got {shown(kind)}")
     if field_type is int and kind == "float":
         raise UserError(f"{where}.type: '{key}' is an integer key; use type int")
     if field_type is float and kind == "int":
@@ -238,7 +238,7 @@ def _param(key: str, spec: dict[str, Any], where: str) -> Param:
         try:
             Config.from_dict({key: value}, source=where, cross=False)
         except UserError as exc:
-            raise UserError(f"{where}: bound {value!r} is not valid ({_tail(exc)})") from None
+            raise UserError(f"{where}: bound {shown(value)} is not valid ({_tail(exc)})") from None
     return Param(key, dist, when)
 
 
@@ -374,7 +374,7 @@ def _enqueue_entry(space: Space, entry: Any, where: str) -> dict[str, Any]:
             raise UserError(f"{where}: gives no value for searched key '{p.name}'")
         value = values[p.name]
         if not p.distribution._contains(p.distribution.to_internal_repr(value)):
-            raise UserError(f"{where}: {p.name}={value!r} lies outside the space's range for it")
+            raise UserError(f"{where}: {p.name}={shown(value)} lies outside the space's range for it")
         params[p.name] = value
         resolved[p.name] = value
     unknown = set(entry) - {"baseline"} - {p.name for p in space.params}

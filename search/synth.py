@@ -49,7 +49,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from search.errors import UserError
+from search.errors import UserError, shown
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
@@ -527,7 +527,7 @@ def resolve_spec(
     spec = PRESETS[preset]
     for key, value in (("speakers", speakers), ("utterances", utterances), ("test", test)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise UserError(f"synth: {key} must be an integer, got {value!r}")
+            raise UserError(f"synth: {key} must be an integer, got {shown(value)}")
     if speakers is not None and utterances is None:
         per = spec.utterances / spec.speakers
         spec = replace(spec, speakers=speakers, utterances=max(3 * speakers, round(per * speakers)))
@@ -591,9 +591,9 @@ def generate(
     out = Path(out)
     spec = resolve_spec(preset, speakers, utterances, test)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise UserError(f"synth: seed must be a non-negative integer, got {seed!r}")
+        raise UserError(f"synth: seed must be a non-negative integer, got {shown(seed)}")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise UserError(f"synth: workers must be a positive integer, got {workers!r}")
+        raise UserError(f"synth: workers must be a positive integer, got {shown(workers)}")
     if out.exists() and not out.is_dir():
         raise UserError(f"synth: {out} exists and is not a directory; choose a new or empty directory")
     replacing = out.is_dir() and any(out.iterdir())

@@ -35,7 +35,7 @@ import torch
 from search.checksum import sha256_file
 from search.config import Config
 from search.data import FeatureStore, PackedData, Split, make_split
-from search.errors import UserError
+from search.errors import UserError, shown
 from search.infer import model_from_checkpoint, predict_logits, read_checkpoint
 
 MANIFEST_NAME = "manifest.json"
@@ -125,7 +125,8 @@ def read_manifest(export_dir: Path) -> Manifest:
             path, f"not an spkid-search export manifest (expected format '{MANIFEST_FORMAT}')"
         )
     if raw.get("version") != MANIFEST_VERSION:
-        raise _manifest_error(path, f"manifest version {raw.get('version')!r} is not supported (expected 1)")
+        version = shown(raw.get("version"))
+        raise _manifest_error(path, f"manifest version {version} is not supported (expected 1)")
     data, split, members = raw.get("data"), raw.get("split"), raw.get("members")
     if not isinstance(data, dict) or not isinstance(data.get("fingerprint"), str):
         raise _manifest_error(path, "missing 'data.fingerprint'")
@@ -154,7 +155,7 @@ def read_manifest(export_dir: Path) -> Manifest:
             or not math.isfinite(weight)
             or weight <= 0
         ):
-            raise _manifest_error(path, f"'{where}.weight' must be a positive number, got {weight!r}")
+            raise _manifest_error(path, f"'{where}.weight' must be a positive number, got {shown(weight)}")
         trial = entry.get("trial")
         acc = entry.get("valid_acc")
         parsed.append(

@@ -63,7 +63,6 @@ RUN = "run --quiet --space {attack}/ok.yaml --trials 2"
 TRAIN = "train --quiet --config {attack}/config.yaml --data"
 VOTE = "vote --quiet --data {tiny}"
 PREDICT = "predict --quiet --data {tiny} --out {attack}/p.csv"
-BOMB_BUG = "space.py/config.py echo the whole value with !r: a YAML alias bomb becomes a 3.7 MB line"
 CASES = [
     # run: search spaces
     Case(
@@ -123,7 +122,6 @@ CASES = [
         "run --quiet --space {attack}/bomb.yaml --trials 2",
         "pooling",
         "not valid",
-        BOMB_BUG,
     ),
     # run: numbers, names, storage, data
     Case(
