@@ -79,19 +79,7 @@ FIGURES = Figures()
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "deadline(seconds): hard wall-clock limit for one test (SIGALRM)")
-    config.addinivalue_line("markers", "slow: long fault-injection test, run with SPKID_SLOW_TESTS=1")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The long fault-injection studies run only when asked for (SPKID_SLOW_TESTS=1)."""
-    if os.environ.get("SPKID_SLOW_TESTS") == "1":
-        return
-    skip = pytest.mark.skip(
-        reason="long fault-injection study: run with SPKID_SLOW_TESTS=1 (all of them: about 3 min on 2 cores)"
-    )
-    for item in items:
-        if item.get_closest_marker("slow"):
-            item.add_marker(skip)
+    config.addinivalue_line("markers", "slow: long fault-injection study (-m 'not slow' skips them)")
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
