@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from search.config import Config
+from search.config import Config, load_config
 from search.data import CropSampler, FeatureStore, PackedData, make_split, pack
 from search.devices import resolve_device
 from search.errors import UserError
@@ -61,15 +61,16 @@ def make_model(args: argparse.Namespace, data: PackedData, device: torch.device)
     if args.checkpoint is not None:
         model, _, _ = load_model(args.checkpoint, device)
         return model, str(args.checkpoint)
-    config = Config.from_dict({**STRONG, "lr": 2e-3})
+    config = load_config(args.config) if args.config else Config.from_dict({**STRONG, "lr": 2e-3})
     torch.manual_seed(0)
     model = build_model(config.model, data.n_mels, data.n_speakers).to(device)
     if args.train_steps:
         started = time.perf_counter()
-        _train_steps(model, data, device, args.train_steps, config.train.lr)
+        _train_steps(model, data, device, args.train_steps, 2e-3)
         print(f"trained {args.train_steps} steps in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     model.eval()
-    return model, f"strong-like conformer (d_model 224), {args.train_steps} training steps"
+    name = str(args.config) if args.config else "strong-like conformer (d_model 224)"
+    return model, f"{name}, {args.train_steps} training steps"
 
 
 def _train_steps(model: SpeakerNet, data: PackedData, device: torch.device, steps: int, lr: float) -> None:
@@ -110,6 +111,51 @@ def batch_one(model: SpeakerNet, data: PackedData, indices: np.ndarray, device: 
         lengths = torch.tensor([x.shape[0]], device=device)
         rows.append(model(x[None], lengths).float().cpu().numpy()[0])
     return np.stack(rows)
+
+
+def attention_flops(model: SpeakerNet, frames: int) -> int:
+    """FLOPs of the encoder's attention scores and weighted sums for one utterance: 4 * T^2 * d per layer.
+
+    torch's flop counter does not see the fused CPU attention kernel, so these are added by hand.
+    """
+    layers = sum(1 for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention))
+    d_model = next(m.embed_dim for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention))
+    return 4 * frames * frames * d_model * layers
+
+
+@torch.no_grad()
+def roofline(model: SpeakerNet, data: PackedData, indices: np.ndarray, seconds: float) -> dict[str, float]:
+    """How close the batch-1 loop already runs to this CPU's matrix-multiply rate.
+
+    Counts the model's FLOPs over the scored utterances (linear and convolution layers by torch's
+    counter, attention by :func:`attention_flops`), divides by the batch-1 time, and compares with a
+    large float32 matmul on the same threads. No batching can beat batch-1 by more than
+    ``peak / achieved``: it only removes per-call overhead, never arithmetic.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.eval()
+    flops = 0
+    for i in indices:
+        x = torch.from_numpy(data.utterance(int(i)))
+        with FlopCounterMode(display=False) as counter:
+            model(x[None], torch.tensor([x.shape[0]]))
+        flops += counter.get_total_flops() + attention_flops(model, x.shape[0])
+    a, b = torch.randn(4096, 224), torch.randn(224, 896)
+    for _ in range(3):
+        a @ b
+    started, n = time.perf_counter(), 30
+    for _ in range(n):
+        a @ b
+    peak = 2 * 4096 * 224 * 896 * n / (time.perf_counter() - started)
+    achieved = flops / seconds
+    return {
+        "gflop_per_utterance": flops / len(indices) / 1e9,
+        "batch1_gflop_per_s": achieved / 1e9,
+        "matmul_gflop_per_s": peak / 1e9,
+        "batch1_fraction_of_matmul": achieved / peak,
+        "max_speedup_any_batching": peak / achieved,
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -171,6 +217,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "max_abs_logit_diff": float(np.abs(batched - single).max()),
         "bf16_batched": device.type == "cuda",
     }
+    if device.type == "cpu":
+        result["roofline"] = roofline(model, data, indices, single_s)
     return result
 
 
@@ -181,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     parser.add_argument(
         "--checkpoint", type=Path, help="score this checkpoint instead of a strong-like model"
+    )
+    parser.add_argument(
+        "--config", type=Path, help="a config YAML (e.g. spaces/baselines/simple.yaml) instead of strong-like"
     )
     parser.add_argument("--train-steps", type=int, default=30, help="steps to train the stand-in model")
     parser.add_argument(
@@ -216,6 +267,14 @@ def main(argv: list[str] | None = None) -> int:
         f"max |logit diff| {result['max_abs_logit_diff']:.2e})\n"
         f"  -> {out}"
     )
+    if "roofline" in result:
+        roof = result["roofline"]
+        print(
+            f"  roofline: batch-1 runs {roof['batch1_gflop_per_s']:.1f} GFLOP/s, "
+            f"{100 * roof['batch1_fraction_of_matmul']:.0f}% of a large matmul's "
+            f"{roof['matmul_gflop_per_s']:.1f} GFLOP/s on these threads: no batching can be more than "
+            f"{roof['max_speedup_any_batching']:.1f}x faster here"
+        )
     strict = result["device"] == "cpu"  # CUDA batches run in bf16, the batch-1 loop in fp32
     return 1 if strict and not result["predictions_identical"] else 0
 
