@@ -161,6 +161,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     console.print(
         f"[green]finished {counts.finished} trials (complete {counts.complete}, pruned {counts.pruned}),"
         f" failed {counts.failed}"
+        + (f", retried {counts.retried}" if counts.retried else "")
     )
     return 0
 

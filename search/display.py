@@ -56,6 +56,7 @@ def counts_line(counts: Counts, target: int | None = None) -> Text:
         f"{counts.waiting}  ",
         ("failed ", "bold red" if counts.failed else "bold"),
         f"{counts.failed}",
+        (f"  (retried {counts.retried})" if counts.retried else "", "dim"),
     )
 
 

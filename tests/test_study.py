@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 
 from search.errors import UserError
 from search.storage import artifact_store, default_storage_url, open_storage
-from search.study import RunOptions, run, sha256_file
+from search.study import RunOptions, count_trials, run, sha256_file
 
 SPACE = {
     "name": "unit",
@@ -184,6 +184,7 @@ def test_sigkill_worker_trial_is_retried_and_resumed(tmp_path: Path, tiny_dir: P
     assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
     assert retries[0].params == killed[0].params
     assert retries[0].user_attrs["resumed_from_step"] >= 100  # from its last checkpoint, not step 0
+    assert "failed 0, retried 1" in " ".join(out.split()), out  # the summary tells the two apart
 
 
 def test_ctrl_c_stops_cleanly_and_resumes(tmp_path: Path, tiny_dir: Path) -> None:
@@ -259,7 +260,8 @@ def test_three_workers_on_postgresql(tmp_path: Path, tiny_dir: Path, pg_database
     study = load(url=pg_database)
     by_state = states(study)
     assert by_state.get(TrialState.COMPLETE, 0) + by_state.get(TrialState.PRUNED, 0) == 6
-    assert TrialState.RUNNING not in by_state and TrialState.FAIL not in by_state
+    # A trial cut off by a slow heartbeat may be retried (FAIL + requeued); none may fail for real.
+    assert TrialState.RUNNING not in by_state and count_trials(study.get_trials()).failed == 0
     assert len({t.user_attrs["worker"] for t in study.get_trials(deepcopy=False)}) >= 2
 
 
