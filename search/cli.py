@@ -160,8 +160,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         console.print(best_table(study, 5))
     console.print(
         f"[green]finished {counts.finished} trials (complete {counts.complete}, pruned {counts.pruned}),"
-        f" failed {counts.failed}"
-        + (f", retried {counts.retried}" if counts.retried else "")
+        f" failed {counts.failed}" + (f", retried {counts.retried}" if counts.retried else "")
     )
     return 0
 
