@@ -40,6 +40,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.data import FeatureStore, PackedData, Split, open_data
 from search.errors import UserError
+from search.files import atomic_write
 from search.infer import read_checkpoint
 from search.storage import artifact_store, study_dir
 from search.vote import (
@@ -173,16 +174,8 @@ class ValidLogits:
     def _save(self, trial: FrozenTrial, logits: np.ndarray, digest: str) -> None:
         with contextlib.suppress(OSError):  # a read-only study folder only costs a recomputation
             self.folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".trial-{trial.number}.", suffix=".npz", dir=self.folder)
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    np.savez(
-                        fh, logits=logits, sha256=np.array(digest), split_id=np.array(self.split.split_id)
-                    )
-                os.replace(tmp, self.folder / f"trial-{trial.number}.npz")
-            finally:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
+            with atomic_write(self.folder / f"trial-{trial.number}.npz") as fh:
+                np.savez(fh, logits=logits, sha256=np.array(digest), split_id=np.array(self.split.split_id))
 
     def get(self, trial: FrozenTrial) -> np.ndarray:
         """(n_valid, classes) float32 logits of ``trial`` on the validation split."""

@@ -6,9 +6,6 @@ checkpoint rebuilds its model alone and can be checked against the data it is as
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,6 +16,7 @@ import torch
 from search.config import Config
 from search.data import FeatureStore, eval_batches
 from search.errors import UserError, load_failure
+from search.files import atomic_write
 from search.model import SpeakerNet, build_model
 
 # On CPU a batch amortises nothing (the per-frame compute dominates, not per-call overhead) and large
@@ -33,20 +31,11 @@ def frame_budget(configured: int, device: torch.device) -> int:
 
 
 def save_atomic(obj: dict[str, Any], path: Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename: a crash never leaves half a file."""
+    """torch.save through :func:`~search.files.atomic_write`: a crash never leaves half a checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as fh:
+        torch.save(obj, fh)
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

@@ -6,12 +6,10 @@ SQLite (embedded, under ``studies/<study>/study.db``) is the default; PostgreSQL
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
 import sqlite3
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -23,6 +21,7 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from search.errors import UserError
+from search.files import atomic_write
 
 SCHEMA_ATTEMPTS = 4  # opening a new database that other processes create at the same moment
 STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -320,17 +319,8 @@ class AtomicArtifactStore(FileSystemArtifactStore):
         if not artifact_id or Path(artifact_id).name != artifact_id or artifact_id in (".", ".."):
             raise ValueError(f"Invalid artifact_id: {artifact_id}")
         final = self.root / artifact_id
-        fd, tmp = tempfile.mkstemp(prefix=f".{artifact_id}.", suffix=".part", dir=self.root)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                shutil.copyfileobj(content_body, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        with atomic_write(final) as fh:
+            shutil.copyfileobj(content_body, fh)
 
 
 def artifact_store(study: optuna.Study) -> AtomicArtifactStore:

@@ -33,8 +33,8 @@ from optuna.artifacts import upload_artifact
 from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
-from search.checksum import sha256_file
 from search.errors import UserError
+from search.files import sha256_file
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 DEFAULT_HEARTBEAT = 20

@@ -18,12 +18,9 @@ disagree about how the CSV is written.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from search.checksum import sha256_file
 from search.config import Config
 from search.data import FeatureStore, PackedData, Split, make_split
 from search.errors import UserError, shown
+from search.files import atomic_write, sha256_file
 from search.infer import model_from_checkpoint, predict_logits, read_checkpoint
 
 MANIFEST_NAME = "manifest.json"
@@ -437,26 +434,15 @@ def write_submission(
             f"{out}: predicted unknown speaker(s) {', '.join(unknown[:3])}; the checkpoint does not match"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
+        with atomic_write(out, text=True, overwrite=force) as fh:  # without --force: never clobbers
             writer = csv.writer(fh, lineterminator="\n")
             writer.writerow(CSV_HEADER)
             writer.writerows(zip(ids, categories, strict=True))
-            fh.flush()
-            os.fsync(fh.fileno())
-        if force:
-            os.replace(tmp, out)
-        else:
-            try:
-                os.link(tmp, out)  # fails if out appeared meanwhile: never clobbers
-            except FileExistsError:
-                raise UserError(
-                    f"{out}: already exists; pass --force to overwrite it or choose another --out"
-                ) from None
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    except FileExistsError:
+        raise UserError(
+            f"{out}: already exists; pass --force to overwrite it or choose another --out"
+        ) from None
 
 
 def _answer_key(data: PackedData, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

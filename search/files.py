@@ -1,0 +1,50 @@
+"""Safe file writing and checksums, shared by the trainer, the artifact store, export and vote.
+
+Every file another process may read while it is being written (checkpoints, artifacts, cached logits,
+the submission CSV) goes through :func:`atomic_write`, so a crash, a full disk or Ctrl-C never leaves
+half a file where a complete one is expected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks (checkpoints can be hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path, text: bool = False, overwrite: bool = True) -> Iterator[IO[Any]]:
+    """Write ``path`` through a temp file beside it, synced and then renamed into place.
+
+    With ``overwrite=False`` the file is hard-linked into place instead, which raises
+    ``FileExistsError`` if ``path`` appeared in the meantime: an existing file is never clobbered.
+    On any error (or interrupt) the temp file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fh: IO[Any] = os.fdopen(fd, "w", newline="", encoding="utf-8") if text else os.fdopen(fd, "wb")
+        with fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)

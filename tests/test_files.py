@@ -1,0 +1,46 @@
+"""search.files: atomic writes never leave half a file or clobber one they should not."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from search.files import atomic_write, sha256_file
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path: Path) -> None:
+    target = tmp_path / "best.pt"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_write(target) as fh:
+        fh.write(b"half of the new")
+        raise RuntimeError("disk full")
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt"]
+
+
+def test_a_finished_write_replaces_the_file(tmp_path: Path) -> None:
+    target = tmp_path / "out.csv"
+    target.write_text("old\n")
+    with atomic_write(target, text=True) as fh:
+        fh.write("Id,Category\n")
+    assert target.read_text() == "Id,Category\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.csv"]
+
+
+def test_without_overwrite_an_existing_file_is_never_clobbered(tmp_path: Path) -> None:
+    target = tmp_path / "submission.csv"
+    with atomic_write(target, text=True, overwrite=False) as fh:
+        fh.write("first\n")
+    with pytest.raises(FileExistsError), atomic_write(target, text=True, overwrite=False) as fh:
+        fh.write("second\n")
+    assert target.read_text() == "first\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["submission.csv"]
+
+
+def test_sha256_file_matches_hashlib(tmp_path: Path) -> None:
+    blob = bytes(range(256)) * 10_000  # several read chunks
+    path = tmp_path / "blob"
+    path.write_bytes(blob)
+    assert sha256_file(path) == hashlib.sha256(blob).hexdigest()
