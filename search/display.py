@@ -7,7 +7,7 @@ from types import TracebackType
 from typing import Any
 
 import optuna
-from rich.console import Group
+from rich.console import Group, RenderableType
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
@@ -20,18 +20,28 @@ def _fmt(value: Any, pattern: str = "{:.4f}") -> str:
     return "-" if value is None else pattern.format(value)
 
 
-def best_table(study: optuna.Study, top: int = 10) -> Table:
-    """The best finished trials, best first."""
+WIDE = 120  # below this many columns the searched values go under the table, one line per trial
+
+
+def best_table(study: optuna.Study, top: int = 10, width: int | None = None) -> RenderableType:
+    """The best finished trials, best first.
+
+    On a wide terminal the searched values are the table's last column; on a narrow one (or a pipe,
+    which rich renders 80 wide) a values column would be squeezed to a few letters per line, so they
+    are listed under the table instead.
+    """
+    wide = (width or console.width) >= WIDE
     table = Table(title=f"study '{study.study_name}': best trials", header_style="bold")
-    for col in ("trial", "state", "valid acc", "best step", "params", "steps/s", "device", "searched values"):
-        table.add_column(
-            col, justify="right" if col not in ("state", "device", "searched values") else "left"
-        )
+    for col in ("trial", "state", "valid acc", "best step", "params", "steps/s", "device"):
+        table.add_column(col, justify="left" if col in ("state", "device") else "right", no_wrap=True)
+    if wide:
+        table.add_column("searched values", justify="left", min_width=30, ratio=1)
+    below: list[Text] = []
     for row in summary_rows(study, top):
         values = ", ".join(
             f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["params"].items()
         )
-        table.add_row(
+        cells = [
             str(row["number"]),
             row["state"],
             _fmt(row["valid_acc"]),
@@ -39,9 +49,13 @@ def best_table(study: optuna.Study, top: int = 10) -> Table:
             _fmt(row["parameters"], "{:,}"),
             _fmt(row["steps_per_s"], "{:.1f}"),
             str(row["device"] or "-"),
-            values,
-        )
-    return table
+        ]
+        if wide:
+            table.add_row(*cells, values)
+        else:
+            table.add_row(*cells)
+            below.append(Text.assemble((f"trial {row['number']}: ", "bold"), values))
+    return Group(table, *below) if below else table
 
 
 def counts_line(counts: Counts, target: int | None = None) -> Text:
