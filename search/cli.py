@@ -439,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         type=Path,
-        help="HW4 data folder, to score the ensemble on validation (greedy default: the study's data folder)",
+        help="HW4 data folder for scoring on validation (default: the folder the study trained on)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_export_top)

@@ -278,9 +278,12 @@ def _study_split(study: optuna.Study, data: PackedData) -> Split:
     return rebuild_split(data, ratio, seed, str(attrs["split_id"]), f"study '{study.study_name}'")
 
 
-def _open_study_data(study: optuna.Study) -> PackedData:
+def _open_study_data(study: optuna.Study, required: bool) -> PackedData | None:
+    """The study's recorded data folder, packed; None (or, when ``required``, an error) if it is gone."""
     root = study.user_attrs.get("data_root")
     if not root or not (Path(root) / "testdata.json").is_file():
+        if not required:
+            return None
         raise UserError(
             f"study '{study.study_name}': greedy selection needs the validation data, and the study's "
             f"data folder ({root or 'not recorded'}) is not available; pass --data DIR"
@@ -336,8 +339,8 @@ def export_top(
             f"study '{study.study_name}': only {len(trials)} usable trial(s) ({which} with a checkpoint), "
             f"fewer than K={k}; lower K{hint} or run more trials"
         )
-    if strategy == "greedy" and data is None:
-        data = _open_study_data(study)
+    if data is None:  # the folder the study trained on; top-k without it just skips the ensemble's score
+        data = _open_study_data(study, required=strategy == "greedy")
     split = _study_split(study, data) if data is not None else None
 
     created = []  # folders this call creates, deepest first, removed again if it fails
@@ -491,7 +494,7 @@ def render_export(result: ExportResult) -> Any:
     if result.ensemble_valid_acc is not None:
         table.add_row("[bold]ensemble", "", str(total), f"[bold]{result.ensemble_valid_acc:.4f}", "soft vote")
     else:
-        table.add_row("[bold]ensemble", "", str(total), "-", "pass --data to score it on validation")
+        table.add_row("[bold]ensemble", "", str(total), "-", "data folder not found: pass --data to score it")
     return table
 
 

@@ -195,10 +195,24 @@ def test_export_top_writes_checked_folder(study: optuna.Study, data: PackedData)
     assert f"{result.ensemble_valid_acc:.4f}" in text and "soft vote" in text and str(best[0].number) in text
 
 
-def test_export_without_data_skips_scoring(study: optuna.Study, tmp_path: Path) -> None:
+def test_export_without_data_scores_on_the_study_data_folder(
+    study: optuna.Study, data: PackedData, tmp_path: Path
+) -> None:
+    result = export_top(study, 2, out=tmp_path / "e")
+    assert result.ensemble_valid_acc is not None
+    assert result.ensemble_valid_acc == export_top(study, 2, out=tmp_path / "f", data=data).ensemble_valid_acc
+
+
+def test_export_skips_scoring_when_the_study_data_is_gone(
+    data: PackedData, trained: list[Trained], tmp_path: Path
+) -> None:
+    study = build_study(tmp_path / "studies" / "moved", "moved", data, trained)
+    study.set_user_attr("data_root", str(tmp_path / "moved-away"))
     result = export_top(study, 2, out=tmp_path / "e")
     assert result.ensemble_valid_acc is None and len(result.members) == 2
     assert "pass --data" in _render(render_export(result))
+    with pytest.raises(UserError, match="greedy selection needs the validation data"):
+        export_top(study, 2, out=tmp_path / "g", strategy="greedy")
 
 
 def test_greedy_never_below_top_k_or_best_single(
@@ -371,15 +385,16 @@ def test_broken_artifact_is_refused_and_nothing_written(
     pattern = "is missing" if damage == "missing" else "checksum mismatch"
     out = tmp_path / "exports" / "t"
     with pytest.raises(UserError, match=pattern) as err:
-        export_top(study, 3, out=out)
+        export_top(study, 3, out=out, data=data)
     assert str(stored) in str(err.value) and f"trial {victim.number}" in str(err.value)
     assert not (tmp_path / "exports").exists()
     kept = tmp_path / "kept"
-    export_top(study, 1, out=kept)  # the best trial alone is intact
+    export_top(study, 1, out=kept, data=data)  # the best trial alone is intact
     before = _snapshot(kept)
     with pytest.raises(UserError, match=pattern):  # a failed --force leaves the old export as it was
-        export_top(study, 3, out=kept, force=True)
-    assert _snapshot(kept) == before and sorted(p.name for p in tmp_path.iterdir()) == ["kept", "own"]
+        export_top(study, 3, out=kept, force=True, data=data)
+    written = {p.name for p in tmp_path.iterdir()} - {"studies"}  # studies/own/: cached validation logits
+    assert _snapshot(kept) == before and written == {"kept", "own"}
     with pytest.raises(UserError, match=pattern):  # greedy needs every candidate's logits
         export_top(study, 2, out=out, strategy="greedy", data=data)
     assert not (tmp_path / "exports").exists()
