@@ -64,6 +64,7 @@ class TrainConfig:
     split_seed: int = 0
     seed: int = 87
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode on CUDA; "reduce-overhead" adds CUDA graphs
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,9 @@ def _field_types(cls: type) -> dict[str, type]:
     return {f.name: type(f.default) for f in dataclasses.fields(cls)}
 
 
+# torch.compile's modes; "reduce-overhead" replays the training step's kernels from CUDA graphs (the
+# crops have a static shape), the cure for a launch-bound small model.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MODEL_FIELDS = _field_types(ModelConfig)
 TRAIN_FIELDS = _field_types(TrainConfig)
 ALL_FIELDS = {**MODEL_FIELDS, **TRAIN_FIELDS}
@@ -180,6 +184,8 @@ def validate(config: Config, source: str = "config", cross: bool = True) -> None
     for key in ("spec_time_masks", "spec_time_width", "spec_freq_masks", "spec_freq_width"):
         if getattr(t, key) < 0:
             raise bad(key, "must be >= 0")
+    if t.compile_mode not in COMPILE_MODES:
+        raise bad("compile_mode", f"must be one of {', '.join(COMPILE_MODES)}, got {shown(t.compile_mode)}")
     if not 0.0 < t.valid_ratio < 1.0:
         raise bad("valid_ratio", f"must be in (0, 1), got {t.valid_ratio}")
 

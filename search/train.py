@@ -118,7 +118,8 @@ def train(
         model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=cuda or None
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t.warmup_steps, t.steps))
-    step_fn = torch.compile(model) if (t.compile and cuda) else model
+    # Compiled for the fixed-shape training crops only; validation's varying lengths run eagerly.
+    step_fn = torch.compile(model, mode=t.compile_mode) if (t.compile and cuda) else model
     meta = _checkpoint_meta(config, data, split)
     valid_labels = data.labels[split.valid]
 

@@ -1,0 +1,61 @@
+"""search.config: flat keys <-> typed dataclasses, and one clear line for every bad value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from search.config import COMPILE_MODES, Config, load_config
+from search.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_flat_keys_round_trip_through_the_dataclasses() -> None:
+    config = Config.from_dict({"encoder": "conformer", "d_model": 64, "heads": 4, "lr": "2e-3", "dropout": 0})
+    assert config.model.encoder == "conformer" and config.model.d_model == 64
+    assert config.train.lr == 0.002 and isinstance(config.model.dropout, float)
+    assert Config.from_dict(config.to_dict()) == config
+    assert config.replace(layers=5).model.layers == 5 and config.model.layers != 5
+
+
+def test_every_shipped_baseline_config_loads() -> None:
+    names = sorted(p.stem for p in (REPO / "spaces" / "baselines").glob("*.yaml"))
+    assert {"simple", "medium", "strong", "boss"} <= set(names)
+    for name in names:
+        load_config(REPO / "spaces" / "baselines" / f"{name}.yaml")
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"d_modle": 64}, "unknown key 'd_modle'"),
+        ({"layers": "three"}, "key 'layers' must be int, got 'three'"),
+        ({"layers": 2.5}, "key 'layers' must be int"),
+        ({"compile": "yes"}, "key 'compile' must be bool"),
+        ({"d_model": 66, "heads": 4}, "key 'd_model' (66) must be divisible by heads (4)"),
+        ({"conv_kernel": 8}, "key 'conv_kernel' must be odd"),
+        ({"encoder": "lstm"}, "key 'encoder' must be one of"),
+        ({"compile_mode": "fastest"}, "key 'compile_mode' must be one of default, reduce-overhead"),
+        ({"valid_ratio": 1.0}, "key 'valid_ratio' must be in (0, 1)"),
+    ],
+)
+def test_bad_values_name_the_key(values: dict[str, object], message: str) -> None:
+    with pytest.raises(UserError) as err:
+        Config.from_dict(values, source="my.yaml")
+    assert str(err.value).startswith("my.yaml: ") and message in str(err.value)
+
+
+def test_a_huge_value_is_not_echoed_whole() -> None:
+    with pytest.raises(UserError) as err:
+        Config.from_dict({"layers": ["x"] * 100_000})
+    assert len(str(err.value)) < 200 and str(err.value).endswith("...")
+
+
+def test_compile_modes_and_checkpoints_written_before_compile_mode_existed() -> None:
+    for mode in COMPILE_MODES:
+        assert Config.from_dict({"compile": True, "compile_mode": mode}).train.compile_mode == mode
+    old = Config().to_dict()
+    del old["compile_mode"]  # a checkpoint's config from an earlier version
+    assert Config.from_dict(old).train.compile_mode == "default"
