@@ -41,7 +41,9 @@ def load_failure(exc: BaseException) -> str:
     blocked = re.search(r"GLOBAL (\S+)", text)
     if isinstance(exc, pickle.UnpicklingError) and blocked:
         return f"it holds Python objects, not only tensors (it imports {blocked.group(1)}), unsafe to load"
+    if "Weights only load failed" in text:  # not a torch tensor file: say what the unpickler tripped on
+        detail = re.search(r"WeightsUnpickler error: \s*(\S[^\n]*)", text)
+        why = detail.group(1).strip() if detail else "not a plain tensor file"
+        return f"not a tensor file torch can read safely ({shown(why, 100).strip(chr(39))})"
     first = (text.strip().splitlines() or [exc.__class__.__name__])[0]
-    if "Weights only load failed" in first:
-        return "it holds Python objects, not only tensors, unsafe to load"
     return shown(first, 160).strip("'\"")

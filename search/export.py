@@ -40,7 +40,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.data import FeatureStore, PackedData, Split, open_data
 from search.errors import UserError
-from search.files import atomic_write
+from search.files import atomic_write, usual_mode
 from search.infer import read_checkpoint
 from search.storage import artifact_store, study_dir
 from search.vote import (
@@ -291,15 +291,42 @@ def _open_study_data(study: optuna.Study, required: bool) -> PackedData | None:
     return open_data(Path(root), progress=False)
 
 
-def _install(tmp: Path, out: Path, force: bool) -> bool:
-    """Move the finished temp folder to ``out``; with force, swap out the old one. True if replaced."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return False
+def check_export_target(out: Path, force: bool) -> None:
+    """Refuse an ``--out`` that export could damage, before any work is done.
+
+    Only an earlier export (a folder with ``manifest.json``) may be replaced, and only with ``--force``:
+    ``--force`` must never wipe a folder of other files, the current folder or one above it.
+    """
+    here = Path.cwd().resolve()
+    target = out.resolve()
+    if target == here or target in here.parents:
+        raise UserError(
+            f"--out {out}: is the current folder or one above it; name a new folder for the export"
+        )
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise UserError(f"--out {out}: exists and is not a folder; choose another --out")
+    if not any(out.iterdir()):
+        return  # an empty folder is as good as a new one
+    if not (out / MANIFEST_NAME).is_file():
+        raise UserError(
+            f"--out {out}: holds other files and is not an export (no {MANIFEST_NAME}); choose another --out"
+        )
     if not force:
         raise UserError(
             f"{out}: an export already exists there; pass --force to replace it or --out elsewhere"
         )
+
+
+def _install(tmp: Path, out: Path, force: bool) -> bool:
+    """Move the finished temp folder to ``out``; with force, swap out the old one. True if replaced."""
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if not out.exists():
+        os.rename(tmp, out)
+        return False
+    check_export_target(out, force)  # again: the folder may have changed while the members were copied
     old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
     os.rename(out, old)
     try:
@@ -327,10 +354,7 @@ def export_top(
     if k < 1:
         raise UserError(f"export-top: K must be at least 1, got {k}")
     out = Path(out) if out is not None else default_export_dir(study.study_name, strategy, k)
-    if out.exists() and not force:
-        raise UserError(
-            f"{out}: an export already exists there; pass --force to replace it or --out elsewhere"
-        )
+    check_export_target(out, force)
     trials = usable_trials(study, include_pruned)
     if len(trials) < k:
         which = "COMPLETE or PRUNED" if include_pruned else "COMPLETE"
@@ -350,6 +374,7 @@ def export_top(
         folder = folder.parent
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    usual_mode(tmp, folder=True)  # it becomes the export folder
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.scratch-", dir=out.parent))
     try:
         chosen, weights, ensemble_acc, history = _choose(

@@ -25,6 +25,28 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def umask() -> int:
+    """The process umask, read without changing it (``os.umask`` can only be read by setting it)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
+
+
+def usual_mode(path: Path | int, folder: bool = False) -> None:
+    """Give a file (path or fd) made by ``tempfile`` (0600, folders 0700) the mode ``open``/``mkdir`` would.
+
+    Without this, checkpoints and exports stay private to their owner, and a dashboard or worker that
+    runs as another user (as in the Docker set-up) cannot read them.
+    """
+    mode = (0o777 if folder else 0o666) & ~umask()
+    if isinstance(path, int):
+        os.fchmod(path, mode)
+    else:
+        os.chmod(path, mode)
+
+
 @contextlib.contextmanager
 def atomic_write(path: Path, text: bool = False, overwrite: bool = True) -> Iterator[IO[Any]]:
     """Write ``path`` through a temp file beside it, synced and then renamed into place.
@@ -36,6 +58,7 @@ def atomic_write(path: Path, text: bool = False, overwrite: bool = True) -> Iter
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        usual_mode(fd)
         fh: IO[Any] = os.fdopen(fd, "w", newline="", encoding="utf-8") if text else os.fdopen(fd, "wb")
         with fh:
             yield fh

@@ -373,7 +373,11 @@ def _enqueue_entry(space: Space, entry: Any, where: str) -> dict[str, Any]:
         if p.name not in values:
             raise UserError(f"{where}: gives no value for searched key '{p.name}'")
         value = values[p.name]
-        if not p.distribution._contains(p.distribution.to_internal_repr(value)):
+        try:  # a categorical's to_internal_repr raises for a value that is not one of its choices
+            inside = p.distribution._contains(p.distribution.to_internal_repr(value))
+        except (ValueError, TypeError):
+            inside = False
+        if not inside:
             raise UserError(f"{where}: {p.name}={shown(value)} lies outside the space's range for it")
         params[p.name] = value
         resolved[p.name] = value

@@ -540,6 +540,16 @@ def _score(
     )
 
 
+def preflight(out: Path, force: bool, export_dir: Path | None = None, checkpoint: Path | None = None) -> None:
+    """The checks that need no data set, run before the CLI packs one (minutes on the real HW4 set):
+    the export's manifest and checksums, or the single checkpoint, and the output file."""
+    if export_dir is not None:
+        verify_members(Path(export_dir), read_manifest(Path(export_dir)))
+    if checkpoint is not None:
+        read_checkpoint(Path(checkpoint))
+    _check_out(out, force)
+
+
 def vote(
     export_dir: Path,
     data: PackedData,

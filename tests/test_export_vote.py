@@ -28,6 +28,7 @@ from search.config import Config
 from search.data import FeatureStore, PackedData, make_split, pack
 from search.errors import UserError
 from search.export import ExportResult, export_top, render_export, usable_trials
+from search.files import umask
 from search.infer import load_model, predict_logits
 from search.storage import artifact_store, open_storage
 from search.train import train
@@ -359,6 +360,31 @@ def test_export_never_overwrites_and_force_replaces(
     assert result.replaced and len(result.members) == 3
     assert json.loads((out / "manifest.json").read_text())["k"] == 3
     assert sorted(p.name for p in out.parent.iterdir()) == ["mine"]  # no temp or old folder left
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask()  # not tempfile's private 0700
+    assert (out / "manifest.json").stat().st_mode & 0o777 == 0o666 & ~umask()
+
+
+def test_force_never_wipes_a_folder_that_is_not_an_export(
+    study: optuna.Study, data: PackedData, tmp_path: Path
+) -> None:
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("my notes")
+    for force in (False, True):
+        with pytest.raises(UserError, match=r"is not an export \(no manifest.json\); choose another --out"):
+            export_top(study, 1, out=precious, force=force, data=data)
+    assert (precious / "notes.txt").read_text() == "my notes" and len(list(precious.iterdir())) == 1
+    for here in (Path("."), Path("..")):  # the current folder or one above it: refused, even with --force
+        with pytest.raises(UserError, match="is the current folder or one above it"):
+            export_top(study, 1, out=here, force=True, data=data)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match="exists and is not a folder"):
+        export_top(study, 1, out=blocker, force=True, data=data)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert not export_top(study, 1, out=empty, data=data).replaced  # an empty folder is used as it is
+    assert (empty / "manifest.json").is_file()
 
 
 def test_fewer_than_k_usable_trials_leaves_nothing(study: optuna.Study) -> None:
@@ -459,3 +485,18 @@ def test_hard_vote_breaks_ties_by_summed_probability() -> None:
     # A weight of 2 is two votes, and outvotes any probability sum.
     assert combine([a, b, c], [1, 1, 2], "hard").argmax(axis=1).tolist() == [2, 2]
     assert combine([a, b], [1, 1], "soft").argmax(axis=1).tolist() == [1, 0]
+
+
+def test_predict_and_vote_check_their_files_before_packing_the_data(
+    exports: Exports, fake_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A typo in a path must not cost minutes of packing 56,666 utterances first."""
+    from search.cli import main
+
+    cache = tmp_path / "cache"  # SPKID_SEARCH_CACHE (see conftest): where packing would write
+    assert main(["predict", "nosuch.pt", "--data", str(fake_dir), "--out", "p.csv", "--quiet"]) == 2
+    assert "nosuch.pt: checkpoint not found" in capsys.readouterr().err
+    Path("taken.csv").write_text("keep me\n")
+    assert main(["vote", str(exports.top.out), "--data", str(fake_dir), "--out", "taken.csv", "--quiet"]) == 2
+    assert "taken.csv: already exists" in capsys.readouterr().err
+    assert not cache.exists() and Path("taken.csv").read_text() == "keep me\n"

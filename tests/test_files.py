@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from search.files import atomic_write, sha256_file
+from search.files import atomic_write, sha256_file, umask
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path: Path) -> None:
@@ -44,3 +44,17 @@ def test_sha256_file_matches_hashlib(tmp_path: Path) -> None:
     path = tmp_path / "blob"
     path.write_bytes(blob)
     assert sha256_file(path) == hashlib.sha256(blob).hexdigest()
+
+
+def test_written_files_get_the_mode_open_would_give(tmp_path: Path) -> None:
+    """tempfile makes 0600 files; a checkpoint must stay readable to a dashboard run as another user."""
+    import os
+
+    previous = os.umask(0o027)
+    try:
+        assert umask() == 0o027
+        with atomic_write(tmp_path / "best.pt") as fh:
+            fh.write(b"x")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "best.pt").stat().st_mode & 0o777 == 0o640

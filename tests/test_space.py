@@ -138,6 +138,10 @@ BAD = [
     ({**GOOD, "enqueue": [{"d_model": 64}]}, "enqueue[0]: gives no value for searched key 'encoder'"),
     ({**GOOD, "enqueue": [{"baseline": "legendary"}]}, "unknown baseline 'legendary'"),
     ({**GOOD, "enqueue": [{"baseline": "strong"}]}, "enqueue[0]: d_model=224 lies outside"),
+    (
+        {**GOOD, "enqueue": [{"encoder": "lstm", "d_model": 32, "heads": 2, "lr": 1e-3, "head": "linear"}]},
+        "enqueue[0]: encoder='lstm' lies outside",
+    ),
     ({**GOOD, "study": {"heartbeat": 3}}, "key 'study' may only hold"),
     ("- just\n- a list\n", "expected a mapping at the top level"),
 ]
