@@ -84,6 +84,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         test=args.test,
         seed=args.seed,
         progress=not args.quiet,
+        force=args.force,
     )
     console.print(f"[green]Wrote synthetic HW4 set to {out}")
     return 0
@@ -100,9 +101,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.steps is not None:
         config = config.replace(steps=args.steps, valid_steps=min(config.train.valid_steps, args.steps))
+    out = args.out if args.out is not None else Path("studies") / "runs" / Path(args.config).stem
+    # A finished run's best.pt is refused before any data is packed; last.pt means an interrupted run
+    # that train() resumes, so that case goes on.
+    best = out / "best.pt"
+    if not args.force and best.exists() and not (out / "last.pt").exists():
+        raise UserError(
+            f"{best}: a finished run is already there; pass --force to replace it or --out elsewhere"
+        )
     device = resolve_device(args.device)
     data = open_data(args.data, progress=not args.quiet)
-    out = args.out if args.out is not None else Path("studies") / "runs" / Path(args.config).stem
     console.print(f"Training {args.config} on {device} for {config.train.steps} steps -> {out}/best.pt")
     with TrainView(config.train.steps, enabled=not args.quiet) as view:
         result = train(config, data, device, report=view.report, out_dir=out, log_every=args.log_every)
@@ -144,15 +152,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         max_failures=args.max_failures,
         display=not args.quiet,
     )
+    idle: list[str] = []
     try:
         with RunView(args.trials, enabled=not args.quiet) as view:
-            counts = run(opts, on_update=view.update)
+            counts = run(opts, on_update=view.update, on_nothing=idle.append)
     except KeyboardInterrupt:
         console.print(
             "[yellow]Stopped: running trials were marked and will resume from their last "
             "checkpoint when you run the same command again."
         )
         raise
+    if idle:  # the study already holds --trials finished trials: no worker was started
+        console.print(idle[0], markup=False, highlight=False, soft_wrap=True)
+        return 0
     from search.storage import resolve
 
     _, study, _ = resolve(args.study or _space_name(args.space), args.storage)
@@ -228,8 +240,9 @@ def cmd_vote(args: argparse.Namespace) -> int:
     from search.data import open_data
     from search.devices import resolve_device
     from search.progress import console
-    from search.vote import export_data_root, render_vote, vote
+    from search.vote import export_data_root, preflight, render_vote, vote
 
+    preflight(args.out, args.force, export_dir=args.export_dir)
     root = args.data if args.data is not None else export_data_root(args.export_dir)
     data = open_data(root, progress=not args.quiet)
     result = vote(
@@ -249,8 +262,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from search.data import open_data
     from search.devices import resolve_device
     from search.progress import console
-    from search.vote import predict, render_vote
+    from search.vote import predict, preflight, render_vote
 
+    preflight(args.out, args.force, checkpoint=args.checkpoint)
     data = open_data(args.data, progress=not args.quiet)
     result = predict(args.checkpoint, data, args.out, device=resolve_device(args.device), force=args.force)
     console.print(render_vote(result))
@@ -278,7 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a synthetic speaker set in the HW4 layout (mapping.json, metadata.json, "
         "testdata.json, uttr-*.pt) plus answers.csv so test accuracy can be scored.",
     )
-    p.add_argument("--out", type=Path, required=True, help="folder to create (must be new or empty)")
+    p.add_argument(
+        "--out", type=Path, required=True, help="folder to create (must be new or empty; see --force)"
+    )
+    p.add_argument("--force", action="store_true", help="replace an earlier synth output in --out")
     p.add_argument(
         "--preset",
         choices=("tiny", "small", "hw4"),
@@ -359,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive, help="override the config's number of training steps")
     p.add_argument("--device", default="auto", help="auto (default: cuda if present), cpu, cuda, cuda:1 ...")
     p.add_argument("--log-every", type=_positive, default=50, help="progress update interval in steps")
+    p.add_argument("--force", action="store_true", help="replace a finished run's best.pt in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -384,7 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="trials run at once on each GPU (default 4: 3.4x one trial's throughput on an H200)",
     )
     p.add_argument("--workers", type=_positive, default=1, help="CPU workers when no GPU is used (default 1)")
-    p.add_argument("--steps", type=_positive, help="override every trial's training steps")
+    p.add_argument(
+        "--steps",
+        type=_positive,
+        metavar="N",
+        help="train every trial N steps instead of the space's steps (valid_steps capped at N); the study "
+        "records it and refuses another value later unless --allow-changed",
+    )
     p.add_argument("--seed", type=int, default=0, help="sampler seed offset (default 0)")
     p.add_argument("--heartbeat", type=_positive, help="seconds between worker heartbeats (default 20)")
     p.add_argument(
@@ -393,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allow-changed",
         action="store_true",
-        help="continue a study although its data set, split or space changed",
+        help="continue a study although its data set, split, space or --steps changed",
     )
     p.add_argument("--quiet", action="store_true", help="no live display")
     p.set_defaults(func=cmd_run)

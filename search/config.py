@@ -191,8 +191,14 @@ def validate(config: Config, source: str = "config", cross: bool = True) -> None
 
 
 def load_config(path: Path) -> Config:
-    """Read a YAML config file of fixed flat values."""
-    return Config.from_dict(read_yaml(path), source=str(path))
+    """Read a YAML config file of fixed flat values; an empty one is refused, not run on all defaults."""
+    values = read_yaml(path)
+    if values == {}:  # read_yaml gives {} for an empty or comment-only file
+        raise UserError(
+            f"{path}: the config is empty; set at least the model keys "
+            "(encoder, d_model, heads, layers, ...) as in spaces/baselines/*.yaml"
+        )
+    return Config.from_dict(values, source=str(path))
 
 
 def read_yaml(path: Path) -> Any:

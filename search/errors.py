@@ -44,6 +44,6 @@ def load_failure(exc: BaseException) -> str:
     if "Weights only load failed" in text:  # not a torch tensor file: say what the unpickler tripped on
         detail = re.search(r"WeightsUnpickler error: \s*(\S[^\n]*)", text)
         why = detail.group(1).strip() if detail else "not a plain tensor file"
-        return f"not a tensor file torch can read safely ({shown(why, 100).strip(chr(39))})"
+        return f"not a plain tensor file ({shown(why, 100).strip(chr(39))}), unsafe to load"
     first = (text.strip().splitlines() or [exc.__class__.__name__])[0]
     return shown(first, 160).strip("'\"")

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import optuna
 from optuna.artifacts import upload_artifact
@@ -35,6 +35,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.errors import UserError
 from search.files import sha256_file
+
+if TYPE_CHECKING:
+    from search.space import Space
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 DEFAULT_HEARTBEAT = 20
@@ -129,23 +132,62 @@ def count_trials(trials: list[FrozenTrial]) -> Counts:
     return c
 
 
-def record_identity(study: optuna.Study, attrs: dict[str, Any], allow_changed: bool) -> None:
-    """First run records the data set, split and space; later runs must match (or say --allow-changed)."""
+IDENTITY = {"fingerprint": "data set", "split_id": "train/valid split", "space_digest": "search space"}
+
+
+def _steps_text(steps: int | None) -> str:
+    return "the space's own steps (no --steps)" if steps is None else f"--steps {steps}"
+
+
+def identity_changes(study: optuna.Study, attrs: dict[str, Any], allow_changed: bool) -> dict[str, Any]:
+    """The user attrs this run must record: all of them on a new study, the changed ones on an old one.
+
+    A study compares trials trained on one data set, split, space and step budget; another of any of
+    them is refused unless ``allow_changed``. A study from before ``steps_override`` was recorded ran
+    with no ``--steps`` override (None).
+    """
     current = study.user_attrs
     if not current.get("fingerprint"):
-        for key, value in attrs.items():
-            study.set_user_attr(key, value)
-        return
-    labels = {"fingerprint": "data set", "split_id": "train/valid split", "space_digest": "search space"}
-    for key, label in labels.items():
-        if current.get(key) != attrs.get(key) and not allow_changed:
+        return dict(attrs)
+    if not allow_changed:
+        for key, label in IDENTITY.items():
+            if current.get(key) != attrs.get(key):
+                raise UserError(
+                    f"study '{study.study_name}' was created with another {label} ({key} "
+                    f"{current.get(key)}, now {attrs.get(key)}); use a new --study name, or --allow-changed "
+                    "to continue anyway"
+                )
+        old, new = current.get("steps_override"), attrs.get("steps_override")
+        if old != new:
             raise UserError(
-                f"study '{study.study_name}' was created with another {label} ({key} {current.get(key)}, "
-                f"now {attrs.get(key)}); use a new --study name, or --allow-changed to continue anyway"
+                f"--steps: study '{study.study_name}' was run with {_steps_text(old)}, this run asks "
+                f"for {_steps_text(new)}; use the same value, a new --study name, or --allow-changed "
+                "to mix training budgets anyway"
             )
-    for key in ("space_digest", "space_path", "data_root"):
-        if current.get(key) != attrs.get(key):
-            study.set_user_attr(key, attrs[key])
+    keys = ("space_digest", "space_path", "data_root", "steps_override")
+    return {key: attrs.get(key) for key in keys if current.get(key) != attrs.get(key)}
+
+
+def effective_steps(space: Space, steps: int | None) -> int | None:
+    """``--steps`` as the trials see it: None when it changes nothing (the space fixes that very budget).
+
+    So ``--steps 200`` on a space whose steps are 200 is not refused as another budget.
+    """
+    if steps is None:
+        return None
+    searched = {param.name for param in space.params}
+    base = space.config_for({}).train
+    if not searched & {"steps", "valid_steps"} and base.steps == steps and base.valid_steps <= steps:
+        return None
+    return steps
+
+
+def nothing_to_do(name: str, finished: int, trials: int) -> str:
+    """The line shown instead of starting workers that would each stop at once."""
+    held = f"{finished} finished trial{'' if finished == 1 else 's'}"
+    return (
+        f"study '{name}' already has {held} (>= --trials {trials}); nothing to do: raise --trials to run more"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -603,9 +645,14 @@ def _exit_text(code: int | None) -> str:
 
 
 def run(
-    opts: RunOptions, on_update: Callable[[optuna.Study, Counts, list[dict[str, Any]]], None] | None = None
+    opts: RunOptions,
+    on_update: Callable[[optuna.Study, Counts, list[dict[str, Any]]], None] | None = None,
+    on_nothing: Callable[[str], None] | None = None,
 ) -> Counts:
     """Create or resume the study, start the workers, and wait until the budget is met.
+
+    A study that already holds ``opts.trials`` finished trials starts no worker: ``on_nothing`` (default:
+    a line on stderr) gets the line that says so, and the counts come back as they are.
 
     A worker killed by a signal (SIGKILL, the OOM killer) while the budget is not met is started again,
     at most ``max_respawns`` times per run; its trial goes stale and is retried from its checkpoint.
@@ -643,7 +690,8 @@ def run(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
     fresh = not study.user_attrs.get("fingerprint")
-    record_identity(
+    steps = effective_steps(space, opts.steps)  # what the study records is what reaches the trials
+    changes = identity_changes(
         study,
         {
             "fingerprint": data.fingerprint,
@@ -656,9 +704,17 @@ def run(
             "data_root": str(Path(data.root).resolve()),
             "artifact_dir": str((home / "artifacts").resolve()),
             "trials_dir": str((home / "trials").resolve()),
+            "steps_override": steps,
         },
         opts.allow_changed,
     )
+    held = count_trials(study.get_trials(deepcopy=False))
+    if not fresh and held.finished >= opts.trials:
+        # Workers would each stop at once; nothing is recorded, so an --allow-changed here changes nothing.
+        (on_nothing or _log)(nothing_to_do(name, held.finished, opts.trials))
+        return held
+    for key, value in changes.items():
+        study.set_user_attr(key, value)
     if fresh:
         for params in space.enqueue:
             study.enqueue_trial(params, skip_if_exists=True)
@@ -678,7 +734,7 @@ def run(
             cache_dir=str(data.cache_dir),
             data_root=str(data.root),
             trials=opts.trials,
-            steps=opts.steps,
+            steps=steps,
             seed=opts.seed,
             heartbeat=heartbeat,
             grace=grace,

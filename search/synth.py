@@ -5,7 +5,7 @@ dry runs use data made by :func:`generate`: ``mapping.json``, ``metadata.json``,
 and one ``uttr-<32 hex>.pt`` per utterance (``torch.save`` of a float32 ``(mel_len, 40)`` log-mel
 tensor), plus ``answers.csv`` (``Id,Category``, the true speaker of every test utterance in
 ``testdata.json`` order) so that a prediction file can be scored, and ``synth.json`` (how the set
-was made; it also marks the directory as a synth output that a later run may replace).
+was made; it also marks the directory as a synth output that a later run may replace when forced).
 
 The features are a real learning problem rather than a lookup. Each frame is rendered directly on
 the 40 mel bins (HTK mel, 50 Hz - 8 kHz, as the HW4 extractor) from a source-filter model:
@@ -579,14 +579,16 @@ def generate(
     seed: int = 0,
     progress: bool = True,
     workers: int | None = None,
+    force: bool = False,
 ) -> Path:
     """Write a synthetic HW4-layout data set into directory ``out`` and return ``out``.
 
     ``preset`` picks a :data:`PRESETS` entry; ``speakers``, ``utterances`` (labelled, total) and
     ``test`` replace its counts (giving only ``speakers`` keeps the preset's utterances per speaker).
-    ``out`` must be missing, empty, or an earlier synth output (which is replaced once the new set is
-    complete). The same arguments and ``seed`` give byte-identical files whatever ``workers`` is:
-    ``None`` uses one process for small sets and up to 8 for large ones, an integer forces that many.
+    ``out`` must be missing, empty, or (only with ``force``) an earlier synth output, which is replaced
+    once the new set is complete: studies and caches key on the set's fingerprint, so silently replacing
+    it would orphan them. The same arguments and ``seed`` give byte-identical files whatever ``workers``
+    is: ``None`` uses one process for small sets and up to 8 for large ones, an integer forces that many.
     """
     out = Path(out)
     spec = resolve_spec(preset, speakers, utterances, test)
@@ -601,6 +603,11 @@ def generate(
         raise UserError(
             f"synth: {out} is not empty and is not an earlier synth output; "
             "choose a new or empty directory (nothing was written)"
+        )
+    if replacing and not force:
+        raise UserError(
+            f"synth: {out} already holds a generated set (studies trained on it would no longer match); "
+            "pass --force to replace it or choose a new or empty --out (nothing was written)"
         )
     partial = out.parent / f".{out.name}.synth-partial"
     if partial.exists():

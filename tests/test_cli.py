@@ -1,13 +1,19 @@
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from search.cli import build_parser, main
+from search.config import load_config
+from search.data import PackedData
+from search.infer import read_checkpoint
+from search.train import TrainResult, train
 
 COMMANDS = ["synth", "prepare", "train", "run", "status", "dashboard", "export-top", "vote", "predict"]
 
@@ -54,7 +60,11 @@ def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 def test_user_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("d_model: [1, 2\n")
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "comments.yaml").write_text("# d_model: 80\n")
     cases = [
+        (("train", "--config", "empty.yaml"), "empty.yaml: the config is empty; set at least the model keys"),
+        (("train", "--config", "comments.yaml"), "comments.yaml: the config is empty"),
         (("train", "--config", "missing.yaml"), "missing.yaml: file not found"),
         (("train", "--config", "bad.yaml"), "bad.yaml: malformed YAML"),
         (("run", "--space", "bad.yaml", "--trials", "2"), "bad.yaml: malformed YAML"),
@@ -100,3 +110,86 @@ def test_train_command_uses_synthetic_data_when_none_given(tmp_path: Path) -> No
     assert "No --data given" in proc.stderr
     assert (tmp_path / "run" / "best.pt").exists()
     assert "best valid accuracy" in proc.stderr
+
+
+TINY_TRAIN = {
+    "encoder": "transformer",
+    "d_model": 16,
+    "heads": 2,
+    "ffn_dim": 32,
+    "steps": 8,
+    "valid_steps": 4,
+    "checkpoint_steps": 4,
+    "batch_size": 8,
+    "segment_len": 32,
+    "warmup_steps": 2,
+}
+
+
+def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_train_keeps_a_finished_run_unless_forced_and_resumes_an_interrupted_one(
+    tmp_path: Path,
+    tiny_dir: Path,
+    tiny_data: PackedData,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(TINY_TRAIN))
+    argv = ["train", "--config", "c.yaml", "--data", str(tiny_dir), "--device", "cpu", "--quiet"]
+    assert main([*argv, "--out", "run", "--steps", "4"]) == 0
+    best = tmp_path / "run" / "best.pt"
+    before = best.read_bytes()
+    capsys.readouterr()
+
+    # Refused before the data is even looked at: a missing --data folder is not what gets reported.
+    refused = ["train", "--config", "c.yaml", "--data", "nowhere", "--out", "run", "--steps", "8", "--quiet"]
+    assert main(refused) == 2
+    line = _one_error_line(capsys)
+    assert "run/best.pt: a finished run is already there; pass --force" in line
+    assert best.read_bytes() == before and not (tmp_path / "nowhere").exists()
+
+    assert main([*argv, "--out", "run", "--steps", "8", "--force"]) == 0
+    assert read_checkpoint(best)["config"]["steps"] == 8
+
+    # An interrupted run (last.pt beside best.pt) goes on without --force, from where it stopped.
+    def stop_at_4(step: int, metrics: dict[str, float]) -> str | None:
+        if step == 4:
+            raise KeyboardInterrupt
+        return None
+
+    config = load_config(tmp_path / "c.yaml")
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tiny_data, "cpu", report=stop_at_4, out_dir=tmp_path / "part")
+    assert (tmp_path / "part" / "best.pt").exists() and (tmp_path / "part" / "last.pt").exists()
+    results: list[TrainResult] = []
+
+    def recorded(*args: Any, **kwargs: Any) -> TrainResult:
+        results.append(train(*args, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr("search.train.train", recorded)
+    capsys.readouterr()
+    assert main([*argv, "--out", "part"]) == 0, capsys.readouterr().err
+    assert [r.resumed_from for r in results] == [4] and results[0].last_step == 8
+    assert not (tmp_path / "part" / "last.pt").exists()
+
+
+def test_synth_replaces_an_earlier_output_only_with_force(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["synth", "--out", "s", "--preset", "tiny", "--speakers", "3", "--utterances", "9", "--test", "2"]
+    assert main([*argv, "--quiet"]) == 0
+    marker = tmp_path / "s" / "synth.json"
+    assert json.loads(marker.read_text())["seed"] == 0
+    capsys.readouterr()
+    assert main([*argv, "--seed", "1", "--quiet"]) == 2
+    line = _one_error_line(capsys)
+    assert "s already holds a generated set" in line and "--force" in line
+    assert json.loads(marker.read_text())["seed"] == 0
+    assert main([*argv, "--seed", "1", "--force", "--quiet"]) == 0
+    assert json.loads(marker.read_text())["seed"] == 1

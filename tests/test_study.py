@@ -11,15 +11,20 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import optuna
 import pytest
 import yaml
 from optuna.trial import TrialState
 
+import search.study as study_module
+from search.cli import main
 from search.errors import UserError
+from search.space import load_space
 from search.storage import artifact_store, default_storage_url, open_storage
-from search.study import RunOptions, count_trials, run, sha256_file
+from search.study import RunOptions, count_trials, effective_steps, identity_changes, run, sha256_file
 
 SPACE = {
     "name": "unit",
@@ -100,6 +105,74 @@ def test_changed_data_or_space_is_refused(tmp_path: Path, tiny_dir: Path, fake_d
         run(RunOptions(space=str(space), trials=2, data=tiny_dir, allow_changed=True, display=False)).finished
         == 2
     )
+
+
+def _trained_steps(study: optuna.Study) -> list[int]:
+    finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    return [t.user_attrs["config"]["steps"] for t in finished]
+
+
+def test_steps_override_is_recorded_and_a_different_one_refused(tmp_path: Path, tiny_dir: Path) -> None:
+    space = str(write_space(tmp_path / "unit.yaml"))  # the space trains 60 steps
+    assert run(RunOptions(space=space, trials=1, data=tiny_dir, steps=20, display=False)).finished == 1
+    assert load().user_attrs["steps_override"] == 20 and _trained_steps(load()) == [20]
+    # Another budget would rank 20-step trials against 60-step ones: refused before any worker starts.
+    with pytest.raises(UserError, match=r"^--steps: .*with --steps 20, this run asks for the space's own"):
+        run(RunOptions(space=space, trials=2, data=tiny_dir, display=False))
+    with pytest.raises(UserError, match=r"--steps 20, .* --steps 30; use the same value, a new --study"):
+        run(RunOptions(space=space, trials=2, data=tiny_dir, steps=30, display=False))
+    assert len(load().get_trials()) == 1
+    # The same --steps resumes; --allow-changed goes on with the space's steps and records that instead.
+    assert run(RunOptions(space=space, trials=2, data=tiny_dir, steps=20, display=False)).finished == 2
+    opts = RunOptions(space=space, trials=3, data=tiny_dir, allow_changed=True, display=False)
+    assert run(opts).finished == 3
+    assert load().user_attrs["steps_override"] is None and sorted(_trained_steps(load())) == [20, 20, 60]
+    with pytest.raises(
+        UserError, match=r"with the space's own steps \(no --steps\), this run asks for --steps 20;"
+    ):
+        run(RunOptions(space=space, trials=4, data=tiny_dir, steps=20, display=False))
+
+
+def test_steps_equal_to_the_space_or_unrecorded_count_as_no_override(tmp_path: Path) -> None:
+    space = load_space(write_space(tmp_path / "unit.yaml"))  # steps 60, valid_steps 20
+    assert effective_steps(space, None) is None and effective_steps(space, 60) is None
+    assert effective_steps(space, 40) == 40
+    searched = load_space(write_space(tmp_path / "searched.yaml", steps={"choices": [60, 120]}))
+    assert effective_steps(searched, 60) == 60  # it fixes a budget the space would have searched
+    # A study from before the override was recorded: no attribute, read as "no --steps".
+    old = {"fingerprint": "f", "split_id": "s", "space_digest": "d", "space_path": "p", "data_root": "r"}
+    study = cast(optuna.Study, SimpleNamespace(study_name="old", user_attrs=old))
+    assert identity_changes(study, {**old, "steps_override": None}, allow_changed=False) == {}
+    with pytest.raises(UserError, match="space's own steps \\(no --steps\\), this run asks for --steps 40"):
+        identity_changes(study, {**old, "steps_override": 40}, allow_changed=False)
+    changed = identity_changes(study, {**old, "steps_override": 40}, allow_changed=True)
+    assert changed == {"steps_override": 40}
+
+
+def test_run_on_a_study_that_holds_enough_trials_says_so_and_starts_nothing(
+    tmp_path: Path, tiny_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    space = str(write_space(tmp_path / "unit.yaml", steps=20, valid_steps=20))
+    assert run(RunOptions(space=space, trials=2, data=tiny_dir, display=False)).finished == 2
+    capsys.readouterr()
+
+    def no_workers(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a worker was started")
+
+    monkeypatch.setattr(study_module.mp, "get_context", no_workers)
+    handler = signal.getsignal(signal.SIGTERM)  # main() installs its own; put the test runner's back
+    try:
+        code = main(["run", "--space", space, "--trials", "1", "--data", str(tiny_dir)])
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    lines = [line for line in (out + err).splitlines() if line.strip()]
+    assert lines == [
+        "study 'unit' already has 2 finished trials (>= --trials 1); nothing to do: raise --trials to run "
+        "more"
+    ]
+    assert len(load().get_trials()) == 2
 
 
 def test_bad_config_trial_fails_with_reason_and_study_goes_on(tmp_path: Path, tiny_dir: Path) -> None:

@@ -163,16 +163,23 @@ def test_refuses_a_foreign_non_empty_directory(tmp_path: Path) -> None:
     # A synth output with a stranger's file added is no longer ours to delete.
     made = generate(tmp_path / "made", preset="tiny", speakers=3, utterances=9, test=2, progress=False)
     (made / "extra.txt").write_text("x")
-    with pytest.raises(UserError):
-        generate(made, preset="tiny", progress=False)
+    with pytest.raises(UserError, match="not an earlier synth output"):
+        generate(made, preset="tiny", progress=False, force=True)
 
 
 def test_empty_dir_and_earlier_output_are_replaced(tmp_path: Path) -> None:
+    """An empty folder is filled; an earlier output is replaced only with force (studies key on it)."""
     out = tmp_path / "set"
     out.mkdir()
     generate(out, preset="tiny", speakers=3, utterances=9, test=2, seed=1, progress=False)
     assert len(list(out.glob("uttr-*.pt"))) == 11
-    generate(out, preset="tiny", speakers=4, utterances=12, test=3, seed=2, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(UserError, match="already holds a generated set.*--force"):
+        generate(out, preset="tiny", speakers=4, utterances=12, test=3, seed=2, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+    generate(out, preset="tiny", speakers=4, utterances=12, test=3, seed=2, progress=False, force=True)
     fresh = generate(
         tmp_path / "fresh", preset="tiny", speakers=4, utterances=12, test=3, seed=2, progress=False
     )
