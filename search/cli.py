@@ -158,8 +158,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             counts = run(opts, on_update=view.update, on_nothing=idle.append)
     except KeyboardInterrupt:
         console.print(
-            "[yellow]Stopped: running trials were marked and will resume from their last "
-            "checkpoint when you run the same command again."
+            "[yellow]Stopped: running trials were marked and will resume when you run the same command "
+            "again, from their last checkpoint (or from the start if they had not written one yet)."
         )
         raise
     if idle:  # the study already holds --trials finished trials: no worker was started

@@ -92,6 +92,8 @@ class RunView:
     ) -> None:
         if self.live.is_started:
             self.live.stop()
+            if not self.live.console.is_terminal:
+                self.live.console.line()  # piped output: end the last view's line before what follows
 
     def update(self, study: optuna.Study, counts: Counts, workers: list[dict[str, Any]]) -> None:
         if not self.enabled:
@@ -119,13 +121,13 @@ class RunView:
                 _fmt(w.get("steps_per_s"), "{:.1f}"),
             )
         hours = max(time.time() - self.started, 1e-6) / 3600
-        rate = (counts.finished - self.start_finished) / hours
+        done_here = counts.finished - self.start_finished
+        # A resumed study shows no rate until this run has finished a trial (not a misleading 0.0).
+        rate = f"{done_here / hours:.1f} trials/h" if done_here > 0 else "- trials/h"
         try:
             best = study.best_trial
             best_text = f"best {best.value:.4f} (trial {best.number})"
         except ValueError:
             best_text = "best -"
-        footer = Text.assemble(
-            counts_line(counts, self.target), f"   {best_text}   ", (f"{rate:.1f} trials/h", "dim")
-        )
+        footer = Text.assemble(counts_line(counts, self.target), f"   {best_text}   ", (rate, "dim"))
         self.live.update(Group(table, footer))

@@ -409,7 +409,7 @@ def worker_main(spec: WorkerSpec) -> int:
         current["trial"] = trial
         system = wait.call(study._storage.get_trial_system_attrs, trial._trial_id)
         root = int(system.get("failed_trial", trial.number))  # a retry keeps its original's folder
-        for key in ("fail_reason", "skipped"):
+        for key in ("fail_reason", "skipped", "interrupted"):  # a retry inherits its original's attrs
             if key in trial.user_attrs:
                 wait.call(trial.set_user_attr, key, None)
         if root == trial.number:

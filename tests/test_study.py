@@ -288,6 +288,8 @@ def test_ctrl_c_stops_cleanly_and_resumes(tmp_path: Path, tiny_dir: Path) -> Non
     done = load().get_trials(states=(TrialState.COMPLETE,))
     assert len(done) == 2
     assert any(t.user_attrs["resumed_from_step"] >= 100 for t in done)
+    # The retry inherits its original's attrs; the ones that described the stop are cleared.
+    assert not any(t.user_attrs.get("interrupted") or t.user_attrs.get("fail_reason") for t in done)
 
 
 def _postgres_url() -> str | None:
