@@ -15,14 +15,16 @@ goes stale and is retried from its checkpoint like a killed one.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import multiprocessing as mp
 import os
 import signal
 import socket
+import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -130,6 +132,39 @@ def count_trials(trials: list[FrozenTrial]) -> Counts:
             else:
                 c.failed += 1
     return c
+
+
+def _root(t: FrozenTrial) -> int:
+    return int(t.system_attrs.get("failed_trial", t.number))
+
+
+def held_before(trials: list[FrozenTrial], number: int) -> int:
+    """Budget claimed by the trials begun before new trial ``number``, counted per original trial.
+
+    A retry holds its original's place, whatever its own number: a retry queued (with a higher number)
+    while trial ``number`` was being created still counts, and an original with a retry counts once.
+    """
+    holds: dict[int, bool] = {}
+    for t in trials:
+        root = _root(t)
+        if t.number == number or root >= number:
+            continue
+        live = t.state in FINISHED or t.state in (TrialState.RUNNING, TrialState.WAITING)
+        holds[root] = holds.get(root, False) or live
+    return sum(holds.values())
+
+
+def retry_is_redundant(trials: list[FrozenTrial], number: int, root: int) -> bool:
+    """True when retry ``number`` of trial ``root`` must not run: the original (or another retry of it)
+    finished, or an earlier retry of it is queued or running. Only one trial per original may finish."""
+    for t in trials:
+        if t.number == number or _root(t) != root:
+            continue
+        if t.state in FINISHED:
+            return True
+        if t.number < number and t.state in (TrialState.RUNNING, TrialState.WAITING):
+            return True
+    return False
 
 
 IDENTITY = {"fingerprint": "data set", "split_id": "train/valid split", "space_digest": "search space"}
@@ -256,20 +291,93 @@ class StorageWait:
             return result
 
 
+class _StateLock:
+    """A lock that the processes sharing one SQLite file hold while they change a trial's state.
+
+    Optuna changes a trial's state by reading it, checking it is unfinished and writing the new one.
+    PostgreSQL makes that atomic (``SELECT ... FOR UPDATE``); SQLite ignores ``FOR UPDATE`` and runs
+    the read outside the write transaction, so a worker telling its trial COMPLETE and another failing
+    it as stale at the same moment (a heartbeat late under heavy load) could *both* succeed: the trial
+    ends COMPLETE and its retry, queued by the stale check, finishes too (one trial over the budget).
+    Under this lock the second change finds the trial finished and is refused. Reentrant per process.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._mutex = threading.RLock()
+        self._depth = 0
+        self._fd: int | None = None
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        with self._mutex:
+            if self._depth == 0:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                self._fd = fd
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                if self._depth == 0 and self._fd is not None:
+                    os.close(self._fd)  # releases the flock (a killed holder releases it too)
+                    self._fd = None
+
+
+_STATE_LOCK: dict[str, _StateLock] = {}  # the lock of this process's storage, once installed
+
+
+def state_lock() -> contextlib.AbstractContextManager[None]:
+    lock = _STATE_LOCK.get("lock")
+    return lock.hold() if lock is not None else contextlib.nullcontext()
+
+
+def serialize_state_changes(storage: Any, url: str) -> None:
+    """Make ``storage``'s trial state changes atomic among processes sharing its SQLite file."""
+    path_text = url[len("sqlite:///") :] if url.startswith("sqlite:///") else ""
+    if not path_text or path_text == ":memory:":
+        return  # PostgreSQL and MySQL lock the row themselves
+    db = Path(path_text)
+    lock = _StateLock(db.with_name(db.name + ".state-lock"))
+    original = storage.set_trial_state_values
+
+    def set_trial_state_values(trial_id: int, state: TrialState, values: Any = None) -> bool:
+        with lock.hold():
+            return bool(original(trial_id, state, values))
+
+    storage.set_trial_state_values = set_trial_state_values
+    _STATE_LOCK["lock"] = lock
+
+
+def locked_fail_stale_trials(study: optuna.Study) -> None:
+    """Optuna's stale check with a stale trial's FAIL and its retry's queueing as one step.
+
+    In between, the trial's budget place would look free to a new trial counting the ones before it.
+    """
+    with state_lock():
+        fail_stale_trials(study)
+
+
 def queue_retry(study: optuna.Study, frozen: FrozenTrial, max_retry: int | None = 3) -> None:
     """Queue a FAIL trial again (it resumes from its checkpoint), unless a retry of it exists already.
 
     The check makes a repeated call harmless: a retry after a lost acknowledgement never queues the
     same trial twice (which would run one trial too many).
     """
-    for t in study.get_trials(deepcopy=False):
-        history = t.system_attrs.get("retry_history") or []
-        if history and history[-1] == frozen.number:
-            return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        callback = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
-    callback(study, frozen)
+    with state_lock():  # the check and the enqueue as one step among the workers
+        for t in study.get_trials(deepcopy=False):
+            history = t.system_attrs.get("retry_history") or []
+            if history and history[-1] == frozen.number:
+                return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            callback = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+        callback(study, frozen)
 
 
 def fail_silent_trials(study: optuna.Study, engine: Any, older_than: float) -> list[int]:
@@ -301,15 +409,18 @@ def fail_silent_trials(study: optuna.Study, engine: Any, older_than: float) -> l
     for t in running:
         if t._trial_id in beating:
             continue
-        try:
-            study._storage.set_trial_user_attr(
-                t._trial_id, "fail_reason", "never sent a heartbeat (its worker died as it started); retried"
-            )
-            if not study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
-                continue
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # it finished meanwhile
-        queue_retry(study, study._storage.get_trial(t._trial_id))
+        with state_lock():  # its FAIL and its retry's queueing as one step
+            try:
+                study._storage.set_trial_user_attr(
+                    t._trial_id,
+                    "fail_reason",
+                    "never sent a heartbeat (its worker died as it started); retried",
+                )
+                if not study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                    continue
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # it finished meanwhile
+            queue_retry(study, study._storage.get_trial(t._trial_id))
         failed.append(t.number)
     return failed
 
@@ -370,6 +481,11 @@ def worker_main(spec: WorkerSpec) -> int:
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are shown by the display, not logged
     space = load_space(spec.space_path)
     storage = open_storage(spec.storage_url, spec.heartbeat, spec.grace)
+    serialize_state_changes(storage, spec.storage_url)
+    if storage.get_heartbeat_stale_trial_callback() is not None:
+        storage.heartbeat_stale_trial_callback = queue_retry  # never two retries of one trial
+    # study.optimize runs the stale check too, before each trial: the same locked one (this process only).
+    optuna.storages.fail_stale_trials = locked_fail_stale_trials
     existing = len(storage.get_all_trials(storage.get_study_id_from_name(spec.study_name), deepcopy=False))
     sampler = make_sampler(space, seed_offset=spec.seed + 1000 * spec.index + existing)
     study = optuna.load_study(
@@ -403,6 +519,10 @@ def worker_main(spec: WorkerSpec) -> int:
                     trial.set_user_attr("fail_reason", f"{exc.__class__.__name__}: {exc}"[:500])
             raise
 
+    def locked_trials() -> list[FrozenTrial]:
+        with state_lock():
+            return study.get_trials(deepcopy=False)
+
     def run_trial(trial: optuna.Trial) -> float:
         from search.train import train
 
@@ -412,11 +532,14 @@ def worker_main(spec: WorkerSpec) -> int:
         for key in ("fail_reason", "skipped", "interrupted"):  # a retry inherits its original's attrs
             if key in trial.user_attrs:
                 wait.call(trial.set_user_attr, key, None)
+        trials = wait.call(locked_trials)  # no trial changes state (or gets its retry queued) meanwhile
         if root == trial.number:
-            earlier = [t for t in wait.call(study.get_trials, False) if t.number < trial.number]
-            if count_trials(earlier).holding >= spec.trials:
+            if held_before(trials, trial.number) >= spec.trials:
                 trial.set_user_attr("skipped", True)
                 raise SkipTrial(f"study already holds {spec.trials} trials")
+        elif retry_is_redundant(trials, trial.number, root):
+            trial.set_user_attr("skipped", True)
+            raise SkipTrial(f"trial {root} already finished or is retried by another trial")
         try:
             config = space.sample(trial)
             overrides: dict[str, Any] = {
@@ -512,7 +635,7 @@ def worker_main(spec: WorkerSpec) -> int:
 
     def one_round() -> bool:
         """Fail stale trials, check the budget, run one trial; False once this worker should stop."""
-        fail_stale_trials(study)
+        locked_fail_stale_trials(study)
         counts = count_trials(study.get_trials(deepcopy=False))
         if counts.finished >= spec.trials:
             return False
