@@ -515,7 +515,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except UserError as exc:
-        print(f"spkid-search {args.command}: error: {exc.message}", file=sys.stderr)
+        message = exc.message.removeprefix(f"{args.command}: ")  # library errors may name the command too
+        print(f"spkid-search {args.command}: error: {message}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"spkid-search {args.command}: interrupted", file=sys.stderr)
