@@ -190,6 +190,7 @@ def test_synth_replaces_an_earlier_output_only_with_force(
     assert main([*argv, "--seed", "1", "--quiet"]) == 2
     line = _one_error_line(capsys)
     assert "s already holds a generated set" in line and "--force" in line
+    assert line.startswith("spkid-search synth: error: s already")  # the command is named once
     assert json.loads(marker.read_text())["seed"] == 0
     assert main([*argv, "--seed", "1", "--force", "--quiet"]) == 0
     assert json.loads(marker.read_text())["seed"] == 1
