@@ -73,7 +73,13 @@ def test_sqlite_workers_reach_exact_count_with_pruning_then_resume(tmp_path: Pat
     by_state = states(study)
     assert by_state.get(TrialState.COMPLETE, 0) + by_state.get(TrialState.PRUNED, 0) == 6
     assert by_state.get(TrialState.PRUNED, 0) >= 1, by_state
-    assert TrialState.RUNNING not in by_state and TrialState.FAIL not in by_state  # no lock errors
+    trials = study.get_trials(deepcopy=False)
+    table = [
+        (t.number, t.state.name, t.user_attrs.get("skipped"), t.user_attrs.get("fail_reason")) for t in trials
+    ]
+    # No lock errors: a FAIL may only be a trial begun as another reached the budget (skipped) or one
+    # whose heartbeat went stale under load (retried), never a real failure.
+    assert TrialState.RUNNING not in by_state and count_trials(trials).failed == 0, table
     store = artifact_store(study)
     for t in study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)):
         assert t.user_attrs["config"]["d_model"] == t.params["d_model"]
