@@ -26,26 +26,9 @@ from search.errors import UserError
 from search.space import load_space
 from search.storage import artifact_store, default_storage_url, open_storage
 from search.study import RunOptions, count_trials, effective_steps, identity_changes, run, sha256_file
+from tests.spaces import UNIT_SPACE
 
-SPACE = {
-    "name": "unit",
-    "params": {
-        "steps": 60,
-        "valid_steps": 20,
-        "batch_size": 16,
-        "segment_len": 48,
-        "warmup_steps": 5,
-        "eval_frame_budget": 8192,
-        "encoder": "transformer",
-        "ffn_dim": 32,
-        "d_model": {"low": 16, "high": 32, "step": 16},
-        "heads": 2,
-        "lr": {"low": 1.0e-4, "high": 3.0e-2, "log": True},
-        "pooling": {"choices": ["mean", "attention"]},
-    },
-    "sampler": {"name": "random", "seed": 0},
-    "pruner": {"name": "successive_halving", "min_resource": 1, "reduction_factor": 2},
-}
+SPACE = UNIT_SPACE
 
 
 def write_space(path: Path, **params: object) -> Path:

@@ -9,7 +9,6 @@ process group (driver and workers) is killed if the test fails half-way.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -25,28 +24,11 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.spaces import UNIT_SPACE
+
 DEFAULT_DEADLINE_S = 150
 
-# A space whose trials take a second or two on one CPU core with the tiny synthetic set.
-SPACE: dict[str, Any] = {
-    "name": "unit",
-    "params": {
-        "steps": 60,
-        "valid_steps": 20,
-        "batch_size": 16,
-        "segment_len": 48,
-        "warmup_steps": 5,
-        "eval_frame_budget": 8192,
-        "encoder": "transformer",
-        "ffn_dim": 32,
-        "d_model": {"low": 16, "high": 32, "step": 16},
-        "heads": 2,
-        "lr": {"low": 1.0e-4, "high": 3.0e-2, "log": True},
-        "pooling": {"choices": ["mean", "attention"]},
-    },
-    "sampler": {"name": "random", "seed": 0},
-    "pruner": {"name": "none"},
-}
+SPACE: dict[str, Any] = {**UNIT_SPACE, "pruner": {"name": "none"}}  # faults are timed: no pruning
 
 
 def write_space(path: Path, pruner: dict[str, Any] | None = None, **params: Any) -> Path:
@@ -179,16 +161,6 @@ def cli() -> Iterator[Any]:
     yield start
     for proc in started:
         proc.close()
-
-
-def worker_states(status_dir: Path) -> list[dict[str, Any]]:
-    out = []
-    for path in sorted(status_dir.glob("*.json")):
-        try:
-            out.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            continue
-    return out
 
 
 def wait_for(predicate: Any, timeout: float, what: str, poll: float = 0.1) -> Any:

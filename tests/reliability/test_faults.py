@@ -24,13 +24,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.errors import UserError
 from search.storage import default_storage_url, open_storage
-from search.study import RunOptions, count_trials, run, sha256_file
+from search.study import RunOptions, count_trials, read_status, run, sha256_file
 from tests.reliability.conftest import (
     Figures,
     pid_alive,
     postgres_answers,
     wait_for,
-    worker_states,
     write_space,
 )
 
@@ -121,7 +120,7 @@ def test_kill9_random_worker_five_times_during_twenty_trials(
     def victims(exclude: set[int] = spared) -> list[dict[str, Any]]:
         return [
             s
-            for s in worker_states(status_dir(tmp_path))
+            for s in read_status(status_dir(tmp_path))
             if isinstance(s.get("step"), int)
             and 60 <= s["step"] < 90  # past its second checkpoint (30 and 60), 30+ steps to go
             and not s.get("done")
@@ -185,7 +184,7 @@ def test_a_worker_that_keeps_dying_is_restarted_a_bounded_number_of_times(
 
     def killer() -> None:
         while not done.is_set() and len(killed) < 2:
-            for s in worker_states(status_dir(tmp_path)):
+            for s in read_status(status_dir(tmp_path)):
                 if s.get("trial") is not None and s["pid"] not in killed and pid_alive(s["pid"]):
                     os.kill(s["pid"], signal.SIGKILL)
                     killed.append(s["pid"])
@@ -252,7 +251,7 @@ def test_three_workers_ride_out_a_postgresql_restart(
     try:
 
         def mid_study() -> bool:
-            training = [s for s in worker_states(status_dir(tmp_path, "pgrel")) if s.get("step", 0) >= 30]
+            training = [s for s in read_status(status_dir(tmp_path, "pgrel")) if s.get("step", 0) >= 30]
             return bool(training) and _pg_finished(pg_database) >= 2
 
         wait_for(mid_study, 150, "two finished trials and one mid-training", poll=0.2)
@@ -443,7 +442,7 @@ def test_sigterm_then_ctrl_c_stop_cleanly_and_the_study_resumes_to_the_exact_cou
         proc = cli(*args)
 
         def past_checkpoint() -> dict[str, Any] | None:
-            for s in worker_states(status_dir(tmp_path)):
+            for s in read_status(status_dir(tmp_path)):
                 if 60 <= s.get("step", 0) < 120 and not s.get("done") and pid_alive(s["pid"]):
                     return s
             return None
