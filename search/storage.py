@@ -78,12 +78,20 @@ def _filesystem_type(path: Path) -> str | None:
     return kind
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URL; None for other URLs and for in-memory SQLite."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path_text = url[len("sqlite:///") :]
+    return Path(path_text) if path_text and path_text != ":memory:" else None
+
+
 def _refuse_network_sqlite(url: str) -> None:
     """SQLite's file locking is unsafe on NFS, CIFS and friends: refuse, naming PostgreSQL instead."""
-    path_text = url[len("sqlite:///") :]
-    if not path_text or path_text == ":memory:":
+    path = sqlite_file(url)
+    if path is None:
         return
-    folder = Path(path_text).parent
+    folder = path.parent
     fs = _filesystem_type(folder)
     if fs in NETWORK_FS and not os.environ.get("SPKID_SEARCH_ALLOW_NETWORK_SQLITE"):
         raise UserError(
@@ -94,11 +102,10 @@ def _refuse_network_sqlite(url: str) -> None:
 
 def _prepare_sqlite(url: str) -> None:
     """Refuse network filesystems, create the folder, and switch the file to WAL once (it persists)."""
-    path_text = url[len("sqlite:///") :]
-    if not path_text or path_text == ":memory:":
+    path = sqlite_file(url)
+    if path is None:
         return
     _refuse_network_sqlite(url)
-    path = Path(path_text)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -208,10 +215,10 @@ def open_storage(
     url = check_storage_url(url)
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
-        path_text = url[len("sqlite:///") :]
-        if must_exist and path_text and path_text != ":memory:" and not Path(path_text).is_file():
+        path = sqlite_file(url)
+        if must_exist and path is not None and not path.is_file():
             raise UserError(
-                f"--storage {url}: {path_text} does not exist; check the path (only 'spkid-search run' "
+                f"--storage {url}: {path} does not exist; check the path (only 'spkid-search run' "
                 "creates a study)"
             )
         _prepare_sqlite(url)

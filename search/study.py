@@ -339,10 +339,11 @@ def state_lock() -> contextlib.AbstractContextManager[None]:
 
 def serialize_state_changes(storage: Any, url: str) -> None:
     """Make ``storage``'s trial state changes atomic among processes sharing its SQLite file."""
-    path_text = url[len("sqlite:///") :] if url.startswith("sqlite:///") else ""
-    if not path_text or path_text == ":memory:":
+    from search.storage import sqlite_file
+
+    db = sqlite_file(url)
+    if db is None:
         return  # PostgreSQL and MySQL lock the row themselves
-    db = Path(path_text)
     lock = _StateLock(db.with_name(db.name + ".state-lock"))
     original = storage.set_trial_state_values
 
