@@ -65,6 +65,9 @@ class TrainConfig:
     seed: int = 87
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode on CUDA; "reduce-overhead" adds CUDA graphs
+    # CUDA only: record the whole training step once as a CUDA graph and replay it (the crops have a
+    # static shape). Ignored on CPU and when ``compile`` is on (torch.compile then owns the step).
+    cuda_graph: bool = True
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,9 @@ best weights are copied (not aliased) whenever validation improves and written a
 from __future__ import annotations
 
 import math
+import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +85,92 @@ def spec_augment(
     return torch.where(mask & valid, fill[:, None, None], x)
 
 
+StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class EagerStep:
+    """One training step run op by op: clear the gradients, then ``step`` (forward, backward, update)."""
+
+    def __init__(self, step: StepFn, optimizer: torch.optim.Optimizer) -> None:
+        self.step, self.optimizer = step, optimizer
+
+    def __call__(self, x: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.step(x, lengths, labels)
+
+
+class CudaGraphStep:
+    """The whole training step (forward, loss, backward, clipping, AdamW) recorded once, then replayed.
+
+    Why: at batch 32 the strong model's step is well over a thousand small kernels, and launching them
+    one by one from Python takes longer than the GPU takes to run them. A CUDA graph launches them all
+    at once. The crops have a static shape, so one recording serves every step: each call copies the
+    batch into fixed input buffers and replays. The first ``warmup`` calls are ordinary eager steps on a
+    side stream (as PyTorch's graph recipe asks), so cuBLAS, autograd and AdamW create their state
+    outside the graph; the next call records the graph, then replays it (recording runs nothing).
+    The optimizer must be fused or capturable with its lr held in a device tensor
+    (:func:`lr_in_tensor`), so the scheduler's updates reach the recorded kernels. Gradients live in
+    the graph's memory from then on and are overwritten, not accumulated, by each replay.
+    """
+
+    def __init__(self, step: StepFn, optimizer: torch.optim.Optimizer, warmup: int = 3) -> None:
+        self.step, self.optimizer, self.warmup = step, optimizer, warmup
+        self.calls = 0
+        self.inputs: tuple[torch.Tensor, ...] | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.loss: torch.Tensor | None = None
+        self.failed = ""  # why recording failed, if it did; the step then runs eagerly
+
+    def __call__(self, x: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.inputs is None:
+            self.inputs = (x.clone(), lengths.clone(), labels.clone())
+        else:
+            for buffer, value in zip(self.inputs, (x, lengths, labels), strict=True):
+                buffer.copy_(value)
+        if self.calls < self.warmup:
+            self.calls += 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "capturable=True but running without capture"
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = self.step(*self.inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            return loss
+        if self.failed:
+            self.optimizer.zero_grad(set_to_none=True)
+            return self.step(*self.inputs)
+        if self.graph is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    self.loss = self.step(*self.inputs)
+            except RuntimeError as exc:  # an op that cannot be recorded (a host sync, say): run eagerly
+                self.failed = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+                print(f"spkid-search: CUDA graph not used ({self.failed}); training eagerly", file=sys.stderr)
+                torch.cuda.synchronize()
+                return self(x, lengths, labels)
+            self.graph = graph
+        self.graph.replay()
+        assert self.loss is not None
+        return self.loss
+
+
+def lr_in_tensor(optimizer: torch.optim.Optimizer, device: torch.device, graphed: bool) -> None:
+    """Hold each group's lr in a device tensor (graphed) or a float (not), and set ``capturable``.
+
+    A recorded graph reads the lr it was recorded with; only a tensor updated in place (LR schedulers
+    ``fill_`` a tensor lr) lets the schedule go on. Called after building the scheduler (its base lrs
+    stay floats, so its per-step update is a fill, not a host sync) and again after loading a
+    checkpoint, whose groups carry whatever kind of lr the run that saved it used.
+    """
+    for group in optimizer.param_groups:
+        lr = float(group["lr"])
+        group["lr"] = torch.tensor(lr, device=device) if graphed else lr
+        group["capturable"] = graphed
+
+
 def _checkpoint_meta(config: Config, data: PackedData, split: Split) -> dict[str, Any]:
     return {
         "config": config.to_dict(),
@@ -114,10 +202,12 @@ def train(
     aug_gen = torch.Generator(device=device)
     aug_gen.manual_seed(t.seed + 1)
     cuda = device.type == "cuda"
+    graphed = cuda and t.cuda_graph and not t.compile
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=cuda or None
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t.warmup_steps, t.steps))
+    lr_in_tensor(optimizer, device, graphed)
     # Compiled for the fixed-shape training crops only; validation's varying lengths run eagerly.
     step_fn = torch.compile(model, mode=t.compile_mode) if (t.compile and cuda) else model
     meta = _checkpoint_meta(config, data, split)
@@ -132,6 +222,7 @@ def train(
         if state["config"] == meta["config"] and state.get("fingerprint") == data.fingerprint:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
+            lr_in_tensor(optimizer, device, graphed)
             scheduler.load_state_dict(state["scheduler"])
             sampler.set_state(state["sampler"])
             best_acc, best_step = float(state["best_accuracy"]), int(state["best_step"])
@@ -165,6 +256,19 @@ def train(
         }
         save_atomic(state, last_path)
 
+    def train_step(x: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # Autocast's weight cache must be off while a graph records (PyTorch's rule for graphs + AMP).
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda, cache_enabled=not graphed):
+            logits = step_fn(x, lengths, labels)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=t.label_smoothing)
+        loss.backward()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        optimizer.step()
+        return loss.detach()
+
+    run_step: StepFn = CudaGraphStep(train_step, optimizer) if graphed else EagerStep(train_step, optimizer)
+
     model.train()
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
@@ -176,16 +280,9 @@ def train(
             model.set_margin_scale(min(1.0, step / config.model.margin_warmup_steps))
         x, lengths, labels = sampler.next()
         x = spec_augment(x, lengths, config, aug_gen)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            logits = step_fn(x, lengths, labels)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=t.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        optimizer.step()
+        loss = run_step(x, lengths, labels)
         scheduler.step()
-        loss_sum += loss.detach()
+        loss_sum += loss
         loss_count += 1
         step += 1
 
