@@ -362,6 +362,10 @@ class FeatureStore:
     ) -> None:
         self.data = data
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            # "cuda" means the current GPU; with its index, tensors' devices compare equal to it
+            # (torch.device("cuda") != torch.device("cuda:0"), which once sent CUDA tensors to pinning).
+            self.device = torch.device("cuda", torch.cuda.current_device())
         feats = torch.from_numpy(data.features)
         if resident is None:
             resident = (
@@ -381,7 +385,7 @@ class FeatureStore:
         """Move a tensor from ``home`` to the compute device (pinned + non-blocking from the host)."""
         if t.device == self.device:
             return t
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and t.device.type == "cpu":  # only host memory can be pinned
             t = t.pin_memory()
         return t.to(self.device, non_blocking=True)
 
