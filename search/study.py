@@ -598,6 +598,7 @@ def worker_main(spec: WorkerSpec) -> int:
             "best_step": result.best_step,
             "parameters": result.parameters,
             "steps_per_s": round(result.steps_per_s, 3),
+            "step_mode": result.step_mode,
             "resumed_from_step": result.resumed_from,
             "wall_s": round(time.time() - started, 1),
         }
@@ -724,7 +725,7 @@ class RunOptions:
     study: str | None = None
     storage: str | None = None
     gpus: list[int] | None = None
-    per_gpu: int = 4
+    per_gpu: int = 2
     workers: int = 1
     steps: int | None = None
     seed: int = 0

@@ -44,6 +44,7 @@ class TrainResult:
     device: str
     checkpoint: Path | None
     resumed_from: int = 0
+    step_mode: str = "eager"  # how the training step ran: eager, cuda graph, torch.compile (<mode>)
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -326,4 +327,13 @@ def train(
         device=str(device),
         checkpoint=best_path if best_path is not None and best_path.exists() else None,
         resumed_from=start_step,
+        step_mode=_step_mode(run_step, t.compile and cuda, t.compile_mode),
     )
+
+
+def _step_mode(run_step: StepFn, compiled: bool, compile_mode: str) -> str:
+    if compiled:
+        return f"torch.compile ({compile_mode})"
+    if isinstance(run_step, CudaGraphStep):
+        return f"eager (CUDA graph failed: {run_step.failed})" if run_step.failed else "cuda graph"
+    return "eager"

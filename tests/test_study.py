@@ -68,6 +68,7 @@ def test_sqlite_workers_reach_exact_count_with_pruning_then_resume(tmp_path: Pat
         assert t.user_attrs["config"]["d_model"] == t.params["d_model"]
         for key in ("parameters", "steps_per_s", "device", "best_step", "valid_acc", "checkpoint_sha256"):
             assert key in t.user_attrs, key
+        assert t.user_attrs["step_mode"] == "eager"  # cuda_graph is on by default, and ignored on CPU
         fetched = tmp_path / f"ckpt-{t.number}.pt"
         optuna.artifacts.download_artifact(
             artifact_store=store, file_path=str(fetched), artifact_id=t.user_attrs["checkpoint_artifact"]

@@ -9,8 +9,8 @@ import torch
 
 from search.config import Config
 from search.data import FeatureStore, PackedData, make_split
-from search.infer import accuracy, load_model, predict_logits
-from search.train import TrainingDiverged, lr_factor, spec_augment, train
+from search.infer import accuracy, load_model, predict_logits, save_atomic
+from search.train import TrainingDiverged, lr_factor, lr_in_tensor, spec_augment, train
 
 SMALL = {
     "encoder": "transformer",
@@ -103,6 +103,50 @@ def test_resume_from_last_checkpoint(fake_data: PackedData, tmp_path: Path) -> N
     resumed = train(config, fake_data, "cpu", out_dir=tmp_path / "part")
     assert resumed.resumed_from == 50
     assert resumed.best_accuracy == pytest.approx(full.best_accuracy)
+
+
+def test_resume_on_cpu_from_a_graphed_gpu_runs_checkpoint(fake_data: PackedData, tmp_path: Path) -> None:
+    """A CUDA-graph run saves its optimizer with a tensor lr and capturable=True; a CPU run resumes it."""
+    config = Config.from_dict({**SMALL, "steps": 100, "valid_steps": 25, "checkpoint_steps": 25})
+    full = train(config, fake_data, "cpu", out_dir=tmp_path / "full")
+
+    def stop_at_50(step: int, metrics: dict[str, float]) -> str | None:
+        if step == 50:
+            raise KeyboardInterrupt
+        return None
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, fake_data, "cpu", report=stop_at_50, out_dir=tmp_path / "part")
+    last = tmp_path / "part" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    for group in state["optimizer"]["param_groups"]:  # what a graphed run's checkpoint holds
+        group["lr"], group["capturable"] = torch.tensor(float(group["lr"])), True
+    save_atomic(state, last)
+    seen: dict[int, float] = {}
+    resumed = train(
+        config, fake_data, "cpu", out_dir=tmp_path / "part", report=lambda s, m: seen.update({s: m["lr"]})
+    )
+    assert resumed.resumed_from == 50 and resumed.step_mode == "eager"
+    assert resumed.best_accuracy == pytest.approx(full.best_accuracy)
+    assert isinstance(seen[75], float) and seen[75] == pytest.approx(lr_factor(75, 10, 100) * 3e-3)
+
+
+@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)` before")
+def test_tensor_lr_follows_the_schedule_in_place() -> None:
+    """The CUDA graph reads the lr tensor it was recorded with: schedulers must update it in place."""
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, 4, 20))
+    lr_in_tensor(optimizer, torch.device("cpu"), graphed=True)
+    recorded = optimizer.param_groups[0]["lr"]
+    assert isinstance(recorded, torch.Tensor) and optimizer.param_groups[0]["capturable"]
+    for step in range(1, 8):
+        scheduler.step()
+        assert optimizer.param_groups[0]["lr"] is recorded
+        assert float(recorded) == pytest.approx(1e-3 * lr_factor(step, 4, 20))
+    lr_in_tensor(optimizer, torch.device("cpu"), graphed=False)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(float(recorded))
+    assert not optimizer.param_groups[0]["capturable"]
 
 
 def test_spec_augment_masks_only_valid_frames() -> None:
