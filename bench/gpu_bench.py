@@ -24,7 +24,7 @@ from search.config import Config, load_config
 from search.data import CropSampler, FeatureStore, PackedData, make_split
 from search.infer import accuracy, load_model, predict_logits
 from search.model import build_model
-from search.train import train
+from search.train import CudaGraphStep, EagerStep, lr_in_tensor, train
 
 ROOT = Path(__file__).resolve().parent.parent
 STRONG = ROOT / "spaces" / "baselines" / "strong.yaml"
@@ -84,16 +84,24 @@ def ablation(config: Config, data: PackedData, device: str, steps: int, **opt: A
     sampler = CropSampler(store, split.train, t.batch_size, t.segment_len, seed=0)
     optim = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=opt["fused"] and dev.type == "cuda")
     step_fn = torch.compile(model, mode=opt["compile"]) if opt.get("compile") else model
+    graphed = bool(opt.get("graph")) and dev.type == "cuda"
+    lr_in_tensor(optim, dev, graphed)
+
+    def core(x: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        bf16 = opt["bf16"] and dev.type == "cuda"
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=not graphed):
+            loss = F.cross_entropy(step_fn(x, lengths, labels).float(), labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optim.step()
+        return loss.detach()
+
+    run = CudaGraphStep(core, optim) if graphed else EagerStep(core, optim)
 
     def one() -> None:
         x, lengths, labels = sampler.next()
         x, lengths, labels = x.to(dev, non_blocking=True), lengths.to(dev), labels.to(dev)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=opt["bf16"] and dev.type == "cuda"):
-            loss = F.cross_entropy(step_fn(x, lengths, labels).float(), labels)
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        optim.step()
+        loss = run(x, lengths, labels)
         if opt["sync_each_step"]:
             loss.item()
 
@@ -109,6 +117,8 @@ def ablation(config: Config, data: PackedData, device: str, steps: int, **opt: A
     return steps / (time.perf_counter() - start)
 
 
+FAST = "+ no host sync per step (fast path without the graph)"
+GRAPH = "+ whole step replayed as one CUDA graph (cuda_graph: true, the trainer's default)"
 DRY_MODEL = {"d_model": 32, "heads": 2, "layers": 1, "ffn_dim": 64, "conv_kernel": 7, "batch_size": 8}
 
 
@@ -118,14 +128,16 @@ def bench_config(dry: bool) -> Config:
     return strong.replace(**DRY_MODEL) if dry else strong
 
 
-def _trial_proc(args: tuple[str, str, int, bool, Any]) -> None:
-    folder, device, steps, dry, queue = args
+def _trial_proc(args: tuple[str, str, int, bool, Any, Any]) -> None:
+    folder, device, steps, dry, queue, go = args
     torch.set_num_threads(2)
     data = _open(Path(folder))
-    config = bench_config(dry).replace(steps=steps, valid_steps=10 * steps)  # no validation inside
+    config = bench_config(dry).replace(steps=steps, valid_steps=10 * steps)  # validates once, at the end
+    train(config.replace(steps=5), data, device, log_every=5)  # CUDA context, kernels: not timed
     queue.put(("ready", os.getpid()))
-    result = train(config, data, device, log_every=steps)
-    queue.put(("done", result.steps_per_s))
+    go.wait()
+    train(config, data, device, log_every=steps)
+    queue.put(("done", os.getpid()))
 
 
 def _open(folder: Path) -> PackedData:
@@ -146,22 +158,30 @@ def _open(folder: Path) -> PackedData:
 
 
 def trials_per_gpu(folder: Path, device: str, k: int, steps: int, dry: bool) -> float:
-    """Aggregate trial-steps/s with k trainer processes sharing one GPU (as --per-gpu k does)."""
+    """Aggregate trial-steps/s with k trainer processes sharing one GPU (as --per-gpu k does).
+
+    Each process warms up, then all start together on one signal; the figure is k * steps over the
+    time from that signal to the last one's end (final validation included), so processes that did
+    not overlap cannot inflate it.
+    """
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
+    queue, go = ctx.Queue(), ctx.Event()
     procs = [
-        ctx.Process(target=_trial_proc, args=((str(folder), device, steps, dry, queue),)) for _ in range(k)
+        ctx.Process(target=_trial_proc, args=((str(folder), device, steps, dry, queue, go),))
+        for _ in range(k)
     ]
     for p in procs:
         p.start()
-    rates = []
-    while len(rates) < k:
-        kind, value = queue.get(timeout=600)
-        if kind == "done":
-            rates.append(value)
+    for _ in range(k):
+        assert queue.get(timeout=600)[0] == "ready"
+    start = time.perf_counter()
+    go.set()
+    for _ in range(k):
+        assert queue.get(timeout=600)[0] == "done"
+    elapsed = time.perf_counter() - start
     for p in procs:
         p.join()
-    return float(sum(rates))
+    return k * steps / elapsed
 
 
 def main() -> None:
@@ -172,7 +192,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200, help="timed steps per measurement")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "bench" / "out")))
     parser.add_argument("--skip-k", action="store_true", help="skip the trials-per-GPU measurement")
-    parser.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to warm up)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a short run for a second GPU model: only the fast path with and without the graph, K = 1, 2",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="also measure torch.compile, last (slow to warm up)"
+    )
     args = parser.parse_args()
     started = time.perf_counter()
     dry = args.dry_run
@@ -196,38 +223,49 @@ def main() -> None:
         "data_build_s": round(time.perf_counter() - started, 1),
     }
     strong = bench_config(dry)
+    out_file = args.out / "gpu.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every section, so a run cut short still leaves what it measured
+        result["wall_s"] = round(time.perf_counter() - started, 1)
+        out_file.write_text(json.dumps(result, indent=2))
+
     base = {"data_on_gpu": False, "bf16": False, "fused": False, "sync_each_step": True}
+    fast_path = {"data_on_gpu": True, "bf16": True, "fused": True, "sync_each_step": False}
     ladder = [
         ("naive (host batches, fp32, foreach AdamW, sync every step)", {}),
         ("+ features on GPU, crops gathered on device", {"data_on_gpu": True}),
         ("+ bf16 autocast", {"data_on_gpu": True, "bf16": True}),
         ("+ fused AdamW", {"data_on_gpu": True, "bf16": True, "fused": True}),
+        (FAST, fast_path),
+        (GRAPH, {**fast_path, "graph": True}),
+    ]
+    compile_rows = [
+        ("+ torch.compile (compile: true, cuda_graph ignored)", {**fast_path, "compile": "default"}),
         (
-            "+ no host sync per step (full fast path)",
-            {"data_on_gpu": True, "bf16": True, "fused": True, "sync_each_step": False},
+            "+ torch.compile reduce-overhead: its own CUDA graphs (compile_mode: reduce-overhead)",
+            {**fast_path, "compile": "reduce-overhead"},
         ),
     ]
-    if args.compile:
-        fast_path = ladder[-1][1]
-        ladder.append(("+ torch.compile (config compile: true)", {**fast_path, "compile": "default"}))
-        ladder.append(
-            (
-                "+ torch.compile reduce-overhead: CUDA graphs (compile_mode: reduce-overhead)",
-                {**fast_path, "compile": "reduce-overhead"},
-            )
-        )
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     result["steps_per_s"] = {}
-    for name, o in ladder:
-        try:
-            result["steps_per_s"][name] = round(ablation(strong, data, device, steps, **{**base, **o}), 1)
-        except Exception as exc:  # noqa: BLE001 - a compile mode failing must not cost the other figures
-            result["steps_per_s"][name] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-            print(f"gpu_bench: {name}: {result['steps_per_s'][name]}", file=sys.stderr)
-    fast = result["steps_per_s"]["+ no host sync per step (full fast path)"]
 
-    # Correctness on the device: loss falls, padding invariance, bf16 vs fp32 validation agree.
+    def measure(rows: list[tuple[str, dict[str, Any]]]) -> None:
+        for name, o in rows:
+            try:
+                result["steps_per_s"][name] = round(ablation(strong, data, device, steps, **{**base, **o}), 1)
+            except Exception as exc:  # noqa: BLE001 - one variant failing must not cost the other figures
+                result["steps_per_s"][name] = (
+                    f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                )
+                print(f"gpu_bench: {name}: {result['steps_per_s'][name]}", file=sys.stderr)
+            save()
+
+    measure(ladder[-2:] if args.quick else ladder)
+
+    # The trainer as users run it (cuda_graph: true, the default) and with the graph off; correctness
+    # on the device: loss falls, padding invariance, bf16 vs fp32 validation agree.
     torch.manual_seed(0)
     check_steps = 30 if dry else 600
     config = strong.replace(
@@ -236,16 +274,14 @@ def main() -> None:
     run_dir = folder / "check-run"
     plain = timed_train(config, data, device, run_dir)
     result["trainer"] = plain
-    result["trainer_steps_per_s"] = plain["steps_per_s"]
+    result["trainer_steps_per_s"] = plain["steady_steps_per_s"]
     result["peak_gpu_memory_gib"] = (
         round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None
     )
-    if args.compile:  # the trainer's own compiled path (compile: true), CUDA graphs included
-        compiled = config.replace(compile=True, compile_mode="reduce-overhead")
-        try:
-            result["trainer_compiled"] = timed_train(compiled, data, device, folder / "check-compiled")
-        except Exception as exc:  # noqa: BLE001 - recorded, the rest of the benchmark still runs
-            result["trainer_compiled"] = {"failed": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+    result["trainer_without_graph"] = timed_train(
+        config.replace(cuda_graph=False), data, device, folder / "check-eager"
+    )
+    save()
     # The bf16-vs-fp32 check scores the weights just trained (an untrained model's near-equal logits
     # would make both accuracies chance and the comparison meaningless).
     model = load_model(run_dir / "best.pt", device)[0]
@@ -270,32 +306,64 @@ def main() -> None:
         "padding_invariance_max_abs_diff": _padding_diff(model, store, valid[:8]),
         "valid_acc_bf16": round(accuracy(logits_bf16, labels), 4),
         "valid_acc_fp32": round(accuracy(logits_fp32, labels), 4),
+        # Accuracies saturate on an easy set; whether each utterance gets the same answer does not.
+        "bf16_fp32_same_prediction": round(float((logits_bf16.argmax(1) == logits_fp32.argmax(1)).mean()), 4),
+        "graph_vs_eager_max_loss_diff": _graph_vs_eager(strong, data, device, folder, 10 if dry else 40),
     }
-    result["checks"]["bf16_fp32_agree"] = (
-        abs(result["checks"]["valid_acc_bf16"] - result["checks"]["valid_acc_fp32"]) <= 0.01
+    checks = result["checks"]
+    checks["bf16_fp32_agree"] = (
+        abs(checks["valid_acc_bf16"] - checks["valid_acc_fp32"]) <= 0.01
+        and checks["bf16_fp32_same_prediction"] >= 0.99
     )
-    result["checks"]["padding_invariant"] = result["checks"]["padding_invariance_max_abs_diff"] < 1e-3
-    result["projected_70k_strong_trial_min"] = round((70000 / fast + 35 * result["validation_s"]) / 60, 1)
+    checks["padding_invariant"] = checks["padding_invariance_max_abs_diff"] < 1e-3
+    checks["graph_matches_eager"] = checks["graph_vs_eager_max_loss_diff"] < 0.05
+    rate = result["trainer_steps_per_s"]
+    result["projected_70k_strong_trial_min"] = round((70000 / rate + 35 * result["validation_s"]) / 60, 1)
+    save()
+    if not args.skip_k:
+        k_steps = 5 if dry else 1000
+        result["aggregate_trial_steps_per_s"] = {}
+        for k in (1, 2) if dry or args.quick else (1, 2, 4):
+            result["aggregate_trial_steps_per_s"][str(k)] = round(
+                trials_per_gpu(folder, device, k, k_steps, dry), 1
+            )
+            save()
+    if args.compile:
+        measure(compile_rows)
     measured = {name: v for name, v in result["steps_per_s"].items() if isinstance(v, float)}
     best = max(measured, key=lambda name: measured[name])
     result["projected_70k_strong_trial_min_best"] = {
         "with": best,
         "minutes": round((70000 / measured[best] + 35 * result["validation_s"]) / 60, 1),
     }
-    if not args.skip_k:
-        k_steps = 5 if dry else 300
-        result["aggregate_trial_steps_per_s"] = {
-            str(k): round(trials_per_gpu(folder, device, k, k_steps, dry), 1)
-            for k in ((1, 2) if dry else (1, 2, 4))
-        }
-    result["wall_s"] = round(time.perf_counter() - started, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu.json").write_text(json.dumps(result, indent=2))
+    save()
     print(json.dumps(result, indent=2))
     if not dry:
         import shutil
 
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _graph_vs_eager(strong: Config, data: PackedData, device: str, folder: Path, steps: int) -> float:
+    """Largest per-step loss difference between the trainer with and without the CUDA graph.
+
+    Same initial weights and batches; dropout off, since a graph draws its dropout masks from a
+    different random stream than eager kernels. Agreement up to bf16 noise means the recorded step
+    trains exactly as the eager one (gradients, clipping, AdamW and the lr schedule all replayed).
+    """
+    config = strong.replace(steps=steps, valid_steps=steps, warmup_steps=steps // 2, dropout=0.0)
+    losses: list[list[float]] = []
+    for graph in (False, True):
+        losses.append([])
+        train(
+            config.replace(cuda_graph=graph),
+            data,
+            device,
+            report=lambda s, m: losses[-1].append(m["loss"]),
+            out_dir=folder / f"agree-{graph}",
+            log_every=1,
+        )
+    return round(max(abs(a - b) for a, b in zip(*losses, strict=True)), 5)
 
 
 def timed_train(config: Config, data: PackedData, device: str, out_dir: Path) -> dict[str, Any]:

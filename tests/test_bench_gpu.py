@@ -20,9 +20,10 @@ def test_gpu_bench_dry_run_writes_results(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((tmp_path / "gpu.json").read_text())
-    assert len(result["steps_per_s"]) == 5 and all(v > 0 for v in result["steps_per_s"].values())
+    assert len(result["steps_per_s"]) == 6 and all(v > 0 for v in result["steps_per_s"].values())
     checks = result["checks"]
     assert checks["loss_falls"] and checks["padding_invariant"] and checks["bf16_fp32_agree"]
+    assert checks["graph_matches_eager"] and result["trainer_without_graph"]["steady_steps_per_s"] > 0
     assert set(result["aggregate_trial_steps_per_s"]) == {"1", "2"}
     assert result["validation_utterances"] > 0 and result["projected_70k_strong_trial_min"] > 0
 

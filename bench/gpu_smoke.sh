@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# End-to-end check of the product on a GPU machine, beside bench/gpu.sh's figures: a generated set ->
+# `run` of the boss space (sampled architectures, margin heads, every pooling) with several trials per
+# GPU -> `status` -> `export-top --strategy greedy` -> `vote` -> a submission CSV. Everything lives in a
+# temporary folder; the submission is copied to $OUT (or bench/out). Extra arguments go to `run`
+# (on a CPU machine: `bash bench/gpu_smoke.sh --workers 1`).
+#   TRIALS (default 6) and STEPS (default 400) size it; PYTHON picks the interpreter.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PYTHON:-python3}
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"   # runs from the checkout, no install step
+out=${OUT:-$root/bench/out}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+cli() { "$PY" -m search.cli "$@"; }
+start=$(date +%s)
+cli synth --out data --preset small --quiet
+cli run --space "$root/spaces/boss.yaml" --trials "${TRIALS:-6}" --steps "${STEPS:-400}" --data data \
+  --quiet "$@"
+cli status
+cli export-top 3 --strategy greedy --quiet
+cli vote studies/boss/export/greedy3 --data data --out submission.csv --quiet
+mkdir -p "$out"
+cp submission.csv "$out/smoke-submission.csv"
+echo "gpu_smoke: $(($(wc -l < submission.csv) - 1)) predictions in $(($(date +%s) - start)) s"
