@@ -5,8 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if ! "$PY" -c "import torch, numpy, yaml, rich" 2>/dev/null; then
-  "$PY" -m pip install -q torch numpy pyyaml rich
+if ! "$PY" -c "import torch, torchaudio, numpy, yaml, rich" 2>/dev/null; then
+  "$PY" -m pip install -q torch torchaudio numpy pyyaml rich
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # the package runs from the checkout, no install step
 exec "$PY" bench/gpu_bench.py "$@"

@@ -8,10 +8,12 @@ whole-utterance validation time, a projected 70k-step strong trial, and CUDA cor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -184,6 +186,42 @@ def trials_per_gpu(folder: Path, device: str, k: int, steps: int, dry: bool) -> 
     return k * steps / elapsed
 
 
+def trials_as_threads(data: PackedData, device: str, k: int, steps: int, dry: bool) -> float:
+    """Aggregate trial-steps/s with k trainers as threads of one process, each on its own CUDA stream.
+
+    Separate processes time-slice the GPU; kernels of one process on several streams can overlap. This
+    measures whether that pays for the graphed step (not used by ``run`` yet: an experiment to decide
+    on). Same accounting as :func:`trials_per_gpu`: k * steps over the time from a common start.
+    """
+    config = bench_config(dry).replace(steps=steps, valid_steps=10 * steps)
+    go = threading.Barrier(k + 1)
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            stream = torch.cuda.Stream() if device == "cuda" else None
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                train(config.replace(steps=5), data, device, log_every=5)  # warm-up, not timed
+                go.wait()
+                train(config, data, device, log_every=steps)
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller
+            errors.append(exc)
+            go.abort()
+
+    threads = [threading.Thread(target=one) for _ in range(k)]
+    for th in threads:
+        th.start()
+    go.wait()
+    start = time.perf_counter()
+    for th in threads:
+        th.join()
+    if errors:
+        raise errors[0]
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return k * steps / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -327,6 +365,14 @@ def main() -> None:
             result["aggregate_trial_steps_per_s"][str(k)] = round(
                 trials_per_gpu(folder, device, k, k_steps, dry), 1
             )
+            save()
+        result["aggregate_trial_steps_per_s_threads"] = {}
+        for k in (1, 2) if dry else (1, 2, 4):
+            try:
+                rate: float | str = round(trials_as_threads(data, device, k, k_steps, dry), 1)
+            except Exception as exc:  # noqa: BLE001 - an experiment: recorded, the rest still runs
+                rate = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            result["aggregate_trial_steps_per_s_threads"][str(k)] = rate
             save()
     if args.compile:
         measure(compile_rows)

@@ -145,7 +145,8 @@ class CudaGraphStep:
             self.optimizer.zero_grad(set_to_none=True)
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph):
+                # thread_local: other threads' CUDA work (trials sharing one process) cannot spoil it
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     self.loss = self.step(*self.inputs)
             except RuntimeError as exc:  # an op that cannot be recorded (a host sync, say): run eagerly
                 self.failed = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
