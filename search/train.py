@@ -173,6 +173,14 @@ def lr_in_tensor(optimizer: torch.optim.Optimizer, device: torch.device, graphed
         group["capturable"] = graphed
 
 
+def _same_config(saved: Any, config: Config) -> bool:
+    """Whether a checkpoint was written for ``config``; keys added since it was saved take their defaults."""
+    try:
+        return Config.from_dict(saved, cross=False).to_dict() == config.to_dict()
+    except UserError:  # a key this version no longer knows, or a value it refuses
+        return False
+
+
 def _checkpoint_meta(config: Config, data: PackedData, split: Split) -> dict[str, Any]:
     return {
         "config": config.to_dict(),
@@ -221,7 +229,7 @@ def train(
     best_path = out_dir / "best.pt" if out_dir is not None else None
     if resume and last_path is not None and last_path.exists():
         state = read_checkpoint(last_path)
-        if state["config"] == meta["config"] and state.get("fingerprint") == data.fingerprint:
+        if _same_config(state["config"], config) and state.get("fingerprint") == data.fingerprint:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             lr_in_tensor(optimizer, device, graphed)

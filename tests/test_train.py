@@ -105,7 +105,9 @@ def test_resume_from_last_checkpoint(fake_data: PackedData, tmp_path: Path) -> N
     assert resumed.best_accuracy == pytest.approx(full.best_accuracy)
 
 
-def test_resume_on_cpu_from_a_graphed_gpu_runs_checkpoint(fake_data: PackedData, tmp_path: Path) -> None:
+def test_resume_on_cpu_from_a_graphed_gpu_runs_older_checkpoint(
+    fake_data: PackedData, tmp_path: Path
+) -> None:
     """A CUDA-graph run saves its optimizer with a tensor lr and capturable=True; a CPU run resumes it."""
     config = Config.from_dict({**SMALL, "steps": 100, "valid_steps": 25, "checkpoint_steps": 25})
     full = train(config, fake_data, "cpu", out_dir=tmp_path / "full")
@@ -121,6 +123,7 @@ def test_resume_on_cpu_from_a_graphed_gpu_runs_checkpoint(fake_data: PackedData,
     state = torch.load(last, weights_only=True)
     for group in state["optimizer"]["param_groups"]:  # what a graphed run's checkpoint holds
         group["lr"], group["capturable"] = torch.tensor(float(group["lr"])), True
+    del state["config"]["cuda_graph"]  # and one written before that key existed resumes as well
     save_atomic(state, last)
     seen: dict[int, float] = {}
     resumed = train(
@@ -129,6 +132,20 @@ def test_resume_on_cpu_from_a_graphed_gpu_runs_checkpoint(fake_data: PackedData,
     assert resumed.resumed_from == 50 and resumed.step_mode == "eager"
     assert resumed.best_accuracy == pytest.approx(full.best_accuracy)
     assert isinstance(seen[75], float) and seen[75] == pytest.approx(lr_factor(75, 10, 100) * 3e-3)
+
+
+def test_last_checkpoint_of_another_config_is_not_resumed(fake_data: PackedData, tmp_path: Path) -> None:
+    config = Config.from_dict({**SMALL, "steps": 60, "valid_steps": 20, "checkpoint_steps": 20})
+
+    def stop_at_40(step: int, metrics: dict[str, float]) -> str | None:
+        if step == 40:
+            raise KeyboardInterrupt
+        return None
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, fake_data, "cpu", report=stop_at_40, out_dir=tmp_path)
+    other = train(config.replace(lr=1e-3), fake_data, "cpu", out_dir=tmp_path)
+    assert other.resumed_from == 0 and other.last_step == 60
 
 
 @pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)` before")
