@@ -203,6 +203,24 @@ def train(
 ) -> TrainResult:
     """Train ``config`` on ``data`` and return the best whole-utterance validation accuracy."""
     device = torch.device(device)
+    if device.type != "cuda":
+        return _train(config, data, device, report, out_dir, split, log_every, resume)
+    # Streams and the CUDA graph belong to the current device: make it the one trained on (a worker
+    # on cuda:1 would otherwise record its step on GPU 0's stream).
+    with torch.cuda.device(device):
+        return _train(config, data, device, report, out_dir, split, log_every, resume)
+
+
+def _train(
+    config: Config,
+    data: PackedData,
+    device: torch.device,
+    report: Report | None,
+    out_dir: Path | None,
+    split: Split | None,
+    log_every: int,
+    resume: bool,
+) -> TrainResult:
     t = config.train
     split = split if split is not None else make_split(data, t.valid_ratio, t.split_seed)
     torch.manual_seed(t.seed)
