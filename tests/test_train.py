@@ -88,18 +88,27 @@ def test_non_finite_loss_is_a_clear_error(fake_data: PackedData) -> None:
         train(config, poisoned, "cpu")
 
 
-def test_resume_from_last_checkpoint(fake_data: PackedData, tmp_path: Path) -> None:
-    config = Config.from_dict({**SMALL, "steps": 100, "valid_steps": 25, "checkpoint_steps": 25})
-    full = train(config, fake_data, "cpu", out_dir=tmp_path / "full")
+RESUMABLE = {**SMALL, "steps": 100, "valid_steps": 25, "checkpoint_steps": 25}
 
-    def stop_at_50(step: int, metrics: dict[str, float]) -> str | None:
-        if step == 50:
+
+def interrupt_at(config: Config, data: PackedData, out_dir: Path, at: int) -> Path:
+    """Train until step ``at``, then stop as Ctrl-C would; returns the ``last.pt`` left behind."""
+
+    def stop(step: int, metrics: dict[str, float]) -> str | None:
+        if step == at:
             raise KeyboardInterrupt
         return None
 
     with pytest.raises(KeyboardInterrupt):
-        train(config, fake_data, "cpu", report=stop_at_50, out_dir=tmp_path / "part")
-    assert (tmp_path / "part" / "last.pt").exists()
+        train(config, data, "cpu", report=stop, out_dir=out_dir)
+    assert (out_dir / "last.pt").exists()
+    return out_dir / "last.pt"
+
+
+def test_resume_from_last_checkpoint(fake_data: PackedData, tmp_path: Path) -> None:
+    config = Config.from_dict(RESUMABLE)
+    full = train(config, fake_data, "cpu", out_dir=tmp_path / "full")
+    interrupt_at(config, fake_data, tmp_path / "part", 50)
     resumed = train(config, fake_data, "cpu", out_dir=tmp_path / "part")
     assert resumed.resumed_from == 50
     assert resumed.best_accuracy == pytest.approx(full.best_accuracy)
@@ -109,17 +118,9 @@ def test_resume_on_cpu_from_a_graphed_gpu_runs_older_checkpoint(
     fake_data: PackedData, tmp_path: Path
 ) -> None:
     """A CUDA-graph run saves its optimizer with a tensor lr and capturable=True; a CPU run resumes it."""
-    config = Config.from_dict({**SMALL, "steps": 100, "valid_steps": 25, "checkpoint_steps": 25})
+    config = Config.from_dict(RESUMABLE)
     full = train(config, fake_data, "cpu", out_dir=tmp_path / "full")
-
-    def stop_at_50(step: int, metrics: dict[str, float]) -> str | None:
-        if step == 50:
-            raise KeyboardInterrupt
-        return None
-
-    with pytest.raises(KeyboardInterrupt):
-        train(config, fake_data, "cpu", report=stop_at_50, out_dir=tmp_path / "part")
-    last = tmp_path / "part" / "last.pt"
+    last = interrupt_at(config, fake_data, tmp_path / "part", 50)
     state = torch.load(last, weights_only=True)
     for group in state["optimizer"]["param_groups"]:  # what a graphed run's checkpoint holds
         group["lr"], group["capturable"] = torch.tensor(float(group["lr"])), True
@@ -135,17 +136,10 @@ def test_resume_on_cpu_from_a_graphed_gpu_runs_older_checkpoint(
 
 
 def test_last_checkpoint_of_another_config_is_not_resumed(fake_data: PackedData, tmp_path: Path) -> None:
-    config = Config.from_dict({**SMALL, "steps": 60, "valid_steps": 20, "checkpoint_steps": 20})
-
-    def stop_at_40(step: int, metrics: dict[str, float]) -> str | None:
-        if step == 40:
-            raise KeyboardInterrupt
-        return None
-
-    with pytest.raises(KeyboardInterrupt):
-        train(config, fake_data, "cpu", report=stop_at_40, out_dir=tmp_path)
+    config = Config.from_dict(RESUMABLE)
+    interrupt_at(config, fake_data, tmp_path, 50)
     other = train(config.replace(lr=1e-3), fake_data, "cpu", out_dir=tmp_path)
-    assert other.resumed_from == 0 and other.last_step == 60
+    assert other.resumed_from == 0 and other.last_step == 100
 
 
 @pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)` before")
