@@ -186,16 +186,18 @@ def trials_per_gpu(folder: Path, device: str, k: int, steps: int, dry: bool) -> 
     return k * steps / elapsed
 
 
-def trials_as_threads(data: PackedData, device: str, k: int, steps: int, dry: bool) -> float:
+def trials_as_threads(data: PackedData, device: str, k: int, steps: int, dry: bool) -> dict[str, Any]:
     """Aggregate trial-steps/s with k trainers as threads of one process, each on its own CUDA stream.
 
     Separate processes time-slice the GPU; kernels of one process on several streams can overlap. This
     measures whether that pays for the graphed step (not used by ``run`` yet: an experiment to decide
-    on). Same accounting as :func:`trials_per_gpu`: k * steps over the time from a common start.
+    on). Same accounting as :func:`trials_per_gpu`: k * steps over the time from a common start; each
+    timed trainer's ``step_mode`` is returned too, so a graph that fell back to eager is not hidden.
     """
     config = bench_config(dry).replace(steps=steps, valid_steps=10 * steps)
     go = threading.Barrier(k + 1)
     errors: list[BaseException] = []
+    modes: list[str] = []
 
     def one() -> None:
         try:
@@ -203,7 +205,7 @@ def trials_as_threads(data: PackedData, device: str, k: int, steps: int, dry: bo
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 train(config.replace(steps=5), data, device, log_every=5)  # warm-up, not timed
                 go.wait()
-                train(config, data, device, log_every=steps)
+                modes.append(train(config, data, device, log_every=steps).step_mode)
         except BaseException as exc:  # noqa: BLE001 - reported by the caller
             errors.append(exc)
             go.abort()
@@ -219,7 +221,8 @@ def trials_as_threads(data: PackedData, device: str, k: int, steps: int, dry: bo
         raise errors[0]
     if device == "cuda":
         torch.cuda.synchronize()
-    return k * steps / (time.perf_counter() - start)
+    rate = k * steps / (time.perf_counter() - start)
+    return {"steps_per_s": round(rate, 1), "step_modes": sorted(set(modes))}
 
 
 def main() -> None:
@@ -369,10 +372,10 @@ def main() -> None:
         result["aggregate_trial_steps_per_s_threads"] = {}
         for k in (1, 2) if dry else (1, 2, 4):
             try:
-                rate: float | str = round(trials_as_threads(data, device, k, k_steps, dry), 1)
+                outcome: dict[str, Any] | str = trials_as_threads(data, device, k, k_steps, dry)
             except Exception as exc:  # noqa: BLE001 - an experiment: recorded, the rest still runs
-                rate = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-            result["aggregate_trial_steps_per_s_threads"][str(k)] = rate
+                outcome = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            result["aggregate_trial_steps_per_s_threads"][str(k)] = outcome
             save()
     if args.compile:
         measure(compile_rows)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -100,6 +101,9 @@ class EagerStep:
         return self.step(x, lengths, labels)
 
 
+_RECORDING = threading.Lock()
+
+
 class CudaGraphStep:
     """The whole training step (forward, loss, backward, clipping, AdamW) recorded once, then replayed.
 
@@ -145,8 +149,9 @@ class CudaGraphStep:
             self.optimizer.zero_grad(set_to_none=True)
             graph = torch.cuda.CUDAGraph()
             try:
-                # thread_local: other threads' CUDA work (trials sharing one process) cannot spoil it
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                # One recording at a time per process, and thread_local: other threads' CUDA work
+                # (trials sharing one process) can neither spoil a recording nor be recorded into it.
+                with _RECORDING, torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     self.loss = self.step(*self.inputs)
             except RuntimeError as exc:  # an op that cannot be recorded (a host sync, say): run eagerly
                 self.failed = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__

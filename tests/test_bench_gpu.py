@@ -26,7 +26,8 @@ def test_gpu_bench_dry_run_writes_results(tmp_path: Path) -> None:
     assert checks["graph_matches_eager"] and result["trainer_without_graph"]["steady_steps_per_s"] > 0
     assert set(result["aggregate_trial_steps_per_s"]) == {"1", "2"}
     threads = result["aggregate_trial_steps_per_s_threads"]  # K trainers as threads of one process
-    assert set(threads) == {"1", "2"} and all(isinstance(v, float) and v > 0 for v in threads.values())
+    assert set(threads) == {"1", "2"} and all(v["steps_per_s"] > 0 for v in threads.values())
+    assert all(v["step_modes"] == ["eager"] for v in threads.values())  # CPU: the graph is CUDA only
     assert checks["bf16_fp32_same_prediction"] >= 0.99
     assert result["validation_utterances"] > 0 and result["projected_70k_strong_trial_min"] > 0
 
