@@ -8,6 +8,7 @@ best weights are copied (not aliased) whenever validation improves and written a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import threading
@@ -120,6 +121,7 @@ class CudaGraphStep:
 
     def __init__(self, step: StepFn, optimizer: torch.optim.Optimizer, warmup: int = 3) -> None:
         self.step, self.optimizer, self.warmup = step, optimizer, warmup
+        self.eager = EagerStep(step, optimizer)  # what runs if recording fails
         self.calls = 0
         self.inputs: tuple[torch.Tensor, ...] | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -127,6 +129,8 @@ class CudaGraphStep:
         self.failed = ""  # why recording failed, if it did; the step then runs eagerly
 
     def __call__(self, x: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.failed:
+            return self.eager(x, lengths, labels)
         if self.inputs is None:
             self.inputs = (x.clone(), lengths.clone(), labels.clone())
         else:
@@ -138,13 +142,9 @@ class CudaGraphStep:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "capturable=True but running without capture"
-                self.optimizer.zero_grad(set_to_none=True)
-                loss = self.step(*self.inputs)
+                loss = self.eager(*self.inputs)
             torch.cuda.current_stream().wait_stream(side)
             return loss
-        if self.failed:
-            self.optimizer.zero_grad(set_to_none=True)
-            return self.step(*self.inputs)
         if self.graph is None:
             self.optimizer.zero_grad(set_to_none=True)
             graph = torch.cuda.CUDAGraph()
@@ -157,7 +157,7 @@ class CudaGraphStep:
                 self.failed = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
                 print(f"spkid-search: CUDA graph not used ({self.failed}); training eagerly", file=sys.stderr)
                 torch.cuda.synchronize()
-                return self(x, lengths, labels)
+                return self.eager(x, lengths, labels)
             self.graph = graph
         self.graph.replay()
         assert self.loss is not None
@@ -208,11 +208,9 @@ def train(
 ) -> TrainResult:
     """Train ``config`` on ``data`` and return the best whole-utterance validation accuracy."""
     device = torch.device(device)
-    if device.type != "cuda":
-        return _train(config, data, device, report, out_dir, split, log_every, resume)
     # Streams and the CUDA graph belong to the current device: make it the one trained on (a worker
     # on cuda:1 would otherwise record its step on GPU 0's stream).
-    with torch.cuda.device(device):
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         return _train(config, data, device, report, out_dir, split, log_every, resume)
 
 
