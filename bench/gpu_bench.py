@@ -130,15 +130,24 @@ def bench_config(dry: bool) -> Config:
     return strong.replace(**DRY_MODEL) if dry else strong
 
 
+def _k_trial(data: PackedData, device: str, steps: int, dry: bool, ready: Any) -> str:
+    """One of K trials sharing a GPU: warm up (CUDA context, kernels, graph; not timed), call ``ready``
+    (which returns at the common start), then train ``steps`` steps; returns the step mode it ran in."""
+    config = bench_config(dry).replace(steps=steps, valid_steps=10 * steps)  # validates once, at the end
+    train(config.replace(steps=5), data, device, log_every=5)
+    ready()
+    return train(config, data, device, log_every=steps).step_mode
+
+
 def _trial_proc(args: tuple[str, str, int, bool, Any, Any]) -> None:
     folder, device, steps, dry, queue, go = args
     torch.set_num_threads(2)
-    data = _open(Path(folder))
-    config = bench_config(dry).replace(steps=steps, valid_steps=10 * steps)  # validates once, at the end
-    train(config.replace(steps=5), data, device, log_every=5)  # CUDA context, kernels: not timed
-    queue.put(("ready", os.getpid()))
-    go.wait()
-    train(config, data, device, log_every=steps)
+
+    def ready() -> None:
+        queue.put(("ready", os.getpid()))
+        go.wait()
+
+    _k_trial(_open(Path(folder)), device, steps, dry, ready)
     queue.put(("done", os.getpid()))
 
 
@@ -194,7 +203,6 @@ def trials_as_threads(data: PackedData, device: str, k: int, steps: int, dry: bo
     on). Same accounting as :func:`trials_per_gpu`: k * steps over the time from a common start; each
     timed trainer's ``step_mode`` is returned too, so a graph that fell back to eager is not hidden.
     """
-    config = bench_config(dry).replace(steps=steps, valid_steps=10 * steps)
     go = threading.Barrier(k + 1)
     errors: list[BaseException] = []
     modes: list[str] = []
@@ -203,9 +211,7 @@ def trials_as_threads(data: PackedData, device: str, k: int, steps: int, dry: bo
         try:
             stream = torch.cuda.Stream() if device == "cuda" else None
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                train(config.replace(steps=5), data, device, log_every=5)  # warm-up, not timed
-                go.wait()
-                modes.append(train(config, data, device, log_every=steps).step_mode)
+                modes.append(_k_trial(data, device, steps, dry, go.wait))
         except BaseException as exc:  # noqa: BLE001 - reported by the caller
             errors.append(exc)
             go.abort()
