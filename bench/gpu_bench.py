@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -169,7 +170,7 @@ def _open(folder: Path) -> PackedData:
 
 
 def trials_per_gpu(folder: Path, device: str, k: int, steps: int, dry: bool) -> float:
-    """Aggregate trial-steps/s with k trainer processes sharing one GPU (as --per-gpu k does).
+    """Aggregate trial-steps/s with k trainer processes sharing one GPU (what --per-gpu k was before lanes).
 
     Each process warms up, then all start together on one signal; the figure is k * steps over the
     time from that signal to the last one's end (final validation included), so processes that did
@@ -196,12 +197,12 @@ def trials_per_gpu(folder: Path, device: str, k: int, steps: int, dry: bool) -> 
 
 
 def trials_as_threads(data: PackedData, device: str, k: int, steps: int, dry: bool) -> dict[str, Any]:
-    """Aggregate trial-steps/s with k trainers as threads of one process, each on its own CUDA stream.
+    """Aggregate trial-steps/s with k trainers as threads of one process (as ``run --per-gpu k`` does).
 
-    Separate processes time-slice the GPU; kernels of one process on several streams can overlap. This
-    measures whether that pays for the graphed step (not used by ``run`` yet: an experiment to decide
-    on). Same accounting as :func:`trials_per_gpu`: k * steps over the time from a common start; each
-    timed trainer's ``step_mode`` is returned too, so a graph that fell back to eager is not hidden.
+    Separate processes time-slice the GPU; kernels of one process on several streams (``train`` runs
+    each call on a stream of its own) can overlap. Same accounting as :func:`trials_per_gpu`: k * steps
+    over the time from a common start; each timed trainer's ``step_mode`` is returned too, so a graph
+    that fell back to eager is not hidden.
     """
     go = threading.Barrier(k + 1)
     errors: list[BaseException] = []
@@ -209,9 +210,7 @@ def trials_as_threads(data: PackedData, device: str, k: int, steps: int, dry: bo
 
     def one() -> None:
         try:
-            stream = torch.cuda.Stream() if device == "cuda" else None
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                modes.append(_k_trial(data, device, steps, dry, go.wait))
+            modes.append(_k_trial(data, device, steps, dry, go.wait))
         except BaseException as exc:  # noqa: BLE001 - reported by the caller
             errors.append(exc)
             go.abort()
@@ -219,16 +218,41 @@ def trials_as_threads(data: PackedData, device: str, k: int, steps: int, dry: bo
     threads = [threading.Thread(target=one) for _ in range(k)]
     for th in threads:
         th.start()
-    go.wait()
+    with contextlib.suppress(threading.BrokenBarrierError):  # a trainer failed: raised below
+        go.wait()
     start = time.perf_counter()
     for th in threads:
         th.join()
     if errors:
+        traceback.print_exception(errors[0])
         raise errors[0]
     if device == "cuda":
         torch.cuda.synchronize()
     rate = k * steps / (time.perf_counter() - start)
     return {"steps_per_s": round(rate, 1), "step_modes": sorted(set(modes))}
+
+
+def threads_section(
+    result: dict[str, Any],
+    data: PackedData,
+    device: str,
+    steps: int,
+    dry: bool,
+    save: Any,
+    ks: tuple[int, ...] = (1, 2, 4),
+) -> None:
+    result["aggregate_trial_steps_per_s_threads"] = {}
+    for k in (1, 2) if dry else ks:
+        try:
+            outcome: dict[str, Any] | str = trials_as_threads(data, device, k, steps, dry)
+        except Exception as exc:  # noqa: BLE001 - an experiment: recorded, the rest still runs
+            outcome = f"failed: {type(exc).__name__}: {_first_line(exc)}"
+        result["aggregate_trial_steps_per_s_threads"][str(k)] = outcome
+        save()
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [""])[0][:200]
 
 
 def main() -> None:
@@ -243,6 +267,12 @@ def main() -> None:
         "--quick",
         action="store_true",
         help="a short run for a second GPU model: only the fast path with and without the graph, K = 1, 2",
+    )
+    parser.add_argument(
+        "--threads-only", action="store_true", help="only the K-trainers-as-threads experiment"
+    )
+    parser.add_argument(
+        "--threads-k", default="1,2,4", help="the K values of the threads experiment (comma-separated)"
     )
     parser.add_argument(
         "--compile", action="store_true", help="also measure torch.compile, last (slow to warm up)"
@@ -277,6 +307,12 @@ def main() -> None:
         result["wall_s"] = round(time.perf_counter() - started, 1)
         out_file.write_text(json.dumps(result, indent=2))
 
+    if args.threads_only:
+        ks = tuple(int(k) for k in args.threads_k.split(","))
+        threads_section(result, data, device, 5 if dry else 1000, dry, save, ks)
+        print(json.dumps(result, indent=2))
+        return
+
     base = {"data_on_gpu": False, "bf16": False, "fused": False, "sync_each_step": True}
     fast_path = {"data_on_gpu": True, "bf16": True, "fused": True, "sync_each_step": False}
     ladder = [
@@ -303,9 +339,7 @@ def main() -> None:
             try:
                 result["steps_per_s"][name] = round(ablation(strong, data, device, steps, **{**base, **o}), 1)
             except Exception as exc:  # noqa: BLE001 - one variant failing must not cost the other figures
-                result["steps_per_s"][name] = (
-                    f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-                )
+                result["steps_per_s"][name] = f"failed: {type(exc).__name__}: {_first_line(exc)}"
                 print(f"gpu_bench: {name}: {result['steps_per_s'][name]}", file=sys.stderr)
             save()
 
@@ -375,14 +409,7 @@ def main() -> None:
                 trials_per_gpu(folder, device, k, k_steps, dry), 1
             )
             save()
-        result["aggregate_trial_steps_per_s_threads"] = {}
-        for k in (1, 2) if dry else (1, 2, 4):
-            try:
-                outcome: dict[str, Any] | str = trials_as_threads(data, device, k, k_steps, dry)
-            except Exception as exc:  # noqa: BLE001 - an experiment: recorded, the rest still runs
-                outcome = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-            result["aggregate_trial_steps_per_s_threads"][str(k)] = outcome
-            save()
+        threads_section(result, data, device, k_steps, dry, save)
     if args.compile:
         measure(compile_rows)
     measured = {name: v for name, v in result["steps_per_s"].items() if isinstance(v, float)}

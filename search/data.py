@@ -361,11 +361,7 @@ class FeatureStore:
         self, data: PackedData, device: torch.device | str = "cpu", resident: bool | None = None
     ) -> None:
         self.data = data
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:
-            # "cuda" means the current GPU; with its index, tensors' devices compare equal to it
-            # (torch.device("cuda") != torch.device("cuda:0"), which once sent CUDA tensors to pinning).
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.device = self.resolve(device)
         feats = torch.from_numpy(data.features)
         if resident is None:
             resident = (
@@ -380,6 +376,18 @@ class FeatureStore:
         # A plain ndarray view of the memmap (no copy): np.memmap's subclass hooks make fancy indexing
         # on it several times slower.
         self._host = np.asarray(data.features).view(np.ndarray)
+
+    @staticmethod
+    def resolve(device: torch.device | str) -> torch.device:
+        """``device`` with its index: "cuda" means the current GPU.
+
+        Tensors' devices compare equal only to an indexed device (torch.device("cuda") != cuda:0, which
+        once sent CUDA tensors to pinning).
+        """
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            return torch.device("cuda", torch.cuda.current_device())
+        return device
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
         """Move a tensor from ``home`` to the compute device (pinned + non-blocking from the host)."""

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,59 @@ def spec_augment(
 StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class CaptureGate:
+    """Lets one trainer thread record a CUDA graph while every other trainer thread of the process waits.
+
+    Why: trials that share a process (threads, so their kernels can overlap on one GPU) share the
+    default CUDA generator, and a recording takes it over: another thread's dropout meanwhile fails
+    ("Offset increment outside graph capture"). Work that may touch that generator (seeding, model
+    set-up, steps, replays, validation) runs under :meth:`shared`, which any number of threads hold at
+    once; a recording runs under :meth:`exclusive`, which waits until no one holds :meth:`shared` and
+    keeps new holders out until it ends. Re-entering :meth:`shared` from the same thread is allowed.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._holders = 0
+        self._recording = False
+        self._depth = threading.local()
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        depth = getattr(self._depth, "n", 0)
+        if depth == 0:
+            with self._cond:
+                self._cond.wait_for(lambda: not self._recording)
+                self._holders += 1
+        self._depth.n = depth + 1
+        try:
+            yield
+        finally:
+            self._depth.n = depth
+            if depth == 0:
+                with self._cond:
+                    self._holders -= 1
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        if getattr(self._depth, "n", 0):
+            raise RuntimeError("CaptureGate.exclusive() inside shared() would wait for itself")
+        with self._cond:
+            self._cond.wait_for(lambda: not self._recording)
+            self._recording = True  # from here no new holder gets in
+            self._cond.wait_for(lambda: self._holders == 0)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._recording = False
+                self._cond.notify_all()
+
+
+GATE = CaptureGate()
+
+
 class EagerStep:
     """One training step run op by op: clear the gradients, then ``step`` (forward, backward, update)."""
 
@@ -98,11 +151,9 @@ class EagerStep:
         self.step, self.optimizer = step, optimizer
 
     def __call__(self, x: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
-        return self.step(x, lengths, labels)
-
-
-_RECORDING = threading.Lock()
+        with GATE.shared():
+            self.optimizer.zero_grad(set_to_none=True)
+            return self.step(x, lengths, labels)
 
 
 class CudaGraphStep:
@@ -149,9 +200,9 @@ class CudaGraphStep:
             self.optimizer.zero_grad(set_to_none=True)
             graph = torch.cuda.CUDAGraph()
             try:
-                # One recording at a time per process, and thread_local: other threads' CUDA work
-                # (trials sharing one process) can neither spoil a recording nor be recorded into it.
-                with _RECORDING, torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                # Alone in the process (see CaptureGate), and thread_local: other threads' CUDA work
+                # can neither spoil the recording nor be recorded into it.
+                with GATE.exclusive(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     self.loss = self.step(*self.inputs)
             except RuntimeError as exc:  # an op that cannot be recorded (a host sync, say): run eagerly
                 self.failed = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
@@ -159,7 +210,8 @@ class CudaGraphStep:
                 torch.cuda.synchronize()
                 return self.eager(x, lengths, labels)
             self.graph = graph
-        self.graph.replay()
+        with GATE.shared():  # a replay advances the shared generator too
+            self.graph.replay()
         assert self.loss is not None
         return self.loss
 
@@ -205,13 +257,27 @@ def train(
     split: Split | None = None,
     log_every: int = 50,
     resume: bool = True,
+    store: FeatureStore | None = None,
 ) -> TrainResult:
-    """Train ``config`` on ``data`` and return the best whole-utterance validation accuracy."""
+    """Train ``config`` on ``data`` and return the best whole-utterance validation accuracy.
+
+    ``store``: ``data``'s features already on ``device`` (a worker running several trials at once on
+    one GPU shares one copy); by default each call makes its own.
+    """
     device = torch.device(device)
-    # Streams and the CUDA graph belong to the current device: make it the one trained on (a worker
-    # on cuda:1 would otherwise record its step on GPU 0's stream).
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        return _train(config, data, device, report, out_dir, split, log_every, resume)
+    with contextlib.ExitStack() as stack:
+        if device.type == "cuda":
+            # Streams and the CUDA graph belong to the current device: make it the one trained on (a
+            # worker on cuda:1 would otherwise record its step on GPU 0's stream). And a stream of its
+            # own: trials run as threads of one process (--per-gpu K) overlap their kernels only on
+            # separate streams, and every thread starts on the same default stream.
+            stack.enter_context(torch.cuda.device(device))
+            stack.enter_context(torch.cuda.stream(torch.cuda.Stream(device)))
+        if store is None:
+            store = FeatureStore(data, device)
+        elif store.data is not data or store.device != FeatureStore.resolve(device):
+            raise ValueError(f"the feature store holds other data or lives on {store.device}, not {device}")
+        return _train(config, data, device, report, out_dir, split, log_every, resume, store)
 
 
 def _train(
@@ -223,12 +289,13 @@ def _train(
     split: Split | None,
     log_every: int,
     resume: bool,
+    store: FeatureStore,
 ) -> TrainResult:
     t = config.train
     split = split if split is not None else make_split(data, t.valid_ratio, t.split_seed)
-    torch.manual_seed(t.seed)
-    model: SpeakerNet = build_model(config.model, data.n_mels, data.n_speakers).to(device)
-    store = FeatureStore(data, device)
+    with GATE.shared():  # seeding resets the generator a recording in another thread holds
+        torch.manual_seed(t.seed)
+        model: SpeakerNet = build_model(config.model, data.n_mels, data.n_speakers).to(device)
     sampler = CropSampler(store, split.train, t.batch_size, t.segment_len, seed=t.seed)
     aug_gen = torch.Generator(device=device)
     aug_gen.manual_seed(t.seed + 1)
@@ -262,7 +329,9 @@ def _train(
 
     def validate(step: int) -> float:
         nonlocal best_acc, best_step, best_state
-        acc = accuracy(predict_logits(model, store, split.valid, t.eval_frame_budget), valid_labels)
+        with GATE.shared():
+            logits = predict_logits(model, store, split.valid, t.eval_frame_budget)
+        acc = accuracy(logits, valid_labels)
         if acc > best_acc:
             best_acc, best_step = acc, step
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import math
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,7 @@ import torch
 from search.config import Config
 from search.data import FeatureStore, PackedData, make_split
 from search.infer import accuracy, load_model, predict_logits, save_atomic
-from search.train import TrainingDiverged, lr_factor, lr_in_tensor, spec_augment, train
+from search.train import CaptureGate, TrainingDiverged, lr_factor, lr_in_tensor, spec_augment, train
 
 SMALL = {
     "encoder": "transformer",
@@ -174,3 +176,54 @@ def test_spec_augment_masks_only_valid_frames() -> None:
     assert torch.equal(y[padded], x[padded])
     off = Config.from_dict({})
     assert torch.equal(spec_augment(x, lengths, off, g), x)
+
+
+def test_capture_gate_lets_a_recording_run_alone() -> None:
+    """A recording waits for every shared holder to leave and keeps new ones out until it ends."""
+    gate = CaptureGate()
+    events: list[str] = []
+    holding, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with gate.shared(), gate.shared():  # re-entering from one thread is allowed
+            holding.set()
+            release.wait(5)
+            events.append("holder leaves")
+
+    def recorder() -> None:
+        with gate.exclusive():
+            events.append("recording")
+            time.sleep(0.2)
+            events.append("recording ends")
+
+    def late() -> None:
+        with gate.shared():
+            events.append("late holder enters")
+
+    first = threading.Thread(target=holder)
+    first.start()
+    holding.wait(5)
+    rec = threading.Thread(target=recorder)
+    rec.start()
+    time.sleep(0.2)
+    assert events == []  # the recording waits for the holder
+    release.set()
+    time.sleep(0.05)  # the recording has started (it sleeps 0.2 s): a new holder must wait for its end
+    new = threading.Thread(target=late)
+    new.start()
+    for th in (first, rec, new):
+        th.join(5)
+    assert events == ["holder leaves", "recording", "recording ends", "late holder enters"]
+    with gate.shared(), pytest.raises(RuntimeError, match="wait for itself"), gate.exclusive():
+        pass
+
+
+def test_trainings_can_share_one_feature_store(fake_data: PackedData) -> None:
+    config = Config.from_dict({**SMALL, "steps": 20, "valid_steps": 20})
+    store = FeatureStore(fake_data, "cpu")
+    first = train(config, fake_data, "cpu", store=store, log_every=10)
+    second = train(config, fake_data, "cpu", store=store, log_every=10)
+    assert first.best_accuracy == second.best_accuracy  # the store is only read
+    other = PackedData(**{**vars(fake_data)})
+    with pytest.raises(ValueError, match="other data"):
+        train(config, other, "cpu", store=store)
