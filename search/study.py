@@ -1,4 +1,4 @@
-"""The search service: an Optuna study on SQL storage driven by worker processes, one per (GPU, slot).
+"""The search service: an Optuna study on SQL storage driven by worker processes (one per GPU or CPU slot).
 
 Each worker loops: fail stale trials (a SIGKILLed worker's trial is retried through Optuna's
 heartbeat callback), check the study-wide budget, run one trial through :func:`search.train.train`.
@@ -25,7 +25,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -74,6 +74,7 @@ class WorkerSpec:
     status_dir: str
     threads: int
     max_failures: int
+    lanes: int = 1  # trials at once in this process, as threads (see worker_main)
     poll: float = 1.0
     storage_patience: float = STORAGE_PATIENCE
 
@@ -469,11 +470,15 @@ def _write_status(spec: WorkerSpec, state: dict[str, Any]) -> None:
 
 
 def worker_main(spec: WorkerSpec) -> int:
-    """Run trials until the study holds ``spec.trials`` finished ones (or the stop signal arrives)."""
+    """Run trials until the study holds ``spec.trials`` finished ones (or the stop signal arrives).
+
+    ``spec.lanes`` trials run at once, as threads of this process ("lanes"): on one GPU their kernels
+    overlap (separate processes take turns on it instead), and they share one copy of the features.
+    """
     _install_worker_signals()
     import torch
 
-    from search.data import make_split, open_cache
+    from search.data import FeatureStore, make_split, open_cache
     from search.space import load_space, make_pruner, make_sampler
     from search.storage import artifact_store, is_transient_db_error, open_storage
 
@@ -488,216 +493,270 @@ def worker_main(spec: WorkerSpec) -> int:
     # study.optimize runs the stale check too, before each trial: the same locked one (this process only).
     optuna.storages.fail_stale_trials = locked_fail_stale_trials
     existing = len(storage.get_all_trials(storage.get_study_id_from_name(spec.study_name), deepcopy=False))
-    sampler = make_sampler(space, seed_offset=spec.seed + 1000 * spec.index + existing)
-    study = optuna.load_study(
-        study_name=spec.study_name, storage=storage, sampler=sampler, pruner=make_pruner(space)
-    )
+    attrs = optuna.load_study(study_name=spec.study_name, storage=storage).user_attrs
     data = open_cache(Path(spec.cache_dir), Path(spec.data_root))
-    ratio = float(study.user_attrs["valid_ratio"])
-    split_seed = int(study.user_attrs["split_seed"])
+    ratio = float(attrs["valid_ratio"])
+    split_seed = int(attrs["split_seed"])
     split = make_split(data, ratio, split_seed)
-    store = artifact_store(study)
-    trials_dir = Path(study.user_attrs["trials_dir"])
+    trials_dir = Path(attrs["trials_dir"])
+    features = FeatureStore(data, spec.device)  # one copy for all lanes (on the GPU when it fits)
     parent = os.getppid()
-    current: dict[str, Any] = {}
 
-    def waiting(reason: str, waited: float) -> None:
-        _write_status(spec, {"waiting": f"storage unreachable for {waited:.0f} s ({reason}); retrying"})
+    def lane(spec: WorkerSpec, slot: int) -> int:
+        """Trials one after another until the budget is met or a stop is asked for; the exit code."""
+        # Its own sampler (seeded apart from every other lane's, here and in other workers) and study.
+        sampler = make_sampler(space, seed_offset=spec.seed + 1000 * slot + existing)
+        study = optuna.load_study(
+            study_name=spec.study_name, storage=storage, sampler=sampler, pruner=make_pruner(space)
+        )
+        store = artifact_store(study)
+        current: dict[str, Any] = {}
 
-    wait = StorageWait(spec.storage_url, spec.storage_patience, on_wait=waiting)
-    brief = StorageWait(spec.storage_url, min(5.0, spec.storage_patience))  # while stopping
+        def waiting(reason: str, waited: float) -> None:
+            _write_status(spec, {"waiting": f"storage unreachable for {waited:.0f} s ({reason}); retrying"})
 
-    def objective(trial: optuna.Trial) -> float:
-        try:
-            return run_trial(trial)
-        except (optuna.TrialPruned, SkipTrial, KeyboardInterrupt):
-            raise
-        except Exception as exc:
-            if is_transient_db_error(exc):
-                current["requeue"] = True  # cut off by the storage, not by its configuration
-            with contextlib.suppress(Exception):  # best effort: the storage may be what failed
-                if not trial.user_attrs.get("fail_reason"):
-                    trial.set_user_attr("fail_reason", f"{exc.__class__.__name__}: {exc}"[:500])
-            raise
+        wait = StorageWait(spec.storage_url, spec.storage_patience, on_wait=waiting)
+        brief = StorageWait(spec.storage_url, min(5.0, spec.storage_patience))  # while stopping
 
-    def locked_trials() -> list[FrozenTrial]:
-        with state_lock():
-            return study.get_trials(deepcopy=False)
-
-    def run_trial(trial: optuna.Trial) -> float:
-        from search.train import train
-
-        current["trial"] = trial
-        system = wait.call(study._storage.get_trial_system_attrs, trial._trial_id)
-        root = int(system.get("failed_trial", trial.number))  # a retry keeps its original's folder
-        for key in ("fail_reason", "skipped", "interrupted"):  # a retry inherits its original's attrs
-            if key in trial.user_attrs:
-                wait.call(trial.set_user_attr, key, None)
-        trials = wait.call(locked_trials)  # no trial changes state (or gets its retry queued) meanwhile
-        if root == trial.number:
-            if held_before(trials, trial.number) >= spec.trials:
-                trial.set_user_attr("skipped", True)
-                raise SkipTrial(f"study already holds {spec.trials} trials")
-        elif retry_is_redundant(trials, trial.number, root):
-            trial.set_user_attr("skipped", True)
-            raise SkipTrial(f"trial {root} already finished or is retried by another trial")
-        try:
-            config = space.sample(trial)
-            overrides: dict[str, Any] = {
-                "seed": config.train.seed + root,
-                "split_seed": split_seed,
-                "valid_ratio": ratio,
-            }
-            if spec.steps is not None:
-                overrides["steps"] = spec.steps
-                overrides["valid_steps"] = min(config.train.valid_steps, spec.steps)
-            config = config.replace(**overrides)
-            config = config.replace(checkpoint_steps=config.train.valid_steps)
-        except UserError as exc:
-            trial.set_user_attr("fail_reason", f"bad config: {exc}")
-            raise
-        settings: dict[str, Any] = {"config": config.to_dict(), "device": spec.device, "worker": spec.worker}
-        for name, setting in settings.items():
-            wait.call(trial.set_user_attr, name, setting)
-        out_dir = trials_dir / f"{root:05d}"
-        pruned = False
-        started = time.time()
-
-        def report(step: int, metrics: dict[str, float]) -> str | None:
-            nonlocal pruned
-            if os.getppid() != parent or _STOP["requested"]:
-                raise _StopRequested()  # the parent died (or a stop got lost): stop as if told to
-            state = {"trial": trial.number, "step": step, "total": config.train.steps, **metrics}
-            _write_status(spec, state)
-            if "valid_acc" in metrics:
-                # Through a storage outage the trial waits here and trains on once the database is back.
-                wait.call(trial.report, metrics["valid_acc"], step)
-                if wait.call(trial.should_prune):
-                    pruned = True
-                    return "stop"
-            return None
-
-        _write_status(spec, {"trial": trial.number, "step": 0, "total": config.train.steps})
-        try:
-            result = train(config, data, spec.device, report=report, out_dir=out_dir, split=split)
-        except _StopRequested:
-            # Best effort and brief: a failing write here (a busy SQLite file) must not swallow the stop.
-            with contextlib.suppress(Exception):
-                brief.call(
-                    trial.set_user_attr,
-                    "fail_reason",
-                    "interrupted (Ctrl-C or SIGTERM); retried when the study resumes",
-                )
-                brief.call(trial.set_user_attr, "interrupted", True)
-            raise
-        except torch.OutOfMemoryError:
-            trial.set_user_attr("fail_reason", f"CUDA out of memory on {spec.device}")
-            raise
-        finished = {
-            "valid_acc": result.best_accuracy,
-            "best_step": result.best_step,
-            "parameters": result.parameters,
-            "steps_per_s": round(result.steps_per_s, 3),
-            "step_mode": result.step_mode,
-            "resumed_from_step": result.resumed_from,
-            "wall_s": round(time.time() - started, 1),
-        }
-        for key, value in finished.items():  # the training is done: wait out an outage, do not lose it
-            wait.call(trial.set_user_attr, key, value)
-        checkpoint = result.checkpoint
-        if checkpoint is not None:
+        def objective(trial: optuna.Trial) -> float:
             try:
-                digest = sha256_file(checkpoint)
-                artifact_id = wait.call(
-                    lambda: upload_artifact(
-                        artifact_store=store, file_path=str(checkpoint), study_or_trial=trial
-                    )
-                )
-            except OSError as exc:
-                # A full disk, a read-only or vanished folder: this trial fails with the reason, nothing
-                # partial is left in the store, and its folder is freed (a FAIL trial is never resumed).
-                wait.call(
-                    trial.set_user_attr,
-                    "fail_reason",
-                    f"checkpoint could not be stored in {store.root}: {exc.strerror or exc}; "
-                    "free space or repair the folder, the study goes on",
-                )
-                checkpoint.unlink(missing_ok=True)
-                with contextlib.suppress(OSError):
-                    out_dir.rmdir()
+                return run_trial(trial)
+            except (optuna.TrialPruned, SkipTrial, KeyboardInterrupt):
                 raise
-            wait.call(trial.set_user_attr, "checkpoint_artifact", artifact_id)
-            wait.call(trial.set_user_attr, "checkpoint_sha256", digest)
-            checkpoint.unlink()
-            with contextlib.suppress(OSError):
-                out_dir.rmdir()  # nothing left once the artifact store holds the checkpoint
-        if pruned:
-            raise optuna.TrialPruned(f"pruned at step {result.last_step}")
-        return result.best_accuracy
-
-    def one_round() -> bool:
-        """Fail stale trials, check the budget, run one trial; False once this worker should stop."""
-        locked_fail_stale_trials(study)
-        counts = count_trials(study.get_trials(deepcopy=False))
-        if counts.finished >= spec.trials:
-            return False
-        if counts.failed >= spec.max_failures:
-            _write_status(spec, {"stopped": f"{counts.failed} failed trials (max {spec.max_failures})"})
-            return False
-        if counts.holding >= spec.trials and counts.waiting == 0:
-            # Others are running the last trials; stay to retry stale ones, and end any trial that
-            # never sent a heartbeat (else the study would wait for it forever).
-            fail_silent_trials(study, storage.engine, older_than=max(30.0, 2.0 * spec.grace))
-            _write_status(spec, {"idle": True})
-            time.sleep(spec.poll)
-            return True
-        current.clear()
-        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
-        if current.get("requeue"):
-            requeue(current["trial"])
-        return True
-
-    def requeue(trial: optuna.Trial) -> None:
-        """Queue a trial that a storage outage failed, like a killed one, to resume from its checkpoint."""
-        frozen = wait.call(study._storage.get_trial, trial._trial_id)
-        if frozen.state == TrialState.FAIL:
-            wait.call(queue_retry, study, frozen)
-
-    def finished_elsewhere() -> bool:
-        """True when the trial in hand was ended by someone else (failed as stale during an outage)."""
-        trial = current.get("trial")
-        if trial is None:
-            return False
-        return wait.call(study._storage.get_trial, trial._trial_id).state != TrialState.RUNNING
-
-    try:
-        while True:
-            if _STOP["requested"]:
-                raise _StopRequested()
-            try:
-                go_on = one_round()
             except Exception as exc:
                 if is_transient_db_error(exc):
-                    # The result of the trial in hand may not be recorded: it goes stale and is retried.
-                    wait.pause(exc)
-                    continue
-                if finished_elsewhere():
-                    continue  # its retry resumes from the checkpoint; this worker takes the next trial
+                    current["requeue"] = True  # cut off by the storage, not by its configuration
+                with contextlib.suppress(Exception):  # best effort: the storage may be what failed
+                    if not trial.user_attrs.get("fail_reason"):
+                        trial.set_user_attr("fail_reason", f"{exc.__class__.__name__}: {exc}"[:500])
                 raise
-            wait.reset()
-            if not go_on:
-                break
+
+        def locked_trials() -> list[FrozenTrial]:
+            with state_lock():
+                return study.get_trials(deepcopy=False)
+
+        def run_trial(trial: optuna.Trial) -> float:
+            from search.train import train
+
+            current["trial"] = trial
+            system = wait.call(study._storage.get_trial_system_attrs, trial._trial_id)
+            root = int(system.get("failed_trial", trial.number))  # a retry keeps its original's folder
+            for key in ("fail_reason", "skipped", "interrupted"):  # a retry inherits its original's attrs
+                if key in trial.user_attrs:
+                    wait.call(trial.set_user_attr, key, None)
+            trials = wait.call(locked_trials)  # no trial changes state (or gets its retry queued) meanwhile
+            if root == trial.number:
+                if held_before(trials, trial.number) >= spec.trials:
+                    trial.set_user_attr("skipped", True)
+                    raise SkipTrial(f"study already holds {spec.trials} trials")
+            elif retry_is_redundant(trials, trial.number, root):
+                trial.set_user_attr("skipped", True)
+                raise SkipTrial(f"trial {root} already finished or is retried by another trial")
+            try:
+                config = space.sample(trial)
+                overrides: dict[str, Any] = {
+                    "seed": config.train.seed + root,
+                    "split_seed": split_seed,
+                    "valid_ratio": ratio,
+                }
+                if spec.steps is not None:
+                    overrides["steps"] = spec.steps
+                    overrides["valid_steps"] = min(config.train.valid_steps, spec.steps)
+                config = config.replace(**overrides)
+                config = config.replace(checkpoint_steps=config.train.valid_steps)
+            except UserError as exc:
+                trial.set_user_attr("fail_reason", f"bad config: {exc}")
+                raise
+            settings: dict[str, Any] = {
+                "config": config.to_dict(),
+                "device": spec.device,
+                "worker": spec.worker,
+            }
+            for name, setting in settings.items():
+                wait.call(trial.set_user_attr, name, setting)
+            out_dir = trials_dir / f"{root:05d}"
+            pruned = False
+            started = time.time()
+
+            def report(step: int, metrics: dict[str, float]) -> str | None:
+                nonlocal pruned
+                if os.getppid() != parent or _STOP["requested"]:
+                    raise _StopRequested()  # the parent died (or a stop got lost): stop as if told to
+                state = {"trial": trial.number, "step": step, "total": config.train.steps, **metrics}
+                _write_status(spec, state)
+                if "valid_acc" in metrics:
+                    # Through a storage outage the trial waits here and trains on once the database is back.
+                    wait.call(trial.report, metrics["valid_acc"], step)
+                    if wait.call(trial.should_prune):
+                        pruned = True
+                        return "stop"
+                return None
+
+            _write_status(spec, {"trial": trial.number, "step": 0, "total": config.train.steps})
+            try:
+                result = train(
+                    config, data, spec.device, report=report, out_dir=out_dir, split=split, store=features
+                )
+            except _StopRequested:
+                # Best effort and brief: a failing write here (a busy SQLite file) must not swallow the stop.
+                with contextlib.suppress(Exception):
+                    brief.call(
+                        trial.set_user_attr,
+                        "fail_reason",
+                        "interrupted (Ctrl-C or SIGTERM); retried when the study resumes",
+                    )
+                    brief.call(trial.set_user_attr, "interrupted", True)
+                raise
+            except torch.OutOfMemoryError:
+                trial.set_user_attr("fail_reason", f"CUDA out of memory on {spec.device}")
+                raise
+            finished = {
+                "valid_acc": result.best_accuracy,
+                "best_step": result.best_step,
+                "parameters": result.parameters,
+                "steps_per_s": round(result.steps_per_s, 3),
+                "step_mode": result.step_mode,
+                "resumed_from_step": result.resumed_from,
+                "wall_s": round(time.time() - started, 1),
+            }
+            for key, value in finished.items():  # the training is done: wait out an outage, do not lose it
+                wait.call(trial.set_user_attr, key, value)
+            checkpoint = result.checkpoint
+            if checkpoint is not None:
+                try:
+                    digest = sha256_file(checkpoint)
+                    artifact_id = wait.call(
+                        lambda: upload_artifact(
+                            artifact_store=store, file_path=str(checkpoint), study_or_trial=trial
+                        )
+                    )
+                except OSError as exc:
+                    # A full disk, a read-only or vanished folder: this trial fails with the reason, nothing
+                    # partial is left in the store, and its folder is freed (a FAIL trial is never resumed).
+                    wait.call(
+                        trial.set_user_attr,
+                        "fail_reason",
+                        f"checkpoint could not be stored in {store.root}: {exc.strerror or exc}; "
+                        "free space or repair the folder, the study goes on",
+                    )
+                    checkpoint.unlink(missing_ok=True)
+                    with contextlib.suppress(OSError):
+                        out_dir.rmdir()
+                    raise
+                wait.call(trial.set_user_attr, "checkpoint_artifact", artifact_id)
+                wait.call(trial.set_user_attr, "checkpoint_sha256", digest)
+                checkpoint.unlink()
+                with contextlib.suppress(OSError):
+                    out_dir.rmdir()  # nothing left once the artifact store holds the checkpoint
+            if pruned:
+                raise optuna.TrialPruned(f"pruned at step {result.last_step}")
+            return result.best_accuracy
+
+        def one_round() -> bool:
+            """Fail stale trials, check the budget, run one trial; False once this worker should stop."""
+            locked_fail_stale_trials(study)
+            counts = count_trials(study.get_trials(deepcopy=False))
+            if counts.finished >= spec.trials:
+                return False
+            if counts.failed >= spec.max_failures:
+                _write_status(spec, {"stopped": f"{counts.failed} failed trials (max {spec.max_failures})"})
+                return False
+            if counts.holding >= spec.trials and counts.waiting == 0:
+                # Others are running the last trials; stay to retry stale ones, and end any trial that
+                # never sent a heartbeat (else the study would wait for it forever).
+                fail_silent_trials(study, storage.engine, older_than=max(30.0, 2.0 * spec.grace))
+                _write_status(spec, {"idle": True})
+                time.sleep(spec.poll)
+                return True
+            current.clear()
+            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+            if current.get("requeue"):
+                requeue(current["trial"])
+            return True
+
+        def requeue(trial: optuna.Trial) -> None:
+            """Queue a trial that a storage outage failed, like a killed one, to resume from last.pt."""
+            frozen = wait.call(study._storage.get_trial, trial._trial_id)
+            if frozen.state == TrialState.FAIL:
+                wait.call(queue_retry, study, frozen)
+
+        def finished_elsewhere() -> bool:
+            """True when the trial in hand was ended by someone else (failed as stale during an outage)."""
+            trial = current.get("trial")
+            if trial is None:
+                return False
+            return wait.call(study._storage.get_trial, trial._trial_id).state != TrialState.RUNNING
+
+        try:
+            while True:
+                if _STOP["requested"]:
+                    raise _StopRequested()
+                try:
+                    go_on = one_round()
+                except Exception as exc:
+                    if is_transient_db_error(exc):
+                        # The result of the trial in hand may not be recorded: it goes stale and is retried.
+                        wait.pause(exc)
+                        continue
+                    if finished_elsewhere():
+                        continue  # its retry resumes from the checkpoint; this worker takes the next trial
+                    raise
+                wait.reset()
+                if not go_on:
+                    break
+        except KeyboardInterrupt:
+            trial = current.get("trial")
+            if trial is not None:
+                with contextlib.suppress(
+                    Exception
+                ):  # a storage that stays down: the trial goes stale instead
+                    frozen = brief.call(study._storage.get_trial, trial._trial_id)
+                    if frozen.state == TrialState.FAIL:
+                        brief.call(queue_retry, study, frozen, None)  # resume it from last.pt next time
+            return 130
+        finally:
+            _write_status(spec, {"done": True})
+        return 0
+
+    if spec.lanes == 1:
+        return lane(spec, spec.index)
+    return _run_lanes(spec, lane)
+
+
+def _run_lanes(spec: WorkerSpec, lane: Callable[[WorkerSpec, int], int]) -> int:
+    """Run ``spec.lanes`` lanes as threads; the main thread waits, taking the stop signal for them all.
+
+    A stop (SIGTERM) reaches the main thread only: it sets the flag that each lane checks between
+    trials and at every progress report, then waits for the lanes to mark their trials and end. The
+    wait polls flags rather than ``Thread.join``, which a signal can cut short for good.
+    """
+    codes: list[int] = []
+    errors: list[BaseException] = []
+    ended = [threading.Event() for _ in range(spec.lanes)]
+
+    def run(j: int) -> None:
+        try:
+            codes.append(lane(replace(spec, worker=f"{spec.worker}.{j}"), spec.index * spec.lanes + j))
+        except BaseException as exc:  # noqa: BLE001 - raised again by the main thread
+            errors.append(exc)
+        finally:
+            ended[j].set()
+
+    def wait_for_lanes() -> None:
+        while not all(e.is_set() for e in ended):
+            time.sleep(0.2)
+
+    for j in range(spec.lanes):
+        threading.Thread(target=run, args=(j,), name=f"{spec.worker}.{j}", daemon=True).start()
+    try:
+        wait_for_lanes()
     except KeyboardInterrupt:
-        trial = current.get("trial")
-        if trial is not None:
-            with contextlib.suppress(Exception):  # a storage that stays down: the trial goes stale instead
-                frozen = brief.call(study._storage.get_trial, trial._trial_id)
-                if frozen.state == TrialState.FAIL:
-                    brief.call(queue_retry, study, frozen, None)  # resume it from last.pt next time
+        _STOP["requested"] = True
+        wait_for_lanes()
         return 130
-    finally:
-        _write_status(spec, {"done": True})
-    return 0
+    if errors:
+        raise errors[0]
+    return max(codes)
 
 
 def _worker_entry(spec: WorkerSpec) -> None:
@@ -725,7 +784,7 @@ class RunOptions:
     study: str | None = None
     storage: str | None = None
     gpus: list[int] | None = None
-    per_gpu: int = 2
+    per_gpu: int = 4
     workers: int = 1
     steps: int | None = None
     seed: int = 0
@@ -735,10 +794,15 @@ class RunOptions:
     display: bool = True
     max_respawns: int | None = None  # restarts of signal-killed workers per run (default 5 per worker)
     storage_patience: float = STORAGE_PATIENCE
+    lanes: int | None = None  # trials per worker process, as threads (default: per_gpu on a GPU, 1 on CPU)
 
 
-def plan_devices(opts: RunOptions) -> list[str]:
-    """One entry per worker: each GPU ``per_gpu`` times, or ``workers`` CPU slots without GPUs."""
+def plan_devices(opts: RunOptions) -> tuple[list[str], int]:
+    """The workers' devices (one process per GPU, or ``workers`` CPU processes) and trials per worker.
+
+    On a GPU the ``per_gpu`` trials are threads of one process (see :func:`worker_main`); CPU workers
+    run one trial each, as separate processes, since threads would only share the same cores.
+    """
     from search.devices import visible_gpus
 
     visible = visible_gpus()
@@ -747,8 +811,8 @@ def plan_devices(opts: RunOptions) -> list[str]:
         if g not in visible:
             raise UserError(f"--gpus: GPU {g} is not visible here (visible: {visible or 'none'})")
     if gpus:
-        return [f"cuda:{g}" for g in gpus for _ in range(opts.per_gpu)]
-    return ["cpu"] * opts.workers
+        return [f"cuda:{g}" for g in gpus], opts.lanes or opts.per_gpu
+    return ["cpu"] * opts.workers, opts.lanes or 1
 
 
 def _log(message: str) -> None:
@@ -798,9 +862,14 @@ def run(
         raise UserError(f"--trials {opts.trials}: absurdly many; use at most {MAX_TRIALS}")
     if opts.steps is not None and opts.steps > MAX_STEPS:
         raise UserError(f"--steps {opts.steps}: absurdly many; use at most {MAX_STEPS:,}")
-    devices = plan_devices(opts)
-    if len(devices) > MAX_WORKERS:
-        raise UserError(f"{len(devices)} workers requested; at most {MAX_WORKERS} per machine")
+    devices, lanes = plan_devices(opts)
+    if len(devices) * lanes > MAX_WORKERS:
+        asked = (
+            f"{len(devices)} workers requested (--workers {opts.workers})"
+            if devices[0] == "cpu" and lanes == 1
+            else f"{len(devices) * lanes} trials at once requested (--per-gpu {lanes} on {len(devices)} GPUs)"
+        )
+        raise UserError(f"{asked}; at most {MAX_WORKERS} per machine")
     url = opts.storage or default_storage_url(name)
     check_storage_url(url)  # its form now; connecting (and creating a SQLite file) once the data is good
     heartbeat = opts.heartbeat or int(space.study.get("heartbeat_interval", DEFAULT_HEARTBEAT))
@@ -866,6 +935,7 @@ def run(
             status_dir=str(status_dir),
             threads=threads,
             max_failures=opts.max_failures or max(opts.trials, 3),
+            lanes=lanes,
             storage_patience=opts.storage_patience,
         )
         for i, dev in enumerate(devices)

@@ -283,6 +283,74 @@ def test_ctrl_c_stops_cleanly_and_resumes(tmp_path: Path, tiny_dir: Path) -> Non
     assert not any(t.user_attrs.get("interrupted") or t.user_attrs.get("fail_reason") for t in done)
 
 
+def test_lanes_run_several_trials_in_one_worker_process(tmp_path: Path, tiny_dir: Path) -> None:
+    """What --per-gpu K does on a GPU (K trials as threads of one worker), exercised on CPU."""
+    space = write_space(tmp_path / "unit.yaml")
+    counts = run(RunOptions(space=str(space), trials=5, data=tiny_dir, lanes=2, display=False))
+    assert counts.finished == 5
+    trials = load().get_trials(deepcopy=False)
+    assert TrialState.RUNNING not in states(load()) and count_trials(trials).failed == 0
+    assert {
+        t.user_attrs["worker"] for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+    } == {
+        "w0.0",
+        "w0.1",
+    }
+    lanes = study_module.read_status(tmp_path / "studies/unit/workers" / socket.gethostname())
+    assert sorted(w["worker"] for w in lanes) == ["w0.0", "w0.1"]
+    assert len({w["pid"] for w in lanes}) == 1  # one process
+    # Each lane samples on its own: no two lanes (or a lane and a single worker) share a sampler seed.
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == len(trials)
+
+
+_LANES_RUN = """
+import sys
+from pathlib import Path
+from search.study import RunOptions, run
+try:
+    run(RunOptions(space=sys.argv[1], trials=2, data=Path(sys.argv[2]), lanes=2, display=False))
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_stops_every_lane_and_each_trial_resumes(tmp_path: Path, tiny_dir: Path) -> None:
+    data = {
+        **SPACE,
+        "params": {**SPACE["params"], "steps": 400, "valid_steps": 50},
+        "pruner": {"name": "none"},
+    }
+    space = tmp_path / "unit.yaml"
+    space.write_text(yaml.safe_dump(data))
+    command = [sys.executable, "-c", _LANES_RUN, str(space), str(tiny_dir)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    status = tmp_path / "studies/unit/workers" / socket.gethostname()
+    try:
+        deadline = time.time() + 120
+        while sum(int(w.get("step") or 0) >= 100 for w in study_module.read_status(status)) < 2:
+            assert time.time() < deadline, "the two lanes did not both reach step 100"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out, out
+    by_state = states(load())
+    assert TrialState.RUNNING not in by_state
+    assert by_state.get(TrialState.WAITING) == 2, (by_state, out)  # both interrupted trials queued to resume
+    interrupted = load().get_trials(states=(TrialState.FAIL,))
+    assert all(t.user_attrs.get("interrupted") for t in interrupted) and len(interrupted) == 2
+    resumed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    done = load().get_trials(states=(TrialState.COMPLETE,))
+    assert len(done) == 2
+    assert all(t.user_attrs["resumed_from_step"] >= 50 for t in done)
+
+
 def _postgres_url() -> str | None:
     try:
         import psycopg

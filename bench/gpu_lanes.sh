@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Trials per GPU as users get them: `spkid-search run --per-gpu K` on one fixed strong config, K = 1
+# then the values given (default 4), each K running K * TRIALS_PER_LANE (default 1) trials of STEPS
+# (default 1500) steps. Prints, per K, the aggregate trial-steps/s from the study's own timestamps
+# (first trial start to last trial end, so worker start-up is not counted) and from the command's wall
+# time, and each trial's step_mode. Writes $OUT/lanes.json (or bench/out/lanes.json).
+#   bash bench/gpu_lanes.sh 2 4         # K = 1, 2, 4
+# On a CPU machine --per-gpu has no effect (one CPU worker): the script still runs, as a check of itself.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PYTHON:-python3}
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+out=${OUT:-$root/bench/out}
+mkdir -p "$out"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+steps=${STEPS:-1500}
+per_lane=${TRIALS_PER_LANE:-1}
+"$PY" -m search.cli synth --out data --preset "${PRESET:-small}" --quiet
+"$PY" - "$root/spaces/baselines/strong.yaml" <<'EOF'
+import sys, yaml
+params = yaml.safe_load(open(sys.argv[1]))
+space = {"name": "lanes", "params": params, "pruner": {"name": "none"}}
+open("lanes.yaml", "w").write(yaml.safe_dump(space))
+EOF
+for k in 1 "${@:-4}"; do
+  trials=$((k * per_lane))
+  t0=$(date +%s.%N)
+  "$PY" -m search.cli run --space lanes.yaml --study "lanes$k" --trials "$trials" --steps "$steps" \
+    --data data --per-gpu "$k" --quiet
+  t1=$(date +%s.%N)
+  "$PY" - "$k" "$trials" "$steps" "$t0" "$t1" "$out/lanes.json" <<'EOF'
+import json, sys
+from pathlib import Path
+import optuna
+k, trials, steps = (int(v) for v in sys.argv[1:4])
+wall = float(sys.argv[5]) - float(sys.argv[4])
+path = Path(sys.argv[6])
+study = optuna.load_study(study_name=f"lanes{k}", storage=f"sqlite:///studies/lanes{k}/study.db")
+done = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
+span = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)).total_seconds()
+row = {
+    "trials": len(done),
+    "steps_per_trial": steps,
+    "trial_steps_per_s": round(len(done) * steps / span, 1),
+    "trial_steps_per_s_with_startup": round(len(done) * steps / wall, 1),
+    "step_modes": sorted({t.user_attrs.get("step_mode", "?") for t in done}),
+    "workers": sorted({t.user_attrs.get("worker", "?") for t in done}),
+}
+result = json.loads(path.read_text()) if path.exists() and k != 1 else {}
+result[str(k)] = row
+path.write_text(json.dumps(result, indent=2))
+print(f"gpu_lanes: --per-gpu {k}: {json.dumps(row)}")
+EOF
+done
