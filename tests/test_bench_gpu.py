@@ -12,7 +12,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_gpu_bench_dry_run_writes_results(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "gpu_bench.py"), "--dry-run", "--out", str(tmp_path)],
+        [
+            sys.executable,
+            str(ROOT / "bench" / "gpu_bench.py"),
+            "--dry-run",
+            "--processes",
+            "--out",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=400,
@@ -24,10 +31,13 @@ def test_gpu_bench_dry_run_writes_results(tmp_path: Path) -> None:
     checks = result["checks"]
     assert checks["loss_falls"] and checks["padding_invariant"] and checks["bf16_fp32_agree"]
     assert checks["graph_matches_eager"] and result["trainer_without_graph"]["steady_steps_per_s"] > 0
-    assert set(result["aggregate_trial_steps_per_s"]) == {"1", "2"}
-    threads = result["aggregate_trial_steps_per_s_threads"]  # K trainers as threads of one process
-    assert set(threads) == {"1", "2"} and all(v["steps_per_s"] > 0 for v in threads.values())
-    assert all(v["step_modes"] == ["eager"] for v in threads.values())  # CPU: the graph is CUDA only
+    lanes = result["aggregate_trial_steps_per_s"]  # K trials as threads of one process, as run does
+    assert set(lanes) == {"1", "2"} and all(v["steps_per_s"] > 0 for v in lanes.values())
+    assert all(v["step_modes"] == ["eager"] for v in lanes.values())  # CPU: the graph is CUDA only
+    ratio = result["aggregate_over_one_trial"]
+    assert ratio["1"] == 1.0 and ratio["2"] == round(lanes["2"]["steps_per_s"] / lanes["1"]["steps_per_s"], 2)
+    processes = result["aggregate_trial_steps_per_s_processes"]
+    assert set(processes) == {"1", "2"} and all(v > 0 for v in processes.values())
     assert checks["bf16_fp32_same_prediction"] >= 0.99
     assert result["validation_utterances"] > 0 and result["projected_70k_strong_trial_min"] > 0
 
