@@ -307,14 +307,16 @@ _LANES_RUN = """
 import sys
 from pathlib import Path
 from search.study import RunOptions, run
+space, data, heartbeat = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 try:
-    run(RunOptions(space=sys.argv[1], trials=2, data=Path(sys.argv[2]), lanes=2, display=False))
+    run(RunOptions(space=space, trials=2, data=data, lanes=2, heartbeat=heartbeat, display=False))
 except KeyboardInterrupt:
     sys.exit(130)
 """
 
 
-def test_ctrl_c_stops_every_lane_and_each_trial_resumes(tmp_path: Path, tiny_dir: Path) -> None:
+def _lanes_run(tmp_path: Path, tiny_dir: Path, heartbeat: int) -> tuple[list[str], dict[str, str]]:
+    """Two 400-step trials, two lanes of one CPU worker (what --per-gpu 2 does on a GPU)."""
     data = {
         **SPACE,
         "params": {**SPACE["params"], "steps": 400, "valid_steps": 50},
@@ -322,17 +324,27 @@ def test_ctrl_c_stops_every_lane_and_each_trial_resumes(tmp_path: Path, tiny_dir
     }
     space = tmp_path / "unit.yaml"
     space.write_text(yaml.safe_dump(data))
-    command = [sys.executable, "-c", _LANES_RUN, str(space), str(tiny_dir)]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    command = [sys.executable, "-c", _LANES_RUN, str(space), str(tiny_dir), str(heartbeat)]
+    return command, {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+
+def _both_lanes_at(status: Path, step: int, timeout: float) -> list[dict[str, object]]:
+    deadline = time.time() + timeout
+    while True:
+        lanes = [w for w in study_module.read_status(status) if int(w.get("step") or 0) >= step]
+        if len(lanes) == 2:
+            return lanes
+        assert time.time() < deadline, f"the two lanes did not both reach step {step}"
+        time.sleep(0.2)
+
+
+def test_ctrl_c_stops_every_lane_and_each_trial_resumes(tmp_path: Path, tiny_dir: Path) -> None:
+    command, env = _lanes_run(tmp_path, tiny_dir, heartbeat=20)
     proc = subprocess.Popen(
         command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    status = tmp_path / "studies/unit/workers" / socket.gethostname()
     try:
-        deadline = time.time() + 120
-        while sum(int(w.get("step") or 0) >= 100 for w in study_module.read_status(status)) < 2:
-            assert time.time() < deadline, "the two lanes did not both reach step 100"
-            time.sleep(0.2)
+        _both_lanes_at(tmp_path / "studies/unit/workers" / socket.gethostname(), 100, timeout=120)
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=120)
     finally:
@@ -349,6 +361,31 @@ def test_ctrl_c_stops_every_lane_and_each_trial_resumes(tmp_path: Path, tiny_dir
     done = load().get_trials(states=(TrialState.COMPLETE,))
     assert len(done) == 2
     assert all(t.user_attrs["resumed_from_step"] >= 50 for t in done)
+
+
+def test_sigkill_of_a_worker_with_lanes_retries_and_resumes_each_trial(
+    tmp_path: Path, tiny_dir: Path
+) -> None:
+    command, env = _lanes_run(tmp_path, tiny_dir, heartbeat=1)
+    proc = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        lanes = _both_lanes_at(tmp_path / "studies/unit/workers" / socket.gethostname(), 120, timeout=120)
+        assert len({w["pid"] for w in lanes}) == 1  # one process holds both trials
+        os.kill(int(lanes[0]["pid"]), signal.SIGKILL)  # type: ignore[call-overload]
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    study = load()
+    by_state = states(study)
+    assert by_state.get(TrialState.COMPLETE) == 2 and TrialState.RUNNING not in by_state, by_state
+    killed = {t.number for t in study.get_trials(states=(TrialState.FAIL,))}
+    assert killed == {int(w["trial"]) for w in lanes}  # type: ignore[call-overload]
+    for t in study.get_trials(states=(TrialState.COMPLETE,)):
+        assert t.system_attrs.get("failed_trial") in killed  # each one a retry of a killed trial ...
+        assert t.user_attrs["resumed_from_step"] >= 100  # ... resumed from its checkpoint, not step 0
 
 
 def _postgres_url() -> str | None:
