@@ -815,6 +815,15 @@ def plan_devices(opts: RunOptions) -> tuple[list[str], int]:
     return ["cpu"] * opts.workers, opts.lanes or 1
 
 
+def _may_compile(space: Space) -> bool:
+    """Whether any trial of ``space`` may run with ``compile: true``."""
+    return (
+        bool(space.fixed.get("compile"))
+        or any(p.name == "compile" for p in space.params)
+        or any(e.get("compile") for e in space.enqueue)
+    )
+
+
 def _log(message: str) -> None:
     """One line for the user on stderr (above the live display when there is one)."""
     from search.progress import console
@@ -870,6 +879,11 @@ def run(
             else f"{len(devices) * lanes} trials at once requested (--per-gpu {lanes} on {len(devices)} GPUs)"
         )
         raise UserError(f"{asked}; at most {MAX_WORKERS} per machine")
+    if lanes > 1 and _may_compile(space):
+        raise UserError(
+            f"{space.path}: 'compile' cannot run with --per-gpu {lanes}: torch.compile is not safe in the "
+            "threads that share a GPU's trials; use --per-gpu 1, or take compile out of the space"
+        )
     url = opts.storage or default_storage_url(name)
     check_storage_url(url)  # its form now; connecting (and creating a SQLite file) once the data is good
     heartbeat = opts.heartbeat or int(space.study.get("heartbeat_interval", DEFAULT_HEARTBEAT))

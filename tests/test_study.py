@@ -303,6 +303,14 @@ def test_lanes_run_several_trials_in_one_worker_process(tmp_path: Path, tiny_dir
     assert len({tuple(sorted(t.params.items())) for t in trials}) == len(trials)
 
 
+def test_compile_is_refused_with_several_trials_per_process(tmp_path: Path, tiny_dir: Path) -> None:
+    for params in ({"compile": True}, {"compile": {"choices": [False, True]}}):
+        space = write_space(tmp_path / "unit.yaml", **params)
+        with pytest.raises(UserError, match=r"unit.yaml: 'compile' cannot run with --per-gpu 2.*--per-gpu 1"):
+            run(RunOptions(space=str(space), trials=1, data=tiny_dir, lanes=2, display=False))
+    assert not (tmp_path / "studies").exists()  # refused before anything was written
+
+
 _LANES_RUN = """
 import sys
 from pathlib import Path
