@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import cast
@@ -210,6 +210,20 @@ def _wait_for_step(status_dir: Path, min_step: int, timeout: float) -> dict[str,
     raise AssertionError(f"no worker reached step {min_step} within {timeout}s")
 
 
+def _kill_worker_once(
+    proc: subprocess.Popen[str], ready: Callable[[], list[dict[str, object]]]
+) -> tuple[list[dict[str, object]], str]:
+    """SIGKILL the worker process of the states ``ready()`` returns; the run must still end with 0."""
+    try:
+        victims = ready()
+        os.kill(int(victims[0]["pid"]), signal.SIGKILL)  # type: ignore[call-overload]
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    return victims, out
+
+
 def test_sigkill_worker_trial_is_retried_and_resumed(tmp_path: Path, tiny_dir: Path) -> None:
     space = write_space(tmp_path / "unit.yaml", steps=400, valid_steps=50)
     data = yaml.safe_load(space.read_text())
@@ -230,13 +244,8 @@ def test_sigkill_worker_trial_is_retried_and_resumed(tmp_path: Path, tiny_dir: P
         "--quiet",
         cwd=tmp_path,
     )
-    try:
-        victim = _wait_for_step(tmp_path / "studies/unit/workers" / socket.gethostname(), 120, timeout=120)
-        os.kill(int(victim["pid"]), signal.SIGKILL)  # type: ignore[arg-type]
-        out, _ = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, out
+    status = tmp_path / "studies/unit/workers" / socket.gethostname()
+    [victim], out = _kill_worker_once(proc, lambda: [_wait_for_step(status, 120, timeout=120)])
     study = load()
     by_state = states(study)
     assert by_state.get(TrialState.COMPLETE) == 3 and TrialState.RUNNING not in by_state, by_state
@@ -251,7 +260,8 @@ def test_sigkill_worker_trial_is_retried_and_resumed(tmp_path: Path, tiny_dir: P
     assert "failed 0, retried 1" in " ".join(out.split()), out  # the summary tells the two apart
 
 
-def test_ctrl_c_stops_cleanly_and_resumes(tmp_path: Path, tiny_dir: Path) -> None:
+def _long_space(tmp_path: Path) -> Path:
+    """Trials long enough to stop midway (400 steps, a checkpoint every 50), none pruned."""
     data = {
         **SPACE,
         "params": {**SPACE["params"], "steps": 400, "valid_steps": 50},
@@ -259,16 +269,28 @@ def test_ctrl_c_stops_cleanly_and_resumes(tmp_path: Path, tiny_dir: Path) -> Non
     }
     space = tmp_path / "unit.yaml"
     space.write_text(yaml.safe_dump(data))
-    args = ("run", "--space", str(space), "--trials", "2", "--data", str(tiny_dir), "--quiet")
-    proc = _cli(*args, cwd=tmp_path)
+    return space
+
+
+def _ctrl_c_once(proc: subprocess.Popen[str], ready: Callable[[], object]) -> str:
+    """Send SIGINT once ``ready()`` returns; the run must exit 130 without a traceback. Its output."""
     try:
-        _wait_for_step(tmp_path / "studies/unit/workers" / socket.gethostname(), 120, timeout=120)
+        ready()
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 130, out
-    assert "Traceback" not in out and "resume" in out
+    assert "Traceback" not in out, out
+    return out
+
+
+def test_ctrl_c_stops_cleanly_and_resumes(tmp_path: Path, tiny_dir: Path) -> None:
+    space = _long_space(tmp_path)
+    args = ("run", "--space", str(space), "--trials", "2", "--data", str(tiny_dir), "--quiet")
+    status = tmp_path / "studies/unit/workers" / socket.gethostname()
+    out = _ctrl_c_once(_cli(*args, cwd=tmp_path), lambda: _wait_for_step(status, 120, timeout=120))
+    assert "resume" in out
     study = load()
     by_state = states(study)
     assert TrialState.RUNNING not in by_state
@@ -325,13 +347,7 @@ except KeyboardInterrupt:
 
 def _lanes_run(tmp_path: Path, tiny_dir: Path, heartbeat: int) -> tuple[list[str], dict[str, str]]:
     """Two 400-step trials, two lanes of one CPU worker (what --per-gpu 2 does on a GPU)."""
-    data = {
-        **SPACE,
-        "params": {**SPACE["params"], "steps": 400, "valid_steps": 50},
-        "pruner": {"name": "none"},
-    }
-    space = tmp_path / "unit.yaml"
-    space.write_text(yaml.safe_dump(data))
+    space = _long_space(tmp_path)
     command = [sys.executable, "-c", _LANES_RUN, str(space), str(tiny_dir), str(heartbeat)]
     return command, {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
@@ -351,14 +367,8 @@ def test_ctrl_c_stops_every_lane_and_each_trial_resumes(tmp_path: Path, tiny_dir
     proc = subprocess.Popen(
         command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    try:
-        _both_lanes_at(tmp_path / "studies/unit/workers" / socket.gethostname(), 100, timeout=120)
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, out
-    assert "Traceback" not in out, out
+    status = tmp_path / "studies/unit/workers" / socket.gethostname()
+    out = _ctrl_c_once(proc, lambda: _both_lanes_at(status, 100, timeout=120))
     by_state = states(load())
     assert TrialState.RUNNING not in by_state
     assert by_state.get(TrialState.WAITING) == 2, (by_state, out)  # both interrupted trials queued to resume
@@ -378,14 +388,9 @@ def test_sigkill_of_a_worker_with_lanes_retries_and_resumes_each_trial(
     proc = subprocess.Popen(
         command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    try:
-        lanes = _both_lanes_at(tmp_path / "studies/unit/workers" / socket.gethostname(), 120, timeout=120)
-        assert len({w["pid"] for w in lanes}) == 1  # one process holds both trials
-        os.kill(int(lanes[0]["pid"]), signal.SIGKILL)  # type: ignore[call-overload]
-        out, _ = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, out
+    status = tmp_path / "studies/unit/workers" / socket.gethostname()
+    lanes, out = _kill_worker_once(proc, lambda: _both_lanes_at(status, 120, timeout=120))
+    assert len({w["pid"] for w in lanes}) == 1  # one process held both trials
     study = load()
     by_state = states(study)
     assert by_state.get(TrialState.COMPLETE) == 2 and TrialState.RUNNING not in by_state, by_state
