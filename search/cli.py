@@ -385,8 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run (or resume) a hyperparameter search study",
         description="Sample configurations from a search space and train them as trials of an Optuna study "
-        "(SQLite under studies/<study>/ by default, or --storage postgresql://...). One worker per GPU slot, "
-        "or --workers CPU workers. Re-running the same command resumes until --trials are finished.",
+        "(SQLite under studies/<study>/ by default, or --storage postgresql://...). One worker process per "
+        "GPU running --per-gpu trials at once, or --workers CPU workers. Re-running the same command "
+        "resumes until --trials are finished.",
     )
     p.add_argument(
         "--space", required=True, help="search space: a name in spaces/ (boss, smoke...) or a path"
