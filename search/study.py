@@ -1,7 +1,9 @@
 """The search service: an Optuna study on SQL storage driven by worker processes (one per GPU or CPU slot).
 
-Each worker loops: fail stale trials (a SIGKILLed worker's trial is retried through Optuna's
-heartbeat callback), check the study-wide budget, run one trial through :func:`search.train.train`.
+Each worker runs one or more lanes (threads; on a GPU ``--per-gpu`` of them, so trials overlap their
+kernels), and each lane loops: fail stale trials (a SIGKILLed worker's trials are retried through
+Optuna's heartbeat callback), check the study-wide budget, run one trial through
+:func:`search.train.train`.
 A trial's folder is keyed by its *original* number, so a retried trial resumes from the ``last.pt``
 its killed predecessor wrote. The best checkpoint goes to the study's artifact store.
 
