@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Trials per GPU as users get them: `spkid-search run --per-gpu K` on one fixed strong config, K = 1
 # then the values given (default 4), each K running K * TRIALS_PER_LANE (default 1) trials of STEPS
-# (default 1500) steps. Prints, per K, the aggregate trial-steps/s from the study's own timestamps
+# (default 1500) steps; CONFIG (default spaces/baselines/strong.yaml) and PRESET (the generated set,
+# default small) can be changed. Prints, per K, the aggregate trial-steps/s from the study's own timestamps
 # (first trial start to last trial end, so worker start-up is not counted) and from the command's wall
 # time, and each trial's step_mode. Writes $OUT/lanes.json (or bench/out/lanes.json).
 #   bash bench/gpu_lanes.sh 2 4         # K = 1, 2, 4
@@ -18,7 +19,7 @@ cd "$work"
 steps=${STEPS:-1500}
 per_lane=${TRIALS_PER_LANE:-1}
 "$PY" -m search.cli synth --out data --preset "${PRESET:-small}" --quiet
-"$PY" - "$root/spaces/baselines/strong.yaml" <<'EOF'
+"$PY" - "${CONFIG:-$root/spaces/baselines/strong.yaml}" <<'EOF'
 import sys, yaml
 params = yaml.safe_load(open(sys.argv[1]))
 space = {"name": "lanes", "params": params, "pruner": {"name": "none"}}

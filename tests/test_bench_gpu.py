@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +57,31 @@ def test_gpu_script_refuses_without_cuda(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert proc.returncode != 0 and "no CUDA GPU visible" in proc.stderr
+
+
+def test_gpu_lanes_script_runs_on_cpu_and_writes_its_figures(tmp_path: Path) -> None:
+    """bench/gpu_lanes.sh drives `run --per-gpu K`; on CPU that is one worker, which checks the script."""
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "OUT": str(tmp_path),
+        "STEPS": "10",
+        "PRESET": "tiny",
+        "CONFIG": str(ROOT / "spaces" / "baselines" / "simple.yaml"),
+    }
+    proc = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_lanes.sh"), "2"],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads((tmp_path / "lanes.json").read_text())
+    assert set(result) == {"1", "2"}
+    for k, row in result.items():
+        assert row["trials"] == int(k) and row["steps_per_trial"] == 10
+        assert row["trial_steps_per_s"] > 0 and row["trial_steps_per_s_with_startup"] > 0
+        assert row["step_modes"] == ["eager"] and row["workers"] == ["w0"]  # CPU: no graph, no lanes
+    assert proc.stdout.count("gpu_lanes: --per-gpu") == 2
