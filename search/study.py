@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -294,42 +295,92 @@ class StorageWait:
             return result
 
 
+Release = Callable[[], None]
+
+
 class _StateLock:
-    """A lock that the processes sharing one SQLite file hold while they change a trial's state.
+    """A lock that the workers sharing one study hold while they change a trial's state.
 
     Optuna changes a trial's state by reading it, checking it is unfinished and writing the new one.
     PostgreSQL makes that atomic (``SELECT ... FOR UPDATE``); SQLite ignores ``FOR UPDATE`` and runs
     the read outside the write transaction, so a worker telling its trial COMPLETE and another failing
     it as stale at the same moment (a heartbeat late under heavy load) could *both* succeed: the trial
     ends COMPLETE and its retry, queued by the stale check, finishes too (one trial over the budget).
-    Under this lock the second change finds the trial finished and is refused. Reentrant per process.
+    Under this lock the second change finds the trial finished and is refused. It also makes a stale
+    trial's FAIL and its retry's queueing one step to every budget count taken under it (between the
+    two the trial's budget place would look free). ``acquire`` takes the lock among processes and
+    machines (a lock file beside a SQLite database, an advisory lock in PostgreSQL) and returns what
+    releases it; the lock is reentrant within a process, whose threads take turns.
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, acquire: Callable[[], Release]) -> None:
+        self._acquire = acquire
         self._mutex = threading.RLock()
         self._depth = 0
-        self._fd: int | None = None
+        self._release: Release | None = None
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
         with self._mutex:
             if self._depth == 0:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX)
-                except BaseException:
-                    os.close(fd)
-                    raise
-                self._fd = fd
+                self._release = self._acquire()
             self._depth += 1
             try:
                 yield
             finally:
                 self._depth -= 1
-                if self._depth == 0 and self._fd is not None:
-                    os.close(self._fd)  # releases the flock (a killed holder releases it too)
-                    self._fd = None
+                if self._depth == 0 and self._release is not None:
+                    release, self._release = self._release, None
+                    release()
+
+
+def _file_lock(path: Path) -> Callable[[], Release]:
+    """``flock`` on a file: among the processes of one machine (a killed holder releases it too)."""
+
+    def acquire() -> Release:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        return lambda: os.close(fd)  # closing releases the flock
+
+    return acquire
+
+
+# One key for every spkid-search study in a database: state changes are rare and brief.
+PG_LOCK_KEY = int.from_bytes(hashlib.sha256(b"spkid-search trial states").digest()[:8], "big", signed=True)
+
+
+def _pg_advisory_lock(engine: Any) -> Callable[[], Release]:
+    """A PostgreSQL transaction-level advisory lock: among all machines sharing the database.
+
+    Held by an open transaction on a connection of its own; ending the transaction, or losing the
+    connection (a killed worker, a database restart), releases it.
+    """
+    import sqlalchemy
+
+    def acquire() -> Release:
+        conn = engine.connect()
+        try:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_LOCK_KEY})
+        except BaseException:
+            conn.invalidate()  # a wait cut short by a stop: drop the connection, and any queued request
+            conn.close()
+            raise
+
+        def release() -> None:
+            try:
+                conn.rollback()  # ends the transaction, and the lock with it
+            except Exception:  # noqa: BLE001 - a lost connection has released the lock already
+                conn.invalidate()
+            finally:
+                conn.close()
+
+        return release
+
+    return acquire
 
 
 _STATE_LOCK: dict[str, _StateLock] = {}  # the lock of this process's storage, once installed
@@ -341,13 +392,17 @@ def state_lock() -> contextlib.AbstractContextManager[None]:
 
 
 def serialize_state_changes(storage: Any, url: str) -> None:
-    """Make ``storage``'s trial state changes atomic among processes sharing its SQLite file."""
+    """Make ``storage``'s trial state changes, and the steps taken under :func:`state_lock`, atomic
+    among all workers sharing its database (SQLite: on this machine; PostgreSQL: on every machine)."""
     from search.storage import sqlite_file
 
     db = sqlite_file(url)
-    if db is None:
-        return  # PostgreSQL and MySQL lock the row themselves
-    lock = _StateLock(db.with_name(db.name + ".state-lock"))
+    if db is not None:
+        lock = _StateLock(_file_lock(db.with_name(db.name + ".state-lock")))
+    elif storage.engine.dialect.name == "postgresql":
+        lock = _StateLock(_pg_advisory_lock(storage.engine))
+    else:
+        return  # MySQL: row locks make each state change atomic; the budget steps are not serialised
     original = storage.set_trial_state_values
 
     def set_trial_state_values(trial_id: int, state: TrialState, values: Any = None) -> bool:

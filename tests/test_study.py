@@ -17,6 +17,7 @@ from typing import cast
 
 import optuna
 import pytest
+import sqlalchemy
 import yaml
 from optuna.trial import TrialState
 
@@ -503,6 +504,45 @@ def test_stale_fail_racing_a_completing_trial_on_sqlite_cannot_both_win(
     racers[0].join(30)
     assert len(results) == 1 and isinstance(results[0], optuna.exceptions.UpdateFinishedTrialError), results
     assert mine.get_trial(trial_id).state == TrialState.COMPLETE
+
+
+@pytest.mark.postgres
+def test_state_lock_on_postgresql_holds_off_another_machine(
+    pg_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two engines stand for two machines: while one holds the state lock (a stale FAIL and its
+    retry's queueing, say), the other's state change waits, and goes through once it is released."""
+    monkeypatch.setattr(study_module, "_STATE_LOCK", {})
+    here, there = open_storage(pg_database), open_storage(pg_database)
+    study_module.serialize_state_changes(here, pg_database)
+    lock = study_module._STATE_LOCK["lock"]
+    study_module.serialize_state_changes(there, pg_database)
+    study = optuna.create_study(storage=here, study_name="lock")
+    trial_id = study.ask()._trial_id
+    done = threading.Event()
+
+    def complete_elsewhere() -> None:
+        there.set_trial_state_values(trial_id, TrialState.COMPLETE, [1.0])
+        done.set()
+
+    with lock.hold():
+        other = threading.Thread(target=complete_elsewhere)
+        other.start()
+        assert not done.wait(1.5)  # held off by the lock
+        assert here.get_trial(trial_id).state == TrialState.RUNNING
+    assert done.wait(10)  # released: the change goes through
+    other.join(10)
+    assert here.get_trial(trial_id).state == TrialState.COMPLETE
+    with lock.hold(), lock.hold():  # reentrant within the process
+        pass
+    query = (
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+        "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
+    with here.engine.connect() as con:
+        assert con.execute(sqlalchemy.text(query)).scalar_one() == 0  # nothing left held
+    here.engine.dispose()
+    there.engine.dispose()
 
 
 def test_budget_counts_each_original_once_and_retries_hold_its_place() -> None:
