@@ -568,6 +568,7 @@ def worker_main(spec: WorkerSpec) -> int:
         )
         store = artifact_store(study)
         current: dict[str, Any] = {}
+        held = contextlib.ExitStack()  # the state lock, while a stopped trial waits for its retry
 
         def waiting(reason: str, waited: float) -> None:
             _write_status(spec, {"waiting": f"storage unreachable for {waited:.0f} s ({reason}); retrying"})
@@ -663,6 +664,10 @@ def worker_main(spec: WorkerSpec) -> int:
                         "interrupted (Ctrl-C or SIGTERM); retried when the study resumes",
                     )
                     brief.call(trial.set_user_attr, "interrupted", True)
+                # Held from here until the retry is queued (the lane's stop handler): Optuna writes the
+                # FAIL in between, and no budget count elsewhere may see the trial's place free.
+                with contextlib.suppress(Exception):
+                    held.enter_context(state_lock())
                 raise
             except torch.OutOfMemoryError:
                 trial.set_user_attr("fail_reason", f"CUDA out of memory on {spec.device}")
@@ -764,14 +769,14 @@ def worker_main(spec: WorkerSpec) -> int:
         except KeyboardInterrupt:
             trial = current.get("trial")
             if trial is not None:
-                with contextlib.suppress(
-                    Exception
-                ):  # a storage that stays down: the trial goes stale instead
+                # Best effort: a storage that stays down leaves the trial to go stale instead.
+                with contextlib.suppress(Exception):
                     frozen = brief.call(study._storage.get_trial, trial._trial_id)
                     if frozen.state == TrialState.FAIL:
                         brief.call(queue_retry, study, frozen, None)  # resume it from last.pt next time
             return 130
         finally:
+            held.close()  # the state lock taken when the stop reached the trial (see run_trial)
             _write_status(spec, {"done": True})
         return 0
 

@@ -346,6 +346,83 @@ except KeyboardInterrupt:
 """
 
 
+def test_a_stopped_trial_is_failed_and_queued_again_in_one_step(
+    tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between Optuna's FAIL of a trial stopped by Ctrl-C and its retry's queueing, the worker keeps the
+    state lock: no other worker can count the trial's budget place as free in between."""
+    import fcntl
+
+    import torch
+
+    from search.data import open_data
+
+    space = _long_space(tmp_path)
+    run(RunOptions(space=str(space), trials=1, data=tiny_dir, display=False))  # the study, its attrs
+    spec = study_module.WorkerSpec(
+        worker="w9",
+        index=9,
+        device="cpu",
+        storage_url=default_storage_url("unit"),
+        study_name="unit",
+        space_path=str(space),
+        cache_dir=str(open_data(tiny_dir, progress=False).cache_dir),
+        data_root=str(tiny_dir),
+        trials=2,
+        steps=None,
+        seed=0,
+        heartbeat=20,
+        grace=60,
+        status_dir=str(tmp_path),
+        threads=torch.get_num_threads(),
+        max_failures=3,
+    )
+    # The worker runs in this process and thread: keep pytest's signals and Optuna's globals as they are.
+    monkeypatch.setattr(study_module, "_install_worker_signals", lambda: None)
+    monkeypatch.setattr(study_module, "_STATE_LOCK", {})
+    monkeypatch.setitem(study_module._STOP, "requested", False)
+    monkeypatch.setattr(optuna.storages, "fail_stale_trials", optuna.storages.fail_stale_trials)
+    lock_file = tmp_path / "studies/unit/study.db.state-lock"
+    lock_seen: list[str] = []
+    queue_retry = study_module.queue_retry
+
+    def probe_then_queue(
+        study: optuna.Study, frozen: optuna.trial.FrozenTrial, max_retry: int | None = 3
+    ) -> None:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what another worker's budget count would take
+            lock_seen.append("free")
+        except BlockingIOError:
+            lock_seen.append("held")
+        finally:
+            os.close(fd)
+        queue_retry(study, frozen, max_retry)
+
+    monkeypatch.setattr(study_module, "queue_retry", probe_then_queue)
+
+    def stop_at_step_100() -> None:
+        _wait_for_step(tmp_path, 100, timeout=120)
+        study_module._STOP["requested"] = True  # what the SIGTERM handler sets
+
+    stopper = threading.Thread(target=stop_at_step_100, daemon=True)
+    stopper.start()
+    verbosity = optuna.logging.get_verbosity()
+    try:
+        assert study_module.worker_main(spec) == 130
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    stopper.join(5)
+    assert lock_seen == ["held"]
+    by_state = states(load())
+    assert by_state.get(TrialState.FAIL) == 1 and by_state.get(TrialState.WAITING) == 1, by_state
+    fd = os.open(lock_file, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # and released at the end
+    finally:
+        os.close(fd)
+
+
 def _lanes_run(tmp_path: Path, tiny_dir: Path, heartbeat: int) -> tuple[list[str], dict[str, str]]:
     """Two 400-step trials, two lanes of one CPU worker (what --per-gpu 2 does on a GPU)."""
     space = _long_space(tmp_path)
