@@ -568,7 +568,9 @@ def worker_main(spec: WorkerSpec) -> int:
         )
         store = artifact_store(study)
         current: dict[str, Any] = {}
-        held = contextlib.ExitStack()  # the state lock, while a stopped trial waits for its retry
+        # The state lock, held while a trial Optuna is about to FAIL (stopped, or cut off by the
+        # storage) waits for its retry to be queued: no budget count elsewhere sees its place free.
+        held = contextlib.ExitStack()
 
         def waiting(reason: str, waited: float) -> None:
             _write_status(spec, {"waiting": f"storage unreachable for {waited:.0f} s ({reason}); retrying"})
@@ -584,6 +586,8 @@ def worker_main(spec: WorkerSpec) -> int:
             except Exception as exc:
                 if is_transient_db_error(exc):
                     current["requeue"] = True  # cut off by the storage, not by its configuration
+                    with contextlib.suppress(Exception):  # its FAIL and its retry as one step (below)
+                        held.enter_context(state_lock())
                 with contextlib.suppress(Exception):  # best effort: the storage may be what failed
                     if not trial.user_attrs.get("fail_reason"):
                         trial.set_user_attr("fail_reason", f"{exc.__class__.__name__}: {exc}"[:500])
@@ -664,8 +668,7 @@ def worker_main(spec: WorkerSpec) -> int:
                         "interrupted (Ctrl-C or SIGTERM); retried when the study resumes",
                     )
                     brief.call(trial.set_user_attr, "interrupted", True)
-                # Held from here until the retry is queued (the lane's stop handler): Optuna writes the
-                # FAIL in between, and no budget count elsewhere may see the trial's place free.
+                # Held until the retry is queued (the lane's stop handler); Optuna writes the FAIL between.
                 with contextlib.suppress(Exception):
                     held.enter_context(state_lock())
                 raise
@@ -731,9 +734,12 @@ def worker_main(spec: WorkerSpec) -> int:
                 time.sleep(spec.poll)
                 return True
             current.clear()
+            # A stop passes through to the lane's stop handler, which releases ``held`` once it has
+            # queued the retry; a storage error, to the loop below, which releases it.
             study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
             if current.get("requeue"):
                 requeue(current["trial"])
+            held.close()  # the state lock taken for the requeue, if it was
             return True
 
         def requeue(trial: optuna.Trial) -> None:
@@ -756,6 +762,7 @@ def worker_main(spec: WorkerSpec) -> int:
                 try:
                     go_on = one_round()
                 except Exception as exc:
+                    held.close()  # a requeue left unfinished: its trial goes stale and is retried so
                     if is_transient_db_error(exc):
                         # The result of the trial in hand may not be recorded: it goes stale and is retried.
                         wait.pause(exc)

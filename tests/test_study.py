@@ -346,13 +346,28 @@ except KeyboardInterrupt:
 """
 
 
-def test_a_stopped_trial_is_failed_and_queued_again_in_one_step(
-    tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Between Optuna's FAIL of a trial stopped by Ctrl-C and its retry's queueing, the worker keeps the
-    state lock: no other worker can count the trial's budget place as free in between."""
+def _sqlite_state_lock(tmp_path: Path) -> str:
+    """ "held" or "free": whether another worker could take the study's state lock now."""
     import fcntl
 
+    fd = os.open(tmp_path / "studies/unit/study.db.state-lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what another worker's budget count takes
+        return "free"
+    except BlockingIOError:
+        return "held"
+    finally:
+        os.close(fd)  # releases it again
+
+
+def _worker_here(
+    tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[study_module.WorkerSpec, list[str]]:
+    """A worker to run in this process and thread, on a study that holds one trial of a budget of two.
+
+    Also returns what its ``queue_retry`` calls found the state lock to be at their start ("held" by
+    the worker, or "free": another worker's budget count could have run right then).
+    """
     import torch
 
     from search.data import open_data
@@ -377,29 +392,31 @@ def test_a_stopped_trial_is_failed_and_queued_again_in_one_step(
         threads=torch.get_num_threads(),
         max_failures=3,
     )
-    # The worker runs in this process and thread: keep pytest's signals and Optuna's globals as they are.
+    # Keep pytest's signal handlers and Optuna's globals as they are.
     monkeypatch.setattr(study_module, "_install_worker_signals", lambda: None)
     monkeypatch.setattr(study_module, "_STATE_LOCK", {})
     monkeypatch.setitem(study_module._STOP, "requested", False)
     monkeypatch.setattr(optuna.storages, "fail_stale_trials", optuna.storages.fail_stale_trials)
-    lock_file = tmp_path / "studies/unit/study.db.state-lock"
+    monkeypatch.setattr(optuna.logging, "set_verbosity", lambda level: None)
     lock_seen: list[str] = []
     queue_retry = study_module.queue_retry
 
     def probe_then_queue(
         study: optuna.Study, frozen: optuna.trial.FrozenTrial, max_retry: int | None = 3
     ) -> None:
-        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what another worker's budget count would take
-            lock_seen.append("free")
-        except BlockingIOError:
-            lock_seen.append("held")
-        finally:
-            os.close(fd)
+        lock_seen.append(_sqlite_state_lock(tmp_path))
         queue_retry(study, frozen, max_retry)
 
     monkeypatch.setattr(study_module, "queue_retry", probe_then_queue)
+    return spec, lock_seen
+
+
+def test_a_stopped_trial_is_failed_and_queued_again_in_one_step(
+    tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between Optuna's FAIL of a trial stopped by Ctrl-C and its retry's queueing, the worker keeps the
+    state lock: no other worker can count the trial's budget place as free in between."""
+    spec, lock_seen = _worker_here(tmp_path, tiny_dir, monkeypatch)
 
     def stop_at_step_100() -> None:
         _wait_for_step(tmp_path, 100, timeout=120)
@@ -407,20 +424,42 @@ def test_a_stopped_trial_is_failed_and_queued_again_in_one_step(
 
     stopper = threading.Thread(target=stop_at_step_100, daemon=True)
     stopper.start()
-    verbosity = optuna.logging.get_verbosity()
-    try:
-        assert study_module.worker_main(spec) == 130
-    finally:
-        optuna.logging.set_verbosity(verbosity)
+    assert study_module.worker_main(spec) == 130
     stopper.join(5)
     assert lock_seen == ["held"]
     by_state = states(load())
     assert by_state.get(TrialState.FAIL) == 1 and by_state.get(TrialState.WAITING) == 1, by_state
-    fd = os.open(lock_file, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # and released at the end
-    finally:
-        os.close(fd)
+    assert _sqlite_state_lock(tmp_path) == "free"  # released at the end
+
+
+def test_a_trial_cut_off_by_the_storage_is_failed_and_queued_again_in_one_step(
+    tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    import search.train
+
+    spec, lock_seen = _worker_here(tmp_path, tiny_dir, monkeypatch)
+    real_train = search.train.train
+    calls: list[int] = []
+
+    def storage_fails_once(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 1:  # as if the database went away while the trial trained
+            raise sqlalchemy.exc.OperationalError(
+                "UPDATE", {}, sqlite3.OperationalError("database is locked")
+            )
+        return real_train(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(search.train, "train", storage_fails_once)
+    assert study_module.worker_main(spec) == 0
+    assert lock_seen == ["held"]
+    study = load()
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert len(failed) == 1 and "database is locked" in failed[0].user_attrs["fail_reason"]
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(done) == 2 and any(t.system_attrs.get("failed_trial") == failed[0].number for t in done)
+    assert _sqlite_state_lock(tmp_path) == "free"
 
 
 def _lanes_run(tmp_path: Path, tiny_dir: Path, heartbeat: int) -> tuple[list[str], dict[str, str]]:
