@@ -54,7 +54,8 @@ T = TypeVar("T")
 
 
 class SkipTrial(Exception):
-    """The study reached its budget between the budget check and this trial's start (a rare race)."""
+    """This trial must not run: its study's budget is held (a safety net behind :func:`limit_new_trials`,
+    and the only check on storages without a state lock), or it retries a trial already done."""
 
 
 @dataclass(frozen=True)
@@ -413,6 +414,34 @@ def serialize_state_changes(storage: Any, url: str) -> None:
     _STATE_LOCK["lock"] = lock
 
 
+class BudgetHeld(Exception):
+    """No new trial: the study's finished, running and queued trials already hold its budget."""
+
+
+def limit_new_trials(storage: Any, budget: int) -> None:
+    """Let ``storage`` create a new trial only while the budget has room, checked under the state lock.
+
+    Why: two workers that each counted room and then created a trial could both create one; the later
+    trial found the budget full once it started and was recorded FAIL (``skipped``). Checked and
+    created as one step, it is never created. Queued trials (retries, enqueued configs) are created
+    from a template, or popped rather than created, and are never refused.
+    """
+    # Optuna's caching storage (what a Study uses) calls the RDB storage's _create_new_trial, and its
+    # create_new_trial does too: wrapping that one method covers both.
+    original = storage._create_new_trial
+
+    def create_new_trial(study_id: int, template_trial: FrozenTrial | None = None) -> FrozenTrial:
+        if template_trial is not None:
+            return original(study_id, template_trial)
+        with state_lock():
+            trials = storage.get_all_trials(study_id, deepcopy=False)
+            if held_before(trials, len(trials)) >= budget:  # the new trial would be number len(trials)
+                raise BudgetHeld(f"the study already holds {budget} trials")
+            return original(study_id)
+
+    storage._create_new_trial = create_new_trial
+
+
 def locked_fail_stale_trials(study: optuna.Study) -> None:
     """Optuna's stale check with a stale trial's FAIL and its retry's queueing as one step.
 
@@ -545,6 +574,7 @@ def worker_main(spec: WorkerSpec) -> int:
     space = load_space(spec.space_path)
     storage = open_storage(spec.storage_url, spec.heartbeat, spec.grace)
     serialize_state_changes(storage, spec.storage_url)
+    limit_new_trials(storage, spec.trials)
     if storage.get_heartbeat_stale_trial_callback() is not None:
         storage.heartbeat_stale_trial_callback = queue_retry  # never two retries of one trial
     # study.optimize runs the stale check too, before each trial: the same locked one (this process only).
@@ -736,7 +766,10 @@ def worker_main(spec: WorkerSpec) -> int:
             current.clear()
             # A stop passes through to the lane's stop handler, which releases ``held`` once it has
             # queued the retry; a storage error, to the loop below, which releases it.
-            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+            try:
+                study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+            except BudgetHeld:
+                return True  # another worker took the last place meanwhile: the next round sees it
             if current.get("requeue"):
                 requeue(current["trial"])
             held.close()  # the state lock taken for the requeue, if it was

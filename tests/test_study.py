@@ -61,9 +61,12 @@ def test_sqlite_workers_reach_exact_count_with_pruning_then_resume(tmp_path: Pat
     table = [
         (t.number, t.state.name, t.user_attrs.get("skipped"), t.user_attrs.get("fail_reason")) for t in trials
     ]
-    # No lock errors: a FAIL may only be a trial begun as another reached the budget (skipped) or one
-    # whose heartbeat went stale under load (retried), never a real failure.
+    # No lock errors: a FAIL may only be a trial whose heartbeat went stale under load (retried), never
+    # a real failure; and no trial is created past the budget (limit_new_trials), so none is skipped.
     assert TrialState.RUNNING not in by_state and count_trials(trials).failed == 0, table
+    assert not [t for t in trials if study_module.is_skipped(t) and "failed_trial" not in t.system_attrs], (
+        table
+    )
     store = artifact_store(study)
     for t in study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)):
         assert t.user_attrs["config"]["d_model"] == t.params["d_model"]
@@ -659,6 +662,28 @@ def test_state_lock_on_postgresql_holds_off_another_machine(
         assert con.execute(sqlalchemy.text(query)).scalar_one() == 0  # nothing left held
     here.engine.dispose()
     there.engine.dispose()
+
+
+def test_a_new_trial_is_created_only_while_the_budget_has_room(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(study_module, "_STATE_LOCK", {})
+    url = f"sqlite:///{tmp_path / 'budget.db'}"
+    storage = open_storage(url)
+    study_module.serialize_state_changes(storage, url)
+    study_module.limit_new_trials(storage, 2)
+    study = optuna.create_study(storage=storage, study_name="budget")
+    study.tell(study.ask(), 1.0)
+    running = study.ask()  # holds the second place
+    with pytest.raises(study_module.BudgetHeld, match="already holds 2 trials"):
+        study.ask()
+    assert len(study.get_trials()) == 2  # refused before anything was written
+    study.tell(running, state=TrialState.FAIL)  # a real failure frees its place
+    assert study.ask().number == 2
+    study.enqueue_trial({})  # queued trials (retries, enqueued configs) are never refused ...
+    assert study.ask().number == 3  # ... nor is taking one from the queue
+    with pytest.raises(study_module.BudgetHeld):
+        study.ask()
 
 
 def test_budget_counts_each_original_once_and_retries_hold_its_place() -> None:

@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from search.cli import main
 from search.errors import UserError
 from search.storage import db_error_text, default_storage_url, is_transient_db_error, open_storage
-from search.study import RunOptions, StorageWait, count_trials, fail_silent_trials, run
+from search.study import RunOptions, StorageWait, count_trials, fail_silent_trials, is_skipped, run
 from tests.reliability.conftest import Figures, postgres_answers, write_space
 
 
@@ -47,6 +47,9 @@ def test_four_sqlite_workers_finish_fifty_trials_without_a_lock_error(
     figures.trials_lost += max(0, 50 - final.finished)
     assert counts.finished == final.finished == 50, final
     assert final.failed == 0 and final.running == 0 and final.waiting == 0, final
+    trials = study.get_trials(deepcopy=False)
+    # No trial is created past the budget (a skip could only be a retry found redundant).
+    assert not [t.number for t in trials if is_skipped(t) and "failed_trial" not in t.system_attrs], final
     assert "locked" not in (out + err).lower() and "Traceback" not in out + err, out + err
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     assert len({t.user_attrs["worker"] for t in done}) == 4  # every worker got trials
@@ -54,7 +57,7 @@ def test_four_sqlite_workers_finish_fifty_trials_without_a_lock_error(
         assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     print(
         f"4 workers, 50 trials on SQLite in {elapsed:.0f} s: complete {final.complete}, pruned "
-        f"{final.pruned}, failed 0, skipped at the budget {final.skipped}"
+        f"{final.pruned}, failed 0, retried {final.retried}, skipped {final.skipped}"
     )
 
 
