@@ -400,11 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--per-gpu",
         type=_positive,
-        default=4,
         help="trials run at once on each GPU, as threads of one worker process whose kernels overlap "
         "(default 4: measured 1.5x the trial-steps/s of one trial; 8 gained nothing more)",
     )
-    p.add_argument("--workers", type=_positive, default=1, help="CPU workers when no GPU is used (default 1)")
+    p.add_argument("--workers", type=_positive, help="CPU workers when no GPU is used (default 1)")
     p.add_argument(
         "--steps",
         type=_positive,

@@ -50,6 +50,7 @@ STORAGE_PATIENCE = 300.0  # seconds a worker waits for an unreachable storage be
 MAX_TRIALS = 100_000
 MAX_STEPS = 10_000_000
 MAX_WORKERS = 64
+DEFAULT_PER_GPU = 4  # measured: 1.5x one trial's throughput on an H200; 8 no more (bench/RESULTS.md)
 T = TypeVar("T")
 
 
@@ -886,8 +887,8 @@ class RunOptions:
     study: str | None = None
     storage: str | None = None
     gpus: list[int] | None = None
-    per_gpu: int = 4
-    workers: int = 1
+    per_gpu: int | None = None  # trials at once per GPU (None: DEFAULT_PER_GPU); no effect without GPUs
+    workers: int | None = None  # CPU worker processes (None: 1); no effect when GPUs are used
     steps: int | None = None
     seed: int = 0
     allow_changed: bool = False
@@ -913,8 +914,12 @@ def plan_devices(opts: RunOptions) -> tuple[list[str], int]:
         if g not in visible:
             raise UserError(f"--gpus: GPU {g} is not visible here (visible: {visible or 'none'})")
     if gpus:
-        return [f"cuda:{g}" for g in gpus], opts.lanes or opts.per_gpu
-    return ["cpu"] * opts.workers, opts.lanes or 1
+        if opts.workers is not None:
+            _log(f"--workers {opts.workers} has no effect with GPUs: --per-gpu sets the trials per GPU")
+        return [f"cuda:{g}" for g in gpus], opts.lanes or opts.per_gpu or DEFAULT_PER_GPU
+    if opts.per_gpu is not None:
+        _log(f"no GPU visible: --per-gpu {opts.per_gpu} has no effect; --workers N runs N CPU trials at once")
+    return ["cpu"] * (opts.workers or 1), opts.lanes or 1
 
 
 def _may_compile(space: Space) -> bool:
@@ -976,7 +981,7 @@ def run(
     devices, lanes = plan_devices(opts)
     if len(devices) * lanes > MAX_WORKERS:
         asked = (
-            f"{len(devices)} workers requested (--workers {opts.workers})"
+            f"{len(devices)} workers requested (--workers {len(devices)})"
             if devices[0] == "cpu" and lanes == 1
             else f"{len(devices) * lanes} trials at once requested (--per-gpu {lanes} on {len(devices)} GPUs)"
         )

@@ -329,6 +329,20 @@ def test_lanes_run_several_trials_in_one_worker_process(tmp_path: Path, tiny_dir
     assert len({tuple(sorted(t.params.items())) for t in trials}) == len(trials)
 
 
+def test_per_gpu_without_a_gpu_says_it_has_no_effect(
+    tmp_path: Path, tiny_dir: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from search.devices import visible_gpus
+
+    if visible_gpus():
+        pytest.skip("a GPU is visible: --per-gpu applies")
+    space = write_space(tmp_path / "unit.yaml")
+    assert run(RunOptions(space=str(space), trials=1, data=tiny_dir, per_gpu=2, display=False)).finished == 1
+    err = " ".join(capfd.readouterr().err.split())
+    assert "no GPU visible: --per-gpu 2 has no effect; --workers N runs N CPU trials at once" in err
+    assert {t.user_attrs["worker"] for t in load().get_trials()} == {"w0"}  # one CPU worker, as without it
+
+
 def test_compile_is_refused_with_several_trials_per_process(tmp_path: Path, tiny_dir: Path) -> None:
     for params in ({"compile": True}, {"compile": {"choices": [False, True]}}):
         space = write_space(tmp_path / "unit.yaml", **params)
