@@ -849,9 +849,15 @@ def _run_lanes(spec: WorkerSpec, lane: Callable[[WorkerSpec, int], int]) -> int:
         while not all(e.is_set() for e in ended):
             time.sleep(0.2)
 
-    for j in range(spec.lanes):
-        threading.Thread(target=run, args=(j,), name=f"{spec.worker}.{j}", daemon=True).start()
+    # A stop arriving while the lanes start waits until all have started (then it stops them all), and
+    # the lanes keep SIGTERM blocked, so the kernel hands it to the main thread, whose handler runs.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
+        try:
+            for j in range(spec.lanes):
+                threading.Thread(target=run, args=(j,), name=f"{spec.worker}.{j}", daemon=True).start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a pending stop is handled from here on
         wait_for_lanes()
     except KeyboardInterrupt:
         _STOP["requested"] = True
