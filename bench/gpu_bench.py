@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from search.config import Config, load_config
 from search.data import CropSampler, FeatureStore, PackedData, make_split
+from search.errors import first_line
 from search.infer import accuracy, load_model, predict_logits
 from search.model import build_model
 from search.train import CudaGraphStep, EagerStep, lr_in_tensor, train
@@ -248,7 +249,7 @@ def threads_section(
         try:
             outcome: dict[str, Any] | str = trials_as_threads(data, device, k, steps, dry)
         except Exception as exc:  # noqa: BLE001 - one K failing must not cost the other figures
-            outcome = f"failed: {type(exc).__name__}: {_first_line(exc)}"
+            outcome = f"failed: {type(exc).__name__}: {first_line(exc, 200)}"
         rates[str(k)] = outcome
         one = rates.get("1")
         if isinstance(outcome, dict) and isinstance(one, dict):
@@ -266,10 +267,6 @@ def parse_ks(text: str) -> tuple[int, ...]:
     if not ks or min(ks) < 1:
         raise SystemExit(f"gpu_bench: --threads-k {text!r}: give positive integers, e.g. 1,2,4")
     return ks
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [""])[0][:200]
 
 
 def main() -> None:
@@ -361,7 +358,7 @@ def main() -> None:
             try:
                 result["steps_per_s"][name] = round(ablation(strong, data, device, steps, **{**base, **o}), 1)
             except Exception as exc:  # noqa: BLE001 - one variant failing must not cost the other figures
-                result["steps_per_s"][name] = f"failed: {type(exc).__name__}: {_first_line(exc)}"
+                result["steps_per_s"][name] = f"failed: {type(exc).__name__}: {first_line(exc, 200)}"
                 print(f"gpu_bench: {name}: {result['steps_per_s'][name]}", file=sys.stderr)
             save()
 

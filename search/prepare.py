@@ -56,7 +56,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from search.errors import UserError
+from search.errors import UserError, first_line
 
 # --------------------------------------------------------------------------------------------------
 # The recipe
@@ -93,23 +93,18 @@ class BadAudio(Exception):
     """A file that cannot become an utterance; the message is the reason listed in the summary."""
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else exc.__class__.__name__)[:160]
-
-
 def read_audio(path: Path) -> tuple[np.ndarray, int]:
     """Decode a file with soundfile and mix it to mono: (float32 samples, sample rate)."""
     try:
         size = path.stat().st_size
     except OSError as exc:
-        raise BadAudio(f"cannot read ({exc.strerror or _one_line(exc)})") from None
+        raise BadAudio(f"cannot read ({exc.strerror or first_line(exc)})") from None
     if size == 0:
         raise BadAudio("empty file (0 bytes)")
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as exc:  # libsndfile, OSError, header errors: all mean "not audio we can read"
-        detail = getattr(exc, "error_string", None) or _one_line(exc)
+        detail = getattr(exc, "error_string", None) or first_line(exc)
         raise BadAudio(f"not readable audio ({detail})") from None
     if data.shape[0] == 0:
         raise BadAudio("no audio samples")
@@ -211,7 +206,7 @@ def _extract(path: str, out: str, name: str) -> tuple[str, int, int, str]:
     except BadAudio as exc:
         return "skip", 0, 0, str(exc)
     except Exception as exc:  # one undecodable file must never stop the run
-        return "skip", 0, 0, f"failed to process ({exc.__class__.__name__}: {_one_line(exc)})"
+        return "skip", 0, 0, f"failed to process ({exc.__class__.__name__}: {first_line(exc)})"
     target = Path(out) / name
     tmp = Path(out) / f"{TEMP_PREFIX}{name}.{os.getpid()}"
     try:
@@ -221,7 +216,7 @@ def _extract(path: str, out: str, name: str) -> tuple[str, int, int, str]:
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        return "error", 0, 0, f"cannot write {target} ({exc.strerror or _one_line(exc)})"
+        return "error", 0, 0, f"cannot write {target} ({exc.strerror or first_line(exc)})"
     return "ok", int(feats.shape[0]), nbytes, ""
 
 
@@ -303,7 +298,7 @@ def _read_csv(csv_path: Path) -> tuple[list[Source], list[tuple[str, str]]]:
             f"{csv_path}: not a UTF-8 text file; pass a folder of audio or a CSV with header 'path,speaker'"
         ) from None
     except OSError as exc:
-        raise UserError(f"{csv_path}: cannot read ({exc.strerror or _one_line(exc)})") from None
+        raise UserError(f"{csv_path}: cannot read ({exc.strerror or first_line(exc)})") from None
     try:
         rows = list(csv.reader(io.StringIO(text)))
     except csv.Error as exc:
@@ -320,7 +315,7 @@ def _read_csv(csv_path: Path) -> tuple[list[Source], list[tuple[str, str]]]:
     base = csv_path.parent
     sources: list[Source] = []
     skipped: list[tuple[str, str]] = []
-    first_line: dict[str, int] = {}
+    first_seen: dict[str, int] = {}
     for lineno, row in enumerate(rows[1:], start=2):
         if not any(cell.strip() for cell in row):
             continue
@@ -334,10 +329,10 @@ def _read_csv(csv_path: Path) -> tuple[list[Source], list[tuple[str, str]]]:
             continue
         path = Path(os.path.normpath(base / Path(raw).expanduser()))
         key = _relative_key(path, base)
-        if key in first_line:
-            skipped.append((key, f"listed twice (first on line {first_line[key]} of {csv_path.name})"))
+        if key in first_seen:
+            skipped.append((key, f"listed twice (first on line {first_seen[key]} of {csv_path.name})"))
             continue
-        first_line[key] = lineno
+        first_seen[key] = lineno
         sources.append(Source(key, path, speaker))
     return sources, skipped
 
@@ -635,7 +630,7 @@ def prepare(
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"{out}: cannot create the folder ({exc.strerror or _one_line(exc)})") from None
+        raise UserError(f"{out}: cannot create the folder ({exc.strerror or first_line(exc)})") from None
 
     with _locked(out):
         return _prepare_locked(
@@ -681,7 +676,7 @@ def _prepare_locked(
             skipped.append((src.key, "file not found"))
             continue
         except OSError as exc:
-            skipped.append((src.key, f"cannot read ({exc.strerror or _one_line(exc)})"))
+            skipped.append((src.key, f"cannot read ({exc.strerror or first_line(exc)})"))
             continue
         if not src.path.is_file():
             skipped.append((src.key, "not a regular file"))

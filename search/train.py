@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from search.config import Config
 from search.data import CropSampler, FeatureStore, PackedData, Split, make_split
-from search.errors import UserError
+from search.errors import UserError, first_line
 from search.infer import accuracy, predict_logits, read_checkpoint, save_atomic
 from search.model import SpeakerNet, build_model, count_parameters
 
@@ -205,7 +205,7 @@ class CudaGraphStep:
                 with GATE.exclusive(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     self.loss = self.step(*self.inputs)
             except RuntimeError as exc:  # an op that cannot be recorded (a host sync, say): run eagerly
-                self.failed = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+                self.failed = first_line(exc, 200)
                 print(f"spkid-search: CUDA graph not used ({self.failed}); training eagerly", file=sys.stderr)
                 torch.cuda.synchronize()
                 return self.eager(x, lengths, labels)
