@@ -188,7 +188,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from search.display import best_table, counts_line
     from search.progress import console
     from search.storage import resolve
-    from search.study import count_trials
+    from search.trials import count_trials
 
     _, study, url = resolve(args.study, args.storage)
     console.print(best_table(study, args.top))

@@ -13,7 +13,8 @@ from rich.table import Table
 from rich.text import Text
 
 from search.progress import console
-from search.study import Counts, summary_rows
+from search.study import summary_rows
+from search.trials import Counts
 
 
 def _fmt(value: Any, pattern: str = "{:.4f}") -> str:

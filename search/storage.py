@@ -1,4 +1,5 @@
-"""Where studies live: storage URLs, the RDB storage with heartbeats, the artifact store, study lookup.
+"""Where studies live: storage URLs, the RDB storage with heartbeats, riding out outages, the artifact
+store, study lookup.
 
 SQLite (embedded, under ``studies/<study>/study.db``) is the default; PostgreSQL is the same code with a
 ``postgresql://`` URL. Every function raises :class:`UserError` with the URL or study at fault.
@@ -12,8 +13,9 @@ import shutil
 import sqlite3
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import optuna
 import sqlalchemy.exc
@@ -23,8 +25,10 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from search.errors import UserError
 from search.files import atomic_write
 
+STORAGE_PATIENCE = 300.0  # seconds a worker waits for an unreachable storage before it gives up
 SCHEMA_ATTEMPTS = 4  # opening a new database that other processes create at the same moment
 STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+T = TypeVar("T")
 NETWORK_FS = {
     "nfs",
     "nfs4",
@@ -183,6 +187,57 @@ def db_error_text(exc: BaseException) -> str:
             return str(current.orig).strip().splitlines()[0][:200]
         current = current.__cause__ or current.__context__
     return ((str(exc).strip().splitlines() or [exc.__class__.__name__])[0])[:200]
+
+
+class StorageWait:
+    """Bounded patience with an unreachable storage: retry with backoff, then give up with one line.
+
+    ``call(fn, ...)`` retries ``fn`` while it fails for a transient reason (see
+    :func:`search.storage.is_transient_db_error`), sleeping 0.5 s, 1 s, 2 s ... up to 8 s between tries,
+    for at most ``patience`` seconds since the first failure of this outage; then it raises a
+    :class:`UserError` naming the storage and what to do. Any other error is raised at once.
+    """
+
+    def __init__(
+        self, url: str, patience: float, on_wait: Callable[[str, float], None] | None = None
+    ) -> None:
+        self.url = url
+        self.patience = patience
+        self.on_wait = on_wait
+        self.since: float | None = None
+        self.delay = 0.5
+
+    def pause(self, exc: BaseException) -> None:
+        """One failed attempt: sleep before the next, or raise when patience is spent."""
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+        waited = now - self.since
+        reason = db_error_text(exc)
+        if waited >= self.patience:
+            raise UserError(
+                f"storage {mask_url(self.url)} unreachable for {waited:.0f} s ({mask_url(reason)}); the "
+                "study is kept as it was: run the same command again once the database answers"
+            )
+        if self.on_wait is not None:
+            self.on_wait(reason, waited)
+        time.sleep(min(self.delay, max(0.1, self.patience - waited)))
+        self.delay = min(2 * self.delay, 8.0)
+
+    def reset(self) -> None:
+        self.since, self.delay = None, 0.5
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        while True:
+            try:
+                result = fn(*args)
+            except Exception as exc:
+                if not is_transient_db_error(exc):
+                    raise
+                self.pause(exc)
+                continue
+            self.reset()
+            return result
 
 
 class ResilientRDBStorage(RDBStorage):

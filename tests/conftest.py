@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from search.data import PackedData, pack
 from tests.hw4fake import make_hw4
+from tests.studies import PG_BASE, postgres_answers
 
 
 @pytest.fixture(autouse=True)
@@ -36,3 +40,21 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_data(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> PackedData:
     return pack(tiny_dir, tmp_path_factory.mktemp("tiny-cache"), progress=False)
+
+
+@pytest.fixture
+def pg_database() -> Iterator[str]:
+    """A fresh, empty database on the local server (dropped afterwards); skips when none answers."""
+    if not postgres_answers():
+        pytest.skip("no PostgreSQL server answers at 127.0.0.1:5432")
+    import psycopg
+
+    name = f"spkid_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(f"{PG_BASE}/postgres", autocommit=True) as con:
+        con.execute(f'CREATE DATABASE "{name}"')
+    yield f"{PG_BASE}/{name}"
+    deadline = time.monotonic() + 60  # a test may have restarted the server: let it come back first
+    while not postgres_answers() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    with psycopg.connect(f"{PG_BASE}/postgres", autocommit=True) as con:
+        con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -7,46 +7,27 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import cast
 
 import optuna
 import pytest
-import sqlalchemy
 import yaml
 from optuna.trial import TrialState
 
 import search.study as study_module
 from search.cli import main
 from search.errors import UserError
+from search.files import sha256_file
 from search.space import load_space
-from search.storage import artifact_store, default_storage_url, open_storage
-from search.study import RunOptions, count_trials, effective_steps, identity_changes, run, sha256_file
-from tests.spaces import UNIT_SPACE
-
-SPACE = UNIT_SPACE
-
-
-def write_space(path: Path, **params: object) -> Path:
-    space = {**SPACE, "params": {**SPACE["params"], **params}}  # type: ignore[dict-item]
-    path.write_text(yaml.safe_dump(space))
-    return path
-
-
-def load(name: str = "unit", url: str | None = None) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=open_storage(url or default_storage_url(name)))
-
-
-def states(study: optuna.Study) -> dict[TrialState, int]:
-    out: dict[TrialState, int] = {}
-    for t in study.get_trials(deepcopy=False):
-        out[t.state] = out.get(t.state, 0) + 1
-    return out
+from search.storage import artifact_store, open_storage
+from search.study import RunOptions, effective_steps, identity_changes, run
+from search.trials import count_trials, is_skipped
+from search.worker import read_status
+from tests.studies import load, long_space, states, wait_for_step, write_space
 
 
 def test_sqlite_workers_reach_exact_count_with_pruning_then_resume(tmp_path: Path, tiny_dir: Path) -> None:
@@ -64,9 +45,7 @@ def test_sqlite_workers_reach_exact_count_with_pruning_then_resume(tmp_path: Pat
     # No lock errors: a FAIL may only be a trial whose heartbeat went stale under load (retried), never
     # a real failure; and no trial is created past the budget (limit_new_trials), so none is skipped.
     assert TrialState.RUNNING not in by_state and count_trials(trials).failed == 0, table
-    assert not [t for t in trials if study_module.is_skipped(t) and "failed_trial" not in t.system_attrs], (
-        table
-    )
+    assert not [t for t in trials if is_skipped(t) and "failed_trial" not in t.system_attrs], table
     store = artifact_store(study)
     for t in study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)):
         assert t.user_attrs["config"]["d_model"] == t.params["d_model"]
@@ -198,22 +177,6 @@ def _cli(*args: str, cwd: Path) -> subprocess.Popen[str]:
     )
 
 
-def _wait_for_step(status_dir: Path, min_step: int, timeout: float) -> dict[str, object]:
-    import json
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for path in status_dir.glob("*.json"):
-            try:
-                state = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
-            if isinstance(state.get("step"), int) and state["step"] >= min_step and not state.get("done"):
-                return state
-        time.sleep(0.2)
-    raise AssertionError(f"no worker reached step {min_step} within {timeout}s")
-
-
 def _kill_worker_once(
     proc: subprocess.Popen[str], ready: Callable[[], list[dict[str, object]]]
 ) -> tuple[list[dict[str, object]], str]:
@@ -249,7 +212,7 @@ def test_sigkill_worker_trial_is_retried_and_resumed(tmp_path: Path, tiny_dir: P
         cwd=tmp_path,
     )
     status = tmp_path / "studies/unit/workers" / socket.gethostname()
-    [victim], out = _kill_worker_once(proc, lambda: [_wait_for_step(status, 120, timeout=120)])
+    [victim], out = _kill_worker_once(proc, lambda: [wait_for_step(status, 120, timeout=120)])
     study = load()
     by_state = states(study)
     assert by_state.get(TrialState.COMPLETE) == 3 and TrialState.RUNNING not in by_state, by_state
@@ -262,18 +225,6 @@ def test_sigkill_worker_trial_is_retried_and_resumed(tmp_path: Path, tiny_dir: P
     assert retries[0].params == killed[0].params
     assert retries[0].user_attrs["resumed_from_step"] >= 100  # from its last checkpoint, not step 0
     assert "failed 0, retried 1" in " ".join(out.split()), out  # the summary tells the two apart
-
-
-def _long_space(tmp_path: Path) -> Path:
-    """Trials long enough to stop midway (400 steps, a checkpoint every 50), none pruned."""
-    data = {
-        **SPACE,
-        "params": {**SPACE["params"], "steps": 400, "valid_steps": 50},
-        "pruner": {"name": "none"},
-    }
-    space = tmp_path / "unit.yaml"
-    space.write_text(yaml.safe_dump(data))
-    return space
 
 
 def _ctrl_c_once(proc: subprocess.Popen[str], ready: Callable[[], object]) -> str:
@@ -290,10 +241,10 @@ def _ctrl_c_once(proc: subprocess.Popen[str], ready: Callable[[], object]) -> st
 
 
 def test_ctrl_c_stops_cleanly_and_resumes(tmp_path: Path, tiny_dir: Path) -> None:
-    space = _long_space(tmp_path)
+    space = long_space(tmp_path)
     args = ("run", "--space", str(space), "--trials", "2", "--data", str(tiny_dir), "--quiet")
     status = tmp_path / "studies/unit/workers" / socket.gethostname()
-    out = _ctrl_c_once(_cli(*args, cwd=tmp_path), lambda: _wait_for_step(status, 120, timeout=120))
+    out = _ctrl_c_once(_cli(*args, cwd=tmp_path), lambda: wait_for_step(status, 120, timeout=120))
     assert "resume" in out
     study = load()
     by_state = states(study)
@@ -322,7 +273,7 @@ def test_lanes_run_several_trials_in_one_worker_process(tmp_path: Path, tiny_dir
         "w0.0",
         "w0.1",
     }
-    lanes = study_module.read_status(tmp_path / "studies/unit/workers" / socket.gethostname())
+    lanes = read_status(tmp_path / "studies/unit/workers" / socket.gethostname())
     assert sorted(w["worker"] for w in lanes) == ["w0.0", "w0.1"]
     assert len({w["pid"] for w in lanes}) == 1  # one process
     # Each lane samples on its own: no two lanes (or a lane and a single worker) share a sampler seed.
@@ -363,125 +314,9 @@ except KeyboardInterrupt:
 """
 
 
-def _sqlite_state_lock(tmp_path: Path) -> str:
-    """ "held" or "free": whether another worker could take the study's state lock now."""
-    import fcntl
-
-    fd = os.open(tmp_path / "studies/unit/study.db.state-lock", os.O_RDWR | os.O_CREAT)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what another worker's budget count takes
-        return "free"
-    except BlockingIOError:
-        return "held"
-    finally:
-        os.close(fd)  # releases it again
-
-
-def _worker_here(
-    tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> tuple[study_module.WorkerSpec, list[str]]:
-    """A worker to run in this process and thread, on a study that holds one trial of a budget of two.
-
-    Also returns what its ``queue_retry`` calls found the state lock to be at their start ("held" by
-    the worker, or "free": another worker's budget count could have run right then).
-    """
-    import torch
-
-    from search.data import open_data
-
-    space = _long_space(tmp_path)
-    run(RunOptions(space=str(space), trials=1, data=tiny_dir, display=False))  # the study, its attrs
-    spec = study_module.WorkerSpec(
-        worker="w9",
-        index=9,
-        device="cpu",
-        storage_url=default_storage_url("unit"),
-        study_name="unit",
-        space_path=str(space),
-        cache_dir=str(open_data(tiny_dir, progress=False).cache_dir),
-        data_root=str(tiny_dir),
-        trials=2,
-        steps=None,
-        seed=0,
-        heartbeat=20,
-        grace=60,
-        status_dir=str(tmp_path),
-        threads=torch.get_num_threads(),
-        max_failures=3,
-    )
-    # Keep pytest's signal handlers and Optuna's globals as they are.
-    monkeypatch.setattr(study_module, "_install_worker_signals", lambda: None)
-    monkeypatch.setattr(study_module, "_STATE_LOCK", {})
-    monkeypatch.setitem(study_module._STOP, "requested", False)
-    monkeypatch.setattr(optuna.storages, "fail_stale_trials", optuna.storages.fail_stale_trials)
-    monkeypatch.setattr(optuna.logging, "set_verbosity", lambda level: None)
-    lock_seen: list[str] = []
-    queue_retry = study_module.queue_retry
-
-    def probe_then_queue(
-        study: optuna.Study, frozen: optuna.trial.FrozenTrial, max_retry: int | None = 3
-    ) -> None:
-        lock_seen.append(_sqlite_state_lock(tmp_path))
-        queue_retry(study, frozen, max_retry)
-
-    monkeypatch.setattr(study_module, "queue_retry", probe_then_queue)
-    return spec, lock_seen
-
-
-def test_a_stopped_trial_is_failed_and_queued_again_in_one_step(
-    tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Between Optuna's FAIL of a trial stopped by Ctrl-C and its retry's queueing, the worker keeps the
-    state lock: no other worker can count the trial's budget place as free in between."""
-    spec, lock_seen = _worker_here(tmp_path, tiny_dir, monkeypatch)
-
-    def stop_at_step_100() -> None:
-        _wait_for_step(tmp_path, 100, timeout=120)
-        study_module._STOP["requested"] = True  # what the SIGTERM handler sets
-
-    stopper = threading.Thread(target=stop_at_step_100, daemon=True)
-    stopper.start()
-    assert study_module.worker_main(spec) == 130
-    stopper.join(5)
-    assert lock_seen == ["held"]
-    by_state = states(load())
-    assert by_state.get(TrialState.FAIL) == 1 and by_state.get(TrialState.WAITING) == 1, by_state
-    assert _sqlite_state_lock(tmp_path) == "free"  # released at the end
-
-
-def test_a_trial_cut_off_by_the_storage_is_failed_and_queued_again_in_one_step(
-    tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import sqlite3
-
-    import search.train
-
-    spec, lock_seen = _worker_here(tmp_path, tiny_dir, monkeypatch)
-    real_train = search.train.train
-    calls: list[int] = []
-
-    def storage_fails_once(*args: object, **kwargs: object) -> object:
-        calls.append(1)
-        if len(calls) == 1:  # as if the database went away while the trial trained
-            raise sqlalchemy.exc.OperationalError(
-                "UPDATE", {}, sqlite3.OperationalError("database is locked")
-            )
-        return real_train(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(search.train, "train", storage_fails_once)
-    assert study_module.worker_main(spec) == 0
-    assert lock_seen == ["held"]
-    study = load()
-    failed = study.get_trials(states=(TrialState.FAIL,))
-    assert len(failed) == 1 and "database is locked" in failed[0].user_attrs["fail_reason"]
-    done = study.get_trials(states=(TrialState.COMPLETE,))
-    assert len(done) == 2 and any(t.system_attrs.get("failed_trial") == failed[0].number for t in done)
-    assert _sqlite_state_lock(tmp_path) == "free"
-
-
 def _lanes_run(tmp_path: Path, tiny_dir: Path, heartbeat: int) -> tuple[list[str], dict[str, str]]:
     """Two 400-step trials, two lanes of one CPU worker (what --per-gpu 2 does on a GPU)."""
-    space = _long_space(tmp_path)
+    space = long_space(tmp_path)
     command = [sys.executable, "-c", _LANES_RUN, str(space), str(tiny_dir), str(heartbeat)]
     return command, {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
@@ -489,7 +324,7 @@ def _lanes_run(tmp_path: Path, tiny_dir: Path, heartbeat: int) -> tuple[list[str
 def _both_lanes_at(status: Path, step: int, timeout: float) -> list[dict[str, object]]:
     deadline = time.time() + timeout
     while True:
-        lanes = [w for w in study_module.read_status(status) if int(w.get("step") or 0) >= step]
+        lanes = [w for w in read_status(status) if int(w.get("step") or 0) >= step]
         if len(lanes) == 2:
             return lanes
         assert time.time() < deadline, f"the two lanes did not both reach step {step}"
@@ -535,31 +370,6 @@ def test_sigkill_of_a_worker_with_lanes_retries_and_resumes_each_trial(
         assert t.user_attrs["resumed_from_step"] >= 100  # ... resumed from its checkpoint, not step 0
 
 
-def _postgres_url() -> str | None:
-    try:
-        import psycopg
-
-        with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", connect_timeout=3):
-            return "postgresql://postgres@127.0.0.1:5432"
-    except Exception:  # noqa: BLE001 - any failure means: no server to test against
-        return None
-
-
-@pytest.fixture
-def pg_database() -> Iterator[str]:
-    base = _postgres_url()
-    if base is None:
-        pytest.skip("no PostgreSQL server answers at 127.0.0.1:5432")
-    import psycopg
-
-    name = f"spkid_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(f"{base}/postgres", autocommit=True) as con:
-        con.execute(f'CREATE DATABASE "{name}"')
-    yield f"{base}/{name}"
-    with psycopg.connect(f"{base}/postgres", autocommit=True) as con:
-        con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 @pytest.mark.postgres
 def test_three_workers_on_postgresql(tmp_path: Path, tiny_dir: Path, pg_database: str) -> None:
     space = write_space(tmp_path / "unit.yaml")
@@ -597,127 +407,3 @@ def test_wrong_storage_url_and_unknown_study(tmp_path: Path) -> None:
         open_storage("postgresql://nobody:secret@127.0.0.1:1/none")
     except UserError as exc:
         assert "secret" not in str(exc)
-
-
-def test_stale_fail_racing_a_completing_trial_on_sqlite_cannot_both_win(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A worker tells its trial COMPLETE while another fails it as stale (a heartbeat late under load).
-
-    SQLite ignores ``SELECT ... FOR UPDATE``: without the state lock both changes succeeded, the trial
-    ended COMPLETE and its retry (queued because the FAIL "won") finished too: one trial too many.
-    """
-    monkeypatch.setattr(study_module, "_STATE_LOCK", {})
-    url = f"sqlite:///{tmp_path / 'race.db'}"
-    mine, other = open_storage(url), open_storage(url)
-    study_module.serialize_state_changes(mine, url)
-    study_module.serialize_state_changes(other, url)
-    study = optuna.create_study(storage=mine, study_name="race")
-    trial_id = study.ask()._trial_id
-    results: list[object] = []
-
-    def fail_as_stale() -> None:
-        try:
-            results.append(other.set_trial_state_values(trial_id, TrialState.FAIL))
-        except optuna.exceptions.UpdateFinishedTrialError as exc:
-            results.append(exc)
-
-    checked = mine.check_trial_is_updatable
-    racers: list[threading.Thread] = []
-
-    def check_then_let_the_other_in(tid: int, state: TrialState) -> None:
-        checked(tid, state)  # the trial is RUNNING now; the other process fails it before we write
-        if not racers:
-            racers.append(threading.Thread(target=fail_as_stale))
-            racers[0].start()
-            racers[0].join(1.0)
-
-    monkeypatch.setattr(mine, "check_trial_is_updatable", check_then_let_the_other_in)
-    assert mine.set_trial_state_values(trial_id, TrialState.COMPLETE, [1.0])
-    racers[0].join(30)
-    assert len(results) == 1 and isinstance(results[0], optuna.exceptions.UpdateFinishedTrialError), results
-    assert mine.get_trial(trial_id).state == TrialState.COMPLETE
-
-
-@pytest.mark.postgres
-def test_state_lock_on_postgresql_holds_off_another_machine(
-    pg_database: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Two engines stand for two machines: while one holds the state lock (a stale FAIL and its
-    retry's queueing, say), the other's state change waits, and goes through once it is released."""
-    monkeypatch.setattr(study_module, "_STATE_LOCK", {})
-    here, there = open_storage(pg_database), open_storage(pg_database)
-    study_module.serialize_state_changes(here, pg_database)
-    lock = study_module._STATE_LOCK["lock"]
-    study_module.serialize_state_changes(there, pg_database)
-    study = optuna.create_study(storage=here, study_name="lock")
-    trial_id = study.ask()._trial_id
-    done = threading.Event()
-
-    def complete_elsewhere() -> None:
-        there.set_trial_state_values(trial_id, TrialState.COMPLETE, [1.0])
-        done.set()
-
-    with lock.hold():
-        other = threading.Thread(target=complete_elsewhere)
-        other.start()
-        assert not done.wait(1.5)  # held off by the lock
-        assert here.get_trial(trial_id).state == TrialState.RUNNING
-    assert done.wait(10)  # released: the change goes through
-    other.join(10)
-    assert here.get_trial(trial_id).state == TrialState.COMPLETE
-    with lock.hold(), lock.hold():  # reentrant within the process
-        pass
-    query = (
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
-        "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-    )
-    with here.engine.connect() as con:
-        assert con.execute(sqlalchemy.text(query)).scalar_one() == 0  # nothing left held
-    here.engine.dispose()
-    there.engine.dispose()
-
-
-def test_a_new_trial_is_created_only_while_the_budget_has_room(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(study_module, "_STATE_LOCK", {})
-    url = f"sqlite:///{tmp_path / 'budget.db'}"
-    storage = open_storage(url)
-    study_module.serialize_state_changes(storage, url)
-    study_module.limit_new_trials(storage, 2)
-    study = optuna.create_study(storage=storage, study_name="budget")
-    study.tell(study.ask(), 1.0)
-    running = study.ask()  # holds the second place
-    with pytest.raises(study_module.BudgetHeld, match="already holds 2 trials"):
-        study.ask()
-    assert len(study.get_trials()) == 2  # refused before anything was written
-    study.tell(running, state=TrialState.FAIL)  # a real failure frees its place
-    assert study.ask().number == 2
-    study.enqueue_trial({})  # queued trials (retries, enqueued configs) are never refused ...
-    assert study.ask().number == 3  # ... nor is taking one from the queue
-    with pytest.raises(study_module.BudgetHeld):
-        study.ask()
-
-
-def test_budget_counts_each_original_once_and_retries_hold_its_place() -> None:
-    def make(number: int, state: TrialState, root: int | None = None) -> optuna.trial.FrozenTrial:
-        t = optuna.trial.create_trial(state=state, value=1.0 if state == TrialState.COMPLETE else None)
-        t.number = number
-        if root is not None:
-            t._system_attrs = {"failed_trial": root, "retry_history": [root]}
-        return t
-
-    # 0 finished, 1 failed as stale and retried as 3 (queued while new trial 2 was being created).
-    trials = [
-        make(0, TrialState.COMPLETE),
-        make(1, TrialState.FAIL),
-        make(2, TrialState.RUNNING),
-        make(3, TrialState.WAITING, root=1),
-    ]
-    assert study_module.held_before(trials, 2) == 2  # 0 and 1's retry: trial 2 is the third
-    assert study_module.held_before([*trials, make(4, TrialState.RUNNING)], 4) == 3  # 4 must skip
-    assert not study_module.retry_is_redundant(trials, 3, 1)
-    # Two retries of 1 (a double stale check) or a retry of a trial that finished: only one may run.
-    assert study_module.retry_is_redundant([*trials, make(5, TrialState.RUNNING, root=1)], 5, 1)
-    assert study_module.retry_is_redundant([make(1, TrialState.COMPLETE), *trials[2:]], 3, 1)

@@ -1,4 +1,4 @@
-"""Shared pieces of the reliability suite: bounded subprocesses, tiny spaces, a PostgreSQL database,
+"""Shared pieces of the reliability suite: bounded subprocesses, tiny spaces,
 per-test deadlines and the figures (faults injected, inputs tried, trials lost) printed at the end.
 
 Every test here must stop by itself: each carries a ``deadline`` (SIGALRM, default 150 s) on top of the
@@ -182,36 +182,3 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-# --------------------------------------------------------------------------------------------------
-# PostgreSQL
-# --------------------------------------------------------------------------------------------------
-
-PG_BASE = "postgresql://postgres@127.0.0.1:5432"
-
-
-def postgres_answers(timeout: float = 3.0) -> bool:
-    try:
-        import psycopg
-
-        with psycopg.connect(f"{PG_BASE}/postgres", connect_timeout=max(1, int(timeout))):
-            return True
-    except Exception:  # noqa: BLE001 - any failure means: no server to test against
-        return False
-
-
-@pytest.fixture
-def pg_database() -> Iterator[str]:
-    """A fresh, empty database on the local server (dropped afterwards); skips when none answers."""
-    if not postgres_answers():
-        pytest.skip("no PostgreSQL server answers at 127.0.0.1:5432")
-    import psycopg
-
-    name = f"spkid_rel_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(f"{PG_BASE}/postgres", autocommit=True) as con:
-        con.execute(f'CREATE DATABASE "{name}"')
-    yield f"{PG_BASE}/{name}"
-    wait_for(postgres_answers, 60, "PostgreSQL to answer again before dropping the test database", 0.5)
-    with psycopg.connect(f"{PG_BASE}/postgres", autocommit=True) as con:
-        con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

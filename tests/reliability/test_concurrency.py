@@ -20,9 +20,18 @@ from optuna.trial import TrialState
 
 from search.cli import main
 from search.errors import UserError
-from search.storage import db_error_text, default_storage_url, is_transient_db_error, open_storage
-from search.study import RunOptions, StorageWait, count_trials, fail_silent_trials, is_skipped, run
-from tests.reliability.conftest import Figures, postgres_answers, write_space
+from search.states import fail_silent_trials
+from search.storage import (
+    StorageWait,
+    db_error_text,
+    default_storage_url,
+    is_transient_db_error,
+    open_storage,
+)
+from search.study import RunOptions, run
+from search.trials import count_trials, is_skipped
+from tests.reliability.conftest import Figures, write_space
+from tests.studies import postgres_answers
 
 
 @pytest.mark.slow

@@ -23,15 +23,18 @@ import pytest
 from optuna.trial import FrozenTrial, TrialState
 
 from search.errors import UserError
+from search.files import sha256_file
 from search.storage import default_storage_url, open_storage
-from search.study import RunOptions, count_trials, read_status, run, sha256_file
+from search.study import RunOptions, run
+from search.trials import count_trials
+from search.worker import read_status
 from tests.reliability.conftest import (
     Figures,
     pid_alive,
-    postgres_answers,
     wait_for,
     write_space,
 )
+from tests.studies import postgres_answers
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 

@@ -1,0 +1,242 @@
+"""Trial state changes among all the workers of a study: the state lock, the budget, retries.
+
+Workers in other processes and on other machines change trial states in one database. Three steps
+must not interleave with another worker's: a state change itself (SQLite does not make Optuna's
+read-check-write atomic), a stale trial's FAIL with the queueing of its retry, and the budget check
+with the creation of a new trial. :func:`serialize_state_changes` installs a lock for them, a lock
+file beside a SQLite database or an advisory lock in PostgreSQL; :func:`state_lock` holds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.trial import FrozenTrial, TrialState
+
+from search.storage import sqlite_file
+from search.trials import held_before
+
+Release = Callable[[], None]
+
+
+class _StateLock:
+    """A lock that the workers sharing one study hold while they change a trial's state.
+
+    Optuna changes a trial's state by reading it, checking it is unfinished and writing the new one.
+    PostgreSQL makes that atomic (``SELECT ... FOR UPDATE``); SQLite ignores ``FOR UPDATE`` and runs
+    the read outside the write transaction, so a worker telling its trial COMPLETE and another failing
+    it as stale at the same moment (a heartbeat late under heavy load) could *both* succeed: the trial
+    ends COMPLETE and its retry, queued by the stale check, finishes too (one trial over the budget).
+    Under this lock the second change finds the trial finished and is refused. It also makes a stale
+    trial's FAIL and its retry's queueing one step to every budget count taken under it (between the
+    two the trial's budget place would look free). ``acquire`` takes the lock among processes and
+    machines (a lock file beside a SQLite database, an advisory lock in PostgreSQL) and returns what
+    releases it; the lock is reentrant within a process, whose threads take turns.
+    """
+
+    def __init__(self, acquire: Callable[[], Release]) -> None:
+        self._acquire = acquire
+        self._mutex = threading.RLock()
+        self._depth = 0
+        self._release: Release | None = None
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        with self._mutex:
+            if self._depth == 0:
+                self._release = self._acquire()
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                if self._depth == 0 and self._release is not None:
+                    release, self._release = self._release, None
+                    release()
+
+
+def _file_lock(path: Path) -> Callable[[], Release]:
+    """``flock`` on a file: among the processes of one machine (a killed holder releases it too)."""
+
+    def acquire() -> Release:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        return lambda: os.close(fd)  # closing releases the flock
+
+    return acquire
+
+
+# One key for every spkid-search study in a database: state changes are rare and brief.
+PG_LOCK_KEY = int.from_bytes(hashlib.sha256(b"spkid-search trial states").digest()[:8], "big", signed=True)
+
+
+def _pg_advisory_lock(engine: Any) -> Callable[[], Release]:
+    """A PostgreSQL transaction-level advisory lock: among all machines sharing the database.
+
+    Held by an open transaction on a connection of its own; ending the transaction, or losing the
+    connection (a killed worker, a database restart), releases it.
+    """
+    import sqlalchemy
+
+    def acquire() -> Release:
+        conn = engine.connect()
+        try:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_LOCK_KEY})
+        except BaseException:
+            conn.invalidate()  # a wait cut short by a stop: drop the connection, and any queued request
+            conn.close()
+            raise
+
+        def release() -> None:
+            try:
+                conn.rollback()  # ends the transaction, and the lock with it
+            except Exception:  # noqa: BLE001 - a lost connection has released the lock already
+                conn.invalidate()
+            finally:
+                conn.close()
+
+        return release
+
+    return acquire
+
+
+_STATE_LOCK: dict[str, _StateLock] = {}  # the lock of this process's storage, once installed
+
+
+def state_lock() -> contextlib.AbstractContextManager[None]:
+    lock = _STATE_LOCK.get("lock")
+    return lock.hold() if lock is not None else contextlib.nullcontext()
+
+
+def serialize_state_changes(storage: Any, url: str) -> None:
+    """Make ``storage``'s trial state changes, and the steps taken under :func:`state_lock`, atomic
+    among all workers sharing its database (SQLite: on this machine; PostgreSQL: on every machine)."""
+    db = sqlite_file(url)
+    if db is not None:
+        lock = _StateLock(_file_lock(db.with_name(db.name + ".state-lock")))
+    elif storage.engine.dialect.name == "postgresql":
+        lock = _StateLock(_pg_advisory_lock(storage.engine))
+    else:
+        return  # MySQL: row locks make each state change atomic; the budget steps are not serialised
+    original = storage.set_trial_state_values
+
+    def set_trial_state_values(trial_id: int, state: TrialState, values: Any = None) -> bool:
+        with lock.hold():
+            return bool(original(trial_id, state, values))
+
+    storage.set_trial_state_values = set_trial_state_values
+    _STATE_LOCK["lock"] = lock
+
+
+class BudgetHeld(Exception):
+    """No new trial: the study's finished, running and queued trials already hold its budget."""
+
+
+def limit_new_trials(storage: Any, budget: int) -> None:
+    """Let ``storage`` create a new trial only while the budget has room, checked under the state lock.
+
+    Why: two workers that each counted room and then created a trial could both create one; the later
+    trial found the budget full once it started and was recorded FAIL (``skipped``). Checked and
+    created as one step, it is never created. Queued trials (retries, enqueued configs) are created
+    from a template, or popped rather than created, and are never refused.
+    """
+    # Optuna's caching storage (what a Study uses) calls the RDB storage's _create_new_trial, and its
+    # create_new_trial does too: wrapping that one method covers both.
+    original = storage._create_new_trial
+
+    def create_new_trial(study_id: int, template_trial: FrozenTrial | None = None) -> FrozenTrial:
+        if template_trial is not None:
+            return original(study_id, template_trial)
+        with state_lock():
+            trials = storage.get_all_trials(study_id, deepcopy=False)
+            if held_before(trials, len(trials)) >= budget:  # the new trial would be number len(trials)
+                raise BudgetHeld(f"the study already holds {budget} trials")
+            return original(study_id)
+
+    storage._create_new_trial = create_new_trial
+
+
+def locked_fail_stale_trials(study: optuna.Study) -> None:
+    """Optuna's stale check with a stale trial's FAIL and its retry's queueing as one step.
+
+    In between, the trial's budget place would look free to a new trial counting the ones before it.
+    """
+    with state_lock():
+        fail_stale_trials(study)
+
+
+def queue_retry(study: optuna.Study, frozen: FrozenTrial, max_retry: int | None = 3) -> None:
+    """Queue a FAIL trial again (it resumes from its checkpoint), unless a retry of it exists already.
+
+    The check makes a repeated call harmless: a retry after a lost acknowledgement never queues the
+    same trial twice (which would run one trial too many).
+    """
+    with state_lock():  # the check and the enqueue as one step among the workers
+        for t in study.get_trials(deepcopy=False):
+            history = t.system_attrs.get("retry_history") or []
+            if history and history[-1] == frozen.number:
+                return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            callback = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+        callback(study, frozen)
+
+
+def fail_silent_trials(study: optuna.Study, engine: Any, older_than: float) -> list[int]:
+    """Fail (and queue for retry) RUNNING trials that never recorded a heartbeat.
+
+    Optuna's stale check only sees trials with a heartbeat row; a worker killed between taking a trial
+    and its first beat (a window of milliseconds) would leave a RUNNING trial that nothing ever ends,
+    and the study would wait for it forever. Returns the numbers of the trials it failed.
+    """
+    import sqlalchemy
+
+    cutoff = datetime.now() - timedelta(seconds=older_than)
+    running = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if t.datetime_start is not None and t.datetime_start < cutoff
+    ]
+    if not running:
+        return []
+    ids = ", ".join(str(int(t._trial_id)) for t in running)
+    with engine.connect() as con:
+        beating = {
+            int(row[0])
+            for row in con.execute(
+                sqlalchemy.text(f"SELECT trial_id FROM trial_heartbeats WHERE trial_id IN ({ids})")
+            )
+        }
+    failed = []
+    for t in running:
+        if t._trial_id in beating:
+            continue
+        with state_lock():  # its FAIL and its retry's queueing as one step
+            try:
+                study._storage.set_trial_user_attr(
+                    t._trial_id,
+                    "fail_reason",
+                    "never sent a heartbeat (its worker died as it started); retried",
+                )
+                if not study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                    continue
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # it finished meanwhile
+            queue_retry(study, study._storage.get_trial(t._trial_id))
+        failed.append(t.number)
+    return failed

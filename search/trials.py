@@ -1,0 +1,98 @@
+"""A study's trials counted: the budget they hold, and which retries may run.
+
+Pure functions over Optuna's frozen trials, shared by the driver, the workers and the displays. A
+trial queued again after a kill, a stop or a storage outage (a "retry") keeps its original's place in
+the budget: ``system_attrs["failed_trial"]`` names the original, ``retry_history`` the trials before it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from optuna.trial import FrozenTrial, TrialState
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+@dataclass
+class Counts:
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0
+    running: int = 0
+    waiting: int = 0
+    skipped: int = 0
+    retried: int = 0  # FAIL trials queued again (killed, interrupted, cut off by an outage): not failures
+
+    @property
+    def finished(self) -> int:
+        return self.complete + self.pruned
+
+    @property
+    def holding(self) -> int:
+        """Trials that will end finished unless they fail: the budget they already claim."""
+        return self.finished + self.running + self.waiting
+
+
+def is_skipped(t: FrozenTrial) -> bool:
+    return bool(t.user_attrs.get("skipped"))
+
+
+def count_trials(trials: list[FrozenTrial]) -> Counts:
+    """Trials by state; a FAIL trial that was queued again counts as retried, not as failed.
+
+    Only real failures (a bad configuration, divergence, out of memory, a checkpoint that could not be
+    stored) count toward ``--max-failures``: a study stopped twice with Ctrl-C must still resume.
+    """
+    requeued = {n for t in trials for n in (t.system_attrs.get("retry_history") or [])}
+    c = Counts()
+    for t in trials:
+        if t.state == TrialState.COMPLETE:
+            c.complete += 1
+        elif t.state == TrialState.PRUNED:
+            c.pruned += 1
+        elif t.state == TrialState.RUNNING:
+            c.running += 1
+        elif t.state == TrialState.WAITING:
+            c.waiting += 1
+        elif t.state == TrialState.FAIL:
+            if is_skipped(t):
+                c.skipped += 1
+            elif t.number in requeued:
+                c.retried += 1
+            else:
+                c.failed += 1
+    return c
+
+
+def _root(t: FrozenTrial) -> int:
+    return int(t.system_attrs.get("failed_trial", t.number))
+
+
+def held_before(trials: list[FrozenTrial], number: int) -> int:
+    """Budget claimed by the trials begun before new trial ``number``, counted per original trial.
+
+    A retry holds its original's place, whatever its own number: a retry queued (with a higher number)
+    while trial ``number`` was being created still counts, and an original with a retry counts once.
+    """
+    holds: dict[int, bool] = {}
+    for t in trials:
+        root = _root(t)
+        if t.number == number or root >= number:
+            continue
+        live = t.state in FINISHED or t.state in (TrialState.RUNNING, TrialState.WAITING)
+        holds[root] = holds.get(root, False) or live
+    return sum(holds.values())
+
+
+def retry_is_redundant(trials: list[FrozenTrial], number: int, root: int) -> bool:
+    """True when retry ``number`` of trial ``root`` must not run: the original (or another retry of it)
+    finished, or an earlier retry of it is queued or running. Only one trial per original may finish."""
+    for t in trials:
+        if t.number == number or _root(t) != root:
+            continue
+        if t.state in FINISHED:
+            return True
+        if t.number < number and t.state in (TrialState.RUNNING, TrialState.WAITING):
+            return True
+    return False

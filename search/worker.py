@@ -1,0 +1,442 @@
+"""A worker process: trials one after another, in one or more lanes, until the study's budget is met.
+
+Each worker runs one or more lanes (threads; on a GPU ``--per-gpu`` of them, so trials overlap their
+kernels), and each lane loops: fail stale trials (a SIGKILLed worker's trials are retried through
+Optuna's heartbeat callback), check the study-wide budget, run one trial through
+:func:`search.train.train`. A trial's folder is keyed by its *original* number, so a retried trial
+resumes from the ``last.pt`` its killed predecessor wrote. The best checkpoint goes to the study's
+artifact store. A worker says what it is doing in a small JSON status file the driver displays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.artifacts import upload_artifact
+from optuna.trial import FrozenTrial, TrialState
+
+from search.errors import UserError
+from search.files import sha256_file
+from search.states import (
+    BudgetHeld,
+    fail_silent_trials,
+    limit_new_trials,
+    locked_fail_stale_trials,
+    queue_retry,
+    serialize_state_changes,
+    state_lock,
+)
+from search.storage import STORAGE_PATIENCE, StorageWait
+from search.trials import count_trials, held_before, retry_is_redundant
+
+
+class SkipTrial(Exception):
+    """This trial must not run: its study's budget is held (a safety net behind :func:`limit_new_trials`,
+    and the only check on storages without a state lock), or it retries a trial already done."""
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker process needs, as plain values (it is pickled into a spawned process)."""
+
+    worker: str
+    index: int
+    device: str
+    storage_url: str
+    study_name: str
+    space_path: str
+    cache_dir: str
+    data_root: str
+    trials: int
+    steps: int | None
+    seed: int
+    heartbeat: int
+    grace: int
+    status_dir: str
+    threads: int
+    max_failures: int
+    lanes: int = 1  # trials at once in this process, as threads (see worker_main)
+    poll: float = 1.0
+    storage_patience: float = STORAGE_PATIENCE
+
+
+class _StopRequested(KeyboardInterrupt):
+    """Raised in a worker by SIGTERM (sent by the parent on Ctrl-C)."""
+
+
+_STOP = {"requested": False}  # also remembered, in case the exception itself gets lost on the way
+
+
+def _install_worker_signals() -> None:
+    def on_term(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one clean stop; ignore repeats during clean-up
+        _STOP["requested"] = True
+        raise _StopRequested()
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C is handled by the parent
+    signal.signal(signal.SIGTERM, on_term)
+
+
+def _write_status(spec: WorkerSpec, state: dict[str, Any]) -> None:
+    path = Path(spec.status_dir) / f"{spec.worker}.json"
+    tmp = path.with_suffix(".tmp")
+    try:
+        tmp.write_text(
+            json.dumps(
+                {
+                    "worker": spec.worker,
+                    "device": spec.device,
+                    "pid": os.getpid(),
+                    "updated": time.time(),
+                    **state,
+                }
+            )
+        )
+        os.replace(tmp, path)
+    except OSError:
+        pass  # the display is best effort; training must not fail for it
+
+
+def worker_main(spec: WorkerSpec) -> int:
+    """Run trials until the study holds ``spec.trials`` finished ones (or the stop signal arrives).
+
+    ``spec.lanes`` trials run at once, as threads of this process ("lanes"): on one GPU their kernels
+    overlap (separate processes take turns on it instead), and they share one copy of the features.
+    """
+    _install_worker_signals()
+    import torch
+
+    from search.data import FeatureStore, make_split, open_cache
+    from search.space import load_space, make_pruner, make_sampler
+    from search.storage import artifact_store, is_transient_db_error, open_storage
+
+    torch.set_num_threads(max(1, spec.threads))
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are shown by the display, not logged
+    space = load_space(spec.space_path)
+    storage = open_storage(spec.storage_url, spec.heartbeat, spec.grace)
+    serialize_state_changes(storage, spec.storage_url)
+    limit_new_trials(storage, spec.trials)
+    if storage.get_heartbeat_stale_trial_callback() is not None:
+        storage.heartbeat_stale_trial_callback = queue_retry  # never two retries of one trial
+    # study.optimize runs the stale check too, before each trial: the same locked one (this process only).
+    optuna.storages.fail_stale_trials = locked_fail_stale_trials
+    existing = len(storage.get_all_trials(storage.get_study_id_from_name(spec.study_name), deepcopy=False))
+    attrs = optuna.load_study(study_name=spec.study_name, storage=storage).user_attrs
+    data = open_cache(Path(spec.cache_dir), Path(spec.data_root))
+    ratio = float(attrs["valid_ratio"])
+    split_seed = int(attrs["split_seed"])
+    split = make_split(data, ratio, split_seed)
+    trials_dir = Path(attrs["trials_dir"])
+    features = FeatureStore(data, spec.device)  # one copy for all lanes (on the GPU when it fits)
+    parent = os.getppid()
+
+    def lane(spec: WorkerSpec, slot: int) -> int:
+        """Trials one after another until the budget is met or a stop is asked for; the exit code."""
+        # Its own sampler (seeded apart from every other lane's, here and in other workers) and study.
+        sampler = make_sampler(space, seed_offset=spec.seed + 1000 * slot + existing)
+        study = optuna.load_study(
+            study_name=spec.study_name, storage=storage, sampler=sampler, pruner=make_pruner(space)
+        )
+        store = artifact_store(study)
+        current: dict[str, Any] = {}
+        # The state lock, held while a trial Optuna is about to FAIL (stopped, or cut off by the
+        # storage) waits for its retry to be queued: no budget count elsewhere sees its place free.
+        held = contextlib.ExitStack()
+
+        def waiting(reason: str, waited: float) -> None:
+            _write_status(spec, {"waiting": f"storage unreachable for {waited:.0f} s ({reason}); retrying"})
+
+        wait = StorageWait(spec.storage_url, spec.storage_patience, on_wait=waiting)
+        brief = StorageWait(spec.storage_url, min(5.0, spec.storage_patience))  # while stopping
+
+        def objective(trial: optuna.Trial) -> float:
+            try:
+                return run_trial(trial)
+            except (optuna.TrialPruned, SkipTrial, KeyboardInterrupt):
+                raise
+            except Exception as exc:
+                if is_transient_db_error(exc):
+                    current["requeue"] = True  # cut off by the storage, not by its configuration
+                    with contextlib.suppress(Exception):  # its FAIL and its retry as one step (below)
+                        held.enter_context(state_lock())
+                with contextlib.suppress(Exception):  # best effort: the storage may be what failed
+                    if not trial.user_attrs.get("fail_reason"):
+                        trial.set_user_attr("fail_reason", f"{exc.__class__.__name__}: {exc}"[:500])
+                raise
+
+        def locked_trials() -> list[FrozenTrial]:
+            with state_lock():
+                return study.get_trials(deepcopy=False)
+
+        def run_trial(trial: optuna.Trial) -> float:
+            from search.train import train
+
+            current["trial"] = trial
+            system = wait.call(study._storage.get_trial_system_attrs, trial._trial_id)
+            root = int(system.get("failed_trial", trial.number))  # a retry keeps its original's folder
+            for key in ("fail_reason", "skipped", "interrupted"):  # a retry inherits its original's attrs
+                if key in trial.user_attrs:
+                    wait.call(trial.set_user_attr, key, None)
+            trials = wait.call(locked_trials)  # no trial changes state (or gets its retry queued) meanwhile
+            if root == trial.number:
+                if held_before(trials, trial.number) >= spec.trials:
+                    trial.set_user_attr("skipped", True)
+                    raise SkipTrial(f"study already holds {spec.trials} trials")
+            elif retry_is_redundant(trials, trial.number, root):
+                trial.set_user_attr("skipped", True)
+                raise SkipTrial(f"trial {root} already finished or is retried by another trial")
+            try:
+                config = space.sample(trial)
+                overrides: dict[str, Any] = {
+                    "seed": config.train.seed + root,
+                    "split_seed": split_seed,
+                    "valid_ratio": ratio,
+                }
+                if spec.steps is not None:
+                    overrides["steps"] = spec.steps
+                    overrides["valid_steps"] = min(config.train.valid_steps, spec.steps)
+                config = config.replace(**overrides)
+                config = config.replace(checkpoint_steps=config.train.valid_steps)
+            except UserError as exc:
+                trial.set_user_attr("fail_reason", f"bad config: {exc}")
+                raise
+            settings: dict[str, Any] = {
+                "config": config.to_dict(),
+                "device": spec.device,
+                "worker": spec.worker,
+            }
+            for name, setting in settings.items():
+                wait.call(trial.set_user_attr, name, setting)
+            out_dir = trials_dir / f"{root:05d}"
+            pruned = False
+            started = time.time()
+
+            def report(step: int, metrics: dict[str, float]) -> str | None:
+                nonlocal pruned
+                if os.getppid() != parent or _STOP["requested"]:
+                    raise _StopRequested()  # the parent died (or a stop got lost): stop as if told to
+                state = {"trial": trial.number, "step": step, "total": config.train.steps, **metrics}
+                _write_status(spec, state)
+                if "valid_acc" in metrics:
+                    # Through a storage outage the trial waits here and trains on once the database is back.
+                    wait.call(trial.report, metrics["valid_acc"], step)
+                    if wait.call(trial.should_prune):
+                        pruned = True
+                        return "stop"
+                return None
+
+            _write_status(spec, {"trial": trial.number, "step": 0, "total": config.train.steps})
+            try:
+                result = train(
+                    config, data, spec.device, report=report, out_dir=out_dir, split=split, store=features
+                )
+            except _StopRequested:
+                # Best effort and brief: a failing write here (a busy SQLite file) must not swallow the stop.
+                with contextlib.suppress(Exception):
+                    brief.call(
+                        trial.set_user_attr,
+                        "fail_reason",
+                        "interrupted (Ctrl-C or SIGTERM); retried when the study resumes",
+                    )
+                    brief.call(trial.set_user_attr, "interrupted", True)
+                # Held until the retry is queued (the lane's stop handler); Optuna writes the FAIL between.
+                with contextlib.suppress(Exception):
+                    held.enter_context(state_lock())
+                raise
+            except torch.OutOfMemoryError:
+                trial.set_user_attr("fail_reason", f"CUDA out of memory on {spec.device}")
+                raise
+            finished = {
+                "valid_acc": result.best_accuracy,
+                "best_step": result.best_step,
+                "parameters": result.parameters,
+                "steps_per_s": round(result.steps_per_s, 3),
+                "step_mode": result.step_mode,
+                "resumed_from_step": result.resumed_from,
+                "wall_s": round(time.time() - started, 1),
+            }
+            for key, value in finished.items():  # the training is done: wait out an outage, do not lose it
+                wait.call(trial.set_user_attr, key, value)
+            checkpoint = result.checkpoint
+            if checkpoint is not None:
+                try:
+                    digest = sha256_file(checkpoint)
+                    artifact_id = wait.call(
+                        lambda: upload_artifact(
+                            artifact_store=store, file_path=str(checkpoint), study_or_trial=trial
+                        )
+                    )
+                except OSError as exc:
+                    # A full disk, a read-only or vanished folder: this trial fails with the reason, nothing
+                    # partial is left in the store, and its folder is freed (a FAIL trial is never resumed).
+                    wait.call(
+                        trial.set_user_attr,
+                        "fail_reason",
+                        f"checkpoint could not be stored in {store.root}: {exc.strerror or exc}; "
+                        "free space or repair the folder, the study goes on",
+                    )
+                    checkpoint.unlink(missing_ok=True)
+                    with contextlib.suppress(OSError):
+                        out_dir.rmdir()
+                    raise
+                wait.call(trial.set_user_attr, "checkpoint_artifact", artifact_id)
+                wait.call(trial.set_user_attr, "checkpoint_sha256", digest)
+                checkpoint.unlink()
+                with contextlib.suppress(OSError):
+                    out_dir.rmdir()  # nothing left once the artifact store holds the checkpoint
+            if pruned:
+                raise optuna.TrialPruned(f"pruned at step {result.last_step}")
+            return result.best_accuracy
+
+        def one_round() -> bool:
+            """Fail stale trials, check the budget, run one trial; False once this worker should stop."""
+            locked_fail_stale_trials(study)
+            counts = count_trials(study.get_trials(deepcopy=False))
+            if counts.finished >= spec.trials:
+                return False
+            if counts.failed >= spec.max_failures:
+                _write_status(spec, {"stopped": f"{counts.failed} failed trials (max {spec.max_failures})"})
+                return False
+            if counts.holding >= spec.trials and counts.waiting == 0:
+                # Others are running the last trials; stay to retry stale ones, and end any trial that
+                # never sent a heartbeat (else the study would wait for it forever).
+                fail_silent_trials(study, storage.engine, older_than=max(30.0, 2.0 * spec.grace))
+                _write_status(spec, {"idle": True})
+                time.sleep(spec.poll)
+                return True
+            current.clear()
+            # A stop passes through to the lane's stop handler, which releases ``held`` once it has
+            # queued the retry; a storage error, to the loop below, which releases it.
+            try:
+                study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+            except BudgetHeld:
+                return True  # another worker took the last place meanwhile: the next round sees it
+            if current.get("requeue"):
+                requeue(current["trial"])
+            held.close()  # the state lock taken for the requeue, if it was
+            return True
+
+        def requeue(trial: optuna.Trial) -> None:
+            """Queue a trial that a storage outage failed, like a killed one, to resume from last.pt."""
+            frozen = wait.call(study._storage.get_trial, trial._trial_id)
+            if frozen.state == TrialState.FAIL:
+                wait.call(queue_retry, study, frozen)
+
+        def finished_elsewhere() -> bool:
+            """True when the trial in hand was ended by someone else (failed as stale during an outage)."""
+            trial = current.get("trial")
+            if trial is None:
+                return False
+            return wait.call(study._storage.get_trial, trial._trial_id).state != TrialState.RUNNING
+
+        try:
+            while True:
+                if _STOP["requested"]:
+                    raise _StopRequested()
+                try:
+                    go_on = one_round()
+                except Exception as exc:
+                    held.close()  # a requeue left unfinished: its trial goes stale and is retried so
+                    if is_transient_db_error(exc):
+                        # The result of the trial in hand may not be recorded: it goes stale and is retried.
+                        wait.pause(exc)
+                        continue
+                    if finished_elsewhere():
+                        continue  # its retry resumes from the checkpoint; this worker takes the next trial
+                    raise
+                wait.reset()
+                if not go_on:
+                    break
+        except KeyboardInterrupt:
+            trial = current.get("trial")
+            if trial is not None:
+                # Best effort: a storage that stays down leaves the trial to go stale instead.
+                with contextlib.suppress(Exception):
+                    frozen = brief.call(study._storage.get_trial, trial._trial_id)
+                    if frozen.state == TrialState.FAIL:
+                        brief.call(queue_retry, study, frozen, None)  # resume it from last.pt next time
+            return 130
+        finally:
+            held.close()  # the state lock taken when the stop reached the trial (see run_trial)
+            _write_status(spec, {"done": True})
+        return 0
+
+    if spec.lanes == 1:
+        return lane(spec, spec.index)
+    return _run_lanes(spec, lane)
+
+
+def _run_lanes(spec: WorkerSpec, lane: Callable[[WorkerSpec, int], int]) -> int:
+    """Run ``spec.lanes`` lanes as threads; the main thread waits, taking the stop signal for them all.
+
+    A stop (SIGTERM) reaches the main thread only: it sets the flag that each lane checks between
+    trials and at every progress report, then waits for the lanes to mark their trials and end. The
+    wait polls flags rather than ``Thread.join``, which a signal can cut short for good.
+    """
+    codes: list[int] = []
+    errors: list[BaseException] = []
+    ended = [threading.Event() for _ in range(spec.lanes)]
+
+    def run(j: int) -> None:
+        try:
+            codes.append(lane(replace(spec, worker=f"{spec.worker}.{j}"), spec.index * spec.lanes + j))
+        except BaseException as exc:  # noqa: BLE001 - raised again by the main thread
+            errors.append(exc)
+        finally:
+            ended[j].set()
+
+    def wait_for_lanes() -> None:
+        while not all(e.is_set() for e in ended):
+            time.sleep(0.2)
+
+    # A stop arriving while the lanes start waits until all have started (then it stops them all), and
+    # the lanes keep SIGTERM blocked, so the kernel hands it to the main thread, whose handler runs.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        try:
+            for j in range(spec.lanes):
+                threading.Thread(target=run, args=(j,), name=f"{spec.worker}.{j}", daemon=True).start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a pending stop is handled from here on
+        wait_for_lanes()
+    except KeyboardInterrupt:
+        _STOP["requested"] = True
+        wait_for_lanes()
+        return 130
+    if errors:
+        raise errors[0]
+    return max(codes)
+
+
+def worker_process(spec: WorkerSpec) -> None:
+    try:
+        code = worker_main(spec)
+    except UserError as exc:
+        _write_status(spec, {"error": str(exc)})
+        code = 2
+    except KeyboardInterrupt:  # told to stop while still starting (importing torch, opening the data)
+        _write_status(spec, {"done": True})
+        code = 130
+    os._exit(code)  # skip interpreter teardown of torch threads in a worker
+
+
+def read_status(status_dir: Path) -> list[dict[str, Any]]:
+    out = []
+    for path in sorted(status_dir.glob("*.json")):
+        try:
+            out.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError):
+            continue
+    return out

@@ -1,0 +1,115 @@
+"""The state lock among workers (SQLite and PostgreSQL) and the budget check on new trials."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy
+from optuna.trial import TrialState
+
+import search.states as states_module
+from search.storage import open_storage
+
+
+def test_stale_fail_racing_a_completing_trial_on_sqlite_cannot_both_win(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker tells its trial COMPLETE while another fails it as stale (a heartbeat late under load).
+
+    SQLite ignores ``SELECT ... FOR UPDATE``: without the state lock both changes succeeded, the trial
+    ended COMPLETE and its retry (queued because the FAIL "won") finished too: one trial too many.
+    """
+    monkeypatch.setattr(states_module, "_STATE_LOCK", {})
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    mine, other = open_storage(url), open_storage(url)
+    states_module.serialize_state_changes(mine, url)
+    states_module.serialize_state_changes(other, url)
+    study = optuna.create_study(storage=mine, study_name="race")
+    trial_id = study.ask()._trial_id
+    results: list[object] = []
+
+    def fail_as_stale() -> None:
+        try:
+            results.append(other.set_trial_state_values(trial_id, TrialState.FAIL))
+        except optuna.exceptions.UpdateFinishedTrialError as exc:
+            results.append(exc)
+
+    checked = mine.check_trial_is_updatable
+    racers: list[threading.Thread] = []
+
+    def check_then_let_the_other_in(tid: int, state: TrialState) -> None:
+        checked(tid, state)  # the trial is RUNNING now; the other process fails it before we write
+        if not racers:
+            racers.append(threading.Thread(target=fail_as_stale))
+            racers[0].start()
+            racers[0].join(1.0)
+
+    monkeypatch.setattr(mine, "check_trial_is_updatable", check_then_let_the_other_in)
+    assert mine.set_trial_state_values(trial_id, TrialState.COMPLETE, [1.0])
+    racers[0].join(30)
+    assert len(results) == 1 and isinstance(results[0], optuna.exceptions.UpdateFinishedTrialError), results
+    assert mine.get_trial(trial_id).state == TrialState.COMPLETE
+
+
+@pytest.mark.postgres
+def test_state_lock_on_postgresql_holds_off_another_machine(
+    pg_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two engines stand for two machines: while one holds the state lock (a stale FAIL and its
+    retry's queueing, say), the other's state change waits, and goes through once it is released."""
+    monkeypatch.setattr(states_module, "_STATE_LOCK", {})
+    here, there = open_storage(pg_database), open_storage(pg_database)
+    states_module.serialize_state_changes(here, pg_database)
+    lock = states_module._STATE_LOCK["lock"]
+    states_module.serialize_state_changes(there, pg_database)
+    study = optuna.create_study(storage=here, study_name="lock")
+    trial_id = study.ask()._trial_id
+    done = threading.Event()
+
+    def complete_elsewhere() -> None:
+        there.set_trial_state_values(trial_id, TrialState.COMPLETE, [1.0])
+        done.set()
+
+    with lock.hold():
+        other = threading.Thread(target=complete_elsewhere)
+        other.start()
+        assert not done.wait(1.5)  # held off by the lock
+        assert here.get_trial(trial_id).state == TrialState.RUNNING
+    assert done.wait(10)  # released: the change goes through
+    other.join(10)
+    assert here.get_trial(trial_id).state == TrialState.COMPLETE
+    with lock.hold(), lock.hold():  # reentrant within the process
+        pass
+    query = (
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+        "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
+    with here.engine.connect() as con:
+        assert con.execute(sqlalchemy.text(query)).scalar_one() == 0  # nothing left held
+    here.engine.dispose()
+    there.engine.dispose()
+
+
+def test_a_new_trial_is_created_only_while_the_budget_has_room(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(states_module, "_STATE_LOCK", {})
+    url = f"sqlite:///{tmp_path / 'budget.db'}"
+    storage = open_storage(url)
+    states_module.serialize_state_changes(storage, url)
+    states_module.limit_new_trials(storage, 2)
+    study = optuna.create_study(storage=storage, study_name="budget")
+    study.tell(study.ask(), 1.0)
+    running = study.ask()  # holds the second place
+    with pytest.raises(states_module.BudgetHeld, match="already holds 2 trials"):
+        study.ask()
+    assert len(study.get_trials()) == 2  # refused before anything was written
+    study.tell(running, state=TrialState.FAIL)  # a real failure frees its place
+    assert study.ask().number == 2
+    study.enqueue_trial({})  # queued trials (retries, enqueued configs) are never refused ...
+    assert study.ask().number == 3  # ... nor is taking one from the queue
+    with pytest.raises(states_module.BudgetHeld):
+        study.ask()

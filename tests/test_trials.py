@@ -1,0 +1,31 @@
+"""Counting a study's trials: the budget each original holds, and which retries may run."""
+
+from __future__ import annotations
+
+import optuna
+from optuna.trial import TrialState
+
+from search.trials import held_before, retry_is_redundant
+
+
+def test_budget_counts_each_original_once_and_retries_hold_its_place() -> None:
+    def make(number: int, state: TrialState, root: int | None = None) -> optuna.trial.FrozenTrial:
+        t = optuna.trial.create_trial(state=state, value=1.0 if state == TrialState.COMPLETE else None)
+        t.number = number
+        if root is not None:
+            t._system_attrs = {"failed_trial": root, "retry_history": [root]}
+        return t
+
+    # 0 finished, 1 failed as stale and retried as 3 (queued while new trial 2 was being created).
+    trials = [
+        make(0, TrialState.COMPLETE),
+        make(1, TrialState.FAIL),
+        make(2, TrialState.RUNNING),
+        make(3, TrialState.WAITING, root=1),
+    ]
+    assert held_before(trials, 2) == 2  # 0 and 1's retry: trial 2 is the third
+    assert held_before([*trials, make(4, TrialState.RUNNING)], 4) == 3  # 4 must skip
+    assert not retry_is_redundant(trials, 3, 1)
+    # Two retries of 1 (a double stale check) or a retry of a trial that finished: only one may run.
+    assert retry_is_redundant([*trials, make(5, TrialState.RUNNING, root=1)], 5, 1)
+    assert retry_is_redundant([make(1, TrialState.COMPLETE), *trials[2:]], 3, 1)

@@ -1,0 +1,134 @@
+"""A worker run in the test's own process: how a stop or a storage error ends its trial."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy
+from optuna.trial import TrialState
+
+import search.states as states_module
+import search.worker as worker_module
+from search.storage import default_storage_url
+from search.study import RunOptions, run
+from tests.studies import load, long_space, states, wait_for_step
+
+
+def _sqlite_state_lock(tmp_path: Path) -> str:
+    """ "held" or "free": whether another worker could take the study's state lock now."""
+    import fcntl
+
+    fd = os.open(tmp_path / "studies/unit/study.db.state-lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what another worker's budget count takes
+        return "free"
+    except BlockingIOError:
+        return "held"
+    finally:
+        os.close(fd)  # releases it again
+
+
+def _worker_here(
+    tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[worker_module.WorkerSpec, list[str]]:
+    """A worker to run in this process and thread, on a study that holds one trial of a budget of two.
+
+    Also returns what its ``queue_retry`` calls found the state lock to be at their start ("held" by
+    the worker, or "free": another worker's budget count could have run right then).
+    """
+    import torch
+
+    from search.data import open_data
+
+    space = long_space(tmp_path)
+    run(RunOptions(space=str(space), trials=1, data=tiny_dir, display=False))  # the study, its attrs
+    spec = worker_module.WorkerSpec(
+        worker="w9",
+        index=9,
+        device="cpu",
+        storage_url=default_storage_url("unit"),
+        study_name="unit",
+        space_path=str(space),
+        cache_dir=str(open_data(tiny_dir, progress=False).cache_dir),
+        data_root=str(tiny_dir),
+        trials=2,
+        steps=None,
+        seed=0,
+        heartbeat=20,
+        grace=60,
+        status_dir=str(tmp_path),
+        threads=torch.get_num_threads(),
+        max_failures=3,
+    )
+    # Keep pytest's signal handlers and Optuna's globals as they are.
+    monkeypatch.setattr(worker_module, "_install_worker_signals", lambda: None)
+    monkeypatch.setattr(states_module, "_STATE_LOCK", {})
+    monkeypatch.setitem(worker_module._STOP, "requested", False)
+    monkeypatch.setattr(optuna.storages, "fail_stale_trials", optuna.storages.fail_stale_trials)
+    monkeypatch.setattr(optuna.logging, "set_verbosity", lambda level: None)
+    lock_seen: list[str] = []
+    queue_retry = states_module.queue_retry
+
+    def probe_then_queue(
+        study: optuna.Study, frozen: optuna.trial.FrozenTrial, max_retry: int | None = 3
+    ) -> None:
+        lock_seen.append(_sqlite_state_lock(tmp_path))
+        queue_retry(study, frozen, max_retry)
+
+    monkeypatch.setattr(worker_module, "queue_retry", probe_then_queue)
+    return spec, lock_seen
+
+
+def test_a_stopped_trial_is_failed_and_queued_again_in_one_step(
+    tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between Optuna's FAIL of a trial stopped by Ctrl-C and its retry's queueing, the worker keeps the
+    state lock: no other worker can count the trial's budget place as free in between."""
+    spec, lock_seen = _worker_here(tmp_path, tiny_dir, monkeypatch)
+
+    def stop_at_step_100() -> None:
+        wait_for_step(tmp_path, 100, timeout=120)
+        worker_module._STOP["requested"] = True  # what the SIGTERM handler sets
+
+    stopper = threading.Thread(target=stop_at_step_100, daemon=True)
+    stopper.start()
+    assert worker_module.worker_main(spec) == 130
+    stopper.join(5)
+    assert lock_seen == ["held"]
+    by_state = states(load())
+    assert by_state.get(TrialState.FAIL) == 1 and by_state.get(TrialState.WAITING) == 1, by_state
+    assert _sqlite_state_lock(tmp_path) == "free"  # released at the end
+
+
+def test_a_trial_cut_off_by_the_storage_is_failed_and_queued_again_in_one_step(
+    tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    import search.train
+
+    spec, lock_seen = _worker_here(tmp_path, tiny_dir, monkeypatch)
+    real_train = search.train.train
+    calls: list[int] = []
+
+    def storage_fails_once(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 1:  # as if the database went away while the trial trained
+            raise sqlalchemy.exc.OperationalError(
+                "UPDATE", {}, sqlite3.OperationalError("database is locked")
+            )
+        return real_train(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(search.train, "train", storage_fails_once)
+    assert worker_module.worker_main(spec) == 0
+    assert lock_seen == ["held"]
+    study = load()
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert len(failed) == 1 and "database is locked" in failed[0].user_attrs["fail_reason"]
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(done) == 2 and any(t.system_attrs.get("failed_trial") == failed[0].number for t in done)
+    assert _sqlite_state_lock(tmp_path) == "free"
