@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.artifacts import upload_artifact
@@ -39,6 +39,12 @@ from search.states import (
 )
 from search.storage import STORAGE_PATIENCE, StorageWait
 from search.trials import count_trials, held_before, retry_is_redundant
+
+if TYPE_CHECKING:
+    from search.config import Config
+    from search.data import FeatureStore, PackedData, Split
+    from search.space import Space
+    from search.train import TrainResult
 
 
 class SkipTrial(Exception):
@@ -108,6 +114,20 @@ def _write_status(spec: WorkerSpec, state: dict[str, Any]) -> None:
         pass  # the display is best effort; training must not fail for it
 
 
+@dataclass
+class _Shared:
+    """What a worker process sets up once and all its lanes share."""
+
+    space: Space
+    storage: Any  # the RDB storage, with the state lock and the new-trial budget installed
+    data: PackedData
+    split: Split
+    features: FeatureStore  # one copy of the features (on the GPU when it fits)
+    trials_dir: Path
+    existing: int  # trials the study held when this worker started (sampler seeds stay apart)
+    parent: int  # the driver's pid: a lane stops when its parent is gone
+
+
 def worker_main(spec: WorkerSpec) -> int:
     """Run trials until the study holds ``spec.trials`` finished ones (or the stop signal arrives).
 
@@ -115,11 +135,19 @@ def worker_main(spec: WorkerSpec) -> int:
     overlap (separate processes take turns on it instead), and they share one copy of the features.
     """
     _install_worker_signals()
+    shared = _set_up(spec)
+    if spec.lanes == 1:
+        return Lane(shared, spec, spec.index).run()
+    return _run_lanes(spec, lambda lane_spec, slot: Lane(shared, lane_spec, slot).run())
+
+
+def _set_up(spec: WorkerSpec) -> _Shared:
+    """Open the storage (state lock, budget, locked retries installed), the space and the data."""
     import torch
 
     from search.data import FeatureStore, make_split, open_cache
-    from search.space import load_space, make_pruner, make_sampler
-    from search.storage import artifact_store, is_transient_db_error, open_storage
+    from search.space import load_space
+    from search.storage import open_storage
 
     torch.set_num_threads(max(1, spec.threads))
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -135,247 +163,293 @@ def worker_main(spec: WorkerSpec) -> int:
     existing = len(storage.get_all_trials(storage.get_study_id_from_name(spec.study_name), deepcopy=False))
     attrs = optuna.load_study(study_name=spec.study_name, storage=storage).user_attrs
     data = open_cache(Path(spec.cache_dir), Path(spec.data_root))
-    ratio = float(attrs["valid_ratio"])
-    split_seed = int(attrs["split_seed"])
-    split = make_split(data, ratio, split_seed)
-    trials_dir = Path(attrs["trials_dir"])
-    features = FeatureStore(data, spec.device)  # one copy for all lanes (on the GPU when it fits)
-    parent = os.getppid()
+    split = make_split(data, float(attrs["valid_ratio"]), int(attrs["split_seed"]))
+    return _Shared(
+        space=space,
+        storage=storage,
+        data=data,
+        split=split,
+        features=FeatureStore(data, spec.device),
+        trials_dir=Path(attrs["trials_dir"]),
+        existing=existing,
+        parent=os.getppid(),
+    )
 
-    def lane(spec: WorkerSpec, slot: int) -> int:
-        """Trials one after another until the budget is met or a stop is asked for; the exit code."""
+
+class Lane:
+    """Trials one after another until the budget is met or a stop is asked for.
+
+    Each round fails stale trials, checks the budget and runs one trial through :func:`search.train.train`
+    inside ``study.optimize``. Every storage call waits out an outage (:class:`StorageWait`); a trial
+    that a stop or a storage error ends is failed and queued again as one step under the state lock.
+    """
+
+    def __init__(self, shared: _Shared, spec: WorkerSpec, slot: int) -> None:
+        from search.space import make_pruner, make_sampler
+        from search.storage import artifact_store
+
+        self.shared, self.spec = shared, spec
         # Its own sampler (seeded apart from every other lane's, here and in other workers) and study.
-        sampler = make_sampler(space, seed_offset=spec.seed + 1000 * slot + existing)
-        study = optuna.load_study(
-            study_name=spec.study_name, storage=storage, sampler=sampler, pruner=make_pruner(space)
+        sampler = make_sampler(shared.space, seed_offset=spec.seed + 1000 * slot + shared.existing)
+        self.study = optuna.load_study(
+            study_name=spec.study_name,
+            storage=shared.storage,
+            sampler=sampler,
+            pruner=make_pruner(shared.space),
         )
-        store = artifact_store(study)
-        current: dict[str, Any] = {}
+        self.store = artifact_store(self.study)
+        self.trial: optuna.Trial | None = None  # the trial in hand this round
+        self.requeue = False  # it was cut off by the storage: queue it again once it is FAIL
         # The state lock, held while a trial Optuna is about to FAIL (stopped, or cut off by the
         # storage) waits for its retry to be queued: no budget count elsewhere sees its place free.
-        held = contextlib.ExitStack()
+        self.held = contextlib.ExitStack()
+        self.wait = StorageWait(spec.storage_url, spec.storage_patience, on_wait=self._waiting)
+        self.brief = StorageWait(spec.storage_url, min(5.0, spec.storage_patience))  # while stopping
 
-        def waiting(reason: str, waited: float) -> None:
-            _write_status(spec, {"waiting": f"storage unreachable for {waited:.0f} s ({reason}); retrying"})
+    def _waiting(self, reason: str, waited: float) -> None:
+        _write_status(self.spec, {"waiting": f"storage unreachable for {waited:.0f} s ({reason}); retrying"})
 
-        wait = StorageWait(spec.storage_url, spec.storage_patience, on_wait=waiting)
-        brief = StorageWait(spec.storage_url, min(5.0, spec.storage_patience))  # while stopping
-
-        def objective(trial: optuna.Trial) -> float:
-            try:
-                return run_trial(trial)
-            except (optuna.TrialPruned, SkipTrial, KeyboardInterrupt):
-                raise
-            except Exception as exc:
-                if is_transient_db_error(exc):
-                    current["requeue"] = True  # cut off by the storage, not by its configuration
-                    with contextlib.suppress(Exception):  # its FAIL and its retry as one step (below)
-                        held.enter_context(state_lock())
-                with contextlib.suppress(Exception):  # best effort: the storage may be what failed
-                    if not trial.user_attrs.get("fail_reason"):
-                        trial.set_user_attr("fail_reason", f"{exc.__class__.__name__}: {exc}"[:500])
-                raise
-
-        def locked_trials() -> list[FrozenTrial]:
-            with state_lock():
-                return study.get_trials(deepcopy=False)
-
-        def run_trial(trial: optuna.Trial) -> float:
-            from search.train import train
-
-            current["trial"] = trial
-            system = wait.call(study._storage.get_trial_system_attrs, trial._trial_id)
-            root = int(system.get("failed_trial", trial.number))  # a retry keeps its original's folder
-            for key in ("fail_reason", "skipped", "interrupted"):  # a retry inherits its original's attrs
-                if key in trial.user_attrs:
-                    wait.call(trial.set_user_attr, key, None)
-            trials = wait.call(locked_trials)  # no trial changes state (or gets its retry queued) meanwhile
-            if root == trial.number:
-                if held_before(trials, trial.number) >= spec.trials:
-                    trial.set_user_attr("skipped", True)
-                    raise SkipTrial(f"study already holds {spec.trials} trials")
-            elif retry_is_redundant(trials, trial.number, root):
-                trial.set_user_attr("skipped", True)
-                raise SkipTrial(f"trial {root} already finished or is retried by another trial")
-            try:
-                config = space.sample(trial)
-                overrides: dict[str, Any] = {
-                    "seed": config.train.seed + root,
-                    "split_seed": split_seed,
-                    "valid_ratio": ratio,
-                }
-                if spec.steps is not None:
-                    overrides["steps"] = spec.steps
-                    overrides["valid_steps"] = min(config.train.valid_steps, spec.steps)
-                config = config.replace(**overrides)
-                config = config.replace(checkpoint_steps=config.train.valid_steps)
-            except UserError as exc:
-                trial.set_user_attr("fail_reason", f"bad config: {exc}")
-                raise
-            settings: dict[str, Any] = {
-                "config": config.to_dict(),
-                "device": spec.device,
-                "worker": spec.worker,
-            }
-            for name, setting in settings.items():
-                wait.call(trial.set_user_attr, name, setting)
-            out_dir = trials_dir / f"{root:05d}"
-            pruned = False
-            started = time.time()
-
-            def report(step: int, metrics: dict[str, float]) -> str | None:
-                nonlocal pruned
-                if os.getppid() != parent or _STOP["requested"]:
-                    raise _StopRequested()  # the parent died (or a stop got lost): stop as if told to
-                state = {"trial": trial.number, "step": step, "total": config.train.steps, **metrics}
-                _write_status(spec, state)
-                if "valid_acc" in metrics:
-                    # Through a storage outage the trial waits here and trains on once the database is back.
-                    wait.call(trial.report, metrics["valid_acc"], step)
-                    if wait.call(trial.should_prune):
-                        pruned = True
-                        return "stop"
-                return None
-
-            _write_status(spec, {"trial": trial.number, "step": 0, "total": config.train.steps})
-            try:
-                result = train(
-                    config, data, spec.device, report=report, out_dir=out_dir, split=split, store=features
-                )
-            except _StopRequested:
-                # Best effort and brief: a failing write here (a busy SQLite file) must not swallow the stop.
-                with contextlib.suppress(Exception):
-                    brief.call(
-                        trial.set_user_attr,
-                        "fail_reason",
-                        "interrupted (Ctrl-C or SIGTERM); retried when the study resumes",
-                    )
-                    brief.call(trial.set_user_attr, "interrupted", True)
-                # Held until the retry is queued (the lane's stop handler); Optuna writes the FAIL between.
-                with contextlib.suppress(Exception):
-                    held.enter_context(state_lock())
-                raise
-            except torch.OutOfMemoryError:
-                trial.set_user_attr("fail_reason", f"CUDA out of memory on {spec.device}")
-                raise
-            finished = {
-                "valid_acc": result.best_accuracy,
-                "best_step": result.best_step,
-                "parameters": result.parameters,
-                "steps_per_s": round(result.steps_per_s, 3),
-                "step_mode": result.step_mode,
-                "resumed_from_step": result.resumed_from,
-                "wall_s": round(time.time() - started, 1),
-            }
-            for key, value in finished.items():  # the training is done: wait out an outage, do not lose it
-                wait.call(trial.set_user_attr, key, value)
-            checkpoint = result.checkpoint
-            if checkpoint is not None:
-                try:
-                    digest = sha256_file(checkpoint)
-                    artifact_id = wait.call(
-                        lambda: upload_artifact(
-                            artifact_store=store, file_path=str(checkpoint), study_or_trial=trial
-                        )
-                    )
-                except OSError as exc:
-                    # A full disk, a read-only or vanished folder: this trial fails with the reason, nothing
-                    # partial is left in the store, and its folder is freed (a FAIL trial is never resumed).
-                    wait.call(
-                        trial.set_user_attr,
-                        "fail_reason",
-                        f"checkpoint could not be stored in {store.root}: {exc.strerror or exc}; "
-                        "free space or repair the folder, the study goes on",
-                    )
-                    checkpoint.unlink(missing_ok=True)
-                    with contextlib.suppress(OSError):
-                        out_dir.rmdir()
-                    raise
-                wait.call(trial.set_user_attr, "checkpoint_artifact", artifact_id)
-                wait.call(trial.set_user_attr, "checkpoint_sha256", digest)
-                checkpoint.unlink()
-                with contextlib.suppress(OSError):
-                    out_dir.rmdir()  # nothing left once the artifact store holds the checkpoint
-            if pruned:
-                raise optuna.TrialPruned(f"pruned at step {result.last_step}")
-            return result.best_accuracy
-
-        def one_round() -> bool:
-            """Fail stale trials, check the budget, run one trial; False once this worker should stop."""
-            locked_fail_stale_trials(study)
-            counts = count_trials(study.get_trials(deepcopy=False))
-            if counts.finished >= spec.trials:
-                return False
-            if counts.failed >= spec.max_failures:
-                _write_status(spec, {"stopped": f"{counts.failed} failed trials (max {spec.max_failures})"})
-                return False
-            if counts.holding >= spec.trials and counts.waiting == 0:
-                # Others are running the last trials; stay to retry stale ones, and end any trial that
-                # never sent a heartbeat (else the study would wait for it forever).
-                fail_silent_trials(study, storage.engine, older_than=max(30.0, 2.0 * spec.grace))
-                _write_status(spec, {"idle": True})
-                time.sleep(spec.poll)
-                return True
-            current.clear()
-            # A stop passes through to the lane's stop handler, which releases ``held`` once it has
-            # queued the retry; a storage error, to the loop below, which releases it.
-            try:
-                study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
-            except BudgetHeld:
-                return True  # another worker took the last place meanwhile: the next round sees it
-            if current.get("requeue"):
-                requeue(current["trial"])
-            held.close()  # the state lock taken for the requeue, if it was
-            return True
-
-        def requeue(trial: optuna.Trial) -> None:
-            """Queue a trial that a storage outage failed, like a killed one, to resume from last.pt."""
-            frozen = wait.call(study._storage.get_trial, trial._trial_id)
-            if frozen.state == TrialState.FAIL:
-                wait.call(queue_retry, study, frozen)
-
-        def finished_elsewhere() -> bool:
-            """True when the trial in hand was ended by someone else (failed as stale during an outage)."""
-            trial = current.get("trial")
-            if trial is None:
-                return False
-            return wait.call(study._storage.get_trial, trial._trial_id).state != TrialState.RUNNING
+    def run(self) -> int:
+        """Rounds until the budget is met: 0; a stop: 130 (the trial in hand is queued to resume)."""
+        from search.storage import is_transient_db_error
 
         try:
             while True:
                 if _STOP["requested"]:
                     raise _StopRequested()
                 try:
-                    go_on = one_round()
+                    go_on = self._one_round()
                 except Exception as exc:
-                    held.close()  # a requeue left unfinished: its trial goes stale and is retried so
+                    self.held.close()  # a requeue left unfinished: its trial goes stale and is retried so
                     if is_transient_db_error(exc):
                         # The result of the trial in hand may not be recorded: it goes stale and is retried.
-                        wait.pause(exc)
+                        self.wait.pause(exc)
                         continue
-                    if finished_elsewhere():
-                        continue  # its retry resumes from the checkpoint; this worker takes the next trial
+                    if self._finished_elsewhere():
+                        continue  # its retry resumes from the checkpoint; this lane takes the next trial
                     raise
-                wait.reset()
+                self.wait.reset()
                 if not go_on:
                     break
         except KeyboardInterrupt:
-            trial = current.get("trial")
-            if trial is not None:
+            if self.trial is not None:
                 # Best effort: a storage that stays down leaves the trial to go stale instead.
                 with contextlib.suppress(Exception):
-                    frozen = brief.call(study._storage.get_trial, trial._trial_id)
+                    frozen = self.brief.call(self.study._storage.get_trial, self.trial._trial_id)
                     if frozen.state == TrialState.FAIL:
-                        brief.call(queue_retry, study, frozen, None)  # resume it from last.pt next time
+                        self.brief.call(queue_retry, self.study, frozen, None)  # resume it from last.pt
             return 130
         finally:
-            held.close()  # the state lock taken when the stop reached the trial (see run_trial)
-            _write_status(spec, {"done": True})
+            self.held.close()  # the state lock taken when the stop reached the trial (see _train)
+            _write_status(self.spec, {"done": True})
         return 0
 
-    if spec.lanes == 1:
-        return lane(spec, spec.index)
-    return _run_lanes(spec, lane)
+    def _one_round(self) -> bool:
+        """Fail stale trials, check the budget, run one trial; False once this lane should stop."""
+        spec, study = self.spec, self.study
+        locked_fail_stale_trials(study)
+        counts = count_trials(study.get_trials(deepcopy=False))
+        if counts.finished >= spec.trials:
+            return False
+        if counts.failed >= spec.max_failures:
+            _write_status(spec, {"stopped": f"{counts.failed} failed trials (max {spec.max_failures})"})
+            return False
+        if counts.holding >= spec.trials and counts.waiting == 0:
+            # Others are running the last trials; stay to retry stale ones, and end any trial that
+            # never sent a heartbeat (else the study would wait for it forever).
+            fail_silent_trials(study, self.shared.storage.engine, older_than=max(30.0, 2.0 * spec.grace))
+            _write_status(spec, {"idle": True})
+            time.sleep(spec.poll)
+            return True
+        self.trial, self.requeue = None, False
+        # A stop passes through to run's stop handler, which releases ``held`` once it has queued the
+        # retry; a storage error, to run's loop, which releases it.
+        try:
+            study.optimize(self._objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+        except BudgetHeld:
+            return True  # another worker took the last place meanwhile: the next round sees it
+        if self.requeue and self.trial is not None:
+            self._requeue(self.trial)
+        self.held.close()  # the state lock taken for the requeue, if it was
+        return True
+
+    def _objective(self, trial: optuna.Trial) -> float:
+        from search.storage import is_transient_db_error
+
+        try:
+            return self._run_trial(trial)
+        except (optuna.TrialPruned, SkipTrial, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            if is_transient_db_error(exc):
+                self.requeue = True  # cut off by the storage, not by its configuration
+                with contextlib.suppress(Exception):  # its FAIL and its retry as one step (_one_round)
+                    self.held.enter_context(state_lock())
+            with contextlib.suppress(Exception):  # best effort: the storage may be what failed
+                if not trial.user_attrs.get("fail_reason"):
+                    trial.set_user_attr("fail_reason", f"{exc.__class__.__name__}: {exc}"[:500])
+            raise
+
+    def _run_trial(self, trial: optuna.Trial) -> float:
+        self.trial = trial
+        root = self._claim(trial)
+        config = self._config(trial, root)
+        out_dir = self.shared.trials_dir / f"{root:05d}"
+        started = time.time()
+        result, pruned = self._train(trial, config, out_dir)
+        finished = {
+            "valid_acc": result.best_accuracy,
+            "best_step": result.best_step,
+            "parameters": result.parameters,
+            "steps_per_s": round(result.steps_per_s, 3),
+            "step_mode": result.step_mode,
+            "resumed_from_step": result.resumed_from,
+            "wall_s": round(time.time() - started, 1),
+        }
+        for key, value in finished.items():  # the training is done: wait out an outage, do not lose it
+            self.wait.call(trial.set_user_attr, key, value)
+        if result.checkpoint is not None:
+            self._store_checkpoint(trial, result.checkpoint, out_dir)
+        if pruned:
+            raise optuna.TrialPruned(f"pruned at step {result.last_step}")
+        return result.best_accuracy
+
+    def _claim(self, trial: optuna.Trial) -> int:
+        """The trial's original number (a retry keeps its original's folder); SkipTrial if it must not run."""
+        wait, budget = self.wait, self.spec.trials
+        system = wait.call(self.study._storage.get_trial_system_attrs, trial._trial_id)
+        root = int(system.get("failed_trial", trial.number))
+        for key in ("fail_reason", "skipped", "interrupted"):  # a retry inherits its original's attrs
+            if key in trial.user_attrs:
+                wait.call(trial.set_user_attr, key, None)
+        trials = wait.call(self._locked_trials)  # no trial changes state (or gets its retry queued) meanwhile
+        if root == trial.number:
+            if held_before(trials, trial.number) >= budget:
+                trial.set_user_attr("skipped", True)
+                raise SkipTrial(f"study already holds {budget} trials")
+        elif retry_is_redundant(trials, trial.number, root):
+            trial.set_user_attr("skipped", True)
+            raise SkipTrial(f"trial {root} already finished or is retried by another trial")
+        return root
+
+    def _locked_trials(self) -> list[FrozenTrial]:
+        with state_lock():
+            return self.study.get_trials(deepcopy=False)
+
+    def _config(self, trial: optuna.Trial, root: int) -> Config:
+        """The sampled config with the study's split, the run's ``--steps`` and a seed per original trial."""
+        split = self.shared.split  # the study's, whatever the space says
+        try:
+            config = self.shared.space.sample(trial)
+            overrides: dict[str, Any] = {
+                "seed": config.train.seed + root,
+                "split_seed": split.seed,
+                "valid_ratio": split.ratio,
+            }
+            if self.spec.steps is not None:
+                overrides["steps"] = self.spec.steps
+                overrides["valid_steps"] = min(config.train.valid_steps, self.spec.steps)
+            config = config.replace(**overrides)
+            config = config.replace(checkpoint_steps=config.train.valid_steps)
+        except UserError as exc:
+            trial.set_user_attr("fail_reason", f"bad config: {exc}")
+            raise
+        settings = {"config": config.to_dict(), "device": self.spec.device, "worker": self.spec.worker}
+        for name, setting in settings.items():
+            self.wait.call(trial.set_user_attr, name, setting)
+        return config
+
+    def _train(self, trial: optuna.Trial, config: Config, out_dir: Path) -> tuple[TrainResult, bool]:
+        """Train with pruning on each validation; the result, and whether the pruner stopped it."""
+        import torch
+
+        from search.train import train
+
+        spec, wait = self.spec, self.wait
+        pruned = False
+
+        def report(step: int, metrics: dict[str, float]) -> str | None:
+            nonlocal pruned
+            if os.getppid() != self.shared.parent or _STOP["requested"]:
+                raise _StopRequested()  # the parent died (or a stop got lost): stop as if told to
+            _write_status(spec, {"trial": trial.number, "step": step, "total": config.train.steps, **metrics})
+            if "valid_acc" in metrics:
+                # Through a storage outage the trial waits here and trains on once the database is back.
+                wait.call(trial.report, metrics["valid_acc"], step)
+                if wait.call(trial.should_prune):
+                    pruned = True
+                    return "stop"
+            return None
+
+        _write_status(spec, {"trial": trial.number, "step": 0, "total": config.train.steps})
+        try:
+            result = train(
+                config,
+                self.shared.data,
+                spec.device,
+                report=report,
+                out_dir=out_dir,
+                split=self.shared.split,
+                store=self.shared.features,
+            )
+        except _StopRequested:
+            # Best effort and brief: a failing write here (a busy SQLite file) must not swallow the stop.
+            with contextlib.suppress(Exception):
+                self.brief.call(
+                    trial.set_user_attr,
+                    "fail_reason",
+                    "interrupted (Ctrl-C or SIGTERM); retried when the study resumes",
+                )
+                self.brief.call(trial.set_user_attr, "interrupted", True)
+            # Held until the retry is queued (run's stop handler); Optuna writes the FAIL between.
+            with contextlib.suppress(Exception):
+                self.held.enter_context(state_lock())
+            raise
+        except torch.OutOfMemoryError:
+            trial.set_user_attr("fail_reason", f"CUDA out of memory on {spec.device}")
+            raise
+        return result, pruned
+
+    def _store_checkpoint(self, trial: optuna.Trial, checkpoint: Path, out_dir: Path) -> None:
+        """Upload the best checkpoint (and record its sha256) to the artifact store; free the folder."""
+        wait = self.wait
+        try:
+            digest = sha256_file(checkpoint)
+            artifact_id = wait.call(
+                lambda: upload_artifact(
+                    artifact_store=self.store, file_path=str(checkpoint), study_or_trial=trial
+                )
+            )
+        except OSError as exc:
+            # A full disk, a read-only or vanished folder: this trial fails with the reason, nothing
+            # partial is left in the store, and its folder is freed (a FAIL trial is never resumed).
+            wait.call(
+                trial.set_user_attr,
+                "fail_reason",
+                f"checkpoint could not be stored in {self.store.root}: {exc.strerror or exc}; "
+                "free space or repair the folder, the study goes on",
+            )
+            checkpoint.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+            raise
+        wait.call(trial.set_user_attr, "checkpoint_artifact", artifact_id)
+        wait.call(trial.set_user_attr, "checkpoint_sha256", digest)
+        checkpoint.unlink()
+        with contextlib.suppress(OSError):
+            out_dir.rmdir()  # nothing left once the artifact store holds the checkpoint
+
+    def _requeue(self, trial: optuna.Trial) -> None:
+        """Queue a trial that a storage outage failed, like a killed one, to resume from last.pt."""
+        frozen = self.wait.call(self.study._storage.get_trial, trial._trial_id)
+        if frozen.state == TrialState.FAIL:
+            self.wait.call(queue_retry, self.study, frozen)
+
+    def _finished_elsewhere(self) -> bool:
+        """True when the trial in hand was ended by someone else (failed as stale during an outage)."""
+        if self.trial is None:
+            return False
+        return self.wait.call(self.study._storage.get_trial, self.trial._trial_id).state != TrialState.RUNNING
 
 
 def _run_lanes(spec: WorkerSpec, lane: Callable[[WorkerSpec, int], int]) -> int:
