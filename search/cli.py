@@ -206,13 +206,48 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port {args.port}: must be a TCP port between 1 and 65535")
     storage, study, url = resolve(args.study, args.storage)
+    _check_bind(args.host, args.port)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]Warning: --host {args.host} exposes the dashboard beyond this machine.")
     console.print(
         f"optuna-dashboard for '{study.study_name}' on http://{args.host}:{args.port}/ (Ctrl-C stops)"
     )
-    optuna_dashboard.run_server(storage, host=args.host, port=args.port, artifact_store=artifact_store(study))
+    try:
+        optuna_dashboard.run_server(
+            storage, host=args.host, port=args.port, artifact_store=artifact_store(study)
+        )
+    except OSError as exc:  # the port taken between the check and the server's own bind
+        raise UserError(_bind_error(args.host, args.port, exc)) from None
     return 0
+
+
+def _check_bind(host: str, port: int) -> None:
+    """Bind ``host:port`` once, as the server will, so a taken port or a wrong host is one line."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server's socket does
+            sock.bind(address)
+    except OSError as exc:
+        raise UserError(_bind_error(host, port, exc)) from None
+
+
+def _bind_error(host: str, port: int, exc: OSError) -> str:
+    import errno
+    import socket
+
+    if isinstance(exc, socket.gaierror):
+        return f"--host {host}: not a known host name or address; the default is 127.0.0.1"
+    if exc.errno == errno.EADDRINUSE:
+        return f"--port {port}: already in use on {host}; pick another --port, or stop what listens there"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"--host {host}: not an address of this machine; the default is 127.0.0.1"
+    if exc.errno == errno.EACCES:
+        return f"--port {port}: not allowed for this user (ports below 1024 need root); pick a higher --port"
+    return f"cannot serve on {host}:{port} ({exc.strerror or exc}); try another --host or --port"
 
 
 def cmd_export_top(args: argparse.Namespace) -> int:

@@ -277,3 +277,28 @@ def test_dashboard_page_lists_study_and_trials(dashboard: Dashboard, tmp_path: P
     assert f"Value {acc}" in details, details[:800]
     assert f"lr {lr}" in details and f"encoder {encoder}" in details, details[:800]
     assert f"valid_acc {acc}" in details, details[:800]
+
+
+def test_a_taken_port_or_unknown_host_is_one_line_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from search.cli import main
+
+    _build_study(tmp_path / "studies")
+    monkeypatch.setenv("SPKID_SEARCH_STUDIES", str(tmp_path / "studies"))
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["dashboard", "--study", STUDY, "--port", str(port)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (
+            f"spkid-search dashboard: error: --port {port}: already in use on 127.0.0.1; pick another "
+            "--port, or stop what listens there"
+        )
+    assert main(["dashboard", "--study", STUDY, "--host", "no-such-host.invalid", "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(
+        "--host no-such-host.invalid: not a known host name or address; the default is 127.0.0.1"
+    )
+    assert "Traceback" not in err
