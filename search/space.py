@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import inspect
 import json
 import random
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -391,6 +393,51 @@ def _enqueue_entry(space: Space, entry: Any, where: str) -> dict[str, Any]:
     return params
 
 
+# Options that take Python objects (callables, samplers, trial lists): a YAML file cannot give them.
+_OBJECT_OPTIONS = {"constraints_func", "weights", "gamma", "independent_sampler", "source_trials", "x0"}
+# Whole-number options and their least value; the resources may also be "auto".
+_COUNTS = {
+    "n_startup_trials": 0,
+    "n_warmup_steps": 0,
+    "interval_steps": 1,
+    "n_min_trials": 1,
+    "n_ei_candidates": 1,
+    "min_resource": 1,
+    "max_resource": 1,
+    "reduction_factor": 2,
+    "min_early_stopping_rate": 0,
+    "bootstrap_count": 0,
+    "patience": 0,
+    "popsize": 1,
+    "inc_popsize": 1,
+}
+
+
+def _check_options(opts: dict[str, Any], known: set[str], where: str) -> None:
+    """Unknown keys and out-of-range counts, named before Optuna sees them.
+
+    Why: Optuna reports a misspelt option in Python's words and accepts some impossible values
+    (``min_resource: 0`` only fails, as a division by zero, once trials run).
+    """
+    for key in sorted(set(opts) - known):
+        raise UserError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(known)) or 'none'})")
+    for key, least in _COUNTS.items():
+        value = opts.get(key)
+        if key not in opts or (key.endswith("_resource") and value == "auto"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            auto = " or 'auto'" if key.endswith("_resource") else ""
+            raise UserError(f"{where}: {key} must be a whole number >= {least}{auto} (got {value!r})")
+    low, high = opts.get("min_resource"), opts.get("max_resource")
+    if isinstance(low, int) and isinstance(high, int) and high < low:
+        raise UserError(f"{where}: max_resource ({high}) < min_resource ({low})")
+
+
+def _option_names(*builders: Callable[..., Any]) -> set[str]:
+    names = {n for b in builders for n in inspect.signature(b).parameters}
+    return names - _OBJECT_OPTIONS - {"wrapped_pruner"}
+
+
 def make_sampler(space: Space, src: str = "space", seed_offset: int = 0) -> optuna.samplers.BaseSampler:
     """The sampler the space names, with Optuna 5's defaults unless the space overrides them.
 
@@ -407,12 +454,11 @@ def make_sampler(space: Space, src: str = "space", seed_offset: int = 0) -> optu
         "cmaes": optuna.samplers.CmaEsSampler,
         "gp": optuna.samplers.GPSampler,
     }
+    _check_options(opts, _option_names(builders[name]), f"{src}: sampler '{name}'")
     if name == "tpe":
         opts.setdefault("multivariate", True)
         opts.setdefault("constant_liar", True)
     try:
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return builders[name](**opts)
@@ -424,17 +470,28 @@ def make_pruner(space: Space, src: str = "space") -> optuna.pruners.BasePruner:
     """The pruner the space names; ``patient`` wraps a median pruner with ``patience`` validations."""
     opts = {k: v for k, v in space.pruner.items() if k != "name"}
     name = space.pruner["name"]
+    P = optuna.pruners
+    known = {
+        "median": _option_names(P.MedianPruner),
+        "successive_halving": _option_names(P.SuccessiveHalvingPruner),
+        "hyperband": _option_names(P.HyperbandPruner),
+        "patient": _option_names(P.MedianPruner, P.PatientPruner),
+        "none": set(),
+    }
+    _check_options(opts, known[name], f"{src}: pruner '{name}'")
     try:
-        if name == "median":
-            return optuna.pruners.MedianPruner(**opts)
-        if name == "successive_halving":
-            return optuna.pruners.SuccessiveHalvingPruner(**opts)
-        if name == "hyperband":
-            return optuna.pruners.HyperbandPruner(**opts)
-        if name == "patient":
-            patience = opts.pop("patience", 2)
-            min_delta = opts.pop("min_delta", 0.0)
-            return optuna.pruners.PatientPruner(optuna.pruners.MedianPruner(**opts), patience, min_delta)
-        return optuna.pruners.NopPruner()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # PatientPruner's
+            if name == "median":
+                return P.MedianPruner(**opts)
+            if name == "successive_halving":
+                return P.SuccessiveHalvingPruner(**opts)
+            if name == "hyperband":
+                return P.HyperbandPruner(**opts)
+            if name == "patient":
+                patience = opts.pop("patience", 2)
+                min_delta = opts.pop("min_delta", 0.0)
+                return P.PatientPruner(P.MedianPruner(**opts), patience, min_delta)
+            return P.NopPruner()
     except (TypeError, ValueError) as exc:
         raise UserError(f"{src}: pruner '{name}': {str(exc).splitlines()[0]}") from None

@@ -133,8 +133,29 @@ BAD = [
     ({**GOOD, "constraints": ["dmodel > 3"]}, "unknown key 'dmodel'"),
     ({**GOOD, "constraints": ["d_model > 1000"]}, "no valid configuration can be sampled"),
     ({**GOOD, "sampler": {"name": "bayes"}}, "sampler: 'name' must be one of"),
-    ({**GOOD, "sampler": {"name": "tpe", "n_startup": 3}}, "sampler 'tpe'"),
-    ({**GOOD, "pruner": {"name": "median", "patience": 3}}, "pruner 'median'"),
+    ({**GOOD, "sampler": {"name": "tpe", "n_startup": 3}}, "sampler 'tpe': unknown key 'n_startup' (known: "),
+    ({**GOOD, "sampler": {"name": "tpe", "gamma": 3}}, "sampler 'tpe': unknown key 'gamma'"),  # a callable
+    (
+        {**GOOD, "sampler": {"name": "tpe", "n_startup_trials": -2}},
+        "sampler 'tpe': n_startup_trials must be a whole number >= 0 (got -2)",
+    ),
+    ({**GOOD, "pruner": {"name": "median", "patience": 3}}, "pruner 'median': unknown key 'patience'"),
+    (
+        {**GOOD, "pruner": {"name": "hyperband", "min_resource": 0}},
+        "pruner 'hyperband': min_resource must be a whole number >= 1 or 'auto' (got 0)",
+    ),
+    (
+        {**GOOD, "pruner": {"name": "hyperband", "min_resource": 100, "max_resource": 10}},
+        "pruner 'hyperband': max_resource (10) < min_resource (100)",
+    ),
+    (
+        {**GOOD, "pruner": {"name": "successive_halving", "reduction_factor": 1.5}},
+        "reduction_factor must be a whole number >= 2 (got 1.5)",
+    ),
+    (
+        {**GOOD, "pruner": {"name": "none", "n_startup_trials": 1}},
+        "pruner 'none': unknown key 'n_startup_trials'",
+    ),
     ({**GOOD, "enqueue": [{"d_model": 64}]}, "enqueue[0]: gives no value for searched key 'encoder'"),
     ({**GOOD, "enqueue": [{"baseline": "legendary"}]}, "unknown baseline 'legendary'"),
     ({**GOOD, "enqueue": [{"baseline": "strong"}]}, "enqueue[0]: d_model=224 lies outside"),
@@ -168,3 +189,13 @@ def test_constraint_violation_raises_in_sample(tmp_path: Path) -> None:
     study.enqueue_trial({"encoder": "transformer", "d_model": 33, "heads": 2, "lr": 1e-3, "head": "linear"})
     with pytest.raises(ConstraintViolation, match="d_model % heads == 0"):
         space.sample(study.ask())
+
+
+def test_patient_pruner_is_built_without_an_experimental_warning(tmp_path: Path) -> None:
+    import warnings
+
+    space = load_space(write(tmp_path, {**GOOD, "pruner": {"name": "patient", "patience": 1}}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruner = make_pruner(space)
+    assert isinstance(pruner, optuna.pruners.PatientPruner) and not caught
