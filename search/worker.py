@@ -376,7 +376,8 @@ class Lane:
             if "valid_acc" in metrics:
                 # Through a storage outage the trial waits here and trains on once the database is back.
                 wait.call(trial.report, metrics["valid_acc"], step)
-                if wait.call(trial.should_prune):
+                # The last validation ends a whole training run: its result is COMPLETE, never pruned.
+                if step < config.train.steps and wait.call(trial.should_prune):
                     pruned = True
                     return "stop"
             return None

@@ -15,7 +15,7 @@ import search.states as states_module
 import search.worker as worker_module
 from search.storage import default_storage_url
 from search.study import RunOptions, run
-from tests.studies import load, long_space, states, wait_for_step
+from tests.studies import load, long_space, states, wait_for_step, write_space
 
 
 def _sqlite_state_lock(tmp_path: Path) -> str:
@@ -33,9 +33,14 @@ def _sqlite_state_lock(tmp_path: Path) -> str:
 
 
 def _worker_here(
-    tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    tiny_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    space: Path | None = None,
+    trials: int = 2,
 ) -> tuple[worker_module.WorkerSpec, list[str]]:
-    """A worker to run in this process and thread, on a study that holds one trial of a budget of two.
+    """A worker to run in this process and thread, on a study that holds one trial of a budget of
+    ``trials`` (default space: :func:`long_space`).
 
     Also returns what its ``queue_retry`` calls found the state lock to be at their start ("held" by
     the worker, or "free": another worker's budget count could have run right then).
@@ -44,7 +49,7 @@ def _worker_here(
 
     from search.data import open_data
 
-    space = long_space(tmp_path)
+    space = space or long_space(tmp_path)
     run(RunOptions(space=str(space), trials=1, data=tiny_dir, display=False))  # the study, its attrs
     spec = worker_module.WorkerSpec(
         worker="w9",
@@ -55,7 +60,7 @@ def _worker_here(
         space_path=str(space),
         cache_dir=str(open_data(tiny_dir, progress=False).cache_dir),
         data_root=str(tiny_dir),
-        trials=2,
+        trials=trials,
         steps=None,
         seed=0,
         heartbeat=20,
@@ -132,3 +137,23 @@ def test_a_trial_cut_off_by_the_storage_is_failed_and_queued_again_in_one_step(
     done = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(done) == 2 and any(t.system_attrs.get("failed_trial") == failed[0].number for t in done)
     assert _sqlite_state_lock(tmp_path) == "free"
+
+
+def test_a_trial_is_never_pruned_at_its_last_validation(
+    tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trial validated only at its last step (``--steps`` <= ``valid_steps``) has trained in full: it
+    ends COMPLETE even under a pruner that would prune every trial it is asked about."""
+    space = write_space(tmp_path / "unit.yaml", steps=20, valid_steps=20)
+    spec, _ = _worker_here(tmp_path, tiny_dir, monkeypatch, space=space, trials=3)
+    asked: list[int] = []
+
+    def always_prune(self: optuna.Trial) -> bool:
+        asked.append(self.number)
+        return True
+
+    monkeypatch.setattr(optuna.Trial, "should_prune", always_prune)
+    assert worker_module.worker_main(spec) == 0
+    by_state = states(load())
+    assert by_state == {TrialState.COMPLETE: 3}, by_state
+    assert asked == []
