@@ -185,13 +185,16 @@ def _space_name(space: str) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from search.display import best_table, counts_line
+    from search.display import best_table, counts_line, failures_table
     from search.progress import console
     from search.storage import resolve
     from search.trials import count_trials
 
     _, study, url = resolve(args.study, args.storage)
     console.print(best_table(study, args.top))
+    failures = failures_table(study)
+    if failures is not None:
+        console.print(failures)
     console.print(counts_line(count_trials(study.get_trials(deepcopy=False))))
     console.print(f"[dim]storage {url}")
     return 0
@@ -449,7 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampler seed offset (default 0)")
     p.add_argument("--heartbeat", type=_positive, help="seconds between worker heartbeats (default 20)")
     p.add_argument(
-        "--max-failures", type=_positive, help="stop after this many failed trials (default: --trials)"
+        "--max-failures",
+        type=_positive,
+        help="stop after this many failed trials (default: --trials, at least 3)",
     )
     p.add_argument(
         "--allow-changed",

@@ -14,7 +14,7 @@ from rich.text import Text
 
 from search.progress import console
 from search.study import summary_rows
-from search.trials import Counts
+from search.trials import Counts, real_failures
 
 
 def _fmt(value: Any, pattern: str = "{:.4f}") -> str:
@@ -38,7 +38,10 @@ def best_table(study: optuna.Study, top: int = 10, width: int | None = None) -> 
     if wide:
         table.add_column("searched values", justify="left", min_width=30, ratio=1)
     below: list[Text] = []
-    for row in summary_rows(study, top):
+    rows = summary_rows(study, top)
+    if not rows:
+        table.caption = "no finished trial yet"
+    for row in rows:
         values = ", ".join(
             f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["params"].items()
         )
@@ -57,6 +60,24 @@ def best_table(study: optuna.Study, top: int = 10, width: int | None = None) -> 
             table.add_row(*cells)
             below.append(Text.assemble((f"trial {row['number']}: ", "bold"), values))
     return Group(table, *below) if below else table
+
+
+def failures_table(study: optuna.Study, latest: int = 5) -> RenderableType | None:
+    """The latest failed trials with their reasons (None when there are none): what to fix before a
+    study that stopped at ``--max-failures`` is run again."""
+    failed = real_failures(study.get_trials(deepcopy=False))
+    if not failed:
+        return None
+    shown = failed[-latest:]
+    more = f" (latest {len(shown)} of {len(failed)})" if len(failed) > len(shown) else ""
+    table = Table(title=f"failed trials{more}", header_style="bold", title_style="bold red")
+    table.add_column("trial", justify="right", no_wrap=True)
+    table.add_column("device", no_wrap=True)
+    table.add_column("reason", overflow="fold")
+    for t in shown:
+        reason = str(t.user_attrs.get("fail_reason") or "no reason recorded (the worker died?)")
+        table.add_row(str(t.number), str(t.user_attrs.get("device") or "-"), reason)
+    return table
 
 
 def counts_line(counts: Counts, target: int | None = None) -> Text:

@@ -44,7 +44,7 @@ def count_trials(trials: list[FrozenTrial]) -> Counts:
     Only real failures (a bad configuration, divergence, out of memory, a checkpoint that could not be
     stored) count toward ``--max-failures``: a study stopped twice with Ctrl-C must still resume.
     """
-    requeued = {n for t in trials for n in (t.system_attrs.get("retry_history") or [])}
+    requeued = _requeued(trials)
     c = Counts()
     for t in trials:
         if t.state == TrialState.COMPLETE:
@@ -63,6 +63,18 @@ def count_trials(trials: list[FrozenTrial]) -> Counts:
             else:
                 c.failed += 1
     return c
+
+
+def _requeued(trials: list[FrozenTrial]) -> set[int]:
+    return {n for t in trials for n in (t.system_attrs.get("retry_history") or [])}
+
+
+def real_failures(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The FAIL trials that count as failures (as in :func:`count_trials`): not retried, not skipped."""
+    requeued = _requeued(trials)
+    return [
+        t for t in trials if t.state == TrialState.FAIL and not is_skipped(t) and t.number not in requeued
+    ]
 
 
 def _root(t: FrozenTrial) -> int:

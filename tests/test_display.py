@@ -1,14 +1,14 @@
-"""search.display: the status table stays readable on narrow and wide terminals."""
+"""search.display: the status tables stay readable on narrow and wide terminals and say why trials failed."""
 
 from __future__ import annotations
 
 import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
-from optuna.trial import create_trial
+from optuna.trial import TrialState, create_trial
 from rich.console import Console
 
-from search.display import WIDE, best_table
+from search.display import WIDE, best_table, failures_table
 
 PARAMS = {"encoder": "conformer", "dropout": 0.123456, "pooling": "attentive_stats"}
 DISTS = {
@@ -52,3 +52,29 @@ def test_narrow_terminals_list_the_values_under_the_table() -> None:
     narrow, wide = _render(80), _render(WIDE + 40)
     assert "trial 1: encoder=conformer" in narrow and "searched values" not in narrow
     assert "searched values" in wide and "trial 1:" not in wide
+
+
+def test_failures_table_gives_the_reasons_of_real_failures_only() -> None:
+    study = _study()
+    assert failures_table(study) is None  # no failure: no table
+    fail = TrialState.FAIL
+    reasons = [f"bad config: d_model {n} not divisible by heads" for n in range(7)]
+    for reason in reasons:
+        study.add_trial(create_trial(state=fail, user_attrs={"fail_reason": reason, "device": "cpu"}))
+    killed = study.trials[-1].number
+    study.add_trial(create_trial(state=fail, user_attrs={"fail_reason": "interrupted", "skipped": False}))
+    study.add_trial(
+        create_trial(state=fail, user_attrs={"fail_reason": "study already holds", "skipped": True})
+    )
+    retry = create_trial(state=TrialState.COMPLETE, value=0.1)
+    retry._system_attrs = {"failed_trial": killed, "retry_history": [killed]}
+    study.add_trial(retry)
+    console = Console(width=160, record=True, color_system=None)
+    table = failures_table(study, latest=3)
+    assert table is not None
+    console.print(table)
+    text = console.export_text()
+    # Seven real failures: trials 3-8 and the interrupted 10; 9 was retried and 11 skipped.
+    assert "failed trials (latest 3 of 7)" in text, text
+    assert reasons[4] in text and reasons[5] in text and "interrupted" in text
+    assert reasons[6] not in text and "study already holds" not in text and reasons[3] not in text
