@@ -201,7 +201,33 @@ def load_config(path: Path) -> Config:
             f"{path}: the config is empty; set at least the model keys "
             "(encoder, d_model, heads, layers, ...) as in spaces/baselines/*.yaml"
         )
+    if isinstance(values, dict) and "params" in values:
+        raise UserError(
+            f"{path}: this is a search space (it has 'params'), not a config; search it with "
+            f"'spkid-search run --space {path}', or train a flat config such as spaces/baselines/strong.yaml"
+        )
     return Config.from_dict(values, source=str(path))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that refuses a key given twice in one mapping.
+
+    Why: plain YAML keeps the last value silently, so ``steps: 60`` then ``steps: 70`` further down
+    trains for 70 without a word about the 60 the user may be looking at.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)):
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' is given twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def read_yaml(path: Path) -> Any:
@@ -213,7 +239,7 @@ def read_yaml(path: Path) -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read ({exc.__class__.__name__}: {exc})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -115,6 +115,10 @@ def test_space_found_by_name_or_path(tmp_path: Path) -> None:
 
 BAD = [
     ("params: [unclosed", "malformed YAML at line 1"),
+    (
+        "name: t\nparams:\n  steps: 60\n  lr: 0.001\n  steps: 70\n",
+        "line 5, column 3: key 'steps' is given twice",
+    ),
     ({**GOOD, "bogus": 1}, "unknown top-level key 'bogus'"),
     (with_params(d_modle={"low": 1, "high": 2}), "params.d_modle: unknown config key"),
     (with_params(d_model={"low": 128, "high": 64}), "params.d_model: low (128) > high (64)"),
