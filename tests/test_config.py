@@ -62,14 +62,12 @@ def test_compile_modes_and_checkpoints_written_before_compile_mode_existed() -> 
 
 
 def test_a_search_space_given_as_a_config_says_which_command_takes_it() -> None:
-
     space = REPO / "spaces" / "smoke.yaml"
     with pytest.raises(UserError, match=r"this is a search space .* 'spkid-search run --space "):
         load_config(space)
 
 
 def test_a_key_given_twice_is_refused_with_its_line(tmp_path: Path) -> None:
-
     path = tmp_path / "twice.yaml"
     path.write_text("d_model: 64\nheads: 2\nd_model: 128\n")
     with pytest.raises(UserError, match=r"line 3, column 1: key 'd_model' is given twice"):
