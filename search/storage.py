@@ -267,7 +267,7 @@ def open_storage(
 
     ``must_exist`` (read-only commands): a SQLite file that is not there is an error, not created.
     """
-    url = check_storage_url(url)
+    given, url = url, check_storage_url(url)
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         path = sqlite_file(url)
@@ -301,7 +301,14 @@ def open_storage(
                 time.sleep(0.25 * attempt)
                 continue
             first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
-            raise UserError(f"--storage {mask_url(url)}: cannot connect ({mask_url(first)[:200]})") from None
+            advice = (
+                "check the host, port, user and database name, and that the server is running"
+                if not url.startswith("sqlite")
+                else "check the file and its folder's permissions"
+            )
+            raise UserError(
+                f"--storage {mask_url(given)}: cannot connect ({mask_url(first)[:200]}); {advice}"
+            ) from None
     raise AssertionError("unreachable")
 
 

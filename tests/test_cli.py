@@ -52,6 +52,15 @@ def test_wrong_arguments_exit_2_with_usage(argv: list[str], capsys: pytest.Captu
     assert "usage:" in err and "Traceback" not in err
 
 
+def test_an_unknown_option_shows_its_commands_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--space", "smoke", "--trials", "1", "--bogus"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: spkid-search run ") and "--space SPACE" in err
+    assert err.strip().endswith("spkid-search run: error: unrecognized arguments: --bogus")
+
+
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "search.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300

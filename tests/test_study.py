@@ -401,8 +401,13 @@ def test_three_workers_on_postgresql(tmp_path: Path, tiny_dir: Path, pg_database
 def test_wrong_storage_url_and_unknown_study(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="expected sqlite:///"):
         open_storage("mongodb://x")
-    with pytest.raises(UserError, match="cannot connect"):
+    # The URL as the user wrote it (not SQLAlchemy's postgresql+psycopg form), and what to check.
+    with pytest.raises(
+        UserError, match=r"^--storage postgresql://nobody:\*\*\*@127.0.0.1:1/none: cannot connect "
+    ):
         open_storage("postgresql://nobody:secret@127.0.0.1:1/none")
+    with pytest.raises(UserError, match="check the host, port, user and database name"):
+        open_storage("postgres://nobody@127.0.0.1:1/none")
     try:
         open_storage("postgresql://nobody:secret@127.0.0.1:1/none")
     except UserError as exc:
