@@ -143,7 +143,7 @@ def load_feature(path: Path, n_mels: int, mel_len: int | None = None) -> torch.T
     except FileNotFoundError:
         raise UserError(f"{path}: feature file not found (listed in the metadata)") from None
     except Exception as exc:  # noqa: BLE001 - pickle/zip errors come in many types
-        reason = load_failure(exc)
+        reason = load_failure(exc, path)
         raise UserError(f"{path}: unreadable tensor file: {reason}; restore or remove it") from None
     if not isinstance(tensor, torch.Tensor):
         raise UserError(f"{path}: holds a {type(tensor).__name__}, expected a tensor (mel_len, {n_mels})")

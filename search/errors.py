@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pickle
 import re
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -37,13 +38,18 @@ def shown(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
-def load_failure(exc: BaseException) -> str:
+def load_failure(exc: BaseException, path: Path | None = None) -> str:
     """Why ``torch.load(..., weights_only=True)`` refused a file, in a few words.
 
     torch's own text opens with a paragraph about changed defaults and suggests re-running with
     ``weights_only=False`` (the unsafe fix); the useful part is the global the file tried to import.
     """
     text = str(exc)
+    if isinstance(exc, EOFError):
+        return "the file is empty or cut short"
+    head = _head(path, 2) if path is not None else b""
+    if head and not head.startswith((b"PK", b"\x80")):  # torch writes zip archives (legacy: pickles)
+        return "not a PyTorch file (neither a zip archive nor a pickle)"  # junk, not an attack
     blocked = re.search(r"GLOBAL (\S+)", text)
     if isinstance(exc, pickle.UnpicklingError) and blocked:
         return f"it holds Python objects, not only tensors (it imports {blocked.group(1)}), unsafe to load"
@@ -51,5 +57,12 @@ def load_failure(exc: BaseException) -> str:
         detail = re.search(r"WeightsUnpickler error: \s*(\S[^\n]*)", text)
         why = detail.group(1).strip() if detail else "not a plain tensor file"
         return f"not a plain tensor file ({shown(why, 100).strip(chr(39))}), unsafe to load"
-    first = (text.strip().splitlines() or [exc.__class__.__name__])[0]
-    return shown(first, 160).strip("'\"")
+    return first_line(exc).strip("'\"")
+
+
+def _head(path: Path, n: int) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(n)
+    except OSError:
+        return b""

@@ -48,7 +48,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise UserError(f"{path}: checkpoint not found") from None
     except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types
-        reason = load_failure(exc)
+        reason = load_failure(exc, path)
         raise UserError(
             f"{path}: not a loadable checkpoint: {reason}; it may be corrupt: replace it with one you trust"
         ) from None

@@ -1,0 +1,31 @@
+"""search.errors: the few words a one-line report gives for an unreadable tensor file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from search.errors import UserError, load_failure
+from search.infer import read_checkpoint
+
+
+def _refusal(path: Path) -> str:
+    try:
+        torch.load(path, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - whatever torch raises is what load_failure explains
+        return load_failure(exc, path)
+    raise AssertionError(f"{path} loaded")
+
+
+def test_an_empty_or_junk_file_is_named_for_what_it_is(tmp_path: Path) -> None:
+    empty, junk = tmp_path / "empty.pt", tmp_path / "junk.pt"
+    empty.write_bytes(b"")
+    junk.write_bytes(bytes(range(256)) * 3)
+    assert _refusal(empty) == "the file is empty or cut short"  # was torch's bare "EOFError"
+    assert _refusal(junk) == "not a PyTorch file (neither a zip archive nor a pickle)"  # not "unsafe"
+    with pytest.raises(
+        UserError, match=r"empty\.pt: not a loadable checkpoint: the file is empty or cut short"
+    ):
+        read_checkpoint(empty)
