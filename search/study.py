@@ -143,6 +143,36 @@ def plan_devices(opts: RunOptions) -> tuple[list[str], int]:
     return ["cpu"] * (opts.workers or 1), opts.lanes or 1
 
 
+def _recorded_data_root(url: str, name: str) -> Path | None:
+    """The data folder an existing study was run on, for a run without ``--data`` (None: a new study).
+
+    Why: resuming a study on the real set without repeating ``--data`` would otherwise generate the
+    default synthetic set, only to refuse it as another data set.
+    """
+    from search.storage import open_storage, sqlite_file, study_names
+
+    db = sqlite_file(url)
+    if db is not None and not db.is_file():
+        return None  # no database yet: a new study (and no file is created just to look)
+    storage = open_storage(url)
+    try:
+        if name not in study_names(storage):
+            return None
+        recorded = optuna.load_study(study_name=name, storage=storage).user_attrs.get("data_root")
+    finally:
+        storage.engine.dispose()
+    if not recorded:
+        return None
+    root = Path(recorded)
+    if not root.is_dir():
+        raise UserError(
+            f"--data: study '{name}' was run on {root}, which is not there any more; give --data with "
+            "the same data set (or a new --study name)"
+        )
+    _log(f"No --data given: using the data set study '{name}' was run on, {root}")
+    return root
+
+
 def _may_compile(space: Space) -> bool:
     """Whether any trial of ``space`` may run with ``compile: true``."""
     return (
@@ -218,7 +248,8 @@ def run(
     grace = int(space.study.get("grace_period", 3 * heartbeat))
     from search.data import make_split, open_data  # torch: after the checks that need none
 
-    data = open_data(opts.data, progress=opts.display)
+    data_root = opts.data if opts.data is not None else _recorded_data_root(url, name)
+    data = open_data(data_root, progress=opts.display)
     base = space.config_for({})
     split = make_split(data, base.train.valid_ratio, base.train.split_seed)
     storage = open_storage(url, heartbeat, grace)

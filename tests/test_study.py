@@ -81,6 +81,25 @@ def test_changed_data_or_space_is_refused(tmp_path: Path, tiny_dir: Path, fake_d
     )
 
 
+def test_a_run_without_data_resumes_on_the_studys_own_data_set(
+    tmp_path: Path, tiny_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    data = tmp_path / "Dataset"
+    shutil.copytree(tiny_dir, data)
+    space = write_space(tmp_path / "unit.yaml")
+    run(RunOptions(space=str(space), trials=1, data=data, display=False))
+    assert run(RunOptions(space=str(space), trials=2, display=False)).finished == 2  # no --data
+    assert f"using the data set study 'unit' was run on, {data}" in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "data").exists()  # the default synthetic set was not generated
+    data.rename(tmp_path / "moved")
+    with pytest.raises(
+        UserError, match=r"^--data: study 'unit' was run on .*Dataset, which is not there any more"
+    ):
+        run(RunOptions(space=str(space), trials=3, display=False))
+
+
 def _trained_steps(study: optuna.Study) -> list[int]:
     finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
     return [t.user_attrs["config"]["steps"] for t in finished]
