@@ -631,10 +631,11 @@ def render_vote(result: VoteResult) -> Any:
         table.add_row(
             m.name, trial, f"{m.weight:g}", f"{m.temperature:.3f}", pct(m.valid_acc), pct(m.test_acc)
         )
-    table.add_section()
-    table.add_row(
-        "[bold]ensemble", "", "", "", f"[bold]{pct(result.valid_acc)}", f"[bold]{pct(result.test_acc)}"
-    )
+    if len(result.members) > 1:  # one model's row already is the result
+        table.add_section()
+        table.add_row(
+            "[bold]ensemble", "", "", "", f"[bold]{pct(result.valid_acc)}", f"[bold]{pct(result.test_acc)}"
+        )
     if result.note:
         table.caption = result.note
     return table

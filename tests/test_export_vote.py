@@ -438,6 +438,8 @@ def test_predict_single_checkpoint(trained: list[Trained], data: PackedData, tmp
     rows = out.read_text().splitlines()
     assert rows[0] == "Id,Category"
     assert [r.split(",")[1] for r in rows[1:]] == [ckpt["speakers"][int(c)] for c in expected]
+    shown = _render(render_vote(result))
+    assert "prediction ->" in shown and "ensemble" not in shown  # one model: no ensemble row
     with pytest.raises(UserError, match="already exists"):
         predict(run.checkpoint, data, out)
     with pytest.raises(UserError, match="checkpoint not found"):
