@@ -470,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print a table of the best finished trials and the trial counts.",
     )
     p.add_argument("--study", help="study name (optional when there is only one)")
-    p.add_argument("--storage", help="storage URL (default: studies/<study>/study.db)")
+    p.add_argument("--storage", help="storage URL (default sqlite:///studies/<study>/study.db)")
     p.add_argument("--top", type=_positive, default=10, help="rows to show (default 10)")
     p.set_defaults(func=cmd_status)
 
@@ -481,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(checkpoints), bound to 127.0.0.1 unless --host says otherwise.",
     )
     p.add_argument("--study", help="study name (optional when there is only one)")
-    p.add_argument("--storage", help="storage URL (default: studies/<study>/study.db)")
+    p.add_argument("--storage", help="storage URL (default sqlite:///studies/<study>/study.db)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=_positive, default=8080, help="port (default 8080)")
     p.set_defaults(func=cmd_dashboard)
@@ -494,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
         "ensemble selection on the study's validation split (K caps the distinct members).",
     )
     p.add_argument("k", type=_positive, metavar="K", help="number of members (greedy: at most K distinct)")
-    p.add_argument("--study", help="study name (may be left out when there is only one)")
+    p.add_argument("--study", help="study name (optional when there is only one)")
     p.add_argument("--storage", help="storage URL (default sqlite:///studies/<study>/study.db)")
     p.add_argument("--out", type=Path, help="export folder (default studies/<study>/export/<strategy><K>)")
     p.add_argument("--strategy", choices=("top", "greedy"), default="top", help="top (default) or greedy")
