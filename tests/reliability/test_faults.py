@@ -301,7 +301,19 @@ def _mount_tmpfs(target: Path, size: str) -> bool:
 
 
 def _remount(target: Path, mode: str) -> None:
-    subprocess.run(["mount", "-o", f"remount,{mode}", str(target)], check=True, timeout=20)
+    """Remount ``target`` read-only or read-write.
+
+    A read-only remount fails ("mount point is busy") while any file there is open for writing, which
+    is the case for the few milliseconds a worker writes a checkpoint: try again, briefly.
+    """
+    for _ in range(100):
+        done = subprocess.run(
+            ["mount", "-o", f"remount,{mode}", str(target)], capture_output=True, timeout=20
+        )
+        if done.returncode == 0:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"cannot remount {target} {mode}: {done.stderr.decode(errors='replace').strip()}")
 
 
 class DiskFull:
