@@ -496,6 +496,8 @@ def _run_lanes(spec: WorkerSpec, lane: Callable[[WorkerSpec, int], int]) -> int:
 
 
 def worker_process(spec: WorkerSpec) -> None:
+    """A spawned worker's entry point: exit 0 (budget met), 2 (a user error, left in its status file for
+    the driver to show) or 130 (stopped)."""
     try:
         code = worker_main(spec)
     except UserError as exc:
@@ -508,6 +510,7 @@ def worker_process(spec: WorkerSpec) -> None:
 
 
 def read_status(status_dir: Path) -> list[dict[str, Any]]:
+    """The latest status of every worker (lane) writing to ``status_dir``; an unreadable file is skipped."""
     out = []
     for path in sorted(status_dir.glob("*.json")):
         try:
