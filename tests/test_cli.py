@@ -23,7 +23,7 @@ def test_every_command_explains_itself(capsys: pytest.CaptureFixture[str]) -> No
         main(["--help"])
     assert info.value.code == 0
     top = capsys.readouterr().out
-    registered = set(build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+    registered = set(build_parser()._subparsers._group_actions[0].choices or ())  # type: ignore[union-attr]
     for command in COMMANDS:
         if command not in registered:
             continue

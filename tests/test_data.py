@@ -4,7 +4,9 @@ import json
 import os
 import pickle
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -30,7 +32,7 @@ def hw4(tmp_path: Path) -> Path:
     return make_hw4(tmp_path / "Dataset")
 
 
-def _edit_json(path: Path, edit) -> None:  # type: ignore[no-untyped-def]
+def _edit_json(path: Path, edit: Callable[[Any], Any]) -> None:
     data = json.loads(path.read_text())
     edit(data)
     path.write_text(json.dumps(data))
@@ -72,7 +74,7 @@ def _first_train_file(root: Path) -> str:
         ),
     ],
 )
-def test_layout_errors_name_file_and_problem(hw4: Path, mutate, expected: str) -> None:  # type: ignore[no-untyped-def]
+def test_layout_errors_name_file_and_problem(hw4: Path, mutate: Callable[[Path], Any], expected: str) -> None:
     mutate(hw4)
     with pytest.raises(UserError) as info:
         pack(hw4, hw4.parent / "cache", progress=False)
@@ -109,7 +111,7 @@ def test_bad_tensor_files(hw4: Path, payload: object, expected: str) -> None:
 
 
 class _Evil:
-    def __reduce__(self):  # type: ignore[no-untyped-def]
+    def __reduce__(self) -> tuple[Any, ...]:
         return (os.system, ("touch pwned",))
 
 

@@ -449,8 +449,8 @@ def test_sigterm_then_ctrl_c_stop_cleanly_and_the_study_resumes_to_the_exact_cou
     tmp_path: Path, tiny_dir: Path, cli: Any, figures: Figures
 ) -> None:
     space = write_space(tmp_path / "unit.yaml", steps=120, valid_steps=30)
-    args = ("run", "--space", str(space), "--trials", "3", "--data", str(tiny_dir), "--workers", "2")
-    args += ("--heartbeat", "1", "--quiet")
+    args: tuple[str, ...] = ("run", "--space", str(space), "--trials", "3", "--data", str(tiny_dir))
+    args += ("--workers", "2", "--heartbeat", "1", "--quiet")
     seen: dict[int, int] = {}  # trial -> step it had reached (past a checkpoint) when the signal went
     interrupted: set[int] = set()
     for how in ("SIGTERM to the driver", "Ctrl-C to the process group"):
