@@ -218,30 +218,13 @@ def run(
         check_storage_url,
         check_study_name,
         default_storage_url,
-        is_transient_db_error,
         open_storage,
         study_dir,
     )
 
     space = load_space(opts.space)
     name = check_study_name(opts.study or space.name)
-    if opts.trials > MAX_TRIALS:
-        raise UserError(f"--trials {opts.trials}: absurdly many; use at most {MAX_TRIALS}")
-    if opts.steps is not None and opts.steps > MAX_STEPS:
-        raise UserError(f"--steps {opts.steps}: absurdly many; use at most {MAX_STEPS:,}")
-    devices, lanes = plan_devices(opts)
-    if len(devices) * lanes > MAX_WORKERS:
-        asked = (
-            f"{len(devices)} workers requested (--workers {len(devices)})"
-            if devices[0] == "cpu" and lanes == 1
-            else f"{len(devices) * lanes} trials at once requested (--per-gpu {lanes} on {len(devices)} GPUs)"
-        )
-        raise UserError(f"{asked}; at most {MAX_WORKERS} per machine")
-    if lanes > 1 and _may_compile(space):
-        raise UserError(
-            f"{space.path}: 'compile' cannot run with --per-gpu {lanes}: torch.compile is not safe in the "
-            "threads that share a GPU's trials; use --per-gpu 1, or take compile out of the space"
-        )
+    devices, lanes = _check_run(opts, space)
     url = opts.storage or default_storage_url(name)
     check_storage_url(url)  # its form now; connecting (and creating a SQLite file) once the data is good
     heartbeat = opts.heartbeat or int(space.study.get("heartbeat_interval", DEFAULT_HEARTBEAT))
@@ -313,19 +296,90 @@ def run(
         )
         for i, dev in enumerate(devices)
     ]
+    outage = _OutageLog(opts.storage_patience)
+    exits, respawns = _supervise(specs, study, opts, status_dir, outage, on_update)
+    errors = [s.get("error") for s in read_status(status_dir) if s.get("error")]
+    if errors:
+        raise UserError(str(errors[0]))
+    wait = StorageWait(url, opts.storage_patience, on_wait=outage.lost)
+    counts = wait.call(lambda: count_trials(study.get_trials(deepcopy=False)))
+    max_failures = opts.max_failures or max(opts.trials, 3)
+    if counts.finished < opts.trials and counts.failed >= max_failures:
+        raise UserError(
+            f"study '{name}' stopped at {counts.finished} of {opts.trials} finished trials after "
+            f"{counts.failed} failed ones (--max-failures {max_failures}); 'spkid-search status' shows "
+            "why they failed: fix that, or raise --max-failures, and run the same command again"
+        )
+    broken = {w: code for w, code in exits.items() if code != 0}
+    if counts.finished < opts.trials and broken:
+        what = ", ".join(f"worker {w} {_exit_text(code)}" for w, code in sorted(broken.items()))
+        raise UserError(
+            f"study '{name}' holds {counts.finished} of {opts.trials} finished trials: {what} "
+            f"({respawns} restarts used); fix the cause and run the same command again to resume"
+        )
+    return counts
+
+
+def _check_run(opts: RunOptions, space: Space) -> tuple[list[str], int]:
+    """The budget's and the workers' limits, before anything is opened: the devices and lanes to use."""
+    if opts.trials > MAX_TRIALS:
+        raise UserError(f"--trials {opts.trials}: absurdly many; use at most {MAX_TRIALS}")
+    if opts.steps is not None and opts.steps > MAX_STEPS:
+        raise UserError(f"--steps {opts.steps}: absurdly many; use at most {MAX_STEPS:,}")
+    devices, lanes = plan_devices(opts)
+    if len(devices) * lanes > MAX_WORKERS:
+        asked = (
+            f"{len(devices)} workers requested (--workers {len(devices)})"
+            if devices[0] == "cpu" and lanes == 1
+            else f"{len(devices) * lanes} trials at once requested (--per-gpu {lanes} on {len(devices)} GPUs)"
+        )
+        raise UserError(f"{asked}; at most {MAX_WORKERS} per machine")
+    if lanes > 1 and _may_compile(space):
+        raise UserError(
+            f"{space.path}: 'compile' cannot run with --per-gpu {lanes}: torch.compile is not safe in the "
+            "threads that share a GPU's trials; use --per-gpu 1, or take compile out of the space"
+        )
+    return devices, lanes
+
+
+class _OutageLog:
+    """One line when the driver loses the storage, one when it is back (not one per failed poll)."""
+
+    def __init__(self, patience: float) -> None:
+        self.patience = patience
+        self.logged = False
+
+    def lost(self, reason: str, waited: float = 0.0) -> None:
+        if not self.logged:
+            _log(f"storage unreachable ({reason}); workers wait and retry for up to {self.patience:.0f} s")
+            self.logged = True
+
+    def back(self) -> None:
+        if self.logged:
+            _log("storage reachable again")
+            self.logged = False
+
+
+def _supervise(
+    specs: list[WorkerSpec],
+    study: optuna.Study,
+    opts: RunOptions,
+    status_dir: Path,
+    outage: _OutageLog,
+    on_update: Callable[[optuna.Study, Counts, list[dict[str, Any]]], None] | None,
+) -> tuple[dict[str, int | None], int]:
+    """Start the workers and wait for all to exit, restarting any killed by a signal while the budget
+    is not met (at most ``max_respawns`` times); each worker's exit code and the restarts used.
+
+    Ctrl-C (or SIGTERM) here stops every worker cleanly (:func:`stop_workers`) and is raised again.
+    """
+    from search.storage import is_transient_db_error
+
     respawn_limit = opts.max_respawns if opts.max_respawns is not None else 5 * len(specs)
     respawns = 0
-    outage = {"logged": False}
-
-    def storage_lost(reason: str, waited: float) -> None:
-        if not outage["logged"]:
-            _log(
-                f"storage unreachable ({reason}); workers wait and retry for up to "
-                f"{opts.storage_patience:.0f} s"
-            )
-            outage["logged"] = True
-
-    wait = StorageWait(url, opts.storage_patience, on_wait=storage_lost)
+    ctx = mp.get_context("spawn")
+    procs: dict[str, Any] = {}
+    exits: dict[str, int | None] = {}
 
     def finished_now() -> int | None:
         try:
@@ -334,10 +388,6 @@ def run(
             if is_transient_db_error(exc):
                 return None
             raise
-
-    ctx = mp.get_context("spawn")
-    procs: dict[str, Any] = {}
-    exits: dict[str, int | None] = {}
 
     def start(spec: WorkerSpec) -> None:
         proc = ctx.Process(target=worker_process, args=(spec,), name=spec.worker)
@@ -372,36 +422,16 @@ def run(
             if on_update is not None and len(exits) < len(specs):
                 try:
                     on_update(study, count_trials(study.get_trials(deepcopy=False)), read_status(status_dir))
-                    if outage["logged"]:
-                        _log("storage reachable again")
-                        outage["logged"] = False
+                    outage.back()
                 except Exception as exc:
                     if not is_transient_db_error(exc):
                         raise
-                    storage_lost(db_error_text(exc), 0.0)
+                    outage.lost(db_error_text(exc))
             time.sleep(1.0)
     except KeyboardInterrupt:
         stop_workers(list(procs.values()))
         raise
-    errors = [s.get("error") for s in read_status(status_dir) if s.get("error")]
-    if errors:
-        raise UserError(str(errors[0]))
-    counts = wait.call(lambda: count_trials(study.get_trials(deepcopy=False)))
-    max_failures = opts.max_failures or max(opts.trials, 3)
-    if counts.finished < opts.trials and counts.failed >= max_failures:
-        raise UserError(
-            f"study '{name}' stopped at {counts.finished} of {opts.trials} finished trials after "
-            f"{counts.failed} failed ones (--max-failures {max_failures}); 'spkid-search status' shows "
-            "why they failed: fix that, or raise --max-failures, and run the same command again"
-        )
-    broken = {w: code for w, code in exits.items() if code != 0}
-    if counts.finished < opts.trials and broken:
-        what = ", ".join(f"worker {w} {_exit_text(code)}" for w, code in sorted(broken.items()))
-        raise UserError(
-            f"study '{name}' holds {counts.finished} of {opts.trials} finished trials: {what} "
-            f"({respawns} restarts used); fix the cause and run the same command again to resume"
-        )
-    return counts
+    return exits, respawns
 
 
 def stop_workers(procs: list[Any], timeout: float = 60.0) -> None:
