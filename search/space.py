@@ -419,8 +419,9 @@ def _check_options(opts: dict[str, Any], known: set[str], where: str) -> None:
     Why: Optuna reports a misspelt option in Python's words and accepts some impossible values
     (``min_resource: 0`` only fails, as a division by zero, once trials run).
     """
-    for key in sorted(set(opts) - known):
-        raise UserError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(known)) or 'none'})")
+    unknown = sorted(set(opts) - known)
+    if unknown:
+        raise UserError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known)) or 'none'})")
     for key, least in _COUNTS.items():
         value = opts.get(key)
         if key not in opts or (key.endswith("_resource") and value == "auto"):
@@ -470,12 +471,12 @@ def make_pruner(space: Space, src: str = "space") -> optuna.pruners.BasePruner:
     """The pruner the space names; ``patient`` wraps a median pruner with ``patience`` validations."""
     opts = {k: v for k, v in space.pruner.items() if k != "name"}
     name = space.pruner["name"]
-    P = optuna.pruners
+    pruners = optuna.pruners
     known = {
-        "median": _option_names(P.MedianPruner),
-        "successive_halving": _option_names(P.SuccessiveHalvingPruner),
-        "hyperband": _option_names(P.HyperbandPruner),
-        "patient": _option_names(P.MedianPruner, P.PatientPruner),
+        "median": _option_names(pruners.MedianPruner),
+        "successive_halving": _option_names(pruners.SuccessiveHalvingPruner),
+        "hyperband": _option_names(pruners.HyperbandPruner),
+        "patient": _option_names(pruners.MedianPruner, pruners.PatientPruner),
         "none": set(),
     }
     _check_options(opts, known[name], f"{src}: pruner '{name}'")
@@ -483,15 +484,15 @@ def make_pruner(space: Space, src: str = "space") -> optuna.pruners.BasePruner:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # PatientPruner's
             if name == "median":
-                return P.MedianPruner(**opts)
+                return pruners.MedianPruner(**opts)
             if name == "successive_halving":
-                return P.SuccessiveHalvingPruner(**opts)
+                return pruners.SuccessiveHalvingPruner(**opts)
             if name == "hyperband":
-                return P.HyperbandPruner(**opts)
+                return pruners.HyperbandPruner(**opts)
             if name == "patient":
                 patience = opts.pop("patience", 2)
                 min_delta = opts.pop("min_delta", 0.0)
-                return P.PatientPruner(P.MedianPruner(**opts), patience, min_delta)
-            return P.NopPruner()
+                return pruners.PatientPruner(pruners.MedianPruner(**opts), patience, min_delta)
+            return pruners.NopPruner()
     except (TypeError, ValueError) as exc:
         raise UserError(f"{src}: pruner '{name}': {str(exc).splitlines()[0]}") from None
