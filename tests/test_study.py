@@ -431,3 +431,19 @@ def test_wrong_storage_url_and_unknown_study(tmp_path: Path) -> None:
         open_storage("postgresql://nobody:secret@127.0.0.1:1/none")
     except UserError as exc:
         assert "secret" not in str(exc)
+
+
+def test_the_driver_says_once_that_the_storage_is_lost_and_once_that_it_is_back(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    outage = study_module._OutageLog(patience=300)
+    outage.back()  # never lost: nothing to say
+    for _ in range(3):  # the driver polls every second through an outage
+        outage.lost("connection refused", 0.0)
+    outage.back()
+    outage.back()
+    lines = [" ".join(line.split()) for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines == [
+        "storage unreachable (connection refused); workers wait and retry for up to 300 s",
+        "storage reachable again",
+    ]
