@@ -95,23 +95,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     from search.data import open_data
     from search.devices import resolve_device
     from search.progress import console
-    from search.train import train
+    from search.train import resume_step, train
     from search.trainview import TrainView
 
     config = load_config(args.config)
     if args.steps is not None:
         config = config.replace(steps=args.steps, valid_steps=min(config.train.valid_steps, args.steps))
+    if not config.train.checkpoint_steps:  # so that an interrupted run resumes (as a study's trials do)
+        config = config.replace(checkpoint_steps=config.train.valid_steps)
     out = args.out if args.out is not None else Path("studies") / "runs" / Path(args.config).stem
-    # A finished run's best.pt is refused before any data is packed; last.pt means an interrupted run
-    # that train() resumes, so that case goes on.
-    best = out / "best.pt"
-    if not args.force and best.exists() and not (out / "last.pt").exists():
+    best, last = out / "best.pt", out / "last.pt"
+    # A finished run's best.pt is refused before any data is packed; last.pt is an interrupted run.
+    if not args.force and best.exists() and not last.exists():
         raise UserError(
             f"{best}: a finished run is already there; pass --force to replace it or --out elsewhere"
         )
     device = resolve_device(args.device)
     data = open_data(args.data, progress=not args.quiet)
-    console.print(f"Training {args.config} on {device} for {config.train.steps} steps -> {out}/best.pt")
+    start = "from step 0"
+    if args.force:
+        last.unlink(missing_ok=True)  # start over, as asked
+        best.unlink(missing_ok=True)
+    elif last.exists():
+        step = resume_step(last, config, data)
+        if step is None:
+            raise UserError(
+                f"{last}: an interrupted run of another config or data set; run the same config and "
+                "--data (and --steps) to resume it, or pass --force to start over"
+            )
+        start = f"resuming from step {step} ({last})"
+    console.print(f"Training {args.config} on {device} for {config.train.steps} steps, {start} -> {best}")
     with TrainView(config.train.steps, enabled=not args.quiet) as view:
         result = train(config, data, device, report=view.report, out_dir=out, log_every=args.log_every)
     console.print(
@@ -415,7 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive, help="override the config's number of training steps")
     p.add_argument("--device", default="auto", help="auto (default: cuda if present), cpu, cuda, cuda:1 ...")
     p.add_argument("--log-every", type=_positive, default=50, help="progress update interval in steps")
-    p.add_argument("--force", action="store_true", help="replace a finished run's best.pt in --out")
+    p.add_argument(
+        "--force", action="store_true", help="start over in --out, replacing a finished or interrupted run"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 

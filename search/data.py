@@ -336,7 +336,12 @@ def make_split(data: PackedData, ratio: float = 0.1, seed: int = 0) -> Split:
             continue
         k = min(len(members) - 1, max(1, int(round(ratio * len(members)))))
         valid_parts.append(rng.permutation(members)[:k])
-    valid = np.sort(np.concatenate(valid_parts)) if valid_parts else np.zeros(0, dtype=np.int64)
+    if not valid_parts:  # accuracy on no utterances would read 0.0 and rank every trial the same
+        raise UserError(
+            f"{data.root}: no speaker has 2 or more labelled utterances, so none can be held out to "
+            "validate on; give each speaker more utterances (prepare: a smaller --test-per-speaker)"
+        )
+    valid = np.sort(np.concatenate(valid_parts))
     train = np.setdiff1d(labelled, valid)
     digest = hashlib.sha256(data.fingerprint.encode() + valid.astype(np.int64).tobytes()).hexdigest()[:16]
     return Split(train=train, valid=valid, ratio=ratio, seed=seed, split_id=digest)

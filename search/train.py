@@ -238,6 +238,18 @@ def _same_config(saved: Any, config: Config) -> bool:
         return False
 
 
+def _resumes(state: dict[str, Any], config: Config, data: PackedData) -> bool:
+    """Whether a ``last.pt`` state was written by a run of ``config`` on ``data`` (so it may resume)."""
+    return _same_config(state["config"], config) and state.get("fingerprint") == data.fingerprint
+
+
+def resume_step(last_path: Path, config: Config, data: PackedData) -> int | None:
+    """The step an interrupted run saved in ``last_path`` resumes from, or None when it was a run of
+    another config or data set (which :func:`train` would start over, replacing it)."""
+    state = read_checkpoint(last_path)
+    return int(state["step"]) if _resumes(state, config, data) else None
+
+
 def _checkpoint_meta(config: Config, data: PackedData, split: Split) -> dict[str, Any]:
     return {
         "config": config.to_dict(),
@@ -317,7 +329,7 @@ def _train(
     best_path = out_dir / "best.pt" if out_dir is not None else None
     if resume and last_path is not None and last_path.exists():
         state = read_checkpoint(last_path)
-        if _same_config(state["config"], config) and state.get("fingerprint") == data.fingerprint:
+        if _resumes(state, config, data):
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             lr_in_tensor(optimizer, device, graphed)

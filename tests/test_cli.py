@@ -188,6 +188,50 @@ def test_train_keeps_a_finished_run_unless_forced_and_resumes_an_interrupted_one
     assert not (tmp_path / "part" / "last.pt").exists()
 
 
+def test_train_command_checkpoints_so_a_ctrl_c_resumes_and_says_so(
+    tmp_path: Path, tiny_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A config without checkpoint_steps still leaves last.pt behind a Ctrl-C (at each validation)."""
+    config = {k: v for k, v in TINY_TRAIN.items() if k != "checkpoint_steps"}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    argv = [
+        "train",
+        "--config",
+        "c.yaml",
+        "--data",
+        str(tiny_dir),
+        "--device",
+        "cpu",
+        "--out",
+        "run",
+        "--quiet",
+    ]
+    last = tmp_path / "run" / "last.pt"
+
+    def ctrl_c_at_step_4(*args: Any, report: Any, **kwargs: Any) -> TrainResult:
+        def stop(step: int, metrics: dict[str, float]) -> str | None:
+            if step == 4:
+                raise KeyboardInterrupt
+            return report(step, metrics)  # type: ignore[no-any-return]
+
+        return train(*args, report=stop, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr("search.train.train", ctrl_c_at_step_4)
+        assert main(argv) == 130
+    assert last.exists()
+    capsys.readouterr()
+    # Another budget is another run: refused, and the interrupted one is kept.
+    assert main([*argv, "--steps", "12"]) == 2
+    assert "run/last.pt: an interrupted run of another config or data set" in _one_error_line(capsys)
+    assert last.exists()
+    assert main(argv) == 0
+    assert "resuming from step 4" in " ".join(capsys.readouterr().err.split())
+    assert not last.exists()  # finished: nothing left to resume
+    assert main([*argv, "--force"]) == 0  # starts over
+    assert "for 8 steps, from step 0" in " ".join(capsys.readouterr().err.split())
+
+
 def test_synth_replaces_an_earlier_output_only_with_force(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -174,6 +174,13 @@ def test_split_is_deterministic_and_stratified(fake_data: PackedData) -> None:
     assert (per_speaker == 1).all()  # round(0.2 * 6) = 1
 
 
+def test_a_set_with_nothing_to_validate_on_is_refused(tmp_path: Path) -> None:
+    """One labelled utterance per speaker leaves no validation set: refused, not scored 0.0."""
+    data = pack(make_hw4(tmp_path / "Dataset", per_speaker=1), tmp_path / "cache", progress=False)
+    with pytest.raises(UserError, match="no speaker has 2 or more labelled utterances"):
+        make_split(data)
+
+
 def test_crop_batches_pad_and_mask(fake_data: PackedData) -> None:
     store = FeatureStore(fake_data)
     split = make_split(fake_data)
