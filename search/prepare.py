@@ -586,9 +586,16 @@ def _run(
             max_workers=min(workers, len(todo)), mp_context=ctx, initializer=_init_worker
         )
         try:
-            futures: dict[Future[Result], Job] = {
-                pool.submit(_extract, str(job[0].path), str(out), job[1]): job for job in todo
-            }
+            # The workers start as the jobs are submitted. Started with SIGINT blocked, they inherit the
+            # block, so a Ctrl-C while they import torch (before _init_worker runs) does not print a
+            # traceback from each; here it waits until they have started, then stops the queue.
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                futures: dict[Future[Result], Job] = {
+                    pool.submit(_extract, str(job[0].path), str(out), job[1]): job for job in todo
+                }
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             for fut in as_completed(futures):
                 on_result(futures[fut], fut.result())
                 advance(1)

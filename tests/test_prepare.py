@@ -417,3 +417,58 @@ def test_short_training_run_beats_chance(prepared: Prepared, tmp_path: Path) -> 
     finally:
         torch.set_num_threads(threads)
     assert result.best_accuracy > 2 / report.speakers, result
+
+
+def _spawned_workers(pid: int) -> int:
+    """How many multiprocessing workers ``pid`` has started (Linux /proc)."""
+    count = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        count += parent == pid and b"spawn_main" in cmdline
+    return count
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc to see the workers")
+def test_ctrl_c_while_workers_start_is_one_line_not_their_tracebacks(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C reaches the workers too; while they still import torch (before their own
+    handler is set) each used to print a KeyboardInterrupt traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rng = np.random.default_rng(0)
+    for spk in range(4):
+        for utt in range(10):
+            write_clip(
+                tmp_path / "audio" / f"s{spk}" / f"u{utt}.wav",
+                voice(120 + 40 * spk, (700, 1200), 1.0, 16000, rng),
+                16000,
+                1,
+                "WAV",
+            )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "search.cli", "prepare", "audio", "--out", "out", "--workers", "2", "--quiet"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    try:
+        deadline = time.monotonic() + 120
+        # Both pool workers have started: they are importing torch right now.
+        while _spawned_workers(proc.pid) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.005)
+        assert proc.poll() is None, "prepare ended before its workers were seen"
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out and out.strip().endswith("spkid-search prepare: interrupted"), out
