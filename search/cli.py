@@ -199,17 +199,17 @@ def _space_name(space: str) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from search.display import best_table, counts_line, failures_table
-    from search.progress import console
+    from search.progress import output
     from search.storage import resolve
     from search.trials import count_trials
 
     _, study, url = resolve(args.study, args.storage)
-    console.print(best_table(study, args.top))
+    output.print(best_table(study, args.top, width=output.width))
     failures = failures_table(study)
     if failures is not None:
-        console.print(failures)
-    console.print(counts_line(count_trials(study.get_trials(deepcopy=False))))
-    console.print(f"[dim]storage {url}")
+        output.print(failures)
+    output.print(counts_line(count_trials(study.get_trials(deepcopy=False))))
+    output.print(f"[dim]storage {url}")
     return 0
 
 
@@ -269,7 +269,7 @@ def _bind_error(host: str, port: int, exc: OSError) -> str:
 def cmd_export_top(args: argparse.Namespace) -> int:
     from search.data import open_data
     from search.export import export_top, render_export
-    from search.progress import console
+    from search.progress import console, output
     from search.storage import resolve
 
     _, study, _ = resolve(args.study, args.storage)
@@ -283,7 +283,7 @@ def cmd_export_top(args: argparse.Namespace) -> int:
         force=args.force,
         data=data,
     )
-    console.print(render_export(result))
+    output.print(render_export(result))
     console.print(f"[green]{'replaced' if result.replaced else 'wrote'} {result.out}")
     return 0
 
@@ -291,7 +291,7 @@ def cmd_export_top(args: argparse.Namespace) -> int:
 def cmd_vote(args: argparse.Namespace) -> int:
     from search.data import open_data
     from search.devices import resolve_device
-    from search.progress import console
+    from search.progress import console, output
     from search.vote import export_data_root, preflight, render_vote, vote
 
     preflight(args.out, args.force, export_dir=args.export_dir)
@@ -305,7 +305,7 @@ def cmd_vote(args: argparse.Namespace) -> int:
         device=resolve_device(args.device),
         force=args.force,
     )
-    console.print(render_vote(result))
+    output.print(render_vote(result))
     console.print(f"[green]wrote {result.out} ({result.n_test} test rows)")
     return 0
 
@@ -313,13 +313,13 @@ def cmd_vote(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from search.data import open_data
     from search.devices import resolve_device
-    from search.progress import console
+    from search.progress import console, output
     from search.vote import predict, preflight, render_vote
 
     preflight(args.out, args.force, checkpoint=args.checkpoint)
     data = open_data(args.data, progress=not args.quiet)
     result = predict(args.checkpoint, data, args.out, device=resolve_device(args.device), force=args.force)
-    console.print(render_vote(result))
+    output.print(render_vote(result))
     console.print(f"[green]wrote {result.out} ({result.n_test} test rows)")
     return 0
 

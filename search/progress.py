@@ -15,7 +15,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-console = Console(stderr=True)
+console = Console(stderr=True)  # progress, notices and errors
+output = Console()  # results (tables a user may pipe or save: status, export, vote): stdout
 
 
 @contextmanager
