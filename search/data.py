@@ -167,6 +167,10 @@ def load_feature(path: Path, n_mels: int, mel_len: int | None = None) -> torch.T
 # --------------------------------------------------------------------------------------------------
 
 
+# Said wherever a fingerprint mismatch is refused: a copy that did not keep its files' times is "another" set.
+COPY_HINT = "(a copied set matches only if the copy kept its files' times: cp -a or rsync -a, not cp -r)"
+
+
 def fingerprint(layout: HW4Layout) -> str:
     """Identify a data set by its JSON files and each feature file's name, size and mtime.
 

@@ -70,7 +70,7 @@ def test_sqlite_workers_reach_exact_count_with_pruning_then_resume(tmp_path: Pat
 def test_changed_data_or_space_is_refused(tmp_path: Path, tiny_dir: Path, fake_dir: Path) -> None:
     space = write_space(tmp_path / "unit.yaml")
     run(RunOptions(space=str(space), trials=1, data=tiny_dir, display=False))
-    with pytest.raises(UserError, match="another data set.*--allow-changed"):
+    with pytest.raises(UserError, match="another data set.*--allow-changed.*kept its files. times: cp -a"):
         run(RunOptions(space=str(space), trials=2, data=fake_dir, display=False))
     write_space(tmp_path / "unit.yaml", layers={"low": 1, "high": 2})
     with pytest.raises(UserError, match="another search space"):
