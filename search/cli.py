@@ -125,6 +125,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
         start = f"resuming from step {step} ({last})"
     console.print(f"Training {args.config} on {device} for {config.train.steps} steps, {start} -> {best}")
+    if config.train.warmup_steps >= config.train.steps:
+        console.print(
+            f"[yellow]note: {config.train.steps} steps is within warmup_steps ({config.train.warmup_steps}): "
+            "the learning rate never reaches its peak"
+        )
     with TrainView(config.train.steps, enabled=not args.quiet) as view:
         result = train(config, data, device, report=view.report, out_dir=out, log_every=args.log_every)
     console.print(

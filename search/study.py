@@ -243,6 +243,12 @@ def run(
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
     fresh = not study.user_attrs.get("fingerprint")
     steps = effective_steps(space, opts.steps)  # what the study records is what reaches the trials
+    searched = {param.name for param in space.params}
+    if steps is not None and "warmup_steps" not in searched and base.train.warmup_steps >= steps:
+        _log(
+            f"note: --steps {steps} is within the space's warmup_steps ({base.train.warmup_steps}): the "
+            "learning rate never reaches its peak; fine for a smoke test, not for a real search"
+        )
     changes = identity_changes(
         study,
         {

@@ -230,6 +230,8 @@ def test_train_command_checkpoints_so_a_ctrl_c_resumes_and_says_so(
     assert not last.exists()  # finished: nothing left to resume
     assert main([*argv, "--force"]) == 0  # starts over
     assert "for 8 steps, from step 0" in " ".join(capsys.readouterr().err.split())
+    assert main([*argv, "--force", "--steps", "2"]) == 0  # warmup_steps is 2
+    assert "note: 2 steps is within warmup_steps (2)" in " ".join(capsys.readouterr().err.split())
 
 
 def test_synth_replaces_an_earlier_output_only_with_force(

@@ -100,6 +100,18 @@ def test_a_run_without_data_resumes_on_the_studys_own_data_set(
         run(RunOptions(space=str(space), trials=3, display=False))
 
 
+def test_steps_within_the_warmup_get_a_note(
+    tmp_path: Path, tiny_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    space = write_space(tmp_path / "unit.yaml", warmup_steps=50)
+    assert run(RunOptions(space=str(space), trials=1, steps=20, data=tiny_dir, display=False)).finished == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert (
+        "note: --steps 20 is within the space's warmup_steps (50): the learning rate never reaches its peak"
+        in err
+    )
+
+
 def _trained_steps(study: optuna.Study) -> list[int]:
     finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
     return [t.user_attrs["config"]["steps"] for t in finished]
