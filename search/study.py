@@ -311,6 +311,8 @@ def run(
         raise UserError(str(errors[0]))
     wait = StorageWait(url, opts.storage_patience, on_wait=outage.lost)
     counts = wait.call(lambda: count_trials(study.get_trials(deepcopy=False)))
+    if on_update is not None:  # the display's last frame shows how the run ended, not its last poll
+        on_update(study, counts, read_status(status_dir))
     max_failures = opts.max_failures or max(opts.trials, 3)
     if counts.finished < opts.trials and counts.failed >= max_failures:
         raise UserError(

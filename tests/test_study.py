@@ -112,6 +112,18 @@ def test_steps_within_the_warmup_get_a_note(
     )
 
 
+def test_the_display_gets_a_last_update_with_the_final_counts(tmp_path: Path, tiny_dir: Path) -> None:
+    """Without it, a piped display's last frame showed a poll from before the last trial finished."""
+    seen: list[tuple[int, int]] = []
+
+    def on_update(study: optuna.Study, counts: object, workers: list[dict[str, object]]) -> None:
+        seen.append((counts.finished, counts.running))  # type: ignore[attr-defined]
+
+    space = write_space(tmp_path / "unit.yaml")
+    run(RunOptions(space=str(space), trials=2, data=tiny_dir, display=False), on_update=on_update)
+    assert seen and seen[-1] == (2, 0), seen
+
+
 def _trained_steps(study: optuna.Study) -> list[int]:
     finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
     return [t.user_attrs["config"]["steps"] for t in finished]
