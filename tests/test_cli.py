@@ -208,13 +208,13 @@ def test_train_command_checkpoints_so_a_ctrl_c_resumes_and_says_so(
     ]
     last = tmp_path / "run" / "last.pt"
 
-    def ctrl_c_at_step_4(*args: Any, report: Any, **kwargs: Any) -> TrainResult:
+    def ctrl_c_at_step_4(config: Any, data: Any, device: Any, report: Any, **kwargs: Any) -> TrainResult:
         def stop(step: int, metrics: dict[str, float]) -> str | None:
             if step == 4:
                 raise KeyboardInterrupt
-            return report(step, metrics)  # type: ignore[no-any-return]
+            return report(step, metrics)
 
-        return train(*args, report=stop, **kwargs)
+        return train(config, data, device, report=stop, **kwargs)
 
     with monkeypatch.context() as patch:
         patch.setattr("search.train.train", ctrl_c_at_step_4)
