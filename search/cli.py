@@ -516,7 +516,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("k", type=_positive, metavar="K", help="number of members (greedy: at most K distinct)")
     p.add_argument("--study", help="study name (optional when there is only one)")
     p.add_argument("--storage", help="storage URL (default sqlite:///studies/<study>/study.db)")
-    p.add_argument("--out", type=Path, help="export folder (default studies/<study>/export/<strategy><K>)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="export folder (default studies/<study>/export/<strategy><K>, plus -with-pruned with "
+        "--include-pruned)",
+    )
     p.add_argument("--strategy", choices=("top", "greedy"), default="top", help="top (default) or greedy")
     p.add_argument(
         "--include-pruned", action="store_true", help="also use PRUNED trials that kept a checkpoint"

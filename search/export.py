@@ -260,8 +260,10 @@ def greedy_select(
 # --------------------------------------------------------------------------------------------------
 
 
-def default_export_dir(study_name: str, strategy: str, k: int) -> Path:
-    return study_dir(study_name) / "export" / f"{strategy}{k}"
+def default_export_dir(study_name: str, strategy: str, k: int, include_pruned: bool = False) -> Path:
+    """``studies/<study>/export/<strategy><K>`` (``-with-pruned`` when pruned trials may be members, so
+    the two selections do not replace each other)."""
+    return study_dir(study_name) / "export" / f"{strategy}{k}{'-with-pruned' if include_pruned else ''}"
 
 
 def _study_split(study: optuna.Study, data: PackedData) -> Split:
@@ -354,7 +356,7 @@ def export_top(
         raise UserError(f"--strategy: unknown strategy '{strategy}' (choose from {', '.join(STRATEGIES)})")
     if k < 1:
         raise UserError(f"export-top: K must be at least 1, got {k}")
-    out = Path(out) if out is not None else default_export_dir(study.study_name, strategy, k)
+    out = Path(out) if out is not None else default_export_dir(study.study_name, strategy, k, include_pruned)
     check_export_target(out, force)
     trials = usable_trials(study, include_pruned)
     if len(trials) < k:

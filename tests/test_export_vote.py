@@ -391,7 +391,9 @@ def test_fewer_than_k_usable_trials_leaves_nothing(study: optuna.Study) -> None:
     with pytest.raises(UserError, match=r"only 5 usable trial\(s\).*fewer than K=6.*--include-pruned"):
         export_top(study, 6)
     assert not Path("studies").exists()
-    assert len(export_top(study, 6, include_pruned=True).members) == 6  # the PRUNED one has a checkpoint
+    with_pruned = export_top(study, 6, include_pruned=True)
+    assert len(with_pruned.members) == 6  # the PRUNED one has a checkpoint
+    assert with_pruned.out.name == "top6-with-pruned"  # not the folder a plain top-6 export uses
     with pytest.raises(UserError, match="only 6 usable"):
         export_top(study, 7, out=Path("elsewhere") / "deep" / "x", include_pruned=True)
     assert not Path("elsewhere").exists()
