@@ -42,9 +42,7 @@ def best_table(study: optuna.Study, top: int = 10, width: int | None = None) -> 
     if not rows:
         table.caption = "no finished trial yet"
     for row in rows:
-        values = ", ".join(
-            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["params"].items()
-        )
+        values = _values(row["params"])
         cells = [
             str(row["number"]),
             row["state"],
@@ -73,11 +71,16 @@ def failures_table(study: optuna.Study, latest: int = 5) -> RenderableType | Non
     table = Table(title=f"failed trials{more}", header_style="bold", title_style="bold red")
     table.add_column("trial", justify="right", no_wrap=True)
     table.add_column("device", no_wrap=True)
-    table.add_column("reason", overflow="fold")
+    table.add_column("reason", overflow="fold", ratio=2)
+    table.add_column("searched values", overflow="fold", ratio=1)  # what the reason may depend on
     for t in shown:
         reason = str(t.user_attrs.get("fail_reason") or "no reason recorded (the worker died?)")
-        table.add_row(str(t.number), str(t.user_attrs.get("device") or "-"), reason)
+        table.add_row(str(t.number), str(t.user_attrs.get("device") or "-"), reason, _values(t.params))
     return table
+
+
+def _values(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
 def counts_line(counts: Counts, target: int | None = None) -> Text:

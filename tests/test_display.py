@@ -60,7 +60,8 @@ def test_failures_table_gives_the_reasons_of_real_failures_only() -> None:
     fail = TrialState.FAIL
     reasons = [f"bad config: d_model {n} not divisible by heads" for n in range(7)]
     for reason in reasons:
-        study.add_trial(create_trial(state=fail, user_attrs={"fail_reason": reason, "device": "cpu"}))
+        attrs = {"fail_reason": reason, "device": "cpu"}
+        study.add_trial(create_trial(state=fail, params=PARAMS, distributions=DISTS, user_attrs=attrs))
     killed = study.trials[-1].number
     study.add_trial(create_trial(state=fail, user_attrs={"fail_reason": "interrupted", "skipped": False}))
     study.add_trial(
@@ -77,4 +78,5 @@ def test_failures_table_gives_the_reasons_of_real_failures_only() -> None:
     # Seven real failures: trials 3-8 and the interrupted 10; 9 was retried and 11 skipped.
     assert "failed trials (latest 3 of 7)" in text, text
     assert reasons[4] in text and reasons[5] in text and "interrupted" in text
+    assert "dropout=0.123" in text  # the values a failure may depend on
     assert reasons[6] not in text and "study already holds" not in text and reasons[3] not in text
