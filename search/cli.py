@@ -68,6 +68,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         min_utterances=args.min_utterances,
     )
     console.print(report.render())
+    if report.index_changed:
+        console.print(
+            f"[yellow]note: {report.out} held a set with other speakers, files or test split; studies made "
+            "on it will refuse this one (run them with a new --study)"
+        )
     console.print(f"[green]Wrote the HW4 layout to {report.out}; train with --data {report.out}")
     return 0
 

@@ -477,6 +477,7 @@ class PrepareReport:
     reused: int = 0  # files whose earlier result (feature or skip) was kept
     frames: int = 0  # total frames kept (train + test), 100 per second
     min_utterances: int = 2
+    index_changed: bool = False  # the folder held a set whose index (speakers, split) this run changed
 
     @property
     def n_skipped(self) -> int:
@@ -702,6 +703,7 @@ def _prepare_locked(
                 continue
         todo.append((src, name, base))
 
+    old_index = {name: _read_text(out / name) for name in INDEX_NAMES}  # to tell the user if it changes
     for index_name in INDEX_NAMES:  # the old index no longer describes the folder until rewritten
         with contextlib.suppress(FileNotFoundError):
             (out / index_name).unlink()
@@ -767,10 +769,15 @@ def _prepare_locked(
     writer.writerow(["Id", "Category"])
     writer.writerows([r["feature"], name] for r, name in test_entries)
 
+    index = {
+        "testdata.json": json.dumps(testdata, ensure_ascii=False) + "\n",
+        "metadata.json": json.dumps(metadata, ensure_ascii=False) + "\n",
+        "mapping.json": json.dumps(mapping, ensure_ascii=False) + "\n",
+    }
+    index_changed = any(old_index[name] not in (None, text) for name, text in index.items())
     _write_atomic(out / "answers.csv", answers.getvalue())
-    _write_atomic(out / "testdata.json", json.dumps(testdata, ensure_ascii=False) + "\n")
-    _write_atomic(out / "metadata.json", json.dumps(metadata, ensure_ascii=False) + "\n")
-    _write_atomic(out / "mapping.json", json.dumps(mapping, ensure_ascii=False) + "\n")
+    for name, text in index.items():
+        _write_atomic(out / name, text)
     _prune(out, expected)
 
     n_train = sum(len(v) for v in train_by_speaker.values())
@@ -787,7 +794,16 @@ def _prepare_locked(
         reused=reused,
         frames=frames,
         min_utterances=min_utterances,
+        index_changed=index_changed,
     )
+
+
+def _read_text(path: Path) -> str | None:
+    """``path``'s text, or None when it is missing or unreadable (a first or interrupted run)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _reuse_feature(out: Path, old: dict[str, Any], name: str) -> bool:

@@ -273,6 +273,7 @@ def test_rerun_skips_done_files_and_is_deterministic(
     assert {p.name: p.stat().st_mtime_ns for p in copy.glob("uttr-*.pt")} == before
     assert index_bytes(copy) == index_bytes(out)
     assert report.skipped == first.skipped and report.dropped == first.dropped
+    assert not first.index_changed and not report.index_changed  # a first run, then the same set
 
 
 def test_parallel_fresh_run_gives_identical_outputs(
@@ -315,6 +316,7 @@ def test_resume_after_changes_kills_and_seed_change(tmp_path: Path) -> None:
     with (out / STATE_NAME).open("a") as fh:
         fh.write('{"source": "spk1/0.wav", "size": ')
     again = prepare(audio, out, test_fraction=0.5, progress=False)
+    assert again.index_changed  # a source is gone: studies made on the first set will refuse this one
     assert (again.processed, again.reused) == (2, 5)
     assert (again.speakers, again.train + again.test) == (2, 7)
     assert not (out / recs["spk1/3.wav"]["feature"]).exists()  # stale feature pruned
@@ -322,7 +324,7 @@ def test_resume_after_changes_kills_and_seed_change(tmp_path: Path) -> None:
     read_layout(out)
     # A new seed renames features instead of recomputing them; the old names are gone.
     third = prepare(audio, out, seed=3, progress=False)
-    assert third.processed == 0 and third.reused == 7
+    assert third.processed == 0 and third.reused == 7 and third.index_changed
     names = {p.name for p in out.glob("uttr-*.pt")}
     assert names == {feature_name(r, 3) for r in records(out)} and len(names) == 7
     assert (third.train, third.test) == (5, 2)
