@@ -278,8 +278,12 @@ def _walk(root: Path, exclude: Path | None) -> tuple[list[Source], list[tuple[st
             if name.startswith("."):
                 continue
             if suffix not in AUDIO_SUFFIXES:
-                if suffix in OTHER_AUDIO_SUFFIXES:
+                if suffix in OTHER_AUDIO_SUFFIXES:  # audio it cannot read: listed, not silently left out
                     others[suffix] = others.get(suffix, 0) + 1
+                    reason = (
+                        f"{suffix} is not read (only .wav and .flac); convert it, e.g. ffmpeg -ac 1 -ar 16000"
+                    )
+                    skipped.append((_relative_key(here / name, root), reason))
                 continue
             path = here / name
             key = _relative_key(path, root)

@@ -331,6 +331,17 @@ def test_resume_after_changes_kills_and_seed_change(tmp_path: Path) -> None:
     read_layout(out)
 
 
+def test_audio_in_a_format_it_cannot_read_is_listed_not_silently_left_out(tmp_path: Path) -> None:
+    audio = tmp_path / "audio"
+    small_corpus(audio)
+    (audio / "spk0" / "extra.ogg").write_bytes(b"OggS")  # never decoded: only its name matters
+    (audio / "spk1" / "notes.txt").write_text("not audio")  # not audio at all: ignored
+    report = prepare(audio, tmp_path / "out", progress=False)
+    assert [key for key, _ in report.skipped] == ["spk0/extra.ogg"]
+    assert ".ogg is not read (only .wav and .flac)" in report.skipped[0][1]
+    assert report.train + report.test == 8
+
+
 def test_out_inside_the_audio_folder_and_a_busy_lock(tmp_path: Path) -> None:
     audio = tmp_path / "audio"
     small_corpus(audio, speakers=2, per=2)
