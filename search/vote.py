@@ -19,6 +19,7 @@ disagree about how the CSV is written.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from collections.abc import Sequence
@@ -364,7 +365,7 @@ class MemberScore:
 
     name: str
     trial: int | None
-    weight: float
+    weight: float  # as applied in the vote (for ``weighted``: the manifest's times validation accuracy)
     temperature: float
     valid_acc: float | None
     test_acc: float | None
@@ -522,6 +523,7 @@ def _score(
         )
 
     weights = method_weights([m.weight for m in members], [s.valid_acc for s in scores], method)
+    scores = [dataclasses.replace(s, weight=w) for s, w in zip(scores, weights, strict=True)]  # as applied
     valid_acc = accuracy_of(combine(valid_probs, weights, method), valid_labels) if len(valid) else None
     predicted = combine(test_probs, weights, method).argmax(axis=1)
     categories = [data.speakers[int(c)] for c in predicted]

@@ -261,9 +261,17 @@ def test_vote_round_trip_writes_kaggle_csv(exports: Exports, data: PackedData, t
 
 
 def test_vote_methods_and_greedy_weights(exports: Exports, data: PackedData, tmp_path: Path) -> None:
+    manifest = [m.weight for m in read_manifest(exports.top.out).members]
     for method in ("hard", "weighted"):
         result = vote(exports.top.out, data, tmp_path / f"{method}.csv", method=method)
         assert result.method == method and result.valid_acc is not None
+        applied = [m.weight for m in result.members]  # what the table shows is what the vote used
+        if method == "hard":
+            assert applied == manifest
+        else:
+            assert applied == pytest.approx(
+                [w * (m.valid_acc or 0) for w, m in zip(manifest, result.members, strict=True)]
+            )
     greedy = vote(exports.greedy.out, data, tmp_path / "greedy.csv")
     assert abs(_acc(greedy.valid_acc) - _acc(exports.greedy.ensemble_valid_acc)) <= 1 / greedy.n_valid + 1e-9
     with pytest.raises(UserError, match="unknown voting method 'median'"):
