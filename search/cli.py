@@ -215,10 +215,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     _, study, url = resolve(args.study, args.storage)
     output.print(best_table(study, args.top, width=output.width))
-    failures = failures_table(study)
+    trials = study.get_trials(deepcopy=False)  # one read for both views below
+    failures = failures_table(trials)
     if failures is not None:
         output.print(failures)
-    output.print(counts_line(count_trials(study.get_trials(deepcopy=False))))
+    output.print(counts_line(count_trials(trials)))
     output.print(f"[dim]storage {url}")
     return 0
 

@@ -7,6 +7,7 @@ from types import TracebackType
 from typing import Any
 
 import optuna
+from optuna.trial import FrozenTrial
 from rich.console import Group, RenderableType
 from rich.live import Live
 from rich.table import Table
@@ -60,10 +61,10 @@ def best_table(study: optuna.Study, top: int = 10, width: int | None = None) -> 
     return Group(table, *below) if below else table
 
 
-def failures_table(study: optuna.Study, latest: int = 5) -> RenderableType | None:
-    """The latest failed trials with their reasons (None when there are none): what to fix before a
+def failures_table(trials: list[FrozenTrial], latest: int = 5) -> RenderableType | None:
+    """The latest failed ``trials`` with their reasons (None when there are none): what to fix before a
     study that stopped at ``--max-failures`` is run again."""
-    failed = real_failures(study.get_trials(deepcopy=False))
+    failed = real_failures(trials)
     if not failed:
         return None
     shown = failed[-latest:]

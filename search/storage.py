@@ -22,7 +22,7 @@ import sqlalchemy.exc
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-from search.errors import UserError
+from search.errors import UserError, first_line
 from search.files import atomic_write
 
 STORAGE_PATIENCE = 300.0  # seconds a worker waits for an unreachable storage before it gives up
@@ -186,7 +186,7 @@ def db_error_text(exc: BaseException) -> str:
         if isinstance(current, sqlalchemy.exc.DBAPIError) and str(current.orig).strip():
             return str(current.orig).strip().splitlines()[0][:200]
         current = current.__cause__ or current.__context__
-    return ((str(exc).strip().splitlines() or [exc.__class__.__name__])[0])[:200]
+    return first_line(exc, 200)
 
 
 class StorageWait:

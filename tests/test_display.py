@@ -56,7 +56,7 @@ def test_narrow_terminals_list_the_values_under_the_table() -> None:
 
 def test_failures_table_gives_the_reasons_of_real_failures_only() -> None:
     study = _study()
-    assert failures_table(study) is None  # no failure: no table
+    assert failures_table(study.get_trials()) is None  # no failure: no table
     fail = TrialState.FAIL
     reasons = [f"bad config: d_model {n} not divisible by heads" for n in range(7)]
     for reason in reasons:
@@ -71,7 +71,7 @@ def test_failures_table_gives_the_reasons_of_real_failures_only() -> None:
     retry._system_attrs = {"failed_trial": killed, "retry_history": [killed]}
     study.add_trial(retry)
     console = Console(width=160, record=True, color_system=None)
-    table = failures_table(study, latest=3)
+    table = failures_table(study.get_trials(), latest=3)
     assert table is not None
     console.print(table)
     text = console.export_text()
