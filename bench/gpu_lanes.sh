@@ -15,6 +15,9 @@ out=${OUT:-$root/bench/out}
 mkdir -p "$out"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+# A stop (timeout's SIGTERM, Ctrl-C) reaches the whole process group: bash then waits for the running
+# command to mark its trials and end before it exits, so the folder is not removed under its workers.
+trap 'echo "$(basename "$0"): stopped" >&2; exit 143' TERM INT
 cd "$work"
 steps=${STEPS:-1500}
 per_lane=${TRIALS_PER_LANE:-1}
@@ -48,6 +51,20 @@ row = {
     "trial_steps_per_s_with_startup": round(len(done) * steps / wall, 1),
     "step_modes": sorted({t.user_attrs.get("step_mode", "?") for t in done}),
     "workers": sorted({t.user_attrs.get("worker", "?") for t in done}),
+}
+# Where a trial's time goes (means over the trials, seconds): in training steps (steps / the trainer's
+# steps/s, which leaves out validation and checkpoints), in the rest of train() (set-up, graph
+# recording, validations, checkpoints), and outside train() (claiming, config, storing the checkpoint).
+def mean(values):
+    return round(sum(values) / len(values), 2)
+duration = [(t.datetime_complete - t.datetime_start).total_seconds() for t in done]
+in_steps = [steps / t.user_attrs["steps_per_s"] for t in done]
+in_train = [t.user_attrs["wall_s"] for t in done]
+row["trial_s"] = {
+    "total": mean(duration),
+    "steps": mean(in_steps),
+    "rest_of_train": mean([w - s for w, s in zip(in_train, in_steps)]),
+    "outside_train": mean([d - w for d, w in zip(duration, in_train)]),
 }
 result = json.loads(path.read_text()) if path.exists() and k != 1 else {}
 result[str(k)] = row

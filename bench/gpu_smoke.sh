@@ -12,12 +12,15 @@ export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"   # runs from the checkout,
 out=${OUT:-$root/bench/out}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+# A stop (timeout's SIGTERM, Ctrl-C) reaches the whole process group: bash then waits for the running
+# command to mark its trials and end before it exits, so the folder is not removed under its workers.
+trap 'echo "$(basename "$0"): stopped" >&2; exit 143' TERM INT
 cd "$work"
 cli() { "$PY" -m search.cli "$@"; }
 start=$(date +%s)
 cli synth --out data --preset small --quiet
 cli run --space "$root/spaces/boss.yaml" --trials "${TRIALS:-6}" --steps "${STEPS:-400}" --data data \
-  --quiet "$@"
+  "$@"   # not --quiet: a run stopped by a time cap still prints its last counts
 cli status
 cli export-top 3 --strategy greedy --quiet
 cli vote studies/boss/export/greedy3 --data data --out submission.csv --quiet

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,4 +86,60 @@ def test_gpu_lanes_script_runs_on_cpu_and_writes_its_figures(tmp_path: Path) -> 
         assert row["trials"] == int(k) and row["steps_per_trial"] == 10
         assert row["trial_steps_per_s"] > 0 and row["trial_steps_per_s_with_startup"] > 0
         assert row["step_modes"] == ["eager"] and row["workers"] == ["w0"]  # CPU: no graph, no lanes
+        parts = row["trial_s"]  # where a trial's time went: its parts add up to its total
+        assert parts["steps"] > 0 and parts["rest_of_train"] > -0.1 and parts["outside_train"] > -0.1
+        total = parts["steps"] + parts["rest_of_train"] + parts["outside_train"]
+        assert abs(total - parts["total"]) <= 0.05
     assert proc.stdout.count("gpu_lanes: --per-gpu") == 2
+
+
+def _training(scratch: Path) -> bool:
+    """True once a worker of the script's run reports a training step (its status file)."""
+    for path in scratch.glob("*/studies/lanes1/workers/*/*.json"):
+        try:
+            if "step" in json.loads(path.read_text()):
+                return True
+        except (OSError, ValueError):  # being replaced right now
+            continue
+    return False
+
+
+def test_stopped_bench_script_lets_its_run_end_before_removing_the_folder(tmp_path: Path) -> None:
+    """A time cap (timeout's SIGTERM to the process group) stops gpu_lanes.sh mid-run: the run marks its
+    trial and ends, then the script removes its scratch folder. It used to remove the folder at once,
+    and the still-stopping worker died with a FileNotFoundError traceback."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "OUT": str(tmp_path),
+        "STEPS": "100000",  # never ends by itself
+        "PRESET": "tiny",
+        "CONFIG": str(ROOT / "spaces" / "baselines" / "simple.yaml"),
+        "TMPDIR": str(scratch),  # the script's mktemp -d lands here
+    }
+    proc = subprocess.Popen(
+        ["bash", str(ROOT / "bench" / "gpu_lanes.sh")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,  # its own process group, as under timeout
+    )
+    try:
+        deadline = time.time() + 300
+        while not _training(scratch):
+            assert proc.poll() is None and time.time() < deadline, "the run never started a trial"
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, out[-2000:] + err[-2000:]
+    assert "gpu_lanes.sh: stopped" in err
+    assert "Traceback" not in err, err[-3000:]
+    assert "interrupted" in err  # the run itself saw the stop and ended its way
+    assert list(scratch.iterdir()) == []  # the scratch folder is gone, after the run ended
