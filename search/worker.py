@@ -199,6 +199,7 @@ class Lane:
         )
         self.store = artifact_store(self.study)
         self.trial: optuna.Trial | None = None  # the trial in hand this round
+        self.out_dir: Path | None = None  # its checkpoint folder, once it has one
         self.requeue = False  # it was cut off by the storage: queue it again once it is FAIL
         # The state lock, held while a trial Optuna is about to FAIL (stopped, or cut off by the
         # storage) waits for its retry to be queued: no budget count elsewhere sees its place free.
@@ -285,18 +286,32 @@ class Lane:
                 self.requeue = True  # cut off by the storage, not by its configuration
                 with contextlib.suppress(Exception):  # its FAIL and its retry as one step (_one_round)
                     self.held.enter_context(state_lock())
+            elif self.out_dir is not None and self._still_ours(trial):
+                # It fails for good (diverged, out of memory, a bug): nothing resumes a FAIL trial,
+                # so its last.pt and best.pt would stay on disk for the life of the study.
+                _discard_trial_folder(self.out_dir)
             with contextlib.suppress(Exception):  # best effort: the storage may be what failed
                 if not trial.user_attrs.get("fail_reason"):
                     trial.set_user_attr("fail_reason", f"{exc.__class__.__name__}: {exc}"[:500])
             raise
 
+    def _still_ours(self, trial: optuna.Trial) -> bool:
+        """True when the trial is still RUNNING in the storage: no one failed it as stale and queued a
+        retry meanwhile (which resumes from, and may already be training in, the same folder)."""
+        try:
+            return self.brief.call(self.study._storage.get_trial, trial._trial_id).state == TrialState.RUNNING
+        except Exception:  # noqa: BLE001 - unsure: keep the folder
+            return False
+
     def _run_trial(self, trial: optuna.Trial) -> float:
-        self.trial = trial
+        self.trial, self.out_dir = trial, None
         root = self._claim(trial)
         config = self._config(trial, root)
-        out_dir = self.shared.trials_dir / f"{root:05d}"
+        out_dir = self.out_dir = self.shared.trials_dir / f"{root:05d}"
         started = time.time()
         result, pruned = self._train(trial, config, out_dir)
+        if pruned:  # finished for good: its resume point would stay on disk for the life of the study
+            (out_dir / "last.pt").unlink(missing_ok=True)
         finished = {
             "valid_acc": result.best_accuracy,
             "best_step": result.best_step,
@@ -451,6 +466,15 @@ class Lane:
         if self.trial is None:
             return False
         return self.wait.call(self.study._storage.get_trial, self.trial._trial_id).state != TrialState.RUNNING
+
+
+def _discard_trial_folder(out_dir: Path) -> None:
+    """Remove a failed trial's checkpoints and, if then empty, its folder (best effort)."""
+    for name in ("last.pt", "best.pt"):
+        with contextlib.suppress(OSError):
+            (out_dir / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        out_dir.rmdir()
 
 
 def _run_lanes(spec: WorkerSpec, lane: Callable[[WorkerSpec, int], int]) -> int:

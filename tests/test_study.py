@@ -60,6 +60,8 @@ def test_sqlite_workers_reach_exact_count_with_pruning_then_resume(tmp_path: Pat
         ckpt = __import__("torch").load(fetched, weights_only=True)
         assert ckpt["config"] == t.user_attrs["config"]
     assert study.user_attrs["fingerprint"] and study.user_attrs["split_id"]
+    # Finished trials (pruned ones too) leave nothing in their folders: the store holds their checkpoints.
+    assert not [p for p in (tmp_path / "studies/unit/trials").rglob("*") if p.is_file()]
 
     # Re-running with a larger budget resumes to exactly the new total; the same budget does nothing.
     assert run(RunOptions(space=str(space), trials=8, data=tiny_dir, workers=2, display=False)).finished == 8

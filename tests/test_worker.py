@@ -157,3 +157,49 @@ def test_a_trial_is_never_pruned_at_its_last_validation(
     by_state = states(load())
     assert by_state == {TrialState.COMPLETE: 3}, by_state
     assert asked == []
+
+
+def _left_in_trial_folders(tmp_path: Path) -> list[str]:
+    return sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "studies/unit/trials").rglob("*"))
+
+
+def test_a_pruned_trial_leaves_nothing_in_its_folder(
+    tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pruned trial is finished for good: its best checkpoint goes to the artifact store (for
+    ``export-top --include-pruned``) and its resume point (last.pt) is deleted. It used to stay on disk,
+    one per pruned trial, for the life of the study."""
+    spec, _ = _worker_here(tmp_path, tiny_dir, monkeypatch, trials=2)
+    monkeypatch.setattr(optuna.Trial, "should_prune", lambda self: True)
+    assert worker_module.worker_main(spec) == 0
+    pruned = load().get_trials(states=(TrialState.PRUNED,))
+    assert len(pruned) == 1 and pruned[0].user_attrs["best_step"] == 50
+    assert pruned[0].user_attrs["checkpoint_artifact"]
+    assert _left_in_trial_folders(tmp_path) == []
+
+
+def test_a_failed_trial_leaves_nothing_in_its_folder(
+    tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trial that fails midway (here its second validation raises, as a CUDA error would) is never
+    resumed: its last.pt and best.pt are deleted with it, and the study goes on."""
+    import search.train
+
+    spec, _ = _worker_here(tmp_path, tiny_dir, monkeypatch, trials=2)
+    real_predict = search.train.predict_logits
+    calls: list[int] = []
+
+    def second_validation_fails(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 2:
+            assert any((tmp_path / "studies/unit/trials").glob("*/last.pt"))  # there was one to delete
+            raise RuntimeError("boom")
+        return real_predict(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(search.train, "predict_logits", second_validation_fails)
+    assert worker_module.worker_main(spec) == 0
+    study = load()
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert len(failed) == 1 and failed[0].user_attrs["fail_reason"] == "RuntimeError: boom"
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2  # the study went on
+    assert _left_in_trial_folders(tmp_path) == []
