@@ -210,7 +210,7 @@ def _space_name(space: str) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     from search.display import best_table, counts_line, failures_table
     from search.progress import output
-    from search.storage import resolve
+    from search.storage import mask_url, resolve
     from search.trials import count_trials
 
     _, study, url = resolve(args.study, args.storage)
@@ -220,7 +220,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if failures is not None:
         output.print(failures)
     output.print(counts_line(count_trials(trials)))
-    output.print(f"[dim]storage {url}")
+    output.print(f"[dim]storage {mask_url(url)}")  # never a password on screen
     return 0
 
 

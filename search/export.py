@@ -97,12 +97,19 @@ def _valid_acc(trial: FrozenTrial) -> float | None:
 
 
 def usable_trials(study: optuna.Study, include_pruned: bool = False) -> list[FrozenTrial]:
-    """Finished trials with a checkpoint and an accuracy, best first (ties: lower trial number)."""
+    """Finished trials with a checkpoint and an accuracy, best first (ties: lower trial number).
+
+    Trials trained on another data set than the study's current one (it changed under
+    ``run --allow-changed``) are left out: their models cannot be validated or voted on this one.
+    """
     states = (TrialState.COMPLETE, TrialState.PRUNED) if include_pruned else (TrialState.COMPLETE,)
+    current = study.user_attrs.get("fingerprint")
     trials = [
         t
         for t in study.get_trials(deepcopy=False, states=states)
-        if t.user_attrs.get("checkpoint_artifact") and _valid_acc(t) is not None
+        if t.user_attrs.get("checkpoint_artifact")
+        and _valid_acc(t) is not None
+        and t.user_attrs.get("fingerprint", current) == current
     ]
     return sorted(trials, key=lambda t: (-(_valid_acc(t) or 0.0), t.number))
 
@@ -361,6 +368,9 @@ def export_top(
     trials = usable_trials(study, include_pruned)
     if len(trials) < k:
         which = "COMPLETE or PRUNED" if include_pruned else "COMPLETE"
+        current = study.user_attrs.get("fingerprint")
+        if any(t.user_attrs.get("fingerprint", current) != current for t in study.get_trials(deepcopy=False)):
+            which += ", trained on the study's current data set,"
         hint = "" if include_pruned else ", pass --include-pruned"
         raise UserError(
             f"study '{study.study_name}': only {len(trials)} usable trial(s) ({which} with a checkpoint), "

@@ -332,18 +332,17 @@ def study_names(storage: RDBStorage) -> list[str]:
 def load_study(storage: RDBStorage, name: str | None, url: str = "") -> optuna.Study:
     """Load a study by name; with no name, the only study in the storage (several: list them)."""
     names = study_names(storage)
+    where = mask_url(url) if url else "storage"
     if name is None:
         if len(names) == 1:
             name = names[0]
         elif not names:
-            raise UserError(f"{url or 'storage'}: holds no study yet; start one with 'spkid-search run'")
+            raise UserError(f"{where}: holds no study yet; start one with 'spkid-search run'")
         else:
-            raise UserError(
-                f"{url or 'storage'}: holds several studies ({', '.join(names)}); pick one with --study"
-            )
+            raise UserError(f"{where}: holds several studies ({', '.join(names)}); pick one with --study")
     if name not in names:
         known = f" (it has: {', '.join(names)})" if names else ""
-        raise UserError(f"study '{name}' does not exist in {url or 'the storage'}{known}")
+        raise UserError(f"study '{name}' does not exist in {mask_url(url) if url else 'the storage'}{known}")
     return optuna.load_study(study_name=name, storage=storage)
 
 

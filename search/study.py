@@ -65,7 +65,7 @@ def identity_changes(study: optuna.Study, attrs: dict[str, Any], allow_changed: 
         for key, label in IDENTITY.items():
             if current.get(key) != attrs.get(key):
                 raise UserError(
-                    f"study '{study.study_name}' was created with another {label} ({key} "
+                    f"study '{study.study_name}' was run with another {label} ({key} "
                     f"{current.get(key)}, now {attrs.get(key)}); use a new --study name, or --allow-changed "
                     "to continue anyway" + (f" {COPY_HINT}" if key == "fingerprint" else "")
                 )
@@ -76,8 +76,39 @@ def identity_changes(study: optuna.Study, attrs: dict[str, Any], allow_changed: 
                 f"for {_steps_text(new)}; use the same value, a new --study name, or --allow-changed "
                 "to mix training budgets anyway"
             )
-    keys = ("space_digest", "space_path", "data_root", "steps_override")
+    # The study goes on with the new values: workers split the new data set by the recorded ratio and
+    # seed, and export-top validates on it (each trial records the data set it trained on).
+    keys = (*IDENTITY, "valid_ratio", "split_seed", "space_path", "data_root", "steps_override")
     return {key: attrs.get(key) for key in keys if current.get(key) != attrs.get(key)}
+
+
+def _distribution_text(d: optuna.distributions.BaseDistribution) -> str:
+    if isinstance(d, optuna.distributions.CategoricalDistribution):
+        return f"choices {list(d.choices)}"
+    kind = "integer" if isinstance(d, optuna.distributions.IntDistribution) else "float"
+    return f"a {'log-scale' if getattr(d, 'log', False) else 'linear'} {kind} range"
+
+
+def check_space_fits_study(study: optuna.Study, space: Space) -> None:
+    """Refuse a changed space that Optuna cannot record beside the study's trials (before any trial).
+
+    Why: Optuna keeps one distribution per parameter name in a study; other choices for a categorical,
+    another kind or another log setting fail every new trial with "dynamic value space". Numeric
+    ranges may change.
+    """
+    new = {param.name: param.distribution for param in space.params}
+    for trial in study.get_trials(deepcopy=False):
+        for name, old in trial.distributions.items():
+            if name not in new:
+                continue
+            try:
+                optuna.distributions.check_distribution_compatibility(old, new[name])
+            except ValueError:
+                raise UserError(
+                    f"{space.path}: '{name}' was searched with {_distribution_text(old)} in study "
+                    f"'{study.study_name}', this space has {_distribution_text(new[name])}; one study "
+                    "cannot hold both (only numeric ranges may change): use a new --study name"
+                ) from None
 
 
 def effective_steps(space: Space, steps: int | None) -> int | None:
@@ -266,6 +297,8 @@ def run(
         },
         opts.allow_changed,
     )
+    if "space_digest" in changes and not fresh:
+        check_space_fits_study(study, space)
     held = count_trials(study.get_trials(deepcopy=False))
     if not fresh and held.finished >= opts.trials:
         # Workers would each stop at once; nothing is recorded, so an --allow-changed here changes nothing.

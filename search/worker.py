@@ -369,7 +369,12 @@ class Lane:
         except UserError as exc:
             trial.set_user_attr("fail_reason", f"bad config: {exc}")
             raise
-        settings = {"config": config.to_dict(), "device": self.spec.device, "worker": self.spec.worker}
+        settings = {
+            "config": config.to_dict(),
+            "device": self.spec.device,
+            "worker": self.spec.worker,
+            "fingerprint": self.shared.data.fingerprint,  # export-top leaves out trials of another set
+        }
         for name, setting in settings.items():
             self.wait.call(trial.set_user_attr, name, setting)
         return config

@@ -249,3 +249,22 @@ def test_synth_replaces_an_earlier_output_only_with_force(
     assert json.loads(marker.read_text())["seed"] == 0
     assert main([*argv, "--seed", "1", "--force", "--quiet"]) == 0
     assert json.loads(marker.read_text())["seed"] == 1
+
+
+def test_status_never_shows_the_storage_password(
+    pg_database: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The storage line under the tables and the unknown-study error name the URL with its password
+    masked (the local server trusts every connection, so any password connects)."""
+    import optuna
+
+    from search.storage import open_storage
+
+    url = pg_database.replace("postgres@", "postgres:s3cret@")
+    optuna.create_study(study_name="pw", storage=open_storage(url))
+    assert main(["status", "--storage", url]) == 0
+    shown = capsys.readouterr()
+    assert "s3cret" not in shown.out + shown.err and "postgres:***@" in shown.out
+    assert main(["status", "--storage", url, "--study", "nope"]) == 2
+    line = _one_error_line(capsys)
+    assert "s3cret" not in line and "study 'nope' does not exist in postgresql://postgres:***@" in line

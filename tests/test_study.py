@@ -83,6 +83,60 @@ def test_changed_data_or_space_is_refused(tmp_path: Path, tiny_dir: Path, fake_d
     )
 
 
+def test_allow_changed_data_goes_on_with_the_new_set_and_exports_only_its_trials(
+    tmp_path: Path, tiny_dir: Path, fake_dir: Path
+) -> None:
+    """--allow-changed records the new data set (fingerprint and split, not just its folder): later runs
+    on it need no --allow-changed, and export-top exports the trials trained on it. Before, the study
+    kept the old fingerprint beside the new folder, and its best trials could not be exported at all."""
+    from search.export import export_top
+
+    space = str(write_space(tmp_path / "unit.yaml", steps=20, valid_steps=20))
+    run(RunOptions(space=space, trials=1, data=tiny_dir, display=False))
+    before = dict(load().user_attrs)
+    run(RunOptions(space=space, trials=3, data=fake_dir, allow_changed=True, display=False))
+    study = load()
+    assert study.user_attrs["data_root"] == str(fake_dir.resolve())
+    assert study.user_attrs["fingerprint"] != before["fingerprint"]
+    assert study.user_attrs["split_id"] != before["split_id"]
+    assert run(RunOptions(space=space, trials=4, data=fake_dir, display=False)).finished == 4
+    study = load()
+    on_fake = [
+        t.number for t in study.get_trials() if t.user_attrs["fingerprint"] == study.user_attrs["fingerprint"]
+    ]
+    assert on_fake == [1, 2, 3]
+    result = export_top(study, 3, out=tmp_path / "export")
+    assert sorted(m.trial for m in result.members) == on_fake
+    with pytest.raises(UserError, match="only 3 usable trial.*trained on the study's current data set"):
+        export_top(study, 4, out=tmp_path / "export4")
+
+
+def test_allow_changed_space_with_other_choices_is_refused_before_any_trial(
+    tmp_path: Path, tiny_dir: Path
+) -> None:
+    """Optuna cannot record other choices for a categorical in one study: every trial would fail with
+    "dynamic value space". The run is refused in one line, and the study is left as it was."""
+    space = str(write_space(tmp_path / "unit.yaml", steps=20, valid_steps=20))
+    run(RunOptions(space=space, trials=1, data=tiny_dir, display=False))
+    before = dict(load().user_attrs)
+    write_space(
+        tmp_path / "unit.yaml", steps=20, valid_steps=20, pooling={"choices": ["mean", "attentive_stats"]}
+    )
+    with pytest.raises(
+        UserError,
+        match="'pooling' was searched with choices \\['mean', 'attention'\\] in study 'unit', this space "
+        "has choices \\['mean', 'attentive_stats'\\].*use a new --study name",
+    ):
+        run(RunOptions(space=space, trials=2, data=tiny_dir, allow_changed=True, display=False))
+    study = load()
+    assert dict(study.user_attrs) == before and len(study.get_trials()) == 1
+    # A numeric range may change: Optuna records both.
+    write_space(tmp_path / "unit.yaml", steps=20, valid_steps=20, d_model={"low": 16, "high": 48, "step": 16})
+    assert (
+        run(RunOptions(space=space, trials=2, data=tiny_dir, allow_changed=True, display=False)).finished == 2
+    )
+
+
 def test_a_run_without_data_resumes_on_the_studys_own_data_set(
     tmp_path: Path, tiny_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
