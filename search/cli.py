@@ -99,6 +99,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from search.config import load_config
     from search.data import open_data
     from search.devices import resolve_device
+    from search.files import check_can_create
     from search.progress import console
     from search.train import resume_step, train
     from search.trainview import TrainView
@@ -110,6 +111,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = config.replace(checkpoint_steps=config.train.valid_steps)
     out = args.out if args.out is not None else Path("studies") / "runs" / Path(args.config).stem
     best, last = out / "best.pt", out / "last.pt"
+    check_can_create(best)
     # A finished run's best.pt is refused before any data is packed; last.pt is an interrupted run.
     if not args.force and best.exists() and not last.exists():
         raise UserError(

@@ -40,7 +40,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.data import COPY_HINT, FeatureStore, PackedData, Split, open_data
 from search.errors import UserError
-from search.files import atomic_write, usual_mode
+from search.files import atomic_write, check_can_create, usual_mode
 from search.infer import read_checkpoint
 from search.storage import artifact_store, study_dir
 from search.vote import (
@@ -313,6 +313,7 @@ def check_export_target(out: Path, force: bool) -> None:
         raise UserError(
             f"--out {out}: is the current folder or one above it; name a new folder for the export"
         )
+    check_can_create(out)
     if not out.exists() and not out.is_symlink():
         return
     if not out.is_dir() or out.is_symlink():

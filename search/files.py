@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from search.errors import UserError
+
 
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, read in chunks (checkpoints can be hundreds of MB)."""
@@ -71,3 +73,28 @@ def atomic_write(path: Path, text: bool = False, overwrite: bool = True) -> Iter
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+
+
+def check_can_create(path: Path, flag: str = "--out") -> None:
+    """Refuse, before any long work, an output that cannot be created where it is asked for.
+
+    Why: export, vote, predict, synth and train write their output last; a path under a file or in a
+    folder that cannot be written would fail only after the work, with a traceback. The nearest
+    existing folder above ``path`` must take a new file (tried with a probe file, which also catches a
+    read-only mount); nothing is created.
+    """
+    path = Path(path)
+    ancestor = path.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"{flag} {path}: cannot be created, {ancestor} is a file; choose another {flag}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".spkid-probe-", dir=ancestor)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(
+            f"{flag} {path}: cannot be created, {ancestor} is not writable ({exc.strerror or exc}); "
+            f"choose another {flag}"
+        ) from None

@@ -50,6 +50,7 @@ import numpy.typing as npt
 import torch
 
 from search.errors import UserError, shown
+from search.files import check_can_create
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
@@ -598,6 +599,7 @@ def generate(
         raise UserError(f"synth: workers must be a positive integer, got {shown(workers)}")
     if out.exists() and not out.is_dir():
         raise UserError(f"synth: {out} exists and is not a directory; choose a new or empty directory")
+    check_can_create(out)
     replacing = out.is_dir() and any(out.iterdir())
     if replacing and not _is_synth_output(out):
         raise UserError(

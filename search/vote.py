@@ -33,7 +33,7 @@ import torch
 from search.config import Config
 from search.data import COPY_HINT, FeatureStore, PackedData, Split, make_split
 from search.errors import UserError, shown
-from search.files import atomic_write, sha256_file
+from search.files import atomic_write, check_can_create, sha256_file
 from search.infer import model_from_checkpoint, predict_logits, read_checkpoint
 
 MANIFEST_NAME = "manifest.json"
@@ -458,12 +458,24 @@ def _answer_key(data: PackedData, ids: Sequence[str]) -> tuple[np.ndarray, np.nd
     return np.array(scored, dtype=np.int64), np.array(truth, dtype=np.int64)
 
 
-def _check_out(out: Path, force: bool) -> Path:
+def _check_out(out: Path, force: bool, inputs: Sequence[Path | None] = ()) -> Path:
+    """Refuse an --out that is a folder, exists (without --force), cannot be created, or is one of this
+    command's inputs (the checkpoint, or a file of the export or data folder), which --force would
+    have replaced with the CSV."""
     out = Path(out)
+    target = out.resolve()
+    for given in inputs:
+        if given is None or not out.exists():
+            continue
+        base = Path(given).resolve()
+        if target == base or base in target.parents:
+            where = "is" if target == base else "is inside"
+            raise UserError(f"--out {out}: {where} {given}, an input of this command; choose another --out")
     if out.is_dir():
         raise UserError(f"{out}: is a folder; --out must name a CSV file, e.g. {out / 'submission.csv'}")
     if out.exists() and not force:
         raise UserError(f"{out}: already exists; pass --force to overwrite it or choose another --out")
+    check_can_create(out)
     return out
 
 
@@ -494,7 +506,7 @@ def _score(
     """Run every member on validation + test, calibrate, combine, score and write the CSV."""
     if method not in METHODS:
         raise UserError(f"--method: unknown voting method '{method}' (choose from {', '.join(METHODS)})")
-    out = _check_out(out, force)
+    out = _check_out(out, force)  # the callers checked it against their inputs
     ids = _test_ids(data)
     if not ids:
         raise UserError(f"{data.root}/testdata.json: lists no test utterances; nothing to predict")
@@ -549,7 +561,7 @@ def preflight(out: Path, force: bool, export_dir: Path | None = None, checkpoint
         verify_members(Path(export_dir), read_manifest(Path(export_dir)))
     if checkpoint is not None:
         read_checkpoint(Path(checkpoint))
-    _check_out(out, force)
+    _check_out(out, force, (export_dir, checkpoint))
 
 
 def vote(
@@ -565,7 +577,7 @@ def vote(
     if method not in METHODS:
         raise UserError(f"--method: unknown voting method '{method}' (choose from {', '.join(METHODS)})")
     manifest = read_manifest(export_dir)
-    _check_out(out, force)
+    _check_out(out, force, (export_dir, data.root))
     paths = verify_members(export_dir, manifest)
     if manifest.fingerprint != data.fingerprint:
         raise UserError(
@@ -603,7 +615,7 @@ def predict(
     so no validation accuracy is claimed.
     """
     checkpoint = Path(checkpoint)
-    _check_out(out, force)
+    _check_out(out, force, (checkpoint, data.root))
     ckpt = read_checkpoint(checkpoint)
     check_compatible(ckpt, checkpoint, data)
     if not isinstance(ckpt["config"], dict):

@@ -268,3 +268,20 @@ def test_status_never_shows_the_storage_password(
     assert main(["status", "--storage", url, "--study", "nope"]) == 2
     line = _one_error_line(capsys)
     assert "s3cret" not in line and "study 'nope' does not exist in postgresql://postgres:***@" in line
+
+
+def test_an_out_under_a_file_is_one_line_for_every_writing_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """synth, train and export-top failed with a traceback (NotADirectoryError, FileExistsError) when
+    --out could not be created; each now says so in one line before doing any work."""
+    monkeypatch.chdir(tmp_path)
+    Path("afile").write_text("x")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"steps": 5}))
+    for argv in (
+        ["synth", "--out", "afile/x", "--preset", "tiny"],
+        ["train", "--config", str(config), "--out", "afile/x"],
+    ):
+        assert main(argv) == 2, argv
+        assert "afile/x" in _one_error_line(capsys) and not Path("studies").exists()

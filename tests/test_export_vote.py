@@ -29,7 +29,7 @@ from search.data import FeatureStore, PackedData, make_split, pack
 from search.errors import UserError
 from search.export import ExportResult, export_top, render_export, usable_trials
 from search.files import umask
-from search.infer import load_model, predict_logits
+from search.infer import load_model, predict_logits, read_checkpoint
 from search.storage import artifact_store, open_storage
 from search.train import train
 from search.vote import (
@@ -286,6 +286,28 @@ def test_vote_refuses_to_overwrite_csv(exports: Exports, data: PackedData, tmp_p
     assert out.read_text() == "keep me\n"
     vote(exports.top.out, data, out, force=True)
     assert out.read_text().startswith("Id,Category\n")
+
+
+def test_force_never_replaces_an_input_with_the_csv(
+    exports: Exports, trained: list[Trained], data: PackedData, tmp_path: Path
+) -> None:
+    """vote --force --out EXPORT/manifest.json and predict --force --out CHECKPOINT replaced their own
+    input with the CSV; an --out that cannot be created fails before the members run."""
+    export = _copy_export(exports.top.out, tmp_path)
+    before = _snapshot(export)
+    with pytest.raises(
+        UserError, match="^--out .*manifest.json: is inside .*export, an input of this command"
+    ):
+        vote(export, data, export / "manifest.json", force=True)
+    checkpoint = tmp_path / "one.pt"
+    shutil.copy(trained[0].checkpoint, checkpoint)
+    with pytest.raises(UserError, match="^--out .*one.pt: is .*one.pt, an input of this command"):
+        predict(checkpoint, data, checkpoint, force=True)
+    assert read_checkpoint(checkpoint)["config"]  # still the checkpoint
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match="afile is a file"):
+        vote(export, data, tmp_path / "afile" / "submission.csv")
+    assert _snapshot(export) == before
 
 
 def _copy_export(src: Path, tmp_path: Path) -> Path:

@@ -58,3 +58,17 @@ def test_written_files_get_the_mode_open_would_give(tmp_path: Path) -> None:
     finally:
         os.umask(previous)
     assert (tmp_path / "best.pt").stat().st_mode & 0o777 == 0o640
+
+
+def test_an_output_that_cannot_be_created_is_refused_before_any_work(tmp_path: Path) -> None:
+    from search.errors import UserError
+    from search.files import check_can_create
+
+    check_can_create(tmp_path / "new" / "deeper" / "submission.csv")  # folders to come: fine
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # the check created nothing
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match=r"^--out .*afile/sub/x.csv: cannot be created, .*afile is a file"):
+        check_can_create(tmp_path / "afile" / "sub" / "x.csv")
+    if Path("/proc/self").is_dir():  # a folder no one can create files in, even root
+        with pytest.raises(UserError, match=r"^--data /proc/x: cannot be created, /proc is not writable"):
+            check_can_create(Path("/proc/x"), "--data")
