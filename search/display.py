@@ -1,4 +1,4 @@
-"""Rich views of a study: the live run display and the ``status`` table."""
+"""Rich views of a study: the live run display (plain lines without a terminal) and the ``status`` table."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ from types import TracebackType
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial
-from rich.console import Group, RenderableType
+from optuna.trial import FrozenTrial, TrialState
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from search.progress import console
+from search import progress
 from search.study import summary_rows
-from search.trials import Counts, real_failures
+from search.trials import FINISHED, Counts, is_skipped, real_failures
 
 
 def _fmt(value: Any, pattern: str = "{:.4f}") -> str:
@@ -32,7 +32,7 @@ def best_table(study: optuna.Study, top: int = 10, width: int | None = None) -> 
     which rich renders 80 wide) a values column would be squeezed to a few letters per line, so they
     are listed under the table instead.
     """
-    wide = (width or console.width) >= WIDE
+    wide = (width or progress.console.width) >= WIDE
     table = Table(title=f"study '{study.study_name}': best trials", header_style="bold")
     for col in ("trial", "state", "valid acc", "best step", "params", "steps/s", "device"):
         table.add_column(col, justify="left" if col in ("state", "device") else "right", no_wrap=True)
@@ -100,15 +100,36 @@ def counts_line(counts: Counts, target: int | None = None) -> Text:
     )
 
 
-class RunView:
-    """Live display for ``spkid-search run``: running trials per worker, counts, best so far, throughput."""
+SUMMARY_EVERY = 60.0  # seconds between plain summary lines: a multi-day log stays readable
 
-    def __init__(self, target: int, enabled: bool = True) -> None:
+
+class RunView:
+    """Live display for ``spkid-search run``: running trials per worker, counts, best so far, throughput.
+
+    Without a terminal (a pipe, a file, ``docker compose logs``) a live view is only drawn when it stops,
+    so it prints plain lines instead: one per ended trial and a summary at most every ``summary_every`` s.
+    """
+
+    def __init__(
+        self,
+        target: int,
+        enabled: bool = True,
+        console: Console | None = None,
+        summary_every: float = SUMMARY_EVERY,
+    ) -> None:
         self.target = target
         self.enabled = enabled
+        self.console = console if console is not None else progress.console
+        self.plain = not self.console.is_terminal
+        self.summary_every = summary_every
         self.started = time.time()
         self.start_finished: int | None = None
-        self.live = Live(Text("starting workers..."), console=console, refresh_per_second=2, transient=False)
+        self.last_summary = -float("inf")
+        self.ended: tuple[int, ...] | None = None  # the counts of ended trials at the last look
+        self.seen: set[int] = set()  # ended trials already printed (or ended before this run)
+        self.live = Live(
+            Text("starting workers..."), console=self.console, refresh_per_second=2, transient=False
+        )
 
     def __enter__(self) -> RunView:
         return self  # the live view starts on the first update, after run() has validated everything
@@ -124,10 +145,13 @@ class RunView:
     def update(self, study: optuna.Study, counts: Counts, workers: list[dict[str, Any]]) -> None:
         if not self.enabled:
             return
-        if not self.live.is_started:
-            self.live.start()
         if self.start_finished is None:
             self.start_finished = counts.finished
+        if self.plain:
+            self._print_lines(study, counts)
+            return
+        if not self.live.is_started:
+            self.live.start()
         table = Table(header_style="bold", expand=False)
         for col in ("worker", "device", "trial", "step", "loss", "valid acc", "steps/s"):
             table.add_column(col, justify="left" if col in ("worker", "device") else "right")
@@ -146,14 +170,56 @@ class RunView:
                 _fmt(w.get("valid_acc")),
                 _fmt(w.get("steps_per_s"), "{:.1f}"),
             )
-        hours = max(time.time() - self.started, 1e-6) / 3600
-        done_here = counts.finished - self.start_finished
-        # A resumed study shows no rate until this run has finished a trial (not a misleading 0.0).
-        rate = f"{done_here / hours:.1f} trials/h" if done_here > 0 else "- trials/h"
+        footer = Text.assemble(
+            counts_line(counts, self.target), f"   {self._best(study)}   ", (self._rate(counts), "dim")
+        )
+        self.live.update(Group(table, footer))
+
+    def _best(self, study: optuna.Study) -> str:
         try:
             best = study.best_trial
-            best_text = f"best {best.value:.4f} (trial {best.number})"
+            return f"best {best.value:.4f} (trial {best.number})"
         except ValueError:
-            best_text = "best -"
-        footer = Text.assemble(counts_line(counts, self.target), f"   {best_text}   ", (rate, "dim"))
-        self.live.update(Group(table, footer))
+            return "best -"
+
+    def _rate(self, counts: Counts) -> str:
+        hours = max(time.time() - self.started, 1e-6) / 3600
+        done_here = counts.finished - (self.start_finished or 0)
+        # A resumed study shows no rate until this run has finished a trial (not a misleading 0.0).
+        return f"{done_here / hours:.1f} trials/h" if done_here > 0 else "- trials/h"
+
+    def _print_lines(self, study: optuna.Study, counts: Counts) -> None:
+        """A line per trial ended since the last look (read only when the counts moved), then the summary."""
+        ended = (counts.complete, counts.pruned, counts.failed, counts.retried, counts.skipped)
+        if ended != self.ended:
+            first, self.ended = self.ended is None, ended
+            trials = study.get_trials(deepcopy=False)
+            failed = {t.number for t in real_failures(trials)}
+            for t in trials:
+                if t.number in self.seen or not (t.state in FINISHED or t.state == TrialState.FAIL):
+                    continue
+                self.seen.add(t.number)
+                if not first and not is_skipped(t):  # those that ended before this run were shown before
+                    self._print(trial_line(t, t.number in failed))
+        if time.monotonic() - self.last_summary >= self.summary_every:
+            self.last_summary = time.monotonic()
+            self._print(
+                f"{counts_line(counts, self.target).plain}  {self._best(study)}  {self._rate(counts)}"
+            )
+
+    def _print(self, line: str) -> None:
+        self.console.print(line, markup=False, highlight=False, soft_wrap=True)  # whole, never cut at 80
+
+
+def trial_line(t: FrozenTrial, failed: bool = True) -> str:
+    """One plain line for an ended trial: what a log reader needs without opening ``status``."""
+    attrs = t.user_attrs
+    head = f"trial {t.number} {t.state.name}"
+    if t.state == TrialState.FAIL:
+        again = "" if failed else "  (queued again: not a failure)"
+        return f"{head}: {attrs.get('fail_reason') or 'no reason recorded (the worker died?)'}{again}"
+    acc = attrs.get("valid_acc", t.value)
+    return (
+        f"{head}  valid acc {_fmt(acc)}  {_fmt(attrs.get('steps_per_s'), '{:.1f}')} steps/s"
+        f"  on {attrs.get('device') or '-'}"
+    )

@@ -285,3 +285,18 @@ def test_an_out_under_a_file_is_one_line_for_every_writing_command(
     ):
         assert main(argv) == 2, argv
         assert "afile/x" in _one_error_line(capsys) and not Path("studies").exists()
+
+
+def test_train_without_a_terminal_prints_a_whole_line_per_report_and_quiet_none(
+    tmp_path: Path, tiny_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Piped or in docker, the bar was drawn once at the end, cut at 80 columns (its step count lost)."""
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(TINY_TRAIN))
+    argv = ["train", "--config", "c.yaml", "--data", str(tiny_dir), "--device", "cpu", "--log-every", "2"]
+    assert main([*argv, "--out", "run"]) == 0
+    steps = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train step ")]
+    assert [line.split()[2] for line in steps] == ["2/8", "4/8", "6/8", "8/8"], steps
+    assert " valid " in steps[1] and " valid " in steps[3] and " valid " not in steps[0]
+    assert all(line.endswith(" steps/s") and "…" not in line for line in steps)
+    assert main([*argv, "--out", "quiet", "--quiet"]) == 0
+    assert "train step" not in capsys.readouterr().err

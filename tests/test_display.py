@@ -1,6 +1,9 @@
-"""search.display: the status tables stay readable on narrow and wide terminals and say why trials failed."""
+"""search.display: the status tables stay readable on narrow and wide terminals and say why trials failed;
+without a terminal the run view prints whole plain lines instead of a live view."""
 
 from __future__ import annotations
+
+import io
 
 import optuna
 import pytest
@@ -8,7 +11,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 from rich.console import Console
 
-from search.display import WIDE, best_table, failures_table
+from search.display import WIDE, RunView, best_table, failures_table
+from search.trials import count_trials
 
 PARAMS = {"encoder": "conformer", "dropout": 0.123456, "pooling": "attentive_stats"}
 DISTS = {
@@ -80,3 +84,57 @@ def test_failures_table_gives_the_reasons_of_real_failures_only() -> None:
     assert reasons[4] in text and reasons[5] in text and "interrupted" in text
     assert "dropout=0.123" in text  # the values a failure may depend on
     assert reasons[6] not in text and "study already holds" not in text and reasons[3] not in text
+
+
+def _update(view: RunView, study: optuna.Study) -> None:
+    view.update(study, count_trials(study.get_trials()), [])
+
+
+def test_without_a_terminal_the_run_view_prints_whole_lines_per_trial_and_a_timed_summary() -> None:
+    """A pipe or ``docker compose logs`` got nothing until the run ended: a live view draws only on stop."""
+    study = _study()  # three trials that ended before this run: not printed again
+    out = io.StringIO()
+    with RunView(8, console=Console(file=out, force_terminal=False, width=80), summary_every=3600) as view:
+        _update(view, study)
+        attrs = {"valid_acc": 0.95, "steps_per_s": 123.456, "device": "cuda:1", "parameters": 1}
+        study.add_trial(create_trial(value=0.95, params=PARAMS, distributions=DISTS, user_attrs=attrs))
+        reason = "bad config: d_model 90 not divisible by heads 4; " + "x" * 80  # a line wider than 80
+        study.add_trial(create_trial(state=TrialState.FAIL, user_attrs={"fail_reason": reason}))
+        study.add_trial(create_trial(state=TrialState.FAIL, user_attrs={"fail_reason": "interrupted"}))
+        retry = create_trial(state=TrialState.PRUNED, value=0.5, user_attrs={"valid_acc": 0.5})
+        retry._system_attrs = {"failed_trial": 5, "retry_history": [5]}
+        study.add_trial(retry)
+        _update(view, study)
+        _update(view, study)  # nothing new, and the summary is not due: no line
+        view.summary_every = 0
+        _update(view, study)
+    assert not view.live.is_started
+    lines = out.getvalue().splitlines()
+    assert lines == [
+        "finished 3/8 (complete 3, pruned 0)  running 0  waiting 0  failed 0"
+        "  best 0.9000 (trial 1)  - trials/h",
+        "trial 3 COMPLETE  valid acc 0.9500  123.5 steps/s  on cuda:1",
+        f"trial 4 FAIL: {reason}",
+        "trial 5 FAIL: interrupted  (queued again: not a failure)",
+        "trial 6 PRUNED  valid acc 0.5000  - steps/s  on -",
+        lines[5],
+    ], out.getvalue()
+    assert lines[5].startswith(
+        "finished 5/8 (complete 4, pruned 1)  running 0  waiting 0  failed 1  (retried 1)"
+        "  best 0.9500 (trial 3)  "
+    )
+    assert lines[5].endswith(" trials/h") and "\x1b" not in out.getvalue()
+
+
+def test_on_a_terminal_the_run_view_stays_live_and_quiet_prints_nothing() -> None:
+    study = _study()
+    out = io.StringIO()
+    terminal = Console(file=out, force_terminal=True, color_system=None, width=100)
+    with RunView(8, console=terminal) as view:
+        _update(view, study)
+        assert view.live.is_started and not view.plain
+    assert "┃ worker ┃" in out.getvalue() and "finished 3/8" in out.getvalue()  # the live table's frame
+    piped = io.StringIO()
+    with RunView(8, enabled=False, console=Console(file=piped, force_terminal=False)) as view:
+        _update(view, study)
+    assert piped.getvalue() == ""
