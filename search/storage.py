@@ -265,7 +265,8 @@ def open_storage(
 ) -> RDBStorage:
     """An RDBStorage for ``url``; with a heartbeat, a killed worker's trial is retried, not left RUNNING.
 
-    ``must_exist`` (read-only commands): a SQLite file that is not there is an error, not created.
+    ``must_exist`` (read-only commands): the database must be there and hold Optuna's tables; nothing
+    is created in it.
     """
     given, url = url, check_storage_url(url)
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
@@ -276,10 +277,16 @@ def open_storage(
                 f"--storage {url}: {path} does not exist; check the path (only 'spkid-search run' "
                 "creates a study)"
             )
-        _prepare_sqlite(url)
         engine_kwargs["connect_args"] = {"timeout": 120}
     else:
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
+    if must_exist and not _holds_optuna_tables(url, engine_kwargs):  # before anything writes to it
+        raise UserError(
+            f"{mask_url(given)}: holds no Optuna study (none of its tables); check --storage or --study "
+            "(only 'spkid-search run' creates a study; nothing was written)"
+        )
+    if url.startswith("sqlite"):
+        _prepare_sqlite(url)
     for attempt in range(1, SCHEMA_ATTEMPTS + 1):
         try:
             with warnings.catch_warnings():
@@ -310,6 +317,22 @@ def open_storage(
                 f"--storage {mask_url(given)}: cannot connect ({mask_url(first)[:200]}); {advice}"
             ) from None
     raise AssertionError("unreachable")
+
+
+def _holds_optuna_tables(url: str, engine_kwargs: dict[str, Any]) -> bool:
+    """Whether the database has Optuna's tables, looked at without creating them.
+
+    Why: opening an RDBStorage creates Optuna's schema, so a read-only command (status, export-top,
+    dashboard) pointed at another database (or an empty file) would add a dozen tables to it. An
+    unreachable server answers True here: the open that follows reports it in its own words.
+    """
+    engine = sqlalchemy.create_engine(url, **engine_kwargs)
+    try:
+        return sqlalchemy.inspect(engine).has_table("studies")
+    except Exception:  # noqa: BLE001 - reported by the real open
+        return True
+    finally:
+        engine.dispose()
 
 
 def _is_schema_race(exc: BaseException) -> bool:

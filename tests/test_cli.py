@@ -300,3 +300,32 @@ def test_train_without_a_terminal_prints_a_whole_line_per_report_and_quiet_none(
     assert all(line.endswith(" steps/s") and "…" not in line for line in steps)
     assert main([*argv, "--out", "quiet", "--quiet"]) == 0
     assert "train step" not in capsys.readouterr().err
+
+
+def test_read_only_commands_never_add_optunas_tables_to_a_database(
+    tmp_path: Path, pg_database: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """status, export-top and dashboard pointed at a database that holds no study (another program's
+    SQLite file, an empty file, another PostgreSQL database) used to create Optuna's dozen tables in
+    it before saying it held no study. Now they say so in one line and leave it as it was."""
+    import sqlite3
+
+    import sqlalchemy
+
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as con:
+        con.execute("create table notes(x)")
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    with sqlalchemy.create_engine(pg_database.replace("postgresql://", "postgresql+psycopg://")).begin() as c:
+        c.execute(sqlalchemy.text("create table notes(x int)"))
+    for url in (f"sqlite:///{other}", f"sqlite:///{empty}", pg_database):
+        for argv in (["status"], ["export-top", "1"], ["dashboard"]):
+            assert main([*argv, "--storage", url]) == 2, (argv, url)
+            assert "holds no Optuna study" in _one_error_line(capsys)
+    with sqlite3.connect(other) as con:
+        assert [r[0] for r in con.execute("select name from sqlite_master")] == ["notes"]
+    assert empty.stat().st_size == 0
+    engine = sqlalchemy.create_engine(pg_database.replace("postgresql://", "postgresql+psycopg://"))
+    assert sqlalchemy.inspect(engine).get_table_names() == ["notes"]
+    engine.dispose()
