@@ -157,6 +157,16 @@ def _gpu_list(text: str) -> list[int]:
     return gpus
 
 
+def _trial_list(text: str) -> set[int]:
+    try:
+        numbers = {int(part) for part in text.split(",") if part.strip()}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected trial numbers like 3,7 - got '{text}'") from None
+    if not numbers or any(n < 0 for n in numbers):
+        raise argparse.ArgumentTypeError(f"expected trial numbers (0 or more) like 3,7 - got '{text}'")
+    return numbers
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from search.display import RunView, best_table
     from search.progress import console
@@ -295,6 +305,7 @@ def cmd_export_top(args: argparse.Namespace) -> int:
         include_pruned=args.include_pruned,
         force=args.force,
         data=data,
+        exclude=args.exclude,
     )
     output.print(render_export(result))
     console.print(f"[green]{'replaced' if result.replaced else 'wrote'} {result.out}")
@@ -535,6 +546,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--include-pruned", action="store_true", help="also use PRUNED trials that kept a checkpoint"
     )
     p.add_argument("--force", action="store_true", help="replace an existing export (atomically)")
+    p.add_argument(
+        "--exclude",
+        type=_trial_list,
+        default=set(),
+        metavar="N[,N...]",
+        help="leave these trials out (e.g. one whose stored checkpoint is lost)",
+    )
     p.add_argument(
         "--data",
         type=Path,

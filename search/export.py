@@ -28,7 +28,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,7 +128,8 @@ def fetch_checkpoint(study: optuna.Study, trial: FrozenTrial, dest: Path) -> str
     except Exception as exc:  # noqa: BLE001 - ArtifactNotFound, OSError, ValueError for odd ids
         why = "missing" if not stored.exists() else f"unreadable ({exc.__class__.__name__})"
         raise UserError(
-            f"{stored}: checkpoint of {where} is {why}; restore the artifact store or leave the trial out"
+            f"{stored}: checkpoint of {where} is {why}; restore the artifact store, or leave the trial "
+            f"out with --exclude {trial.number}"
         ) from None
     expected = trial.user_attrs.get("checkpoint_sha256")
     if not isinstance(expected, str):
@@ -358,24 +359,27 @@ def export_top(
     force: bool = False,
     data: PackedData | None = None,
     rounds: int | None = None,
+    exclude: Collection[int] = (),
 ) -> ExportResult:
-    """Export K members of ``study`` (see the module docstring for the two strategies)."""
+    """Export K members of ``study`` (see the module docstring for the two strategies); trials numbered
+    in ``exclude`` are left out."""
     if strategy not in STRATEGIES:
         raise UserError(f"--strategy: unknown strategy '{strategy}' (choose from {', '.join(STRATEGIES)})")
     if k < 1:
         raise UserError(f"export-top: K must be at least 1, got {k}")
     out = Path(out) if out is not None else default_export_dir(study.study_name, strategy, k, include_pruned)
     check_export_target(out, force)
-    trials = usable_trials(study, include_pruned)
+    trials = [t for t in usable_trials(study, include_pruned) if t.number not in exclude]
     if len(trials) < k:
         which = "COMPLETE or PRUNED" if include_pruned else "COMPLETE"
         current = study.user_attrs.get("fingerprint")
         if any(t.user_attrs.get("fingerprint", current) != current for t in study.get_trials(deepcopy=False)):
             which += ", trained on the study's current data set,"
         hint = "" if include_pruned else ", pass --include-pruned"
+        left_out = f", not counting --exclude {','.join(map(str, sorted(exclude)))}" if exclude else ""
         raise UserError(
-            f"study '{study.study_name}': only {len(trials)} usable trial(s) ({which} with a checkpoint), "
-            f"fewer than K={k}; lower K{hint} or run more trials"
+            f"study '{study.study_name}': only {len(trials)} usable trial(s) ({which} with a checkpoint"
+            f"{left_out}), fewer than K={k}; lower K{hint} or run more trials"
         )
     if data is None:  # the folder the study trained on; top-k without it just skips the ensemble's score
         data = _open_study_data(study, required=strategy == "greedy")

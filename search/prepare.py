@@ -740,6 +740,13 @@ def _prepare_locked(
             + (f", e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else "")
             + "); nothing to write"
         )
+    if len(kept) == 1:  # a one-speaker set trains to a trivial 100% accuracy
+        _prune(out, expected)
+        raise UserError(
+            f"{source_path}: only one speaker ('{kept[0]}') has {min_utterances} usable utterances; "
+            "speaker identification needs at least two. The folders directly under AUDIO_DIR are the "
+            "speakers: point it at the folder that holds one folder per speaker"
+        )
     order = np.random.default_rng(seed).permutation(len(kept))
     speaker2id = {name: int(order[i]) for i, name in enumerate(kept)}
 

@@ -538,8 +538,8 @@ def resolve_spec(
         spec = replace(spec, utterances=utterances)
     if test is not None:
         spec = replace(spec, test=test)
-    if not 1 <= spec.speakers <= 100000:
-        raise UserError(f"synth: speakers must be between 1 and 100000, got {spec.speakers}")
+    if not 2 <= spec.speakers <= 100000:  # one speaker: every utterance is "identified", trivially
+        raise UserError(f"synth: speakers must be between 2 and 100000, got {spec.speakers}")
     if spec.utterances < 3 * spec.speakers:
         raise UserError(
             f"synth: utterances ({spec.utterances}) must be at least 3 per speaker "

@@ -24,6 +24,7 @@ from optuna.artifacts import upload_artifact
 from optuna.trial import TrialState
 from rich.console import Console
 
+from search.cli import build_parser
 from search.config import Config
 from search.data import FeatureStore, PackedData, make_split, pack
 from search.errors import UserError
@@ -456,6 +457,21 @@ def test_broken_artifact_is_refused_and_nothing_written(
     with pytest.raises(UserError, match=pattern):  # greedy needs every candidate's logits
         export_top(study, 2, out=out, strategy="greedy", data=data)
     assert not (tmp_path / "exports").exists()
+    if damage == "missing":  # the message's advice works: the export goes on without that trial
+        assert f"--exclude {victim.number}" in str(err.value)
+        result = export_top(study, 3, out=out, strategy="greedy", data=data, exclude={victim.number})
+        assert victim.number not in {m.trial for m in result.members}
+        with pytest.raises(UserError, match=f"not counting --exclude {victim.number}\\), fewer than K=9"):
+            export_top(study, 9, out=tmp_path / "nine", data=data, exclude={victim.number})
+
+
+def test_export_top_exclude_is_a_list_of_trial_numbers() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["export-top", "2", "--exclude", "3,7"]).exclude == {3, 7}
+    assert parser.parse_args(["export-top", "2"]).exclude == set()
+    for bad in ("x", "-1", ","):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["export-top", "2", "--exclude", bad])
 
 
 def test_predict_single_checkpoint(trained: list[Trained], data: PackedData, tmp_path: Path) -> None:

@@ -404,6 +404,13 @@ def test_user_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no speaker has 3 usable"):
         prepare(audio, tmp_path / "out", min_utterances=3, progress=False)
     assert not (tmp_path / "out/mapping.json").exists()
+    # AUDIO_DIR one level too high: its only folder is taken for the one speaker (100% accuracy, trivially).
+    shutil.copytree(audio, tmp_path / "wrapped" / "audio")
+    with pytest.raises(
+        UserError, match="only one speaker \\('audio'\\).*at least two.*one folder per speaker"
+    ):
+        prepare(tmp_path / "wrapped", tmp_path / "out1", progress=False)
+    assert not (tmp_path / "out1/mapping.json").exists()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -234,6 +234,8 @@ def test_overrides_and_bad_arguments(tmp_path: Path) -> None:
         generate(tmp_path / "x", preset="tiny", seed=-1, progress=False)
     with pytest.raises(UserError, match="speakers"):
         generate(tmp_path / "x", preset="tiny", speakers=0, progress=False)
+    with pytest.raises(UserError, match="speakers must be between 2 and"):  # one: trivially "identified"
+        generate(tmp_path / "x", preset="tiny", speakers=1, progress=False)
     with pytest.raises(UserError, match="workers"):
         generate(tmp_path / "x", preset="tiny", workers=0, progress=False)
     assert not (tmp_path / "x").exists()
