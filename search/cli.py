@@ -396,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
         "audio",
         type=Path,
         metavar="AUDIO_DIR",
-        help="folder of speaker folders, or a CSV file list with header path,speaker",
+        help="folder of speaker folders, or a CSV file list with header path,speaker "
+        "(paths relative to the CSV's folder)",
     )
     p.add_argument(
         "--out",
