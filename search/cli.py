@@ -207,7 +207,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.quiet:
         console.print(best_table(study, 5))
     console.print(
-        f"[green]finished {counts.finished} trials (complete {counts.complete}, pruned {counts.pruned}),"
+        f"[green]finished {counts.finished} trial{'' if counts.finished == 1 else 's'} "
+        f"(complete {counts.complete}, pruned {counts.pruned}),"
         f" failed {counts.failed}" + (f", retried {counts.retried}" if counts.retried else "")
     )
     return 0

@@ -84,7 +84,8 @@ def read_layout(root: Path) -> HW4Layout:
     """Read mapping.json, metadata.json and testdata.json and check they agree with each other."""
     root = Path(root)
     if not root.is_dir():
-        raise UserError(f"{root}: data directory not found; pass --data DIR with the HW4 layout")
+        what = "is a file, not a folder" if root.exists() else "data directory not found"
+        raise UserError(f"{root}: {what}; pass --data DIR with the HW4 layout")
     mapping_path, meta_path, test_path = root / "mapping.json", root / "metadata.json", root / "testdata.json"
     mapping = _read_json(mapping_path)
     speaker2id = _key(mapping, "speaker2id", mapping_path)

@@ -41,6 +41,9 @@ def save_atomic(obj: dict[str, Any], path: Path) -> None:
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``; anything else (a pickle payload, junk) is refused."""
     path = Path(path)
+    if path.is_dir():
+        shown = f" (e.g. {path / 'best.pt'})" if (path / "best.pt").is_file() else ""
+        raise UserError(f"{path}: is a folder; pass a checkpoint file{shown}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a refused legacy pickle is reported below in one line

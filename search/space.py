@@ -131,6 +131,11 @@ def load_space(name_or_path: str | Path) -> Space:
         raise UserError(f"{src}: expected a mapping at the top level (name, params, sampler, ...)")
     for key in raw:
         if key not in TOP_KEYS:
+            if "params" not in raw and key in ALL_FIELDS:
+                raise UserError(
+                    f"{src}: a training config, not a search space (its key '{key}' is a setting); "
+                    f"train it with 'spkid-search train --config {src}', or search with a space file"
+                )
             raise UserError(f"{src}: unknown top-level key '{key}' (known: {', '.join(sorted(TOP_KEYS))})")
     name = raw.get("name", path.stem)
     if not isinstance(name, str):

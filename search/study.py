@@ -274,12 +274,6 @@ def run(
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
     fresh = not study.user_attrs.get("fingerprint")
     steps = effective_steps(space, opts.steps)  # what the study records is what reaches the trials
-    searched = {param.name for param in space.params}
-    if steps is not None and "warmup_steps" not in searched and base.train.warmup_steps >= steps:
-        _log(
-            f"note: --steps {steps} is within the space's warmup_steps ({base.train.warmup_steps}): the "
-            "learning rate never reaches its peak; fine for a smoke test, not for a real search"
-        )
     changes = identity_changes(
         study,
         {
@@ -304,6 +298,12 @@ def run(
         # Workers would each stop at once; nothing is recorded, so an --allow-changed here changes nothing.
         (on_nothing or _log)(nothing_to_do(name, held.finished, opts.trials))
         return held
+    searched = {param.name for param in space.params}
+    if steps is not None and "warmup_steps" not in searched and base.train.warmup_steps >= steps:
+        _log(  # only when trials will run: before "nothing to do" it was noise
+            f"note: --steps {steps} is within the space's warmup_steps ({base.train.warmup_steps}): the "
+            "learning rate never reaches its peak; fine for a smoke test, not for a real search"
+        )
     for key, value in changes.items():
         study.set_user_attr(key, value)
     if fresh:

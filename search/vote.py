@@ -106,6 +106,8 @@ def read_manifest(export_dir: Path) -> Manifest:
     """Read and validate ``export_dir/manifest.json`` (structure and paths, not checksums yet)."""
     export_dir = Path(export_dir)
     path = export_dir / MANIFEST_NAME
+    if export_dir.is_file() and export_dir.name == MANIFEST_NAME:
+        raise UserError(f"{export_dir}: pass the export folder that holds it ({export_dir.parent})")
     if not export_dir.is_dir():
         raise UserError(f"{export_dir}: export folder not found; create one with 'spkid-search export-top K'")
     try:

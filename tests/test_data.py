@@ -233,6 +233,10 @@ def test_eval_batches_cover_everything_under_budget(fake_data: PackedData) -> No
 
 
 def test_missing_data_dir(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(UserError, match="afile: is a file, not a folder; pass --data DIR"):
+        read_layout(afile)
     with pytest.raises(UserError, match="data directory not found"):
         pack(tmp_path / "nope", progress=False)
 

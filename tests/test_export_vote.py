@@ -550,3 +550,13 @@ def test_predict_and_vote_check_their_files_before_packing_the_data(
     assert main(["vote", str(exports.top.out), "--data", str(fake_dir), "--out", "taken.csv", "--quiet"]) == 2
     assert "taken.csv: already exists" in capsys.readouterr().err
     assert not cache.exists() and Path("taken.csv").read_text() == "keep me\n"
+
+
+def test_a_folder_or_a_manifest_given_for_the_other_is_named_for_what_it_is(
+    exports: Exports, tmp_path: Path
+) -> None:
+    with pytest.raises(UserError, match="manifest.json: pass the export folder that holds it"):
+        read_manifest(exports.top.out / "manifest.json")
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(UserError, match="runs: is a folder; pass a checkpoint file$"):
+        read_checkpoint(tmp_path / "runs")

@@ -120,6 +120,11 @@ BAD = [
         "line 5, column 3: key 'steps' is given twice",
     ),
     ({**GOOD, "bogus": 1}, "unknown top-level key 'bogus'"),
+    (  # spaces/baselines/*.yaml are configs: `run --space` on one said only "unknown top-level key"
+        {"encoder": "conformer", "layers": 3},
+        "a training config, not a search space (its key 'encoder' is a setting); train it with "
+        "'spkid-search train --config",
+    ),
     (with_params(d_modle={"low": 1, "high": 2}), "params.d_modle: unknown config key"),
     (with_params(d_model={"low": 128, "high": 64}), "params.d_model: low (128) > high (64)"),
     (with_params(d_model={"low": "a", "high": 64}), "params.d_model.low: must be a number"),

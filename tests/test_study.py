@@ -166,6 +166,10 @@ def test_steps_within_the_warmup_get_a_note(
         "note: --steps 20 is within the space's warmup_steps (50): the learning rate never reaches its peak"
         in err
     )
+    # A run with nothing to do trains nothing: no note about training, just that.
+    assert run(RunOptions(space=str(space), trials=1, steps=20, data=tiny_dir, display=False)).finished == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "nothing to do" in err and "warmup" not in err
 
 
 def test_the_display_gets_a_last_update_with_the_final_counts(tmp_path: Path, tiny_dir: Path) -> None:
