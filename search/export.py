@@ -370,7 +370,8 @@ def export_top(
     out = Path(out) if out is not None else default_export_dir(study.study_name, strategy, k, include_pruned)
     check_export_target(out, force)
     trials = [t for t in usable_trials(study, include_pruned) if t.number not in exclude]
-    if len(trials) < k:
+    # greedy's K caps the distinct members: fewer trials than K still make an ensemble (of them all at most)
+    if len(trials) < (1 if strategy == "greedy" else k):
         which = "COMPLETE or PRUNED" if include_pruned else "COMPLETE"
         current = study.user_attrs.get("fingerprint")
         if any(t.user_attrs.get("fingerprint", current) != current for t in study.get_trials(deepcopy=False)):

@@ -428,6 +428,9 @@ def test_fewer_than_k_usable_trials_leaves_nothing(study: optuna.Study) -> None:
     with pytest.raises(UserError, match="only 6 usable"):
         export_top(study, 7, out=Path("elsewhere") / "deep" / "x", include_pruned=True)
     assert not Path("elsewhere").exists()
+    # greedy's K caps the distinct members ("at most K distinct"): 5 usable trials still make a greedy 6
+    greedy = export_top(study, 6, strategy="greedy")
+    assert 1 <= len(greedy.members) <= 5 and greedy.out.name == "greedy6"
 
 
 @pytest.mark.parametrize("damage", ["missing", "modified"])
