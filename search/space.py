@@ -357,7 +357,7 @@ def _check_satisfiable(space: Space, src: str) -> None:
             Config.from_dict(values, source=src)
             return
         except UserError as exc:
-            first_error = first_error or str(exc)
+            first_error = first_error or str(exc).removeprefix(f"{src}: ")  # the file is named once
     raise UserError(f"{src}: no valid configuration can be sampled: {first_error}")
 
 

@@ -208,3 +208,12 @@ def test_patient_pruner_is_built_without_an_experimental_warning(tmp_path: Path)
         warnings.simplefilter("always")
         pruner = make_pruner(space)
     assert isinstance(pruner, optuna.pruners.PatientPruner) and not caught
+
+
+def test_an_unsatisfiable_space_names_its_file_once(tmp_path: Path) -> None:
+    path = write(tmp_path, {**with_params(d_model=30, heads=4), "constraints": []})
+    with pytest.raises(UserError) as info:
+        load_space(path)
+    text = str(info.value)
+    assert text.startswith(f"{path}: no valid configuration can be sampled: key 'd_model'")
+    assert text.count(str(path)) == 1
