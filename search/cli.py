@@ -66,6 +66,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.quiet,
         min_utterances=args.min_utterances,
+        force=args.force,
     )
     console.print(report.render())
     if report.index_changed:
@@ -436,6 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=2,
         help="leave out speakers with fewer usable files (default 2: one to train, one to test)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="re-prepare --out with another --seed or split option (studies made on it will refuse it)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)

@@ -626,12 +626,15 @@ def prepare(
     seed: int = 0,
     progress: bool = True,
     min_utterances: int = 2,
+    force: bool = False,
 ) -> PrepareReport:
     """Compute HW4 features for a speaker-labelled audio corpus and write the HW4 layout into ``out``.
 
     ``test_per_speaker`` (default 1) or ``test_fraction`` utterances of every speaker go to
     testdata.json (their labels to answers.csv); speakers with fewer than ``min_utterances`` usable
-    files are left out. Bad files are skipped with a reason, never fatal. Re-running resumes.
+    files are left out. Bad files are skipped with a reason, never fatal. Re-running resumes; a re-run
+    with another seed or split option would change a finished set's index (studies made on it then
+    refuse it), so it needs ``force``.
     ``workers > 1`` starts spawned processes, so a script calling this needs the usual
     ``if __name__ == "__main__":`` guard (the CLI has it).
     """
@@ -656,6 +659,29 @@ def prepare(
             seed,
             progress,
             min_utterances,
+            force,
+        )
+
+
+# The options that shape a set's index, as the CLI names them (recorded in the state file's header).
+INDEX_OPTIONS = {
+    "seed": "--seed",
+    "test_per_speaker": "--test-per-speaker",
+    "test_fraction": "--test-fraction",
+    "min_utterances": "--min-utterances",
+}
+
+
+def _check_same_options(out: Path, old_header: dict[str, Any], options: dict[str, Any]) -> None:
+    """Refuse, before anything changes, a re-run whose options would give a finished set a new index."""
+    if not (out / "metadata.json").is_file():
+        return  # no finished set yet: an interrupted first run may go on with other options
+    changed = [key for key, value in options.items() if key in old_header and old_header[key] != value]
+    if changed:
+        what = ", ".join(f"{INDEX_OPTIONS[k]} {old_header[k]} -> {options[k]}" for k in changed)
+        raise UserError(
+            f"{out}: holds a set prepared with other options ({what}); studies made on it would refuse "
+            "the new one: pass --force to replace it, or choose another --out (nothing was changed)"
         )
 
 
@@ -670,12 +696,22 @@ def _prepare_locked(
     seed: int,
     progress: bool,
     min_utterances: int,
+    force: bool,
 ) -> PrepareReport:
     state_path = out / STATE_NAME
     old_header, old_records = _read_state(state_path)
     if old_header.get("recipe") != RECIPE or old_header.get("prepare_state") != STATE_VERSION:
         old_records = {}  # features from another recipe cannot be reused
-    header = {"prepare_state": STATE_VERSION, "recipe": RECIPE, "seed": seed}
+    default_split = test_per_speaker is None and test_fraction is None
+    options = {
+        "seed": seed,
+        "test_per_speaker": 1 if default_split else test_per_speaker,
+        "test_fraction": test_fraction,
+        "min_utterances": min_utterances,
+    }
+    if not force:
+        _check_same_options(out, old_header, options)
+    header = {"prepare_state": STATE_VERSION, "recipe": RECIPE, **options}
 
     # Plan: reuse what an earlier run finished (renaming features if only the seed changed).
     records: dict[str, dict[str, Any]] = {}

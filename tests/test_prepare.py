@@ -322,8 +322,17 @@ def test_resume_after_changes_kills_and_seed_change(tmp_path: Path) -> None:
     assert not (out / recs["spk1/3.wav"]["feature"]).exists()  # stale feature pruned
     assert len(list(out.glob("uttr-*.pt"))) == 7 and not list(out.glob(".prepare-tmp-*"))
     read_layout(out)
-    # A new seed renames features instead of recomputing them; the old names are gone.
-    third = prepare(audio, out, seed=3, progress=False)
+    # Another seed or split would give the finished set a new index: refused, the set left as it was.
+    before = index_bytes(out)
+    with pytest.raises(
+        UserError,
+        match=r"holds a set prepared with other options \(--seed 0 -> 3, --test-per-speaker None -> 1, "
+        r"--test-fraction 0.5 -> None\); .*pass --force to replace it",
+    ):
+        prepare(audio, out, seed=3, progress=False)
+    assert index_bytes(out) == before
+    # With --force, a new seed renames features instead of recomputing them; the old names are gone.
+    third = prepare(audio, out, seed=3, progress=False, force=True)
     assert third.processed == 0 and third.reused == 7 and third.index_changed
     names = {p.name for p in out.glob("uttr-*.pt")}
     assert names == {feature_name(r, 3) for r in records(out)} and len(names) == 7
