@@ -39,7 +39,8 @@ DEFAULT_HEARTBEAT = 20
 MAX_TRIALS = 100_000
 MAX_STEPS = 10_000_000
 MAX_WORKERS = 64
-DEFAULT_PER_GPU = 4  # measured: 1.5x one trial's throughput on an H200; 8 no more (bench/RESULTS.md)
+DEFAULT_PER_GPU = 4  # measured (bench/RESULTS.md): 1.5x one trial's steps/s at steady state (H200, H100),
+# 2.4-2.9x one trial per GPU through run on short trials (H100); K = 8 no more at steady state
 
 
 IDENTITY = {"fingerprint": "data set", "split_id": "train/valid split", "space_digest": "search space"}
