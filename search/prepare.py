@@ -482,6 +482,7 @@ class PrepareReport:
     frames: int = 0  # total frames kept (train + test), 100 per second
     min_utterances: int = 2
     index_changed: bool = False  # the folder held a set whose index (speakers, split) this run changed
+    capped: int = 0  # speakers with fewer test utterances than asked (one always stays for training)
 
     @property
     def n_skipped(self) -> int:
@@ -498,6 +499,8 @@ class PrepareReport:
         table.add_row("speakers", f"{self.speakers:,}")
         table.add_row("train utterances", f"{self.train:,}")
         table.add_row("test utterances", f"{self.test:,}")
+        if self.capped:
+            table.add_row("speakers with fewer test than asked", f"[yellow]{self.capped:,} (too few files)")
         amount = f"{self.hours:.2f} h" if self.hours >= 1 else f"{self.frames / 6000:.1f} min"
         table.add_row("speech kept", f"{amount} ({self.frames:,} frames)")
         table.add_row("skipped files", f"[yellow]{self.n_skipped:,}" if self.skipped else "0")
@@ -549,13 +552,16 @@ def _check_args(
         raise UserError(f"--min-utterances must be at least 1, got {min_utterances}")
 
 
+def _asked_test(n: int, test_per_speaker: int | None, test_fraction: float | None) -> int:
+    """Test utterances the options ask of a speaker with ``n`` usable ones."""
+    if test_fraction is not None:
+        return max(1, int(math.floor(test_fraction * n + 0.5)))
+    return 1 if test_per_speaker is None else test_per_speaker
+
+
 def _n_test(n: int, test_per_speaker: int | None, test_fraction: float | None) -> int:
     """Test utterances for a speaker with ``n`` usable ones; at least one always stays for training."""
-    if test_fraction is not None:
-        k = max(1, int(math.floor(test_fraction * n + 0.5)))
-    else:
-        k = 1 if test_per_speaker is None else test_per_speaker
-    return max(0, min(k, n - 1))
+    return max(0, min(_asked_test(n, test_per_speaker, test_fraction), n - 1))
 
 
 def _speaker_rng(seed: int, speaker: str) -> np.random.Generator:
@@ -788,9 +794,11 @@ def _prepare_locked(
 
     train_by_speaker: dict[str, list[dict[str, Any]]] = {}
     test_entries: list[tuple[dict[str, Any], str]] = []
+    capped = 0
     for name in kept:
         recs = sorted(usable[name], key=lambda r: r["source"])
         k = _n_test(len(recs), test_per_speaker, test_fraction)
+        capped += k < _asked_test(len(recs), test_per_speaker, test_fraction)
         pick = set(_speaker_rng(seed, name).permutation(len(recs))[:k].tolist())
         train_by_speaker[name] = [r for i, r in enumerate(recs) if i not in pick]
         test_entries += [(r, name) for i, r in enumerate(recs) if i in pick]
@@ -842,6 +850,7 @@ def _prepare_locked(
         frames=frames,
         min_utterances=min_utterances,
         index_changed=index_changed,
+        capped=capped,
     )
 
 

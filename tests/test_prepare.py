@@ -501,3 +501,17 @@ def test_ctrl_c_while_workers_start_is_one_line_not_their_tracebacks(tmp_path: P
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, out
     assert "Traceback" not in out and out.strip().endswith("spkid-search prepare: interrupted"), out
+
+
+def test_a_test_split_larger_than_a_speaker_allows_is_reported(tmp_path: Path) -> None:
+    """--test-per-speaker 5 on speakers of 3 files keeps one file each for training (2 to test): said,
+    not silent."""
+    audio = tmp_path / "audio"
+    small_corpus(audio, speakers=2, per=3)
+    report = prepare(audio, tmp_path / "out", test_per_speaker=5, progress=False)
+    assert (report.train, report.test, report.capped) == (2, 4, 2)
+    shown = Console(width=120, record=True)
+    shown.print(report.render())
+    row = [line for line in shown.export_text().splitlines() if "fewer test than asked" in line]
+    assert len(row) == 1 and "2 (too few files)" in row[0]
+    assert prepare(audio, tmp_path / "out2", progress=False).capped == 0  # the default 1 fits
