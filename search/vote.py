@@ -41,6 +41,7 @@ MANIFEST_FORMAT = "spkid-search-export"
 MANIFEST_VERSION = 1
 METHODS = ("soft", "hard", "weighted")
 CSV_HEADER = ("Id", "Category")
+SUBMISSION_HEADER = ",".join(CSV_HEADER).encode()  # what an earlier submission starts with
 ANSWERS_NAME = "answers.csv"
 TEMPERATURE_RANGE = (0.05, 20.0)  # 1/T is searched in [1/20, 1/0.05]
 
@@ -461,9 +462,10 @@ def _answer_key(data: PackedData, ids: Sequence[str]) -> tuple[np.ndarray, np.nd
 
 
 def _check_out(out: Path, force: bool, inputs: Sequence[Path | None] = ()) -> Path:
-    """Refuse an --out that is a folder, exists (without --force), cannot be created, or is one of this
-    command's inputs (the checkpoint, or a file of the export or data folder), which --force would
-    have replaced with the CSV."""
+    """Refuse an --out that is a folder, exists (without --force), cannot be created, or that --force
+    would wrongly replace with the CSV: one of this command's inputs (the checkpoint, a file of the
+    export or data folder) or any file that is not an earlier submission (a study database, a
+    checkpoint of another export)."""
     out = Path(out)
     target = out.resolve()
     for given in inputs:
@@ -471,14 +473,28 @@ def _check_out(out: Path, force: bool, inputs: Sequence[Path | None] = ()) -> Pa
             continue
         base = Path(given).resolve()
         if target == base or base in target.parents:
-            where = "is" if target == base else "is inside"
+            where = "is" if target == base else "is a file of"
             raise UserError(f"--out {out}: {where} {given}, an input of this command; choose another --out")
     if out.is_dir():
         raise UserError(f"{out}: is a folder; --out must name a CSV file, e.g. {out / 'submission.csv'}")
     if out.exists() and not force:
         raise UserError(f"{out}: already exists; pass --force to overwrite it or choose another --out")
+    if out.exists() and not _is_submission(out):
+        raise UserError(
+            f"--out {out}: exists and is not a submission CSV (no 'Id,Category' header); --force replaces "
+            "only an earlier submission: choose another --out"
+        )
     check_can_create(out)
     return out
+
+
+def _is_submission(path: Path) -> bool:
+    """Whether ``path`` starts like a CSV this module writes (an earlier vote or predict)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(SUBMISSION_HEADER) + 1).rstrip(b"\r\n") == SUBMISSION_HEADER
+    except OSError:
+        return False
 
 
 # --------------------------------------------------------------------------------------------------

@@ -281,10 +281,10 @@ def test_vote_methods_and_greedy_weights(exports: Exports, data: PackedData, tmp
 
 def test_vote_refuses_to_overwrite_csv(exports: Exports, data: PackedData, tmp_path: Path) -> None:
     out = tmp_path / "submission.csv"
-    out.write_text("keep me\n")
+    out.write_text("Id,Category\nkeep,me\n")
     with pytest.raises(UserError, match="already exists; pass --force"):
         vote(exports.top.out, data, out)
-    assert out.read_text() == "keep me\n"
+    assert out.read_text() == "Id,Category\nkeep,me\n"
     vote(exports.top.out, data, out, force=True)
     assert out.read_text().startswith("Id,Category\n")
 
@@ -297,7 +297,7 @@ def test_force_never_replaces_an_input_with_the_csv(
     export = _copy_export(exports.top.out, tmp_path)
     before = _snapshot(export)
     with pytest.raises(
-        UserError, match="^--out .*manifest.json: is inside .*export, an input of this command"
+        UserError, match="^--out .*manifest.json: is a file of .*export, an input of this command"
     ):
         vote(export, data, export / "manifest.json", force=True)
     checkpoint = tmp_path / "one.pt"
@@ -309,6 +309,14 @@ def test_force_never_replaces_an_input_with_the_csv(
     with pytest.raises(UserError, match="afile is a file"):
         vote(export, data, tmp_path / "afile" / "submission.csv")
     assert _snapshot(export) == before
+    # --force replaces only an earlier submission: not a study database or another export's checkpoint.
+    other = tmp_path / "study.db"
+    other.write_bytes(b"SQLite format 3\0" + bytes(100))
+    for victim in (other, exports.top.out / "manifest.json"):
+        kept = victim.read_bytes()
+        with pytest.raises(UserError, match="exists and is not a submission CSV .*--force replaces only"):
+            vote(export, data, victim, force=True)
+        assert victim.read_bytes() == kept
 
 
 def _copy_export(src: Path, tmp_path: Path) -> Path:
