@@ -149,6 +149,14 @@ def check_storage_url(url: str) -> str:
         url = "postgresql+psycopg://" + url[len("postgresql://") :]
     if url.startswith("sqlite:///"):
         _refuse_network_sqlite(url)
+    if url.startswith("mysql"):
+        try:  # its driver is not among this package's requirements
+            sqlalchemy.engine.make_url(url).get_dialect().import_dbapi()
+        except ImportError as exc:
+            raise UserError(
+                f"--storage {mask_url(url)}: its MySQL driver is not installed ({exc}); install one "
+                "(pip install pymysql, with mysql+pymysql://) or use sqlite:/// or postgresql://"
+            ) from None
     return url
 
 
@@ -286,6 +294,7 @@ def open_storage(
             "(only 'spkid-search run' creates a study; nothing was written)"
         )
     if url.startswith("sqlite"):
+        _refuse_foreign_sqlite(url)
         _prepare_sqlite(url)
     for attempt in range(1, SCHEMA_ATTEMPTS + 1):
         try:
@@ -326,13 +335,54 @@ def _holds_optuna_tables(url: str, engine_kwargs: dict[str, Any]) -> bool:
     dashboard) pointed at another database (or an empty file) would add a dozen tables to it. An
     unreachable server answers True here: the open that follows reports it in its own words.
     """
-    engine = sqlalchemy.create_engine(url, **engine_kwargs)
+    try:
+        engine = sqlalchemy.create_engine(url, **engine_kwargs)
+    except Exception:  # noqa: BLE001 - reported by the real open
+        return True
     try:
         return sqlalchemy.inspect(engine).has_table("studies")
     except Exception:  # noqa: BLE001 - reported by the real open
         return True
     finally:
         engine.dispose()
+
+
+OPTUNA_TABLES = {
+    "studies",
+    "study_directions",
+    "study_user_attributes",
+    "study_system_attributes",
+    "trials",
+    "trial_user_attributes",
+    "trial_system_attributes",
+    "trial_params",
+    "trial_values",
+    "trial_intermediate_values",
+    "trial_heartbeats",
+    "version_info",
+    "alembic_version",
+}
+
+
+def _refuse_foreign_sqlite(url: str) -> None:
+    """Refuse to create a study in a SQLite file that holds another program's tables and no study."""
+    path = sqlite_file(url)
+    if path is None or not path.is_file() or path.stat().st_size == 0:
+        return
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            names = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return  # not a SQLite file, or busy: the open that follows says so in its words
+    if names and not names & OPTUNA_TABLES:  # any of them: Optuna's (maybe being created right now)
+        shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
+        raise UserError(
+            f"--storage {url}: {path} holds another program's tables ({shown}) and no study; "
+            "name a new file for the study (nothing was written)"
+        )
 
 
 def _is_schema_race(exc: BaseException) -> bool:

@@ -504,6 +504,12 @@ def test_three_workers_on_postgresql(tmp_path: Path, tiny_dir: Path, pg_database
 def test_wrong_storage_url_and_unknown_study(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="expected sqlite:///"):
         open_storage("mongodb://x")
+    # A MySQL URL without its driver installed (it is not a requirement): one line, no password.
+    for url in ("mysql://root:s3cret@127.0.0.1/db", "mysql+pymysql://root:s3cret@127.0.0.1/db"):
+        with pytest.raises(
+            UserError, match=r"^--storage mysql.*://root:\*\*\*@.*MySQL driver is not installed"
+        ):
+            open_storage(url, must_exist=True)
     # The URL as the user wrote it (not SQLAlchemy's postgresql+psycopg form), and what to check.
     with pytest.raises(
         UserError, match=r"^--storage postgresql://nobody:\*\*\*@127.0.0.1:1/none: cannot connect "
@@ -531,3 +537,17 @@ def test_the_driver_says_once_that_the_storage_is_lost_and_once_that_it_is_back(
         "storage unreachable (connection refused); workers wait and retry for up to 300 s",
         "storage reachable again",
     ]
+
+
+def test_run_never_adds_a_study_to_another_programs_sqlite_file(tmp_path: Path, tiny_dir: Path) -> None:
+    import sqlite3
+
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as con:
+        con.execute("create table notes(x)")
+    before = other.read_bytes()
+    space = str(write_space(tmp_path / "unit.yaml"))
+    with pytest.raises(UserError, match="other.db holds another program's tables \\(notes\\) and no study"):
+        run(RunOptions(space=space, trials=1, data=tiny_dir, storage=f"sqlite:///{other}", display=False))
+    assert other.read_bytes() == before
+    assert not (tmp_path / "other.db.state-lock").exists()
