@@ -647,6 +647,9 @@ def prepare(
     _check_args(test_per_speaker, test_fraction, workers, seed, min_utterances)
     source_path, out = Path(audio_dir_or_csv).expanduser(), Path(out).expanduser()
     sources, skipped = discover(source_path, exclude=out)
+    speakers = {src.speaker for src in sources}
+    if len(speakers) == 1:  # said before any file is decoded (see _one_speaker)
+        raise UserError(_one_speaker(source_path, next(iter(speakers)), "has audio files"))
     check_out(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -689,6 +692,15 @@ def _check_same_options(out: Path, old_header: dict[str, Any], options: dict[str
             f"{out}: holds a set prepared with other options ({what}); studies made on it would refuse "
             "the new one: pass --force to replace it, or choose another --out (nothing was changed)"
         )
+
+
+def _one_speaker(source: Path, speaker: str, what: str) -> str:
+    """Why a one-speaker set is refused: it trains to a trivial 100% accuracy."""
+    return (
+        f"{source}: only one speaker ('{speaker}') {what}; speaker identification needs at least two. "
+        "The folders directly under AUDIO_DIR are the speakers: point it at the folder that holds one "
+        "folder per speaker"
+    )
 
 
 def _prepare_locked(
@@ -782,13 +794,9 @@ def _prepare_locked(
             + (f", e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else "")
             + "); nothing to write"
         )
-    if len(kept) == 1:  # a one-speaker set trains to a trivial 100% accuracy
+    if len(kept) == 1:
         _prune(out, expected)
-        raise UserError(
-            f"{source_path}: only one speaker ('{kept[0]}') has {min_utterances} usable utterances; "
-            "speaker identification needs at least two. The folders directly under AUDIO_DIR are the "
-            "speakers: point it at the folder that holds one folder per speaker"
-        )
+        raise UserError(_one_speaker(source_path, kept[0], f"has {min_utterances} usable utterances"))
     order = np.random.default_rng(seed).permutation(len(kept))
     speaker2id = {name: int(order[i]) for i, name in enumerate(kept)}
 

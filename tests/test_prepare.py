@@ -416,10 +416,17 @@ def test_user_errors(tmp_path: Path) -> None:
     # AUDIO_DIR one level too high: its only folder is taken for the one speaker (100% accuracy, trivially).
     shutil.copytree(audio, tmp_path / "wrapped" / "audio")
     with pytest.raises(
-        UserError, match="only one speaker \\('audio'\\).*at least two.*one folder per speaker"
+        UserError,
+        match="only one speaker \\('audio'\\) has audio files.*at least two.*one folder per speaker",
     ):
         prepare(tmp_path / "wrapped", tmp_path / "out1", progress=False)
-    assert not (tmp_path / "out1/mapping.json").exists()
+    assert not (tmp_path / "out1").exists()  # refused before decoding anything
+    # Two speakers, one of them with too few usable files: refused after decoding, the set not written.
+    small_corpus(tmp_path / "lopsided", speakers=2, per=2)
+    (tmp_path / "lopsided/spk1/1.wav").unlink()
+    with pytest.raises(UserError, match="only one speaker \\('spk0'\\) has 2 usable utterances"):
+        prepare(tmp_path / "lopsided", tmp_path / "out2", progress=False)
+    assert not (tmp_path / "out2/mapping.json").exists()
 
 
 # --------------------------------------------------------------------------------------------------
