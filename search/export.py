@@ -140,7 +140,8 @@ def fetch_checkpoint(study: optuna.Study, trial: FrozenTrial, dest: Path) -> str
     if actual != expected.lower():
         raise UserError(
             f"{stored}: checksum mismatch for {where} (sha256 {actual[:12]}.., trial recorded "
-            f"{expected[:12]}..): the stored checkpoint was modified or damaged"
+            f"{expected[:12]}..): the stored checkpoint was modified or damaged; restore it from a backup, "
+            f"or leave the trial out with --exclude {trial.number}"
         )
     return actual
 
@@ -369,6 +370,12 @@ def export_top(
         raise UserError(f"export-top: K must be at least 1, got {k}")
     out = Path(out) if out is not None else default_export_dir(study.study_name, strategy, k, include_pruned)
     check_export_target(out, force)
+    unknown = sorted(set(exclude) - {t.number for t in study.get_trials(deepcopy=False)})
+    if unknown:  # a typo would otherwise go unnoticed
+        raise UserError(
+            f"--exclude: study '{study.study_name}' has no trial {', '.join(map(str, unknown))}; "
+            "see 'spkid-search status' for its trials"
+        )
     trials = [t for t in usable_trials(study, include_pruned) if t.number not in exclude]
     # greedy's K caps the distinct members: fewer trials than K still make an ensemble (of them all at most)
     if len(trials) < (1 if strategy == "greedy" else k):
@@ -376,11 +383,15 @@ def export_top(
         current = study.user_attrs.get("fingerprint")
         if any(t.user_attrs.get("fingerprint", current) != current for t in study.get_trials(deepcopy=False)):
             which += ", trained on the study's current data set,"
-        hint = "" if include_pruned else ", pass --include-pruned"
+        ways = ([] if strategy == "greedy" else ["lower K"]) + (
+            [] if include_pruned else ["pass --include-pruned"]
+        )
+        advice = ", ".join(ways) + (" or " if ways else "") + "run more trials"
         left_out = f", not counting --exclude {','.join(map(str, sorted(exclude)))}" if exclude else ""
+        short = "none to select from" if strategy == "greedy" else f"fewer than K={k}"
         raise UserError(
             f"study '{study.study_name}': only {len(trials)} usable trial(s) ({which} with a checkpoint"
-            f"{left_out}), fewer than K={k}; lower K{hint} or run more trials"
+            f"{left_out}), {short}; {advice}"
         )
     if data is None:  # the folder the study trained on; top-k without it just skips the ensemble's score
         data = _open_study_data(study, required=strategy == "greedy")

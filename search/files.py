@@ -95,6 +95,6 @@ def check_can_create(path: Path, flag: str = "--out") -> None:
         os.unlink(probe)
     except OSError as exc:
         raise UserError(
-            f"{flag} {path}: cannot be created, {ancestor} is not writable ({exc.strerror or exc}); "
+            f"{flag} {path}: cannot be created, no file can be made in {ancestor} ({exc.strerror or exc}); "
             f"choose another {flag}"
         ) from None

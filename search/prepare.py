@@ -687,7 +687,11 @@ def _check_same_options(out: Path, old_header: dict[str, Any], options: dict[str
         return  # no finished set yet: an interrupted first run may go on with other options
     changed = [key for key, value in options.items() if key in old_header and old_header[key] != value]
     if changed:
-        what = ", ".join(f"{INDEX_OPTIONS[k]} {old_header[k]} -> {options[k]}" for k in changed)
+
+        def shown(value: Any) -> str:
+            return "unset" if value is None else str(value)
+
+        what = ", ".join(f"{INDEX_OPTIONS[k]} {shown(old_header[k])} -> {shown(options[k])}" for k in changed)
         raise UserError(
             f"{out}: holds a set prepared with other options ({what}); studies made on it would refuse "
             "the new one: pass --force to replace it, or choose another --out (nothing was changed)"

@@ -65,10 +65,14 @@ def identity_changes(study: optuna.Study, attrs: dict[str, Any], allow_changed: 
 
         for key, label in IDENTITY.items():
             if current.get(key) != attrs.get(key):
+                where = {
+                    "fingerprint": f" in {current.get('data_root', '?')}",
+                    "space_digest": f" from {current.get('space_path', '?')}",
+                }.get(key, "")
                 raise UserError(
                     f"study '{study.study_name}' was run with another {label} ({key} "
-                    f"{current.get(key)}, now {attrs.get(key)}); use a new --study name, or --allow-changed "
-                    "to continue anyway" + (f" {COPY_HINT}" if key == "fingerprint" else "")
+                    f"{current.get(key)}{where}, now {attrs.get(key)}); use a new --study name, or "
+                    "--allow-changed to continue anyway" + (f" {COPY_HINT}" if key == "fingerprint" else "")
                 )
         old, new = current.get("steps_override"), attrs.get("steps_override")
         if old != new:

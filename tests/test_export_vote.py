@@ -474,6 +474,17 @@ def test_broken_artifact_is_refused_and_nothing_written(
         assert victim.number not in {m.trial for m in result.members}
         with pytest.raises(UserError, match=f"not counting --exclude {victim.number}\\), fewer than K=9"):
             export_top(study, 9, out=tmp_path / "nine", data=data, exclude={victim.number})
+        with pytest.raises(
+            UserError, match="--exclude: study 'own' has no trial 98, 99; see 'spkid-search status'"
+        ):
+            export_top(study, 1, out=tmp_path / "typo", data=data, exclude={victim.number, 98, 99})
+        everyone = {t.number for t in usable_trials(study)}
+        with pytest.raises(
+            UserError, match="only 0 usable .*none to select from; pass --include-pruned or run"
+        ):
+            export_top(study, 2, out=tmp_path / "none", strategy="greedy", data=data, exclude=everyone)
+    else:
+        assert f"--exclude {victim.number}" in str(err.value)  # a damaged one can be left out too
 
 
 def test_export_top_exclude_is_a_list_of_trial_numbers() -> None:

@@ -326,8 +326,8 @@ def test_resume_after_changes_kills_and_seed_change(tmp_path: Path) -> None:
     before = index_bytes(out)
     with pytest.raises(
         UserError,
-        match=r"holds a set prepared with other options \(--seed 0 -> 3, --test-per-speaker None -> 1, "
-        r"--test-fraction 0.5 -> None\); .*pass --force to replace it",
+        match=r"holds a set prepared with other options \(--seed 0 -> 3, --test-per-speaker unset -> 1, "
+        r"--test-fraction 0.5 -> unset\); .*pass --force to replace it",
     ):
         prepare(audio, out, seed=3, progress=False)
     assert index_bytes(out) == before
