@@ -17,6 +17,10 @@ from rich.progress import (
 
 console = Console(stderr=True)  # progress, notices and errors
 output = Console()  # results (tables a user may pipe or save: status, export, vote): stdout
+for _stream in (console, output):
+    # In a pipe or a log file (docker compose logs) rich would break every line at 80 columns: a
+    # notice then spans lines and grep misses it. Tables still fit their width.
+    _stream.soft_wrap = not _stream.is_terminal
 
 
 @contextmanager

@@ -329,3 +329,17 @@ def test_read_only_commands_never_add_optunas_tables_to_a_database(
     engine = sqlalchemy.create_engine(pg_database.replace("postgresql://", "postgresql+psycopg://"))
     assert sqlalchemy.inspect(engine).get_table_names() == ["notes"]
     engine.dispose()
+
+
+def test_notices_in_a_pipe_are_whole_lines(tmp_path: Path) -> None:
+    """Without a terminal rich broke every notice at 80 columns, so a log line could not be grepped."""
+    out = tmp_path / ("a-folder-name-long-enough-to-push-the-line-past-eighty-columns" * 2) / "data"
+    proc = subprocess.run(
+        [sys.executable, "-m", "search.cli", "synth", "--out", str(out), "--preset", "tiny", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"Wrote synthetic HW4 set to {out}" in proc.stderr.splitlines()
