@@ -438,7 +438,10 @@ class Lane:
             digest = sha256_file(checkpoint)
             artifact_id = wait.call(
                 lambda: upload_artifact(
-                    artifact_store=self.store, file_path=str(checkpoint), study_or_trial=trial
+                    artifact_store=self.store,
+                    file_path=str(checkpoint),
+                    study_or_trial=trial,
+                    mimetype=CHECKPOINT_MIMETYPE,
                 )
             )
         except OSError as exc:
@@ -471,6 +474,10 @@ class Lane:
         if self.trial is None:
             return False
         return self.wait.call(self.study._storage.get_trial, self.trial._trial_id).state != TrialState.RUNNING
+
+
+# A PyTorch checkpoint (a zip archive); guessed from ".pt", the dashboard showed a SNES page table.
+CHECKPOINT_MIMETYPE = "application/octet-stream"
 
 
 def _discard_trial_folder(out_dir: Path) -> None:

@@ -175,6 +175,8 @@ def test_a_pruned_trial_leaves_nothing_in_its_folder(
     pruned = load().get_trials(states=(TrialState.PRUNED,))
     assert len(pruned) == 1 and pruned[0].user_attrs["best_step"] == 50
     assert pruned[0].user_attrs["checkpoint_artifact"]
+    (meta,) = optuna.artifacts.get_all_artifact_meta(pruned[0], storage=load()._storage)
+    assert meta.mimetype == "application/octet-stream"  # guessed from ".pt" it was a SNES page table
     assert _left_in_trial_folders(tmp_path) == []
 
 
