@@ -138,8 +138,18 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"[yellow]note: {config.train.steps} steps is within warmup_steps ({config.train.warmup_steps}): "
             "the learning rate never reaches its peak"
         )
-    with TrainView(config.train.steps, enabled=not args.quiet) as view:
-        result = train(config, data, device, report=view.report, out_dir=out, log_every=args.log_every)
+    try:
+        with TrainView(config.train.steps, enabled=not args.quiet) as view:
+            result = train(config, data, device, report=view.report, out_dir=out, log_every=args.log_every)
+    except KeyboardInterrupt:  # say what a re-run will do: resume, or start over
+        every = config.train.checkpoint_steps
+        console.print(
+            f"{last} holds the last checkpoint: run the same command to resume from it"
+            if last.exists()
+            else f"stopped before the first checkpoint (every {every} steps): nothing was saved; "
+            "the same command starts from step 0"
+        )
+        raise
     console.print(
         f"[green]best valid accuracy {result.best_accuracy:.4f} at step {result.best_step}; "
         f"{result.parameters:,} parameters; {result.steps_per_s:.1f} steps/s ({result.step_mode}); "

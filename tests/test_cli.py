@@ -208,19 +208,27 @@ def test_train_command_checkpoints_so_a_ctrl_c_resumes_and_says_so(
     ]
     last = tmp_path / "run" / "last.pt"
 
-    def ctrl_c_at_step_4(config: Any, data: Any, device: Any, report: Any, **kwargs: Any) -> TrainResult:
+    at = {"step": 2}
+
+    def ctrl_c_at(config: Any, data: Any, device: Any, report: Any, **kwargs: Any) -> TrainResult:
         def stop(step: int, metrics: dict[str, float]) -> str | None:
-            if step == 4:
+            if step == at["step"]:
                 raise KeyboardInterrupt
             return report(step, metrics)
 
         return train(config, data, device, report=stop, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr("search.train.train", ctrl_c_at_step_4)
+        patch.setattr("search.train.train", ctrl_c_at)
+        assert main([*argv, "--log-every", "1"]) == 130  # before the first checkpoint: says so
+        assert not last.exists()
+        shown = " ".join(capsys.readouterr().err.split())
+        assert "stopped before the first checkpoint (every 4 steps): nothing was saved; the same" in shown
+        at["step"] = 4
         assert main(argv) == 130
     assert last.exists()
-    capsys.readouterr()
+    shown = " ".join(capsys.readouterr().err.split())
+    assert "run/last.pt holds the last checkpoint: run the same command to resume from it" in shown
     # Another budget is another run: refused, and the interrupted one is kept.
     assert main([*argv, "--steps", "12"]) == 2
     assert "run/last.pt: an interrupted run of another config or data set" in _one_error_line(capsys)
