@@ -42,11 +42,15 @@ def best_table(study: optuna.Study, top: int = 10, width: int | None = None) -> 
     rows = summary_rows(study, top)
     if not rows:
         table.caption = "no finished trial yet"
+    elif any(row["other_data"] for row in rows):
+        table.caption = (
+            "* trained on an earlier data set of this study (run --allow-changed): export-top leaves it out"
+        )
     for row in rows:
         values = _values(row["params"])
         cells = [
             str(row["number"]),
-            row["state"],
+            row["state"] + ("*" if row["other_data"] else ""),
             _fmt(row["valid_acc"]),
             _fmt(row["best_step"], "{}"),
             _fmt(row["parameters"], "{:,}"),

@@ -309,6 +309,12 @@ def run(
             f"note: --steps {steps} is within the space's warmup_steps ({base.train.warmup_steps}): the "
             "learning rate never reaches its peak; fine for a smoke test, not for a real search"
         )
+    if not fresh and "fingerprint" in changes:  # --allow-changed on another data set
+        _log(
+            f"note: study '{name}' goes on with the data set in {data.root} (it was run on "
+            f"{study.user_attrs.get('data_root', '?')}); its earlier trials stay in its results, "
+            "marked in status, and export-top leaves them out"
+        )
     for key, value in changes.items():
         study.set_user_attr(key, value)
     if fresh:
@@ -498,6 +504,7 @@ def stop_workers(procs: list[Any], timeout: float = 60.0) -> None:
 def summary_rows(study: optuna.Study, top: int) -> list[dict[str, Any]]:
     """The best finished trials, best first, as plain dicts (for status tables and tests)."""
     done = [t for t in study.get_trials(deepcopy=False) if t.state in FINISHED]
+    current = study.user_attrs.get("fingerprint")
 
     def score(t: FrozenTrial) -> float:
         value = t.user_attrs.get("valid_acc")
@@ -516,6 +523,8 @@ def summary_rows(study: optuna.Study, top: int) -> list[dict[str, Any]]:
                 "steps_per_s": t.user_attrs.get("steps_per_s"),
                 "device": t.user_attrs.get("device"),
                 "params": dict(t.params),
+                # Trained on an earlier data set (run --allow-changed since): not comparable, not exported.
+                "other_data": t.user_attrs.get("fingerprint", current) != current,
             }
         )
     return rows

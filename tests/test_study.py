@@ -84,7 +84,7 @@ def test_changed_data_or_space_is_refused(tmp_path: Path, tiny_dir: Path, fake_d
 
 
 def test_allow_changed_data_goes_on_with_the_new_set_and_exports_only_its_trials(
-    tmp_path: Path, tiny_dir: Path, fake_dir: Path
+    tmp_path: Path, tiny_dir: Path, fake_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """--allow-changed records the new data set (fingerprint and split, not just its folder): later runs
     on it need no --allow-changed, and export-top exports the trials trained on it. Before, the study
@@ -94,7 +94,10 @@ def test_allow_changed_data_goes_on_with_the_new_set_and_exports_only_its_trials
     space = str(write_space(tmp_path / "unit.yaml", steps=20, valid_steps=20))
     run(RunOptions(space=space, trials=1, data=tiny_dir, display=False))
     before = dict(load().user_attrs)
+    capsys.readouterr()
     run(RunOptions(space=space, trials=3, data=fake_dir, allow_changed=True, display=False))
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"note: study 'unit' goes on with the data set in {fake_dir}" in said
     study = load()
     assert study.user_attrs["data_root"] == str(fake_dir.resolve())
     assert study.user_attrs["fingerprint"] != before["fingerprint"]
@@ -109,6 +112,11 @@ def test_allow_changed_data_goes_on_with_the_new_set_and_exports_only_its_trials
     assert sorted(m.trial for m in result.members) == on_fake
     with pytest.raises(UserError, match="only 3 usable trial.*trained on the study's current data set"):
         export_top(study, 4, out=tmp_path / "export4")
+    # status marks the trial of the earlier set (its accuracy was on another validation split).
+    capsys.readouterr()
+    assert main(["status", "--study", "unit"]) == 0
+    rows = {line.split()[1]: line for line in capsys.readouterr().out.splitlines() if line.startswith("│")}
+    assert "COMPLETE*" in rows["0"] and all("COMPLETE*" not in rows[str(n)] for n in on_fake)
 
 
 def test_allow_changed_space_with_other_choices_is_refused_before_any_trial(
