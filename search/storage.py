@@ -134,7 +134,7 @@ def _prepare_sqlite(url: str) -> None:
 
 def mask_url(url: str) -> str:
     """The URL with its password replaced by ``***`` (for messages: never echo a password)."""
-    return re.sub(r"://([^:@/]+):[^@/]+@", r"://\1:***@", url)
+    return re.sub(r"://([^:@/]+):[^/]*@", r"://\1:***@", url)  # to the last @: a password may hold one
 
 
 def check_storage_url(url: str) -> str:

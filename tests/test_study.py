@@ -512,6 +512,10 @@ def test_three_workers_on_postgresql(tmp_path: Path, tiny_dir: Path, pg_database
 def test_wrong_storage_url_and_unknown_study(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="expected sqlite:///"):
         open_storage("mongodb://x")
+    from search.storage import mask_url
+
+    assert mask_url("postgresql://u:s3c@ret@h:5/db") == "postgresql://u:***@h:5/db"  # an unescaped @
+    assert mask_url("postgresql://u@h/db") == "postgresql://u@h/db"
     # A MySQL URL without its driver installed (it is not a requirement): one line, no password.
     for url in ("mysql://root:s3cret@127.0.0.1/db", "mysql+pymysql://root:s3cret@127.0.0.1/db"):
         with pytest.raises(
