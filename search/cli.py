@@ -593,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--method", choices=("soft", "hard", "weighted"), default="soft", help="default soft")
     p.add_argument("--device", default="auto", help="auto (default: cuda if present), cpu, cuda, cuda:1 ...")
-    p.add_argument("--force", action="store_true", help="overwrite an existing CSV")
+    p.add_argument("--force", action="store_true", help="replace an earlier submission CSV at --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_vote)
 
@@ -607,7 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True, help="HW4 data folder the model was trained on")
     p.add_argument("--out", type=Path, required=True, help="CSV to write, e.g. submission.csv")
     p.add_argument("--device", default="auto", help="auto (default: cuda if present), cpu, cuda, cuda:1 ...")
-    p.add_argument("--force", action="store_true", help="overwrite an existing CSV")
+    p.add_argument("--force", action="store_true", help="replace an earlier submission CSV at --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
 
