@@ -310,8 +310,6 @@ class Lane:
         out_dir = self.out_dir = self.shared.trials_dir / f"{root:05d}"
         started = time.time()
         result, pruned = self._train(trial, config, out_dir)
-        if pruned:  # finished for good: its resume point would stay on disk for the life of the study
-            (out_dir / "last.pt").unlink(missing_ok=True)
         finished = {
             "valid_acc": result.best_accuracy,
             "best_step": result.best_step,
@@ -326,6 +324,9 @@ class Lane:
         if result.checkpoint is not None:
             self._store_checkpoint(trial, result.checkpoint, out_dir)
         if pruned:
+            # Finished for good once its result is stored: its resume point would stay on disk for the
+            # life of the study (kept until then, so a storage outage before it can still resume).
+            _discard_trial_folder(out_dir)
             raise optuna.TrialPruned(f"pruned at step {result.last_step}")
         return result.best_accuracy
 
