@@ -81,17 +81,23 @@ class _StopRequested(KeyboardInterrupt):
     """Raised in a worker by SIGTERM (sent by the parent on Ctrl-C)."""
 
 
-_STOP = {"requested": False}  # also remembered, in case the exception itself gets lost on the way
+# "requested": also remembered, in case the exception itself gets lost on the way. "deferred": a
+# trial has trained and its result is being recorded (attributes, checkpoint upload, Optuna's tell):
+# a stop then only sets the flag, and the lane stops once the trial is recorded. Raised mid-way, it
+# failed a trained trial without a reason and could leave a reference to a checkpoint never written.
+_STOP = {"requested": False, "deferred": False}
+
+
+def _on_term(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one clean stop; ignore repeats during clean-up
+    _STOP["requested"] = True
+    if not _STOP["deferred"]:
+        raise _StopRequested()
 
 
 def _install_worker_signals() -> None:
-    def on_term(signum: int, frame: Any) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one clean stop; ignore repeats during clean-up
-        _STOP["requested"] = True
-        raise _StopRequested()
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C is handled by the parent
-    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGTERM, _on_term)
 
 
 def _write_status(spec: WorkerSpec, state: dict[str, Any]) -> None:
@@ -269,6 +275,8 @@ class Lane:
             study.optimize(self._objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
         except BudgetHeld:
             return True  # another worker took the last place meanwhile: the next round sees it
+        finally:
+            _STOP["deferred"] = False  # recorded: a stop that came meanwhile is acted on next round
         if self.requeue and self.trial is not None:
             self._requeue(self.trial)
         self.held.close()  # the state lock taken for the requeue, if it was
@@ -310,6 +318,7 @@ class Lane:
         out_dir = self.out_dir = self.shared.trials_dir / f"{root:05d}"
         started = time.time()
         result, pruned = self._train(trial, config, out_dir)
+        _STOP["deferred"] = True  # trained: a stop now waits until the result is recorded
         finished = {
             "valid_acc": result.best_accuracy,
             "best_step": result.best_step,

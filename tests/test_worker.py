@@ -73,6 +73,7 @@ def _worker_here(
     monkeypatch.setattr(worker_module, "_install_worker_signals", lambda: None)
     monkeypatch.setattr(states_module, "_STATE_LOCK", {})
     monkeypatch.setitem(worker_module._STOP, "requested", False)
+    monkeypatch.setitem(worker_module._STOP, "deferred", False)
     monkeypatch.setattr(optuna.storages, "fail_stale_trials", optuna.storages.fail_stale_trials)
     monkeypatch.setattr(optuna.logging, "set_verbosity", lambda level: None)
     lock_seen: list[str] = []
@@ -205,3 +206,32 @@ def test_a_failed_trial_leaves_nothing_in_its_folder(
     assert len(failed) == 1 and failed[0].user_attrs["fail_reason"] == "RuntimeError: boom"
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2  # the study went on
     assert _left_in_trial_folders(tmp_path) == []
+
+
+def test_a_stop_while_a_trained_trial_is_recorded_waits_until_it_is(
+    tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM raised wherever the worker was: after training, it failed the trial with no reason, and
+    mid-upload it could leave a reference to a checkpoint never written. Now the trial is recorded
+    (COMPLETE, its checkpoint in the store), then the worker stops."""
+    import signal
+
+    spec, _ = _worker_here(tmp_path, tiny_dir, monkeypatch, space=write_space(tmp_path / "u.yaml"), trials=3)
+    store_checkpoint = worker_module.Lane._store_checkpoint
+
+    def stop_then_store(self: worker_module.Lane, *args: object) -> None:
+        worker_module._on_term(signal.SIGTERM, None)  # what the signal runs, here in the worst place
+        store_checkpoint(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(worker_module.Lane, "_store_checkpoint", stop_then_store)
+    handler = signal.getsignal(signal.SIGTERM)  # _on_term ignores repeats: put pytest's back
+    try:
+        assert worker_module.worker_main(spec) == 130
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    study = load()
+    by_state = states(study)  # the run's first trial, then this one (the unit space's pruner may stop it)
+    assert set(by_state) <= {TrialState.COMPLETE, TrialState.PRUNED} and sum(by_state.values()) == 2
+    store = Path(study.user_attrs["artifact_dir"])
+    for t in study.get_trials():
+        assert (store / t.user_attrs["checkpoint_artifact"]).is_file()
