@@ -251,8 +251,14 @@ def _build_cache(layout: HW4Layout, fp: str, target: Path, progress: bool) -> No
     offsets = np.zeros(len(utts), dtype=np.int64)
     np.cumsum(lengths[:-1], out=offsets[1:])
     total = int(lengths.sum())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{fp}-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{fp}-", dir=target.parent))
+    except OSError as exc:
+        raise UserError(
+            f"{target.parent}: cannot write the packed feature cache there ({exc.strerror or exc}); "
+            "run from a folder you can write to (the cache lives in ./studies/cache)"
+        ) from None
     try:
         feats = np.lib.format.open_memmap(
             tmp / "features.npy", mode="w+", dtype=np.float16, shape=(max(total, 1), layout.n_mels)

@@ -267,3 +267,10 @@ def test_host_resident_store_gives_the_same_batches(fake_data: PackedData) -> No
     whole = [x for _, x, _ in eval_batches(host, fake_data.labelled, 2000)]
     again = [x for _, x, _ in eval_batches(FeatureStore(fake_data), fake_data.labelled, 2000)]
     assert all(torch.equal(p, q) for p, q in zip(whole, again, strict=True))
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc: no one can write there, root too")
+def test_a_cache_folder_that_cannot_be_written_is_one_line(hw4: Path) -> None:
+    """A read-only studies/ gave an OSError traceback from deep inside the packing."""
+    with pytest.raises(UserError, match="^/proc/nope: cannot write the packed feature cache there"):
+        pack(hw4, Path("/proc/nope"), progress=False)
