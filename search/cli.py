@@ -252,7 +252,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     import optuna_dashboard
 
     from search.progress import console
-    from search.storage import artifact_store, resolve
+    from search.storage import ReadOnlyArtifactStore, artifact_store, resolve
 
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port {args.port}: must be a TCP port between 1 and 65535")
@@ -265,7 +265,10 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     )
     try:
         optuna_dashboard.run_server(
-            storage, host=args.host, port=args.port, artifact_store=artifact_store(study)
+            storage,
+            host=args.host,
+            port=args.port,
+            artifact_store=ReadOnlyArtifactStore(artifact_store(study)),
         )
     except OSError as exc:  # the port taken between the check and the server's own bind
         raise UserError(_bind_error(args.host, args.port, exc)) from None

@@ -15,7 +15,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, BinaryIO, TypeVar
 
 import optuna
 import sqlalchemy.exc
@@ -462,6 +462,26 @@ class AtomicArtifactStore(FileSystemArtifactStore):
         final = self.root / artifact_id
         with atomic_write(final) as fh:
             shutil.copyfileobj(content_body, fh)
+
+
+class ReadOnlyArtifactStore:
+    """A study's artifact store as the dashboard gets it: downloads only.
+
+    Why: optuna-dashboard offers uploads and deletes to whoever reaches its port, and a delete removed a
+    finished trial's checkpoint (export-top then refused the study for the missing file).
+    """
+
+    def __init__(self, inner: AtomicArtifactStore) -> None:
+        self.inner = inner
+
+    def open_reader(self, artifact_id: str) -> BinaryIO:
+        return self.inner.open_reader(artifact_id)
+
+    def write(self, artifact_id: str, content_body: IO[bytes]) -> None:
+        raise PermissionError("the dashboard of spkid-search does not change the artifact store")
+
+    def remove(self, artifact_id: str) -> None:
+        raise PermissionError("the dashboard of spkid-search does not change the artifact store")
 
 
 def artifact_store(study: optuna.Study) -> AtomicArtifactStore:

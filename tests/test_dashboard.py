@@ -302,3 +302,41 @@ def test_a_taken_port_or_unknown_host_is_one_line_not_a_traceback(
         "--host no-such-host.invalid: not a known host name or address; the default is 127.0.0.1"
     )
     assert "Traceback" not in err
+
+
+def test_the_dashboard_gets_a_read_only_artifact_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """optuna-dashboard offers uploads and deletes to whoever reaches its port; a delete removed a
+    finished trial's checkpoint. The store it is given serves downloads and refuses both."""
+    import io
+
+    import optuna_dashboard
+
+    from search.cli import main
+    from search.storage import artifact_store
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SPKID_SEARCH_STUDIES", str(tmp_path / "studies"))
+    _build_study(tmp_path / "studies")
+    study = optuna.load_study(study_name=STUDY, storage=open_storage(default_storage_url(STUDY)))
+    source = tmp_path / "best.pt"
+    source.write_bytes(b"checkpoint bytes")
+    artifact_id = optuna.artifacts.upload_artifact(
+        artifact_store=artifact_store(study),
+        file_path=str(source),
+        study_or_trial=study,
+        storage=study._storage,
+    )
+    given: dict[str, object] = {}
+    monkeypatch.setattr(optuna_dashboard, "run_server", lambda storage, **kwargs: given.update(kwargs))
+    assert main(["dashboard", "--study", STUDY, "--port", str(_free_port())]) == 0
+    store = given["artifact_store"]
+    with store.open_reader(artifact_id) as fh:  # type: ignore[attr-defined]
+        assert fh.read() == b"checkpoint bytes"
+    with pytest.raises(PermissionError):
+        store.remove(artifact_id)  # type: ignore[attr-defined]
+    with pytest.raises(PermissionError):
+        store.write("new", io.BytesIO(b"x"))  # type: ignore[attr-defined]
+    stored = Path(study.user_attrs.get("artifact_dir") or tmp_path / "studies" / STUDY / "artifacts")
+    assert (stored / artifact_id).read_bytes() == b"checkpoint bytes"
