@@ -159,10 +159,27 @@ def load_space(name_or_path: str | Path) -> Space:
             except UserError as exc:
                 raise UserError(str(exc).replace(f"{where}: key '{key}'", f"{where}:")) from None
             fixed[key] = spec
+    by_name = {p.name: p for p in params}
+    defaults = Config().to_dict()
     for p in params:
-        for cond_key in p.when:
+        for cond_key, allowed in p.when.items():
             if cond_key not in ALL_FIELDS:
                 raise UserError(f"{src}: params.{p.name}.when: unknown key '{cond_key}'")
+            # The values the condition can meet: a searched categorical's choices, else the one value.
+            cond = by_name.get(cond_key)
+            if cond is None:
+                possible = [fixed.get(cond_key, defaults[cond_key])]
+            elif isinstance(cond.distribution, optuna.distributions.CategoricalDistribution):
+                possible = list(cond.distribution.choices)
+            else:
+                continue  # a numeric range: not listed here
+            if not any(value in possible for value in allowed):
+                wanted = ", ".join(map(str, allowed))
+                raise UserError(
+                    f"{src}: params.{p.name}.when: {cond_key} is never {wanted} in this space (it can be "
+                    f"{', '.join(map(str, possible))}), so {p.name} would never be searched; fix the value "
+                    "or drop the condition"
+                )
     params = _condition_order(params, src)
     constraints = raw.get("constraints", []) or []
     if not isinstance(constraints, list) or not all(isinstance(c, str) for c in constraints):

@@ -120,6 +120,15 @@ BAD = [
         "line 5, column 3: key 'steps' is given twice",
     ),
     ({**GOOD, "bogus": 1}, "unknown top-level key 'bogus'"),
+    (  # a typo in a condition's value: am_s was silently never searched
+        with_params(am_s={"low": 10.0, "high": 20.0, "when": {"head": "amsofmax"}}),
+        "params.am_s.when: head is never amsofmax in this space (it can be linear, amsoftmax), so am_s "
+        "would never be searched",
+    ),
+    (  # the condition's key fixed to another value
+        with_params(encoder="transformer"),
+        "params.conv_kernel.when: encoder is never conformer in this space (it can be transformer)",
+    ),
     (  # spaces/baselines/*.yaml are configs: `run --space` on one said only "unknown top-level key"
         {"encoder": "conformer", "layers": 3},
         "a training config, not a search space (its key 'encoder' is a setting); train it with "
