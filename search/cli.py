@@ -258,10 +258,11 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         raise UserError(f"--port {args.port}: must be a TCP port between 1 and 65535")
     storage, study, url = resolve(args.study, args.storage)
     _check_bind(args.host, args.port)
+    shown_host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address, as URLs write it
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]Warning: --host {args.host} exposes the dashboard beyond this machine.")
     console.print(
-        f"optuna-dashboard for '{study.study_name}' on http://{args.host}:{args.port}/ (Ctrl-C stops)"
+        f"optuna-dashboard for '{study.study_name}' on http://{shown_host}:{args.port}/ (Ctrl-C stops)"
     )
     try:
         optuna_dashboard.run_server(

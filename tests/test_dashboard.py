@@ -340,3 +340,24 @@ def test_the_dashboard_gets_a_read_only_artifact_store(
         store.write("new", io.BytesIO(b"x"))  # type: ignore[attr-defined]
     stored = Path(study.user_attrs.get("artifact_dir") or tmp_path / "studies" / STUDY / "artifacts")
     assert (stored / artifact_id).read_bytes() == b"checkpoint bytes"
+
+
+def test_an_ipv6_host_is_shown_as_a_url_writes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import optuna_dashboard
+
+    from search.cli import main
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback (::1) on this machine")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SPKID_SEARCH_STUDIES", str(tmp_path / "studies"))
+    _build_study(tmp_path / "studies")
+    monkeypatch.setattr(optuna_dashboard, "run_server", lambda storage, **kwargs: None)
+    port = _free_port()
+    assert main(["dashboard", "--study", STUDY, "--host", "::1", "--port", str(port)]) == 0
+    assert f"on http://[::1]:{port}/ (Ctrl-C stops)" in capsys.readouterr().err  # not http://::1:port/
