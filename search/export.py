@@ -43,6 +43,7 @@ from search.errors import UserError
 from search.files import atomic_write, check_can_create, usual_mode
 from search.infer import read_checkpoint
 from search.storage import artifact_store, study_dir
+from search.trials import on_other_data
 from search.vote import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
@@ -109,7 +110,7 @@ def usable_trials(study: optuna.Study, include_pruned: bool = False) -> list[Fro
         for t in study.get_trials(deepcopy=False, states=states)
         if t.user_attrs.get("checkpoint_artifact")
         and _valid_acc(t) is not None
-        and t.user_attrs.get("fingerprint", current) == current
+        and not on_other_data(t, current)
     ]
     return sorted(trials, key=lambda t: (-(_valid_acc(t) or 0.0), t.number))
 
@@ -381,7 +382,7 @@ def export_top(
     if len(trials) < (1 if strategy == "greedy" else k):
         which = "COMPLETE or PRUNED" if include_pruned else "COMPLETE"
         current = study.user_attrs.get("fingerprint")
-        if any(t.user_attrs.get("fingerprint", current) != current for t in study.get_trials(deepcopy=False)):
+        if any(on_other_data(t, current) for t in study.get_trials(deepcopy=False)):
             which += ", trained on the study's current data set,"
         ways = ([] if strategy == "greedy" else ["lower K"]) + (
             [] if include_pruned else ["pass --include-pruned"]

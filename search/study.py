@@ -29,7 +29,7 @@ from optuna.trial import FrozenTrial
 
 from search.errors import UserError
 from search.storage import STORAGE_PATIENCE, StorageWait, db_error_text
-from search.trials import FINISHED, Counts, count_trials
+from search.trials import FINISHED, Counts, count_trials, on_other_data
 from search.worker import WorkerSpec, read_status, worker_process
 
 if TYPE_CHECKING:
@@ -524,7 +524,7 @@ def summary_rows(study: optuna.Study, top: int) -> list[dict[str, Any]]:
                 "device": t.user_attrs.get("device"),
                 "params": dict(t.params),
                 # Trained on an earlier data set (run --allow-changed since): not comparable, not exported.
-                "other_data": t.user_attrs.get("fingerprint", current) != current,
+                "other_data": on_other_data(t, current),
             }
         )
     return rows

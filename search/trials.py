@@ -38,6 +38,12 @@ def is_skipped(t: FrozenTrial) -> bool:
     return bool(t.user_attrs.get("skipped"))
 
 
+def on_other_data(trial: FrozenTrial, fingerprint: str | None) -> bool:
+    """Whether ``trial`` trained on another data set than ``fingerprint`` (the study's current one, which
+    ``run --allow-changed`` may have replaced); a trial that recorded none counts as trained on it."""
+    return trial.user_attrs.get("fingerprint", fingerprint) != fingerprint
+
+
 def count_trials(trials: list[FrozenTrial]) -> Counts:
     """Trials by state; a FAIL trial that was queued again counts as retried, not as failed.
 

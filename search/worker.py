@@ -491,7 +491,8 @@ CHECKPOINT_MIMETYPE = "application/octet-stream"
 
 
 def _discard_trial_folder(out_dir: Path) -> None:
-    """Remove a failed trial's checkpoints and, if then empty, its folder (best effort)."""
+    """Remove the checkpoints of a trial finished for good (failed or pruned) and, if then empty, its
+    folder (best effort)."""
     for name in ("last.pt", "best.pt"):
         with contextlib.suppress(OSError):
             (out_dir / name).unlink(missing_ok=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState
 
-from search.trials import held_before, retry_is_redundant
+from search.trials import held_before, on_other_data, retry_is_redundant
 
 
 def test_budget_counts_each_original_once_and_retries_hold_its_place() -> None:
@@ -29,3 +29,13 @@ def test_budget_counts_each_original_once_and_retries_hold_its_place() -> None:
     # Two retries of 1 (a double stale check) or a retry of a trial that finished: only one may run.
     assert retry_is_redundant([*trials, make(5, TrialState.RUNNING, root=1)], 5, 1)
     assert retry_is_redundant([make(1, TrialState.COMPLETE), *trials[2:]], 3, 1)
+
+
+def test_a_trial_is_on_other_data_only_when_it_recorded_another_fingerprint() -> None:
+    def trial(fingerprint: str | None) -> optuna.trial.FrozenTrial:
+        attrs = {} if fingerprint is None else {"fingerprint": fingerprint}
+        return optuna.trial.create_trial(state=TrialState.COMPLETE, value=1.0, user_attrs=attrs)
+
+    assert on_other_data(trial("old"), "new")
+    assert not on_other_data(trial("new"), "new")
+    assert not on_other_data(trial(None), "new")  # from before trials recorded their data set
