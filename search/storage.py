@@ -288,13 +288,8 @@ def open_storage(
         engine_kwargs["connect_args"] = {"timeout": 120}
     else:
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
-    if must_exist and not _holds_optuna_tables(url, engine_kwargs):  # before anything writes to it
-        raise UserError(
-            f"{mask_url(given)}: holds no Optuna study (none of its tables); check --storage or --study "
-            "(only 'spkid-search run' creates a study; nothing was written)"
-        )
+    _check_tables(given, url, engine_kwargs, must_exist)  # before anything writes to it
     if url.startswith("sqlite"):
-        _refuse_foreign_sqlite(url)
         _prepare_sqlite(url)
     for attempt in range(1, SCHEMA_ATTEMPTS + 1):
         try:
@@ -328,21 +323,20 @@ def open_storage(
     raise AssertionError("unreachable")
 
 
-def _holds_optuna_tables(url: str, engine_kwargs: dict[str, Any]) -> bool:
-    """Whether the database has Optuna's tables, looked at without creating them.
+def _table_names(url: str, engine_kwargs: dict[str, Any]) -> set[str] | None:
+    """The database's tables, looked at without creating any; None when it cannot be read (a server
+    that does not answer, a file that is not a database): the open that follows reports that itself.
 
-    Why: opening an RDBStorage creates Optuna's schema, so a read-only command (status, export-top,
-    dashboard) pointed at another database (or an empty file) would add a dozen tables to it. An
-    unreachable server answers True here: the open that follows reports it in its own words.
+    Why: opening an RDBStorage creates Optuna's schema in whatever database it is given.
     """
     try:
         engine = sqlalchemy.create_engine(url, **engine_kwargs)
     except Exception:  # noqa: BLE001 - reported by the real open
-        return True
+        return None
     try:
-        return sqlalchemy.inspect(engine).has_table("studies")
+        return set(sqlalchemy.inspect(engine).get_table_names())
     except Exception:  # noqa: BLE001 - reported by the real open
-        return True
+        return None
     finally:
         engine.dispose()
 
@@ -364,20 +358,25 @@ OPTUNA_TABLES = {
 }
 
 
-def _refuse_foreign_sqlite(url: str) -> None:
-    """Refuse to create a study in a SQLite file that holds another program's tables and no study."""
+def _check_tables(given: str, url: str, engine_kwargs: dict[str, Any], must_exist: bool) -> None:
+    """Refuse a database that holds no study before Optuna adds its tables to it.
+
+    A read-only command (status, export-top, dashboard) needs a study there. ``run`` creates one, but
+    not in a SQLite file that holds another program's tables (any of Optuna's own, maybe being
+    created by another worker right now, counts as a study's).
+    """
     path = sqlite_file(url)
-    if path is None or not path.is_file() or path.stat().st_size == 0:
+    if not must_exist and (path is None or not path.is_file() or path.stat().st_size == 0):
+        return  # run on a server, or on a new or empty SQLite file: nothing to protect
+    names = _table_names(url, engine_kwargs)
+    if names is None:
         return
-    try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            names = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return  # not a SQLite file, or busy: the open that follows says so in its words
-    if names and not names & OPTUNA_TABLES:  # any of them: Optuna's (maybe being created right now)
+    if must_exist and "studies" not in names:
+        raise UserError(
+            f"{mask_url(given)}: holds no Optuna study (none of its tables); check --storage or --study "
+            "(only 'spkid-search run' creates a study; nothing was written)"
+        )
+    if names and not names & OPTUNA_TABLES:
         shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
         raise UserError(
             f"--storage {url}: {path} holds another program's tables ({shown}) and no study; "
