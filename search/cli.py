@@ -307,12 +307,13 @@ def _bind_error(host: str, port: int, exc: OSError) -> str:
 
 def cmd_export_top(args: argparse.Namespace) -> int:
     from search.data import open_data
-    from search.export import export_top, render_export
+    from search.export import export_top, render_export, study_cache_root
     from search.progress import console, output
     from search.storage import resolve
 
     _, study, _ = resolve(args.study, args.storage)
-    data = open_data(args.data, progress=not args.quiet) if args.data is not None else None
+    cache = study_cache_root(study)
+    data = open_data(args.data, cache, progress=not args.quiet) if args.data is not None else None
     result = export_top(
         study,
         args.k,
@@ -551,7 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
         "export-top",
         help="export the best K trials of a study as a checked ensemble folder",
         description="Copy the K best finished trials' checkpoints (verified against their recorded sha256) "
-        "with a manifest.json into studies/<study>/export/<strategy><K>/. --strategy greedy runs Caruana "
+        "with a manifest.json into export/<strategy><K>/ in the study's folder (studies/<study>, where its "
+        "first run put it, from any working folder). --strategy greedy runs Caruana "
         "ensemble selection on the study's validation split (K caps the distinct members).",
     )
     p.add_argument("k", type=_positive, metavar="K", help="number of members (greedy: at most K distinct)")
@@ -560,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         type=Path,
-        help="export folder (default studies/<study>/export/<strategy><K>, plus -with-pruned with "
+        help="export folder (default <study folder>/export/<strategy><K>, plus -with-pruned with "
         "--include-pruned)",
     )
     p.add_argument("--strategy", choices=("top", "greedy"), default="top", help="top (default) or greedy")

@@ -227,8 +227,11 @@ class PackedData:
         return np.asarray(self.features[start : start + int(self.lengths[i])], dtype=np.float32)
 
 
-def default_cache_root() -> Path:
-    return Path(os.environ.get("SPKID_SEARCH_CACHE", "studies/cache"))
+def default_cache_root(studies: Path | None = None) -> Path:
+    """``$SPKID_SEARCH_CACHE``, else ``cache`` in ``studies`` (the folder holding a study's folder, so
+    a command on an existing study from another working folder reuses the cache its run packed)."""
+    env = os.environ.get("SPKID_SEARCH_CACHE")
+    return Path(env) if env else (studies if studies is not None else Path("studies")) / "cache"
 
 
 def pack(root: Path, cache_root: Path | None = None, progress: bool = True) -> PackedData:

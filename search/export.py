@@ -38,11 +38,11 @@ import optuna
 from optuna.artifacts import download_artifact
 from optuna.trial import FrozenTrial, TrialState
 
-from search.data import COPY_HINT, FeatureStore, PackedData, Split, open_data
+from search.data import COPY_HINT, FeatureStore, PackedData, Split, default_cache_root, open_data
 from search.errors import UserError
 from search.files import atomic_write, check_can_create, usual_mode
 from search.infer import read_checkpoint
-from search.storage import artifact_store, study_dir
+from search.storage import artifact_store, study_home
 from search.trials import on_other_data
 from search.vote import (
     MANIFEST_FORMAT,
@@ -116,7 +116,7 @@ def usable_trials(study: optuna.Study, include_pruned: bool = False) -> list[Fro
 
 
 def _artifact_base(study: optuna.Study) -> Path:
-    return Path(study.user_attrs.get("artifact_dir") or study_dir(study.study_name) / "artifacts")
+    return Path(study.user_attrs.get("artifact_dir") or study_home(study) / "artifacts")
 
 
 def fetch_checkpoint(study: optuna.Study, trial: FrozenTrial, dest: Path) -> str:
@@ -164,7 +164,7 @@ class ValidLogits:
         self.data = data
         self.split = split
         self.scratch = scratch
-        self.folder = study_dir(study.study_name) / CACHE_FOLDER
+        self.folder = study_home(study) / CACHE_FOLDER
         self.labels = data.labels[split.valid]
         self._store: FeatureStore | None = None
 
@@ -270,10 +270,10 @@ def greedy_select(
 # --------------------------------------------------------------------------------------------------
 
 
-def default_export_dir(study_name: str, strategy: str, k: int, include_pruned: bool = False) -> Path:
-    """``studies/<study>/export/<strategy><K>`` (``-with-pruned`` when pruned trials may be members, so
-    the two selections do not replace each other)."""
-    return study_dir(study_name) / "export" / f"{strategy}{k}{'-with-pruned' if include_pruned else ''}"
+def default_export_dir(study: optuna.Study, strategy: str, k: int, include_pruned: bool = False) -> Path:
+    """``<study folder>/export/<strategy><K>`` (``-with-pruned`` when pruned trials may be members, so
+    the two selections do not replace each other), beside the study whatever the working folder."""
+    return study_home(study) / "export" / f"{strategy}{k}{'-with-pruned' if include_pruned else ''}"
 
 
 def _study_split(study: optuna.Study, data: PackedData) -> Split:
@@ -301,7 +301,12 @@ def _open_study_data(study: optuna.Study, required: bool) -> PackedData | None:
             f"study '{study.study_name}': greedy selection needs the validation data, and the study's "
             f"data folder ({root or 'not recorded'}) is not available; pass --data DIR"
         )
-    return open_data(Path(root), progress=False)
+    return open_data(Path(root), study_cache_root(study), progress=False)
+
+
+def study_cache_root(study: optuna.Study) -> Path:
+    """The packed-data cache its run used: ``cache`` beside the study's folder (or $SPKID_SEARCH_CACHE)."""
+    return default_cache_root(study_home(study).parent)
 
 
 def check_export_target(out: Path, force: bool) -> None:
@@ -369,7 +374,7 @@ def export_top(
         raise UserError(f"--strategy: unknown strategy '{strategy}' (choose from {', '.join(STRATEGIES)})")
     if k < 1:
         raise UserError(f"export-top: K must be at least 1, got {k}")
-    out = Path(out) if out is not None else default_export_dir(study.study_name, strategy, k, include_pruned)
+    out = Path(out) if out is not None else default_export_dir(study, strategy, k, include_pruned)
     check_export_target(out, force)
     unknown = sorted(set(exclude) - {t.number for t in study.get_trials(deepcopy=False)})
     if unknown:  # a typo would otherwise go unnoticed

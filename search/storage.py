@@ -483,9 +483,16 @@ class ReadOnlyArtifactStore:
         raise PermissionError("the dashboard of spkid-search does not change the artifact store")
 
 
+def study_home(study: optuna.Study) -> Path:
+    """The study's folder: where its first run put the artifacts (recorded as an absolute path), so
+    exports and caches land beside the study from any working folder; studies/<study> before that."""
+    recorded = study.user_attrs.get("artifact_dir")
+    return Path(recorded).parent if recorded else study_dir(study.study_name)
+
+
 def artifact_store(study: optuna.Study) -> AtomicArtifactStore:
     """The study's artifact store: the folder recorded at creation (default studies/<study>/artifacts)."""
-    base = Path(study.user_attrs.get("artifact_dir") or study_dir(study.study_name) / "artifacts")
+    base = Path(study.user_attrs.get("artifact_dir") or study_home(study) / "artifacts")
     try:
         base.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "200"}
+    # The default packed-data cache (studies/cache), as a user has it; conftest points tests elsewhere.
+    env = {k: v for k, v in os.environ.items() if k != "SPKID_SEARCH_CACHE"} | {"COLUMNS": "200"}
     proc = subprocess.run(
         [sys.executable, "-m", "search.cli", *args],
         cwd=cwd,
@@ -41,3 +42,20 @@ def test_run_export_vote_round_trip(tmp_path: Path, tiny_dir: Path) -> None:
     assert [r[0] for r in rows[1:]] == [u["feature_path"] for u in test]
     assert all(r[1] in speakers for r in rows[1:])
     assert "test" in (vote.stdout + vote.stderr).lower()  # answers.csv exists: test accuracy is reported
+
+
+def test_export_top_from_another_folder_lands_beside_the_study(tmp_path: Path, tiny_dir: Path) -> None:
+    """export-top --storage from another working folder wrote its export (and re-packed the data) under
+    that folder's ./studies; the export goes beside the study and the run's packed cache is reused."""
+    data = str(tiny_dir)
+    cli("run", "--space", "smoke", "--trials", "2", "--steps", "30", "--data", data, "--quiet", cwd=tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    url = f"sqlite:///{tmp_path / 'studies' / 'smoke' / 'study.db'}"
+    cli("export-top", "1", "--storage", url, "--data", data, "--quiet", cwd=elsewhere)
+    cli("export-top", "1", "--storage", url, "--strategy", "greedy", "--quiet", cwd=elsewhere)
+    home = tmp_path / "studies" / "smoke"
+    assert json.loads((home / "export" / "top1" / "manifest.json").read_text())["members"]
+    assert json.loads((home / "export" / "greedy1" / "manifest.json").read_text())["members"]
+    assert list((home / "valid_logits").glob("trial-*.npz"))  # greedy's logits cache: beside the study
+    assert list(elsewhere.iterdir()) == []  # no ./studies (export, cache, re-packed data) here
