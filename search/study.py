@@ -14,6 +14,7 @@ goes stale and is retried from its checkpoint like a killed one.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import signal
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from search.errors import UserError
 from search.storage import STORAGE_PATIENCE, StorageWait, db_error_text
@@ -460,6 +461,7 @@ def _supervise(
                 code = proc.exitcode
                 killed = code is not None and code < 0 and -code not in (signal.SIGINT, signal.SIGTERM)
                 if killed:
+                    _note_killed(study, status_dir, s, code)
                     done = finished_now()
                     if (done is None or done < opts.trials) and respawns < respawn_limit:
                         respawns += 1
@@ -486,6 +488,33 @@ def _supervise(
         stop_workers(list(procs.values()))
         raise
     return exits, respawns
+
+
+def _note_killed(study: optuna.Study, status_dir: Path, spec: WorkerSpec, code: int | None) -> None:
+    """Record why a killed worker's running trials will fail: the stale check that fails them later knows
+    only that their heartbeat stopped, and ``status`` said "no reason recorded" for them. Best effort:
+    a storage that does not answer leaves them without it."""
+    from search.storage import is_transient_db_error
+
+    numbers = {
+        st["trial"]
+        for st in read_status(status_dir)
+        if st.get("worker") in (spec.worker, *(f"{spec.worker}.{j}" for j in range(spec.lanes)))
+        and isinstance(st.get("trial"), int)
+    }
+    if not numbers:
+        return
+    reason = f"its worker {spec.worker} ({spec.device}) {_exit_text(code)}"
+    if code == -signal.SIGKILL:
+        reason += " (the kernel's out-of-memory killer sends SIGKILL: see dmesg)"
+    try:
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.number in numbers:
+                with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                    study._storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
+    except Exception as exc:
+        if not is_transient_db_error(exc):
+            raise
 
 
 def stop_workers(procs: list[Any], timeout: float = 60.0) -> None:

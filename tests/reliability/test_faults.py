@@ -163,6 +163,8 @@ def test_kill9_random_worker_five_times_during_twenty_trials(
     for number in failed:  # no failure other than a kill, and every killed trial came back
         assert retry_of(trials, number) is not None, (number, failed)
     for number, step in killed.items():
+        # The driver saw the kill: the trial says so (status said "no reason recorded" before).
+        assert "was killed by SIGKILL" in trials[number].user_attrs["fail_reason"], trials[number].user_attrs
         check_retried_from_checkpoint(trials, number, 30)
         direct = retry_of(trials, number)
         if direct is not None and direct.state in FINISHED:  # from a checkpoint written before the kill
