@@ -269,7 +269,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
             storage,
             host=args.host,
             port=args.port,
-            artifact_store=ReadOnlyArtifactStore(artifact_store(study)),
+            artifact_store=ReadOnlyArtifactStore(storage, Path(artifact_store(study).root)),
         )
     except OSError as exc:  # the port taken between the check and the server's own bind
         raise UserError(_bind_error(args.host, args.port, exc)) from None

@@ -342,6 +342,46 @@ def test_the_dashboard_gets_a_read_only_artifact_store(
     assert (stored / artifact_id).read_bytes() == b"checkpoint bytes"
 
 
+def test_the_dashboard_serves_every_listed_studys_checkpoints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One database holds several studies (PostgreSQL for many machines, or one SQLite file) and the
+    dashboard lists them all; each keeps its checkpoints in the folder its first run recorded. Only the
+    --study's folder was served: the others' downloads were "not found"."""
+    import optuna_dashboard
+    from optuna.artifacts.exceptions import ArtifactNotFound
+
+    from search.cli import main
+    from search.storage import AtomicArtifactStore
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SPKID_SEARCH_STUDIES", str(tmp_path / "studies"))
+    _build_study(tmp_path / "studies")
+    storage = open_storage(default_storage_url(STUDY))
+    other = optuna.create_study(study_name="other", storage=storage, direction="maximize")
+    folder = tmp_path / "elsewhere" / "other" / "artifacts"  # as run records it: an absolute path
+    folder.mkdir(parents=True)
+    other.set_user_attr("artifact_dir", str(folder))
+    source = tmp_path / "best.pt"
+    source.write_bytes(b"the other study's checkpoint")
+    artifact_id = optuna.artifacts.upload_artifact(
+        artifact_store=AtomicArtifactStore(folder),
+        file_path=str(source),
+        study_or_trial=other,
+        storage=storage,
+    )
+    given: dict[str, object] = {}
+    monkeypatch.setattr(optuna_dashboard, "run_server", lambda storage, **kwargs: given.update(kwargs))
+    assert main(["dashboard", "--study", STUDY, "--port", str(_free_port())]) == 0
+    store = given["artifact_store"]
+    with store.open_reader(artifact_id) as fh:  # type: ignore[attr-defined]
+        assert fh.read() == b"the other study's checkpoint"
+    with pytest.raises(ArtifactNotFound):
+        store.open_reader("no-such-artifact")  # type: ignore[attr-defined]
+    with pytest.raises(ValueError):  # each folder's own check: no way out of it
+        store.open_reader("../../best.pt")  # type: ignore[attr-defined]
+
+
 def test_an_ipv6_host_is_shown_as_a_url_writes_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
