@@ -161,7 +161,7 @@ def exports(study: optuna.Study, data: PackedData, tmp_path_factory: pytest.Temp
     """A top-3 and a greedy-3 export of the shared study (read-only: tests that damage one copy it)."""
     root = tmp_path_factory.mktemp("exports")
     with pytest.MonkeyPatch.context() as mp:  # session fixtures run before the per-test chdir
-        mp.chdir(root)  # the validation-logit cache goes under ./studies/<study>/
+        mp.chdir(root)  # nothing lands in the repo, whatever goes to the working folder
         top = export_top(study, 3, out=root / "top3", data=data)
         greedy = export_top(study, 3, out=root / "greedy3", strategy="greedy", data=data)
     return Exports(top, greedy)
@@ -175,7 +175,7 @@ def test_study_is_diverse(trained: list[Trained]) -> None:
 
 def test_export_top_writes_checked_folder(study: optuna.Study, data: PackedData) -> None:
     result = export_top(study, 3, data=data)
-    out = Path("studies") / "ev" / "export" / "top3"
+    out = Path(study.user_attrs["artifact_dir"]).parent / "export" / "top3"  # beside the study, not in ./
     assert result.out == out and out.is_dir()
     best = usable_trials(study)[:3]
     assert [m.trial for m in result.members] == [t.number for t in best]
