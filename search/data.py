@@ -2,8 +2,9 @@
 
 The real set is 64,666 small ``.pt`` files (6.85 GB). Reading them per item in a training loop wastes
 the GPU, so the set is packed once into one contiguous float16 array plus an index (offsets, lengths,
-labels), keyed by a fingerprint of the set. Every worker process maps the same file, so N workers share
-one copy in the page cache, and batches are gathered with vectorised indexing.
+labels), named by the set's files (names, sizes, times) and identified by its content. Every worker
+process maps the same file, so N workers share one copy in the page cache, and batches are gathered
+with vectorised indexing.
 """
 
 from __future__ import annotations
@@ -168,15 +169,13 @@ def load_feature(path: Path, n_mels: int, mel_len: int | None = None) -> torch.T
 # --------------------------------------------------------------------------------------------------
 
 
-# Said wherever a fingerprint mismatch is refused: a copy that did not keep its files' times is "another" set.
-COPY_HINT = "(a copied set matches only if the copy kept its files' times: cp -a or rsync -a, not cp -r)"
+def cache_key(layout: HW4Layout) -> str:
+    """Name a set's packed cache by its JSON files and each feature file's name, size and mtime.
 
-
-def fingerprint(layout: HW4Layout) -> str:
-    """Identify a data set by its JSON files and each feature file's name, size and mtime.
-
-    Hashing 6.85 GB of contents would take minutes; a changed, added or rewritten file changes its
-    size or mtime, so this catches every edit a user makes while costing one ``stat`` per file.
+    One ``stat`` per file, so opening an unchanged set costs milliseconds; an edited, added or rewritten
+    file changes its size or mtime, and the set is re-packed. The set's identity (what studies,
+    checkpoints and exports record) is its content, hashed while packing: a copy whose files got new
+    times is re-packed once here and is still the same set.
     """
     h = hashlib.sha256(f"v{CACHE_VERSION}".encode())
     for name in ("mapping.json", "metadata.json", "testdata.json"):
@@ -201,7 +200,7 @@ class PackedData:
 
     root: Path
     cache_dir: Path
-    fingerprint: str
+    fingerprint: str  # the set's content (see cache_key); caches packed before it was, their cache key
     n_mels: int
     speakers: list[str]
     ids: list[str]
@@ -237,16 +236,20 @@ def default_cache_root(studies: Path | None = None) -> Path:
 def pack(root: Path, cache_root: Path | None = None, progress: bool = True) -> PackedData:
     """Open an HW4 directory through its packed cache, packing it first if the set is new or changed."""
     layout = read_layout(Path(root))
-    fp = fingerprint(layout)
+    key = cache_key(layout)
     cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
-    target = cache_root / fp
+    target = cache_root / key
     if not (target / "index.npz").exists():
-        _build_cache(layout, fp, target, progress)
+        _build_cache(layout, key, target, progress)
     return open_cache(target, layout.root)
 
 
-def _build_cache(layout: HW4Layout, fp: str, target: Path, progress: bool) -> None:
-    """Stream every tensor into a preallocated memmap in a temp dir, then rename it into place."""
+def _build_cache(layout: HW4Layout, key: str, target: Path, progress: bool) -> None:
+    """Stream every tensor into a preallocated memmap in a temp dir, then rename it into place.
+
+    The set's fingerprint is hashed on the way: the JSON files, then each utterance's name and packed
+    float16 frames in order, i.e. exactly what training and inference read from the cache.
+    """
     from search.progress import progress_bar
 
     utts = [*layout.train, *layout.test]
@@ -256,7 +259,7 @@ def _build_cache(layout: HW4Layout, fp: str, target: Path, progress: bool) -> No
     total = int(lengths.sum())
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{fp}-", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
     except OSError as exc:
         raise UserError(
             f"{target.parent}: cannot write the packed feature cache there ({exc.strerror or exc}); "
@@ -266,10 +269,16 @@ def _build_cache(layout: HW4Layout, fp: str, target: Path, progress: bool) -> No
         feats = np.lib.format.open_memmap(
             tmp / "features.npy", mode="w+", dtype=np.float16, shape=(max(total, 1), layout.n_mels)
         )
+        content = hashlib.sha256(f"v{CACHE_VERSION}".encode())
+        for name in ("mapping.json", "metadata.json", "testdata.json"):
+            content.update(name.encode() + b"\0" + (layout.root / name).read_bytes())
         with progress_bar(f"packing {layout.root}", total=len(utts), enabled=progress) as advance:
             for i, utt in enumerate(utts):
                 tensor = load_feature(layout.root / utt.feature_path, layout.n_mels, utt.mel_len)
-                feats[offsets[i] : offsets[i] + lengths[i]] = tensor.numpy().astype(np.float16)
+                half = np.ascontiguousarray(tensor.numpy().astype(np.float16))
+                feats[offsets[i] : offsets[i] + lengths[i]] = half
+                content.update(f"{utt.feature_path}:{half.shape[0]}\n".encode())
+                content.update(half.data)
                 advance(1)
         feats.flush()
         del feats
@@ -281,7 +290,8 @@ def _build_cache(layout: HW4Layout, fp: str, target: Path, progress: bool) -> No
         )
         meta = {
             "version": CACHE_VERSION,
-            "fingerprint": fp,
+            "fingerprint": content.hexdigest()[:16],
+            "cache_key": key,
             "root": str(layout.root.resolve()),
             "n_mels": layout.n_mels,
             "speakers": layout.speakers,

@@ -38,7 +38,7 @@ import optuna
 from optuna.artifacts import download_artifact
 from optuna.trial import FrozenTrial, TrialState
 
-from search.data import COPY_HINT, FeatureStore, PackedData, Split, default_cache_root, open_data
+from search.data import FeatureStore, PackedData, Split, default_cache_root, open_data
 from search.errors import UserError
 from search.files import atomic_write, check_can_create, usual_mode
 from search.infer import read_checkpoint
@@ -284,8 +284,7 @@ def _study_split(study: optuna.Study, data: PackedData) -> Split:
     if attrs["fingerprint"] != data.fingerprint:
         raise UserError(
             f"--data {data.root}: data set {data.fingerprint} is not the one study '{study.study_name}' "
-            f"was trained on ({attrs['fingerprint']}, from {attrs.get('data_root', '?')}); pass that folder "
-            f"{COPY_HINT}"
+            f"was trained on ({attrs['fingerprint']}, from {attrs.get('data_root', '?')}); pass that folder"
         )
     ratio, seed = float(attrs["valid_ratio"]), int(attrs["split_seed"])
     return rebuild_split(data, ratio, seed, str(attrs["split_id"]), f"study '{study.study_name}'")

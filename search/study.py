@@ -62,8 +62,6 @@ def identity_changes(study: optuna.Study, attrs: dict[str, Any], allow_changed: 
     if not current.get("fingerprint"):
         return dict(attrs)
     if not allow_changed:
-        from search.data import COPY_HINT  # torch: only on this path
-
         for key, label in IDENTITY.items():
             if current.get(key) != attrs.get(key):
                 where = {
@@ -73,7 +71,7 @@ def identity_changes(study: optuna.Study, attrs: dict[str, Any], allow_changed: 
                 raise UserError(
                     f"study '{study.study_name}' was run with another {label} ({key} "
                     f"{current.get(key)}{where}, now {attrs.get(key)}); use a new --study name, or "
-                    "--allow-changed to continue anyway" + (f" {COPY_HINT}" if key == "fingerprint" else "")
+                    "--allow-changed to continue anyway"
                 )
         old, new = current.get("steps_override"), attrs.get("steps_override")
         if old != new:

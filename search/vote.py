@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from search.config import Config
-from search.data import COPY_HINT, FeatureStore, PackedData, Split, make_split
+from search.data import FeatureStore, PackedData, Split, make_split
 from search.errors import UserError, shown
 from search.files import atomic_write, check_can_create, sha256_file
 from search.infer import model_from_checkpoint, predict_logits, read_checkpoint
@@ -313,7 +313,7 @@ def check_compatible(ckpt: dict[str, Any], path: Path, data: PackedData) -> None
     if fp is not None and fp != data.fingerprint:
         raise UserError(
             f"{path}: trained on data set {fp}, but --data {data.root} is {data.fingerprint}; "
-            f"pass the data folder the model was trained on {COPY_HINT}"
+            "pass the data folder the model was trained on"
         )
     if int(ckpt["n_mels"]) != data.n_mels:
         raise UserError(f"{path}: expects {ckpt['n_mels']} mel bins, --data {data.root} has {data.n_mels}")
@@ -600,8 +600,7 @@ def vote(
     if manifest.fingerprint != data.fingerprint:
         raise UserError(
             f"{manifest.path}: export was made for data set {manifest.fingerprint}, but --data {data.root} "
-            f"is {data.fingerprint}; pass the data folder the study '{manifest.study}' was trained on "
-            f"{COPY_HINT}"
+            f"is {data.fingerprint}; pass the data folder the study '{manifest.study}' was trained on"
         )
     split = rebuild_split(
         data, manifest.split_ratio, manifest.split_seed, manifest.split_id, str(manifest.path)

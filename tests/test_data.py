@@ -152,6 +152,32 @@ def test_changed_set_is_repacked(hw4: Path) -> None:
     np.testing.assert_allclose(second.utterance(index), first.utterance(index) + 1.0, atol=0.05)
 
 
+def _copy_with_new_times(src: Path, dst: Path) -> Path:
+    """A copy as scp, cp -r or a cloud download makes it: same bytes, every file with another mtime."""
+    shutil.copytree(src, dst, copy_function=shutil.copyfile)
+    for path in dst.iterdir():
+        os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    return dst
+
+
+def test_a_copy_with_new_file_times_is_the_same_set(hw4: Path) -> None:
+    """The set's identity was a hash of its files' sizes and mtimes: a copy that did not keep the times
+    was "another data set" to every study, checkpoint and export made on the original. The copy is
+    packed into a cache of its own (the key still reads the times) but has the same fingerprint and
+    split."""
+    cache = hw4.parent / "cache"
+    first = pack(hw4, cache, progress=False)
+    copy = pack(_copy_with_new_times(hw4, hw4.parent / "copy"), cache, progress=False)
+    assert copy.cache_dir != first.cache_dir
+    assert copy.fingerprint == first.fingerprint
+    assert make_split(copy, 0.25, 0).split_id == make_split(first, 0.25, 0).split_id
+    name = _first_train_file(hw4)  # and a changed frame in the copy is another set
+    tensor = torch.load(hw4 / name, weights_only=True)
+    tensor[0, 0] += 1.0
+    torch.save(tensor, hw4.parent / "copy" / name)
+    assert pack(hw4.parent / "copy", cache, progress=False).fingerprint != first.fingerprint
+
+
 def test_failed_pack_leaves_no_cache(hw4: Path) -> None:
     cache = hw4.parent / "cache"
     torch.save(torch.zeros(5), hw4 / _first_train_file(hw4))

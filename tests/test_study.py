@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -72,14 +73,22 @@ def test_sqlite_workers_reach_exact_count_with_pruning_then_resume(tmp_path: Pat
 def test_changed_data_or_space_is_refused(tmp_path: Path, tiny_dir: Path, fake_dir: Path) -> None:
     space = write_space(tmp_path / "unit.yaml")
     run(RunOptions(space=str(space), trials=1, data=tiny_dir, display=False))
-    with pytest.raises(UserError, match="another data set.*--allow-changed.*kept its files. times: cp -a"):
+    # A second machine's copy (scp, cp -r, a cloud download: new file times) is the same set; it was
+    # refused as "another data set" unless copied with cp -a. The study's identity is the set's content.
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_dir, copy, copy_function=shutil.copyfile)
+    for path in copy.iterdir():
+        os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    assert run(RunOptions(space=str(space), trials=2, data=copy, display=False)).finished == 2
+    assert load().user_attrs["data_root"] == str(copy.resolve())  # the last folder given is recorded
+    with pytest.raises(UserError, match="another data set.*--allow-changed to continue anyway$"):
         run(RunOptions(space=str(space), trials=2, data=fake_dir, display=False))
     write_space(tmp_path / "unit.yaml", layers={"low": 1, "high": 2})
     with pytest.raises(UserError, match="another search space \\(space_digest \\w+ from .*unit.yaml, now "):
         run(RunOptions(space=str(space), trials=2, data=tiny_dir, display=False))
     assert (
-        run(RunOptions(space=str(space), trials=2, data=tiny_dir, allow_changed=True, display=False)).finished
-        == 2
+        run(RunOptions(space=str(space), trials=3, data=tiny_dir, allow_changed=True, display=False)).finished
+        == 3
     )
 
 
