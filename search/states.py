@@ -222,21 +222,19 @@ def fail_silent_trials(study: optuna.Study, engine: Any, older_than: float) -> l
                 sqlalchemy.text(f"SELECT trial_id FROM trial_heartbeats WHERE trial_id IN ({ids})")
             )
         }
-    failed = []
-    for t in running:
-        if t._trial_id in beating:
-            continue
-        with state_lock():  # its FAIL and its retry's queueing as one step
-            try:
-                study._storage.set_trial_user_attr(
-                    t._trial_id,
-                    "fail_reason",
-                    "never sent a heartbeat (its worker died as it started); retried",
-                )
-                if not study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
-                    continue
-            except optuna.exceptions.UpdateFinishedTrialError:
-                continue  # it finished meanwhile
-            queue_retry(study, study._storage.get_trial(t._trial_id))
-        failed.append(t.number)
-    return failed
+    reason = "never sent a heartbeat (its worker died as it started); retried"
+    return [t.number for t in running if t._trial_id not in beating and fail_and_retry(study, t, reason)]
+
+
+def fail_and_retry(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
+    """FAIL a RUNNING trial whose worker is known dead, with ``reason``, and queue its retry (it resumes
+    from its checkpoint), as one step among the workers; False if it had finished meanwhile."""
+    with state_lock():
+        try:
+            study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+            if not study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                return False
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return False  # it finished meanwhile
+        queue_retry(study, study._storage.get_trial(trial._trial_id))
+    return True

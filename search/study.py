@@ -14,7 +14,6 @@ goes stale and is retried from its checkpoint like a killed one.
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing as mp
 import os
 import signal
@@ -29,6 +28,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from search.errors import UserError
+from search.states import serialize_state_changes
 from search.storage import STORAGE_PATIENCE, StorageWait, db_error_text
 from search.trials import FINISHED, Counts, count_trials, on_other_data
 from search.worker import WorkerSpec, read_status, worker_process
@@ -273,6 +273,9 @@ def run(
     base = space.config_for({})
     split = make_split(data, base.train.valid_ratio, base.train.split_seed)
     storage = open_storage(url, heartbeat, grace)
+    serialize_state_changes(
+        storage, url
+    )  # the driver fails a killed worker's trials: under the workers' lock
     home = study_dir(name)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
@@ -459,7 +462,7 @@ def _supervise(
                 code = proc.exitcode
                 killed = code is not None and code < 0 and -code not in (signal.SIGINT, signal.SIGTERM)
                 if killed:
-                    _note_killed(study, status_dir, s, code)
+                    _fail_killed(study, status_dir, s, code)
                     done = finished_now()
                     if (done is None or done < opts.trials) and respawns < respawn_limit:
                         respawns += 1
@@ -488,10 +491,15 @@ def _supervise(
     return exits, respawns
 
 
-def _note_killed(study: optuna.Study, status_dir: Path, spec: WorkerSpec, code: int | None) -> None:
-    """Record why a killed worker's running trials will fail: the stale check that fails them later knows
-    only that their heartbeat stopped, and ``status`` said "no reason recorded" for them. Best effort:
-    a storage that does not answer leaves them without it."""
+def _fail_killed(study: optuna.Study, status_dir: Path, spec: WorkerSpec, code: int | None) -> list[int]:
+    """FAIL a killed worker's running trials with the reason the driver knows, and queue their retries.
+
+    Why here: the stale check ran only at a lane's next round, so with one worker the dead trial stayed
+    RUNNING (and counted as running) until the restarted worker had trained a whole other trial, and it
+    then failed with "no reason recorded". Its process is gone, so no one else holds the trial. Best
+    effort: a storage that does not answer leaves the trials to the stale check. Returns their numbers.
+    """
+    from search.states import fail_and_retry
     from search.storage import is_transient_db_error
 
     numbers = {
@@ -501,18 +509,17 @@ def _note_killed(study: optuna.Study, status_dir: Path, spec: WorkerSpec, code: 
         and isinstance(st.get("trial"), int)
     }
     if not numbers:
-        return
+        return []
     reason = f"its worker {spec.worker} ({spec.device}) {_exit_text(code)}"
     if code == -signal.SIGKILL:
-        reason += " (the kernel's out-of-memory killer sends SIGKILL: see dmesg)"
+        reason += " (SIGKILL: if no one sent it, likely the kernel's out-of-memory killer; see dmesg)"
     try:
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if t.number in numbers:
-                with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-                    study._storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        return [t.number for t in running if t.number in numbers and fail_and_retry(study, t, reason)]
     except Exception as exc:
         if not is_transient_db_error(exc):
             raise
+        return []
 
 
 def stop_workers(procs: list[Any], timeout: float = 60.0) -> None:

@@ -327,17 +327,32 @@ def test_sigkill_worker_trial_is_retried_and_resumed(tmp_path: Path, tiny_dir: P
         "--workers",
         "2",
         "--heartbeat",
-        "1",
+        "60",  # the stale check would wait 180 s: the driver itself fails the killed trial at once
         "--quiet",
         cwd=tmp_path,
     )
     status = tmp_path / "studies/unit/workers" / socket.gethostname()
-    [victim], out = _kill_worker_once(proc, lambda: [wait_for_step(status, 120, timeout=120)])
+    killed_at: list[float] = []
+
+    def ready() -> list[dict[str, object]]:
+        victims = [wait_for_step(status, 120, timeout=120)]
+        killed_at.append(time.time())
+        return victims
+
+    [victim], out = _kill_worker_once(proc, ready)
     study = load()
     by_state = states(study)
     assert by_state.get(TrialState.COMPLETE) == 3 and TrialState.RUNNING not in by_state, by_state
     killed = study.get_trials(states=(TrialState.FAIL,))
     assert [t.number for t in killed] == [victim["trial"]]
+    # Failed within seconds of the kill, with the reason the driver saw (it stayed RUNNING until a stale
+    # check after another whole trial, then said "no reason recorded").
+    complete = killed[0].datetime_complete
+    assert complete is not None and complete.timestamp() - killed_at[0] < 20, (complete, killed_at)
+    assert (
+        "its worker w" in killed[0].user_attrs["fail_reason"]
+        and "SIGKILL" in killed[0].user_attrs["fail_reason"]
+    )
     retries = [
         t for t in study.get_trials(deepcopy=False) if t.system_attrs.get("failed_trial") == victim["trial"]
     ]
