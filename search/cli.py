@@ -232,7 +232,7 @@ def _space_name(space: str) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from search.display import best_table, counts_line, failures_table
+    from search.display import best_table, counts_line, failures_table, retries_table
     from search.progress import output
     from search.storage import mask_url, resolve
     from search.trials import count_trials
@@ -240,9 +240,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     _, study, url = resolve(args.study, args.storage)
     output.print(best_table(study, args.top, width=output.width))
     trials = study.get_trials(deepcopy=False)  # one read for both views below
-    failures = failures_table(trials)
-    if failures is not None:
-        output.print(failures)
+    for table in (retries_table(trials), failures_table(trials)):
+        if table is not None:
+            output.print(table)
     output.print(counts_line(count_trials(trials)))
     output.print(f"[dim]storage {mask_url(url)}")  # never a password on screen
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from types import TracebackType
 from typing import Any
 
@@ -84,6 +85,28 @@ def failures_table(trials: list[FrozenTrial], latest: int = 5) -> RenderableType
     return table
 
 
+def retries_table(trials: list[FrozenTrial], latest: int = 5) -> RenderableType | None:
+    """The latest trials that failed and were queued again, with their reasons (None when there are none).
+
+    They are not failures (each resumed from its checkpoint in a retry), but why they happened matters
+    on a long study: a worker the OOM killer keeps taking, a storage that keeps dropping out.
+    """
+    retried_as = {n: t.number for t in trials for n in (t.system_attrs.get("retry_history") or [])[-1:]}
+    retried = [t for t in trials if t.state == TrialState.FAIL and t.number in retried_as]
+    if not retried:
+        return None
+    shown = retried[-latest:]
+    more = f" (latest {len(shown)} of {len(retried)})" if len(retried) > len(shown) else ""
+    table = Table(title=f"retried trials{more}", header_style="bold", title_style="bold yellow")
+    table.add_column("trial", justify="right", no_wrap=True)
+    table.add_column("retried as", justify="right", no_wrap=True)
+    table.add_column("reason", overflow="fold")
+    for t in shown:
+        reason = str(t.user_attrs.get("fail_reason") or "no reason recorded (the worker died?)")
+        table.add_row(str(t.number), str(retried_as[t.number]), reason)
+    return table
+
+
 def _values(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
@@ -105,6 +128,8 @@ def counts_line(counts: Counts, target: int | None = None) -> Text:
 
 
 SUMMARY_EVERY = 60.0  # seconds between plain summary lines: a multi-day log stays readable
+# A trial is failed, then its retry queued: a look in between would call a retried trial a failure.
+REQUEUE_WAIT = 5.0
 
 
 class RunView:
@@ -120,8 +145,11 @@ class RunView:
         enabled: bool = True,
         console: Console | None = None,
         summary_every: float = SUMMARY_EVERY,
+        requeue_wait: float = REQUEUE_WAIT,
     ) -> None:
         self.target = target
+        self.requeue_wait = requeue_wait
+        self.held = False  # a FAIL line waits for its retry (see _print_lines): look again next update
         self.enabled = enabled
         self.console = console if console is not None else progress.console
         self.plain = not self.console.is_terminal
@@ -195,12 +223,15 @@ class RunView:
     def _print_lines(self, study: optuna.Study, counts: Counts) -> None:
         """A line per trial ended since the last look (read only when the counts moved), then the summary."""
         ended = (counts.complete, counts.pruned, counts.failed, counts.retried, counts.skipped)
-        if ended != self.ended:
-            first, self.ended = self.ended is None, ended
+        if ended != self.ended or self.held:
+            first, self.ended, self.held = self.ended is None, ended, False
             trials = study.get_trials(deepcopy=False)
             failed = {t.number for t in real_failures(trials)}
             for t in trials:
                 if t.number in self.seen or not (t.state in FINISHED or t.state == TrialState.FAIL):
+                    continue
+                if not first and t.number in failed and self._just_ended(t):
+                    self.held = True  # its retry may be queued a moment later: decide next time
                     continue
                 self.seen.add(t.number)
                 if not first and not is_skipped(t):  # those that ended before this run were shown before
@@ -210,6 +241,10 @@ class RunView:
             self._print(
                 f"{counts_line(counts, self.target).plain}  {self._best(study)}  {self._rate(counts)}"
             )
+
+    def _just_ended(self, t: FrozenTrial) -> bool:
+        ended = t.datetime_complete
+        return ended is not None and (datetime.now() - ended).total_seconds() < self.requeue_wait
 
     def _print(self, line: str) -> None:
         self.console.print(line, markup=False, highlight=False, soft_wrap=True)  # whole, never cut at 80

@@ -4,6 +4,7 @@ without a terminal the run view prints whole plain lines instead of a live view.
 from __future__ import annotations
 
 import io
+import time
 
 import optuna
 import pytest
@@ -11,7 +12,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 from rich.console import Console
 
-from search.display import WIDE, RunView, best_table, failures_table
+from search.display import WIDE, RunView, best_table, failures_table, retries_table
 from search.trials import count_trials
 
 PARAMS = {"encoder": "conformer", "dropout": 0.123456, "pooling": "attentive_stats"}
@@ -94,7 +95,8 @@ def test_without_a_terminal_the_run_view_prints_whole_lines_per_trial_and_a_time
     """A pipe or ``docker compose logs`` got nothing until the run ended: a live view draws only on stop."""
     study = _study()  # three trials that ended before this run: not printed again
     out = io.StringIO()
-    with RunView(8, console=Console(file=out, force_terminal=False, width=80), summary_every=3600) as view:
+    console = Console(file=out, force_terminal=False, width=80)
+    with RunView(8, console=console, summary_every=3600, requeue_wait=0) as view:
         _update(view, study)
         attrs = {"valid_acc": 0.95, "steps_per_s": 123.456, "device": "cuda:1", "parameters": 1}
         study.add_trial(create_trial(value=0.95, params=PARAMS, distributions=DISTS, user_attrs=attrs))
@@ -124,6 +126,52 @@ def test_without_a_terminal_the_run_view_prints_whole_lines_per_trial_and_a_time
         "  best 0.9500 (trial 3)  "
     )
     assert lines[5].endswith(" trials/h") and "\x1b" not in out.getvalue()
+
+
+def test_a_fail_line_waits_a_moment_for_its_retry() -> None:
+    """A trial is failed, then its retry queued: a look in between printed a killed (retried) trial as
+    a failure, without "(queued again)". A just-failed trial's line waits for the next look; one that
+    is never retried is printed as a failure once the wait is over."""
+    study = _study()
+    out = io.StringIO()
+    with RunView(8, console=Console(file=out, force_terminal=False), requeue_wait=0.3) as view:
+        _update(view, study)
+        study.add_trial(create_trial(state=TrialState.FAIL, user_attrs={"fail_reason": "killed"}))
+        _update(view, study)
+        assert "trial 3" not in out.getvalue()  # not yet: its retry may be queued a moment later
+        retry = create_trial(state=TrialState.COMPLETE, value=0.6, user_attrs={"valid_acc": 0.6})
+        retry._system_attrs = {"failed_trial": 3, "retry_history": [3]}
+        study.add_trial(retry)
+        study.add_trial(create_trial(state=TrialState.FAIL, user_attrs={"fail_reason": "bad config"}))
+        _update(view, study)
+        assert "trial 3 FAIL: killed  (queued again: not a failure)" in out.getvalue()
+        assert "trial 5" not in out.getvalue()
+        time.sleep(0.4)
+        _update(view, study)  # no count moved, but a line was held: looked at again
+    assert "trial 5 FAIL: bad config\n" in out.getvalue()
+
+
+def test_retries_table_gives_why_retried_trials_failed() -> None:
+    """status showed only "retried 2" for trials a worker's kill had failed; their reasons (an OOM kill,
+    say) were in the database only."""
+    study = _study()
+    assert retries_table(study.get_trials()) is None
+    # Trial 3 is killed and retried as 4; 4 is interrupted and retried as 5, which is running.
+    for number, reason in ((3, "its worker w0 (cpu) was killed by SIGKILL"), (4, "interrupted")):
+        failed = create_trial(state=TrialState.FAIL, user_attrs={"fail_reason": reason})
+        if number == 4:
+            failed._system_attrs = {"failed_trial": 3, "retry_history": [3]}
+        study.add_trial(failed)
+    running = create_trial(state=TrialState.RUNNING)
+    running._system_attrs = {"failed_trial": 3, "retry_history": [3, 4]}
+    study.add_trial(running)
+    console = Console(width=120, record=True, color_system=None)
+    console.print(retries_table(study.get_trials()))
+    text = console.export_text()
+    rows = [[c.strip() for c in line.split("│")[1:4]] for line in text.splitlines() if "│" in line]
+    assert "retried trials" in text
+    assert rows == [["3", "4", "its worker w0 (cpu) was killed by SIGKILL"], ["4", "5", "interrupted"]], text
+    assert failures_table(study.get_trials()) is None  # retried: none of them is a failure
 
 
 def test_on_a_terminal_the_run_view_stays_live_and_quiet_prints_nothing() -> None:
