@@ -15,7 +15,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, BinaryIO, TypeVar
+from typing import IO, Any, BinaryIO, NoReturn, TypeVar
 
 import optuna
 import sqlalchemy.exc
@@ -499,10 +499,18 @@ class ReadOnlyArtifactStore:
         raise ArtifactNotFound(f"artifact {artifact_id} is in no study's artifact folder")
 
     def write(self, artifact_id: str, content_body: IO[bytes]) -> None:
-        raise PermissionError("the dashboard of spkid-search does not change the artifact store")
+        _refuse_change()
 
     def remove(self, artifact_id: str) -> None:
-        raise PermissionError("the dashboard of spkid-search does not change the artifact store")
+        _refuse_change()
+
+
+def _refuse_change() -> NoReturn:
+    """A 403 with the reason: optuna-dashboard's API answers a bottle HTTPError with its status and text
+    (any other exception was a 500 "internal server error" and a traceback in the server's log)."""
+    from bottle import HTTPError
+
+    raise HTTPError(403, "the dashboard of spkid-search does not change the artifact store")
 
 
 def study_home(study: optuna.Study) -> Path:

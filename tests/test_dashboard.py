@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -255,6 +256,27 @@ def test_dashboard_binds_loopback_only_by_default(dashboard: Dashboard) -> None:
     assert [(s["study_id"], s["study_name"]) for s in summaries] == [(dashboard.study_id, STUDY)]
 
 
+def test_uploads_and_deletes_are_refused_with_403_not_a_server_error(dashboard: Dashboard) -> None:
+    """The read-only store's refusal reached optuna-dashboard as an unexpected exception: a 500 "internal
+    server error" and a traceback in the server's log. It is a 403 with the reason now."""
+    artifact = "0123abcd-0000-0000-0000-000000000000"
+    body = json.dumps({"file": "data:text/plain;base64,eA==", "filename": "x.txt"}).encode()
+    calls = [
+        ("DELETE", f"/api/artifacts/{dashboard.study_id}/{artifact}", None),
+        ("POST", f"/api/artifacts/{dashboard.study_id}", body),
+    ]
+    for method, path, data in calls:
+        request = urllib.request.Request(
+            dashboard.base + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 403, (method, path, refused.value.code)
+        reason = json.loads(refused.value.read())["reason"]
+        assert reason == "the dashboard of spkid-search does not change the artifact store", reason
+    assert "Traceback" not in dashboard.log.read_text() and "Exception" not in dashboard.log.read_text()
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="no 'chromium' on PATH (Debian: apt-get install -y chromium)")
 def test_dashboard_page_lists_study_and_trials(dashboard: Dashboard, tmp_path: Path) -> None:
     home = _page_text(f"{dashboard.base}/dashboard", tmp_path)
@@ -312,6 +334,7 @@ def test_the_dashboard_gets_a_read_only_artifact_store(
     import io
 
     import optuna_dashboard
+    from bottle import HTTPError
 
     from search.cli import main
     from search.storage import artifact_store
@@ -334,9 +357,9 @@ def test_the_dashboard_gets_a_read_only_artifact_store(
     store = given["artifact_store"]
     with store.open_reader(artifact_id) as fh:  # type: ignore[attr-defined]
         assert fh.read() == b"checkpoint bytes"
-    with pytest.raises(PermissionError):
+    with pytest.raises(HTTPError, match="403"):
         store.remove(artifact_id)  # type: ignore[attr-defined]
-    with pytest.raises(PermissionError):
+    with pytest.raises(HTTPError, match="403"):
         store.write("new", io.BytesIO(b"x"))  # type: ignore[attr-defined]
     stored = Path(study.user_attrs.get("artifact_dir") or tmp_path / "studies" / STUDY / "artifacts")
     assert (stored / artifact_id).read_bytes() == b"checkpoint bytes"
