@@ -333,11 +333,11 @@ def cmd_vote(args: argparse.Namespace) -> int:
     from search.data import open_data
     from search.devices import resolve_device
     from search.progress import console, output
-    from search.vote import export_data_root, preflight, render_vote, vote
+    from search.vote import export_cache_root, export_data_root, preflight, render_vote, vote
 
     preflight(args.out, args.force, export_dir=args.export_dir)
     root = args.data if args.data is not None else export_data_root(args.export_dir)
-    data = open_data(root, progress=not args.quiet)
+    data = open_data(root, export_cache_root(args.export_dir), progress=not args.quiet)
     result = vote(
         args.export_dir,
         data,

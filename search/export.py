@@ -1,8 +1,8 @@
 """Export a study's best models as a self-checking ensemble folder that ``vote`` can score.
 
 An export is a folder of ``trial-<n>.pt`` checkpoints plus ``manifest.json`` (study, strategy, members
-with their params, validation accuracy, weight and sha256, the data fingerprint and the validation
-split). It is built in a temporary folder beside its destination and renamed into place, so an
+with their params, validation accuracy, weight and sha256, the data fingerprint, folder and packed
+cache, and the validation split). It is built in a temporary folder beside its destination and renamed into place, so an
 interrupted or failed export never leaves half a folder, and an existing export is only replaced
 with ``force``.
 
@@ -506,7 +506,11 @@ def _write_manifest(
         "strategy": strategy,
         "k": k,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "data": {"fingerprint": attrs.get("fingerprint"), "root": attrs.get("data_root")},
+        "data": {
+            "fingerprint": attrs.get("fingerprint"),
+            "root": attrs.get("data_root"),
+            "cache": str(study_cache_root(study).resolve()),  # vote from any folder reuses the packing
+        },
         "split": {
             "ratio": split.ratio if split else attrs.get("valid_ratio"),
             "seed": split.seed if split else attrs.get("split_seed"),

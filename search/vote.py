@@ -22,6 +22,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,7 @@ class Manifest:
     strategy: str
     fingerprint: str
     data_root: str | None
+    data_cache: str | None  # the packed-data cache the study used (absent from older manifests)
     split_ratio: float
     split_seed: int
     split_id: str
@@ -180,6 +182,7 @@ def read_manifest(export_dir: Path) -> Manifest:
         strategy=str(raw.get("strategy", "")),
         fingerprint=data["fingerprint"],
         data_root=data["root"] if isinstance(data.get("root"), str) else None,
+        data_cache=data["cache"] if isinstance(data.get("cache"), str) else None,
         split_ratio=ratio,
         split_seed=seed,
         split_id=split_id,
@@ -194,6 +197,16 @@ def export_data_root(export_dir: Path) -> Path:
         where = manifest.data_root or "not recorded"
         raise UserError(f"{manifest.path}: the study's data folder ({where}) is not available; pass --data")
     return Path(manifest.data_root)
+
+
+def export_cache_root(export_dir: Path) -> Path | None:
+    """The packed-data cache the export's study used, so that ``vote`` from another working folder
+    reuses it instead of packing the set again under ./studies/cache; None for the default (also when
+    $SPKID_SEARCH_CACHE chooses, or the folder is gone)."""
+    if os.environ.get("SPKID_SEARCH_CACHE"):
+        return None
+    cache = read_manifest(Path(export_dir)).data_cache
+    return Path(cache) if cache and Path(cache).is_dir() else None
 
 
 def verify_members(export_dir: Path, manifest: Manifest) -> list[Path]:

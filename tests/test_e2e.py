@@ -55,3 +55,6 @@ def test_run_export_vote_round_trip(tmp_path: Path, tiny_dir: Path) -> None:
     assert json.loads((home / "export" / "greedy1" / "manifest.json").read_text())["members"]
     assert list((home / "valid_logits").glob("trial-*.npz"))  # greedy's logits cache: beside the study
     assert list(elsewhere.iterdir()) == []  # no ./studies (export, cache, re-packed data) here
+    # vote from there (the study's data folder, from the manifest) reuses the study's packed cache too
+    cli("vote", str(home / "export" / "top1"), "--out", "here.csv", "--quiet", cwd=elsewhere)
+    assert [p.name for p in elsewhere.iterdir()] == ["here.csv"]
