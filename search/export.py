@@ -2,9 +2,9 @@
 
 An export is a folder of ``trial-<n>.pt`` checkpoints plus ``manifest.json`` (study, strategy, members
 with their params, validation accuracy, weight and sha256, the data fingerprint, folder and packed
-cache, and the validation split). It is built in a temporary folder beside its destination and renamed into place, so an
-interrupted or failed export never leaves half a folder, and an existing export is only replaced
-with ``force``.
+cache, and the validation split). It is built in a temporary folder beside its destination and
+renamed into place, so an interrupted or failed export never leaves half a folder, and an existing
+export is only replaced with ``force``.
 
 Strategies:
 

@@ -123,6 +123,11 @@ def state_lock() -> contextlib.AbstractContextManager[None]:
     return lock.hold() if lock is not None else contextlib.nullcontext()
 
 
+def clear_state_lock() -> None:
+    """Forget the installed lock (the driver's, once its run ends): :func:`state_lock` is a no-op again."""
+    _STATE_LOCK.pop("lock", None)
+
+
 def serialize_state_changes(storage: Any, url: str) -> None:
     """Make ``storage``'s trial state changes, and the steps taken under :func:`state_lock`, atomic
     among all workers sharing its database (SQLite: on this machine; PostgreSQL: on every machine)."""

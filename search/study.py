@@ -28,7 +28,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from search.errors import UserError
-from search.states import serialize_state_changes
+from search.states import clear_state_lock, serialize_state_changes
 from search.storage import STORAGE_PATIENCE, StorageWait, db_error_text
 from search.trials import FINISHED, Counts, count_trials, on_other_data
 from search.worker import WorkerSpec, read_status, worker_process
@@ -248,8 +248,19 @@ def run(
     a line on stderr) gets the line that says so, and the counts come back as they are.
 
     A worker killed by a signal (SIGKILL, the OOM killer) while the budget is not met is started again,
-    at most ``max_respawns`` times per run; its trial goes stale and is retried from its checkpoint.
+    at most ``max_respawns`` times per run; its trial is failed and retried from its checkpoint.
     """
+    try:
+        return _run(opts, on_update, on_nothing)
+    finally:
+        clear_state_lock()  # this study's: a later run in this process (a test, a library) gets its own
+
+
+def _run(
+    opts: RunOptions,
+    on_update: Callable[[optuna.Study, Counts, list[dict[str, Any]]], None] | None,
+    on_nothing: Callable[[str], None] | None,
+) -> Counts:
     from search.space import load_space
     from search.storage import (
         check_storage_url,

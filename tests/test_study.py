@@ -19,6 +19,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+import search.states as states_module
 import search.study as study_module
 from search.cli import main
 from search.errors import UserError
@@ -90,6 +91,9 @@ def test_changed_data_or_space_is_refused(tmp_path: Path, tiny_dir: Path, fake_d
         run(RunOptions(space=str(space), trials=3, data=tiny_dir, allow_changed=True, display=False)).finished
         == 3
     )
+    # run() installs the study's state lock for its driver and removes it when it returns or raises: a
+    # later caller in this process used it (a lock file under another test's folder).
+    assert not states_module._STATE_LOCK
 
 
 def test_allow_changed_data_goes_on_with_the_new_set_and_exports_only_its_trials(
