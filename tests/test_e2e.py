@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from search.cli import main
+
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     # The default packed-data cache (studies/cache), as a user has it; conftest points tests elsewhere.
@@ -25,7 +29,7 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return proc
 
 
-def test_run_export_vote_round_trip(tmp_path: Path, tiny_dir: Path) -> None:
+def test_run_export_vote_round_trip(tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = str(tiny_dir)
     cli("run", "--space", "smoke", "--trials", "3", "--steps", "60", "--data", data, "--quiet", cwd=tmp_path)
     status = cli("status", cwd=tmp_path)
@@ -45,16 +49,19 @@ def test_run_export_vote_round_trip(tmp_path: Path, tiny_dir: Path) -> None:
 
     # export-top --storage from another working folder wrote its export (and re-packed the data) under
     # that folder's ./studies; the export goes beside the study and the run's packed cache is reused.
+    # (In this process, to spare three start-ups; the environment is the subprocesses'.)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("SPKID_SEARCH_CACHE")
     url = f"sqlite:///{tmp_path / 'studies' / 'smoke' / 'study.db'}"
-    cli("export-top", "1", "--storage", url, "--data", data, "--quiet", cwd=elsewhere)
-    cli("export-top", "1", "--storage", url, "--strategy", "greedy", "--quiet", cwd=elsewhere)
+    assert main(["export-top", "1", "--storage", url, "--data", data, "--quiet"]) == 0
+    assert main(["export-top", "1", "--storage", url, "--strategy", "greedy", "--quiet"]) == 0
     home = tmp_path / "studies" / "smoke"
     assert json.loads((home / "export" / "top1" / "manifest.json").read_text())["members"]
     assert json.loads((home / "export" / "greedy1" / "manifest.json").read_text())["members"]
     assert list((home / "valid_logits").glob("trial-*.npz"))  # greedy's logits cache: beside the study
     assert list(elsewhere.iterdir()) == []  # no ./studies (export, cache, re-packed data) here
     # vote from there (the study's data folder, from the manifest) reuses the study's packed cache too
-    cli("vote", str(home / "export" / "top1"), "--out", "here.csv", "--quiet", cwd=elsewhere)
+    assert main(["vote", str(home / "export" / "top1"), "--out", "here.csv", "--quiet"]) == 0
     assert [p.name for p in elsewhere.iterdir()] == ["here.csv"]
