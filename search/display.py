@@ -72,16 +72,12 @@ def failures_table(trials: list[FrozenTrial], latest: int = 5) -> RenderableType
     failed = real_failures(trials)
     if not failed:
         return None
-    shown = failed[-latest:]
-    more = f" (latest {len(shown)} of {len(failed)})" if len(failed) > len(shown) else ""
-    table = Table(title=f"failed trials{more}", header_style="bold", title_style="bold red")
-    table.add_column("trial", justify="right", no_wrap=True)
+    table, shown = _latest(failed, "failed trials", "bold red", latest)
     table.add_column("device", no_wrap=True)
     table.add_column("reason", overflow="fold", ratio=2)
     table.add_column("searched values", overflow="fold", ratio=1)  # what the reason may depend on
     for t in shown:
-        reason = str(t.user_attrs.get("fail_reason") or "no reason recorded (the worker died?)")
-        table.add_row(str(t.number), str(t.user_attrs.get("device") or "-"), reason, _values(t.params))
+        table.add_row(str(t.number), str(t.user_attrs.get("device") or "-"), _reason(t), _values(t.params))
     return table
 
 
@@ -95,16 +91,27 @@ def retries_table(trials: list[FrozenTrial], latest: int = 5) -> RenderableType 
     retried = [t for t in trials if t.state == TrialState.FAIL and t.number in retried_as]
     if not retried:
         return None
-    shown = retried[-latest:]
-    more = f" (latest {len(shown)} of {len(retried)})" if len(retried) > len(shown) else ""
-    table = Table(title=f"retried trials{more}", header_style="bold", title_style="bold yellow")
-    table.add_column("trial", justify="right", no_wrap=True)
+    table, shown = _latest(retried, "retried trials", "bold yellow", latest)
     table.add_column("retried as", justify="right", no_wrap=True)
     table.add_column("reason", overflow="fold")
     for t in shown:
-        reason = str(t.user_attrs.get("fail_reason") or "no reason recorded (the worker died?)")
-        table.add_row(str(t.number), str(retried_as[t.number]), reason)
+        table.add_row(str(t.number), str(retried_as[t.number]), _reason(t))
     return table
+
+
+def _latest(
+    trials: list[FrozenTrial], title: str, style: str, latest: int
+) -> tuple[Table, list[FrozenTrial]]:
+    """A table for the last ``latest`` of ``trials`` (its title says how many there are), trial first."""
+    shown = trials[-latest:]
+    more = f" (latest {len(shown)} of {len(trials)})" if len(trials) > len(shown) else ""
+    table = Table(title=f"{title}{more}", header_style="bold", title_style=style)
+    table.add_column("trial", justify="right", no_wrap=True)
+    return table, shown
+
+
+def _reason(t: FrozenTrial) -> str:
+    return str(t.user_attrs.get("fail_reason") or "no reason recorded (the worker died?)")
 
 
 def _values(params: dict[str, Any]) -> str:
@@ -256,7 +263,7 @@ def trial_line(t: FrozenTrial, failed: bool = True) -> str:
     head = f"trial {t.number} {t.state.name}"
     if t.state == TrialState.FAIL:
         again = "" if failed else "  (queued again: not a failure)"
-        return f"{head}: {attrs.get('fail_reason') or 'no reason recorded (the worker died?)'}{again}"
+        return f"{head}: {_reason(t)}{again}"
     acc = attrs.get("valid_acc", t.value)
     return (
         f"{head}  valid acc {_fmt(acc)}  {_fmt(attrs.get('steps_per_s'), '{:.1f}')} steps/s"

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -326,6 +327,14 @@ def test_a_taken_port_or_unknown_host_is_one_line_not_a_traceback(
     assert "Traceback" not in err
 
 
+def _upload(store: Any, study: optuna.Study, source: Path, content: bytes) -> str:
+    """Store ``content`` as an artifact of ``study`` (as a worker stores a checkpoint); its id."""
+    source.write_bytes(content)
+    return optuna.artifacts.upload_artifact(
+        artifact_store=store, file_path=str(source), study_or_trial=study, storage=study._storage
+    )
+
+
 def test_the_dashboard_gets_a_read_only_artifact_store(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -343,14 +352,7 @@ def test_the_dashboard_gets_a_read_only_artifact_store(
     monkeypatch.setenv("SPKID_SEARCH_STUDIES", str(tmp_path / "studies"))
     _build_study(tmp_path / "studies")
     study = optuna.load_study(study_name=STUDY, storage=open_storage(default_storage_url(STUDY)))
-    source = tmp_path / "best.pt"
-    source.write_bytes(b"checkpoint bytes")
-    artifact_id = optuna.artifacts.upload_artifact(
-        artifact_store=artifact_store(study),
-        file_path=str(source),
-        study_or_trial=study,
-        storage=study._storage,
-    )
+    artifact_id = _upload(artifact_store(study), study, tmp_path / "best.pt", b"checkpoint bytes")
     given: dict[str, object] = {}
     monkeypatch.setattr(optuna_dashboard, "run_server", lambda storage, **kwargs: given.update(kwargs))
     assert main(["dashboard", "--study", STUDY, "--port", str(_free_port())]) == 0
@@ -385,20 +387,14 @@ def test_the_dashboard_serves_every_listed_studys_checkpoints(
     folder = tmp_path / "elsewhere" / "other" / "artifacts"  # as run records it: an absolute path
     folder.mkdir(parents=True)
     other.set_user_attr("artifact_dir", str(folder))
-    source = tmp_path / "best.pt"
-    source.write_bytes(b"the other study's checkpoint")
-    artifact_id = optuna.artifacts.upload_artifact(
-        artifact_store=AtomicArtifactStore(folder),
-        file_path=str(source),
-        study_or_trial=other,
-        storage=storage,
-    )
+    checkpoint = b"the other study's checkpoint"
+    artifact_id = _upload(AtomicArtifactStore(folder), other, tmp_path / "best.pt", checkpoint)
     given: dict[str, object] = {}
     monkeypatch.setattr(optuna_dashboard, "run_server", lambda storage, **kwargs: given.update(kwargs))
     assert main(["dashboard", "--study", STUDY, "--port", str(_free_port())]) == 0
     store = given["artifact_store"]
     with store.open_reader(artifact_id) as fh:  # type: ignore[attr-defined]
-        assert fh.read() == b"the other study's checkpoint"
+        assert fh.read() == checkpoint
     with pytest.raises(ArtifactNotFound):
         store.open_reader("no-such-artifact")  # type: ignore[attr-defined]
     with pytest.raises(ValueError):  # each folder's own check: no way out of it
