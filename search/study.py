@@ -291,6 +291,12 @@ def _run(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
     fresh = not study.user_attrs.get("fingerprint")
+    held = count_trials(study.get_trials(deepcopy=False))
+    if not fresh and held.finished >= opts.trials:
+        # Workers would each stop at once and nothing is recorded: another data set, space or --steps
+        # here changes nothing, so it is not refused either.
+        (on_nothing or _log)(nothing_to_do(name, held.finished, opts.trials))
+        return held
     steps = effective_steps(space, opts.steps)  # what the study records is what reaches the trials
     changes = identity_changes(
         study,
@@ -311,11 +317,6 @@ def _run(
     )
     if "space_digest" in changes and not fresh:
         check_space_fits_study(study, space)
-    held = count_trials(study.get_trials(deepcopy=False))
-    if not fresh and held.finished >= opts.trials:
-        # Workers would each stop at once; nothing is recorded, so an --allow-changed here changes nothing.
-        (on_nothing or _log)(nothing_to_do(name, held.finished, opts.trials))
-        return held
     searched = {param.name for param in space.params}
     if steps is not None and "warmup_steps" not in searched and base.train.warmup_steps >= steps:
         _log(  # only when trials will run: before "nothing to do" it was noise
@@ -479,8 +480,8 @@ def _supervise(
                         respawns += 1
                         _log(
                             f"worker {s.worker} ({s.device}) {_exit_text(code)}; restarting it "
-                            f"({respawns} of at most {respawn_limit} restarts); its trial resumes from "
-                            "its last checkpoint"
+                            f"({respawns} of at most {respawn_limit} restarts); its trial is retried from "
+                            "its last checkpoint (from step 0 if it had none yet)"
                         )
                         start(s)
                         continue
@@ -523,7 +524,7 @@ def _fail_killed(study: optuna.Study, status_dir: Path, spec: WorkerSpec, code: 
         return []
     reason = f"its worker {spec.worker} ({spec.device}) {_exit_text(code)}"
     if code == -signal.SIGKILL:
-        reason += " (SIGKILL: if no one sent it, likely the kernel's out-of-memory killer; see dmesg)"
+        reason += " (if no one sent it, likely the kernel's out-of-memory killer; see dmesg)"
     try:
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         return [t.number for t in running if t.number in numbers and fail_and_retry(study, t, reason)]

@@ -248,7 +248,11 @@ def test_steps_equal_to_the_space_or_unrecorded_count_as_no_override(tmp_path: P
 
 
 def test_run_on_a_study_that_holds_enough_trials_says_so_and_starts_nothing(
-    tmp_path: Path, tiny_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    tiny_dir: Path,
+    fake_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     space = str(write_space(tmp_path / "unit.yaml", steps=20, valid_steps=20))
     assert run(RunOptions(space=space, trials=2, data=tiny_dir, display=False)).finished == 2
@@ -271,6 +275,15 @@ def test_run_on_a_study_that_holds_enough_trials_says_so_and_starts_nothing(
         "more"
     ]
     assert len(load().get_trials()) == 2
+    # Another --steps or data set changes nothing when nothing runs: said the same way, not refused
+    # (it was an error, exit 2, that asked for the study's --steps).
+    try:
+        code = main(["run", "--space", space, "--trials", "2", "--steps", "7", "--data", str(fake_dir)])
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    out, err = capsys.readouterr()
+    assert code == 0 and "already has 2 finished trials (>= --trials 2); nothing to do" in err, err
+    assert load().user_attrs["steps_override"] is None and len(load().get_trials()) == 2
 
 
 def test_bad_config_trial_fails_with_reason_and_study_goes_on(tmp_path: Path, tiny_dir: Path) -> None:
