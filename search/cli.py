@@ -337,6 +337,8 @@ def cmd_vote(args: argparse.Namespace) -> int:
 
     preflight(args.out, args.force, export_dir=args.export_dir)
     root = args.data if args.data is not None else export_data_root(args.export_dir)
+    if args.data is None and not args.quiet:
+        console.print(f"No --data given: using the data set the export's study was run on, {root}")
     data = open_data(root, export_cache_root(args.export_dir), progress=not args.quiet)
     result = vote(
         args.export_dir,

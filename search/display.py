@@ -265,7 +265,12 @@ def trial_line(t: FrozenTrial, failed: bool = True) -> str:
         again = "" if failed else "  (queued again: not a failure)"
         return f"{head}: {_reason(t)}{again}"
     acc = attrs.get("valid_acc", t.value)
+    root = t.system_attrs.get("failed_trial")
+    retry = ""
+    if root is not None and root != t.number:  # which killed or stopped trial this one finished
+        resumed = attrs.get("resumed_from_step")
+        retry = f"  (retry of trial {root}" + (f", resumed at step {resumed})" if resumed else ")")
     return (
         f"{head}  valid acc {_fmt(acc)}  {_fmt(attrs.get('steps_per_s'), '{:.1f}')} steps/s"
-        f"  on {attrs.get('device') or '-'}"
+        f"  on {attrs.get('device') or '-'}{retry}"
     )

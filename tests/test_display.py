@@ -103,7 +103,8 @@ def test_without_a_terminal_the_run_view_prints_whole_lines_per_trial_and_a_time
         reason = "bad config: d_model 90 not divisible by heads 4; " + "x" * 80  # a line wider than 80
         study.add_trial(create_trial(state=TrialState.FAIL, user_attrs={"fail_reason": reason}))
         study.add_trial(create_trial(state=TrialState.FAIL, user_attrs={"fail_reason": "interrupted"}))
-        retry = create_trial(state=TrialState.PRUNED, value=0.5, user_attrs={"valid_acc": 0.5})
+        attrs = {"valid_acc": 0.5, "resumed_from_step": 100}
+        retry = create_trial(state=TrialState.PRUNED, value=0.5, user_attrs=attrs)
         retry._system_attrs = {"failed_trial": 5, "retry_history": [5]}
         study.add_trial(retry)
         _update(view, study)
@@ -118,7 +119,7 @@ def test_without_a_terminal_the_run_view_prints_whole_lines_per_trial_and_a_time
         "trial 3 COMPLETE  valid acc 0.9500  123.5 steps/s  on cuda:1",
         f"trial 4 FAIL: {reason}",
         "trial 5 FAIL: interrupted  (queued again: not a failure)",
-        "trial 6 PRUNED  valid acc 0.5000  - steps/s  on -",
+        "trial 6 PRUNED  valid acc 0.5000  - steps/s  on -  (retry of trial 5, resumed at step 100)",
         lines[5],
     ], out.getvalue()
     assert lines[5].startswith(

@@ -377,6 +377,17 @@ def test_export_records_its_data_folder(exports: Exports, data: PackedData, tmp_
         export_data_root(export)
 
 
+def test_vote_without_data_says_which_folder_it_used(
+    exports: Exports, data: PackedData, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """run says which data set it uses when --data is left out; vote used the manifest's silently."""
+    from search.cli import main
+
+    assert main(["vote", str(exports.top.out), "--out", str(tmp_path / "s.csv")]) == 0
+    err = capsys.readouterr().err
+    assert f"No --data given: using the data set the export's study was run on, {data.root}" in err, err
+
+
 def test_vote_refuses_other_data(exports: Exports, fake_data: PackedData, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="pass the data folder the study 'ev' was trained on"):
         vote(exports.top.out, fake_data, tmp_path / "s.csv")
