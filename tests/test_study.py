@@ -83,10 +83,10 @@ def test_changed_data_or_space_is_refused(tmp_path: Path, tiny_dir: Path, fake_d
     assert run(RunOptions(space=str(space), trials=2, data=copy, display=False)).finished == 2
     assert load().user_attrs["data_root"] == str(copy.resolve())  # the last folder given is recorded
     with pytest.raises(UserError, match="another data set.*--allow-changed to continue anyway$"):
-        run(RunOptions(space=str(space), trials=2, data=fake_dir, display=False))
+        run(RunOptions(space=str(space), trials=3, data=fake_dir, display=False))
     write_space(tmp_path / "unit.yaml", layers={"low": 1, "high": 2})
     with pytest.raises(UserError, match="another search space \\(space_digest \\w+ from .*unit.yaml, now "):
-        run(RunOptions(space=str(space), trials=2, data=tiny_dir, display=False))
+        run(RunOptions(space=str(space), trials=3, data=tiny_dir, display=False))
     assert (
         run(RunOptions(space=str(space), trials=3, data=tiny_dir, allow_changed=True, display=False)).finished
         == 3
