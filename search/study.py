@@ -284,9 +284,8 @@ def _run(
     base = space.config_for({})
     split = make_split(data, base.train.valid_ratio, base.train.split_seed)
     storage = open_storage(url, heartbeat, grace)
-    serialize_state_changes(
-        storage, url
-    )  # the driver fails a killed worker's trials: under the workers' lock
+    # The driver fails a killed worker's trials: under the workers' state lock.
+    serialize_state_changes(storage, url)
     home = study_dir(name)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
