@@ -42,7 +42,7 @@ from search.data import FeatureStore, PackedData, Split, default_cache_root, ope
 from search.errors import UserError
 from search.files import atomic_write, check_can_create, usual_mode
 from search.infer import read_checkpoint
-from search.storage import artifact_store, study_home
+from search.storage import artifact_dir, artifact_store, study_home
 from search.trials import on_other_data
 from search.vote import (
     MANIFEST_FORMAT,
@@ -115,15 +115,11 @@ def usable_trials(study: optuna.Study, include_pruned: bool = False) -> list[Fro
     return sorted(trials, key=lambda t: (-(_valid_acc(t) or 0.0), t.number))
 
 
-def _artifact_base(study: optuna.Study) -> Path:
-    return Path(study.user_attrs.get("artifact_dir") or study_home(study) / "artifacts")
-
-
 def fetch_checkpoint(study: optuna.Study, trial: FrozenTrial, dest: Path) -> str:
     """Copy a trial's checkpoint out of the artifact store to ``dest`` and verify its recorded sha256."""
     artifact_id = str(trial.user_attrs["checkpoint_artifact"])
     where = f"study '{study.study_name}' trial {trial.number}"
-    stored = _artifact_base(study) / artifact_id
+    stored = artifact_dir(study) / artifact_id
     try:
         download_artifact(artifact_store=artifact_store(study), file_path=str(dest), artifact_id=artifact_id)
     except Exception as exc:  # noqa: BLE001 - ArtifactNotFound, OSError, ValueError for odd ids

@@ -520,9 +520,14 @@ def study_home(study: optuna.Study) -> Path:
     return Path(recorded).parent if recorded else study_dir(study.study_name)
 
 
+def artifact_dir(study: optuna.Study) -> Path:
+    """The study's artifact folder: the one recorded at creation (default studies/<study>/artifacts)."""
+    return Path(study.user_attrs.get("artifact_dir") or study_home(study) / "artifacts")
+
+
 def artifact_store(study: optuna.Study) -> AtomicArtifactStore:
-    """The study's artifact store: the folder recorded at creation (default studies/<study>/artifacts)."""
-    base = Path(study.user_attrs.get("artifact_dir") or study_home(study) / "artifacts")
+    """The study's artifact store, in :func:`artifact_dir` (created if missing)."""
+    base = artifact_dir(study)
     try:
         base.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
