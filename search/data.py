@@ -177,9 +177,7 @@ def cache_key(layout: HW4Layout) -> str:
     checkpoints and exports record) is its content, hashed while packing: a copy whose files got new
     times is re-packed once here and is still the same set.
     """
-    h = hashlib.sha256(f"v{CACHE_VERSION}".encode())
-    for name in ("mapping.json", "metadata.json", "testdata.json"):
-        h.update(name.encode() + b"\0" + (layout.root / name).read_bytes())
+    h = _hash_of_json(layout)
     for utt in [*layout.train, *layout.test]:
         try:
             st = (layout.root / utt.feature_path).stat()
@@ -189,6 +187,14 @@ def cache_key(layout: HW4Layout) -> str:
             ) from None
         h.update(f"{utt.feature_path}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
+
+
+def _hash_of_json(layout: HW4Layout) -> Any:
+    """A sha256 begun with the cache version and the set's three JSON files (cache key and fingerprint)."""
+    h = hashlib.sha256(f"v{CACHE_VERSION}".encode())
+    for name in ("mapping.json", "metadata.json", "testdata.json"):
+        h.update(name.encode() + b"\0" + (layout.root / name).read_bytes())
+    return h
 
 
 @dataclass
@@ -269,13 +275,11 @@ def _build_cache(layout: HW4Layout, key: str, target: Path, progress: bool) -> N
         feats = np.lib.format.open_memmap(
             tmp / "features.npy", mode="w+", dtype=np.float16, shape=(max(total, 1), layout.n_mels)
         )
-        content = hashlib.sha256(f"v{CACHE_VERSION}".encode())
-        for name in ("mapping.json", "metadata.json", "testdata.json"):
-            content.update(name.encode() + b"\0" + (layout.root / name).read_bytes())
+        content = _hash_of_json(layout)
         with progress_bar(f"packing {layout.root}", total=len(utts), enabled=progress) as advance:
             for i, utt in enumerate(utts):
                 tensor = load_feature(layout.root / utt.feature_path, layout.n_mels, utt.mel_len)
-                half = np.ascontiguousarray(tensor.numpy().astype(np.float16))
+                half = tensor.numpy().astype(np.float16, order="C")  # C order: hashed as a buffer
                 feats[offsets[i] : offsets[i] + lengths[i]] = half
                 content.update(f"{utt.feature_path}:{half.shape[0]}\n".encode())
                 content.update(half.data)
