@@ -18,9 +18,11 @@ import multiprocessing as mp
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.connection import wait as wait_for_exit
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -272,9 +274,11 @@ def _run(
 
     space = load_space(opts.space)
     name = check_study_name(opts.study or space.name)
-    devices, lanes = _check_run(opts, space)
     url = opts.storage or default_storage_url(name)
     check_storage_url(url)  # its form now; connecting (and creating a SQLite file) once the data is good
+    _check_budget(opts)
+    start_worker_server()  # it imports torch for the workers while the driver does so and opens the data
+    devices, lanes = _check_run(opts, space)
     heartbeat = opts.heartbeat or int(space.study.get("heartbeat_interval", DEFAULT_HEARTBEAT))
     grace = int(space.study.get("grace_period", 3 * heartbeat))
     from search.data import make_split, open_data  # torch: after the checks that need none
@@ -387,12 +391,15 @@ def _run(
     return counts
 
 
-def _check_run(opts: RunOptions, space: Space) -> tuple[list[str], int]:
-    """The budget's and the workers' limits, before anything is opened: the devices and lanes to use."""
+def _check_budget(opts: RunOptions) -> None:
     if opts.trials > MAX_TRIALS:
         raise UserError(f"--trials {opts.trials}: absurdly many; use at most {MAX_TRIALS}")
     if opts.steps is not None and opts.steps > MAX_STEPS:
         raise UserError(f"--steps {opts.steps}: absurdly many; use at most {MAX_STEPS:,}")
+
+
+def _check_run(opts: RunOptions, space: Space) -> tuple[list[str], int]:
+    """The workers' limits, before anything is opened: the devices and lanes to use."""
     devices, lanes = plan_devices(opts)
     if len(devices) * lanes > MAX_WORKERS:
         asked = (
@@ -427,6 +434,47 @@ class _OutageLog:
             self.logged = False
 
 
+# What a worker imports before its first trial: the fork server imports it once, and each worker (and
+# each restart of one) is forked from it ready to train.
+WORKER_PRELOAD = ["torch", "search.worker", "search.train", "search.model", "search.data", "search.storage"]
+
+
+def worker_context() -> Any:
+    """The multiprocessing context that starts workers: "forkserver" on Linux, else "spawn".
+
+    A spawned worker imports torch anew (seconds: most of a worker's start, and of its restart after a
+    kill); forked from a server that has imported it, a worker starts at once. The server never touches
+    CUDA, so each worker still initialises its own device. macOS keeps "spawn", Python's default there:
+    system libraries a torch import loads are not safe to fork.
+    """
+    if not sys.platform.startswith("linux"):
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(WORKER_PRELOAD)
+    return ctx
+
+
+def start_worker_server() -> None:
+    """Start the fork server now rather than at the first worker's start, so that its imports overlap
+    the driver's own work (checking the devices, opening or packing the data)."""
+    if worker_context().get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+
+def in_environment(env: dict[str, str], target: Callable[..., None], *args: Any) -> None:
+    """Call ``target`` in the environment ``env`` (the driver's, as a worker starts).
+
+    A process forked by the fork server has the server's environment, the driver's when the server
+    started, which a driver that has changed its own since (a notebook, a test) no longer has.
+    Multiprocessing already gives it the driver's working folder and ``sys.path``.
+    """
+    os.environ.clear()
+    os.environ.update(env)
+    target(*args)
+
+
 def _supervise(
     specs: list[WorkerSpec],
     study: optuna.Study,
@@ -444,7 +492,7 @@ def _supervise(
 
     respawn_limit = opts.max_respawns if opts.max_respawns is not None else 5 * len(specs)
     respawns = 0
-    ctx = mp.get_context("spawn")
+    ctx = worker_context()
     procs: dict[str, Any] = {}
     exits: dict[str, int | None] = {}
 
@@ -457,7 +505,9 @@ def _supervise(
             raise
 
     def start(spec: WorkerSpec) -> None:
-        proc = ctx.Process(target=worker_process, args=(spec,), name=spec.worker)
+        proc = ctx.Process(
+            target=in_environment, args=(dict(os.environ), worker_process, spec), name=spec.worker
+        )
         procs[spec.worker] = proc
         proc.start()
 
@@ -495,7 +545,9 @@ def _supervise(
                     if not is_transient_db_error(exc):
                         raise
                     outage.lost(db_error_text(exc))
-            time.sleep(1.0)
+            running = [procs[s.worker].sentinel for s in specs if s.worker not in exits]
+            if running:  # wakes as soon as a worker exits, else after a second (for the display)
+                wait_for_exit(running, 1.0)
     except KeyboardInterrupt:
         stop_workers(list(procs.values()))
         raise

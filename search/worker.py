@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing as mp
 import os
 import signal
 import threading
@@ -131,7 +132,6 @@ class _Shared:
     features: FeatureStore  # one copy of the features (on the GPU when it fits)
     trials_dir: Path
     existing: int  # trials the study held when this worker started (sampler seeds stay apart)
-    parent: int  # the driver's pid: a lane stops when its parent is gone
 
 
 def worker_main(spec: WorkerSpec) -> int:
@@ -178,7 +178,6 @@ def _set_up(spec: WorkerSpec) -> _Shared:
         features=FeatureStore(data, spec.device),
         trials_dir=Path(attrs["trials_dir"]),
         existing=existing,
-        parent=os.getppid(),
     )
 
 
@@ -400,7 +399,7 @@ class Lane:
 
         def report(step: int, metrics: dict[str, float]) -> str | None:
             nonlocal pruned
-            if os.getppid() != self.shared.parent or _STOP["requested"]:
+            if _STOP["requested"] or not _driver_alive():
                 raise _StopRequested()  # the parent died (or a stop got lost): stop as if told to
             _write_status(spec, {"trial": trial.number, "step": step, "total": config.train.steps, **metrics})
             if "valid_acc" in metrics:
@@ -542,9 +541,20 @@ def _run_lanes(spec: WorkerSpec, lane: Callable[[WorkerSpec, int], int]) -> int:
     return max(codes)
 
 
+def _driver_alive() -> bool:
+    """False once the process that started this one is gone (a lane then stops as if told to).
+
+    Multiprocessing's parent sentinel, a pipe the driver holds open, is read rather than the parent pid:
+    a worker forked by the fork server is the server's child, and the server outlives a killed driver
+    while any worker runs. True where this is not a worker process (``worker_main`` called directly).
+    """
+    parent = mp.parent_process()
+    return parent is None or parent.is_alive()
+
+
 def worker_process(spec: WorkerSpec) -> None:
-    """A spawned worker's entry point: exit 0 (budget met), 2 (a user error, left in its status file for
-    the driver to show) or 130 (stopped)."""
+    """A worker's entry point: exit 0 (budget met), 2 (a user error, left in its status file for the
+    driver to show) or 130 (stopped)."""
     try:
         code = worker_main(spec)
     except UserError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -26,7 +27,7 @@ from search.errors import UserError
 from search.files import sha256_file
 from search.space import load_space
 from search.storage import artifact_store, open_storage
-from search.study import RunOptions, effective_steps, identity_changes, run
+from search.study import RunOptions, effective_steps, identity_changes, in_environment, run, worker_context
 from search.trials import count_trials, is_skipped
 from search.worker import read_status
 from tests.studies import load, long_space, states, wait_for_step, write_space
@@ -261,7 +262,7 @@ def test_run_on_a_study_that_holds_enough_trials_says_so_and_starts_nothing(
     def no_workers(*args: object, **kwargs: object) -> None:
         raise AssertionError("a worker was started")
 
-    monkeypatch.setattr(study_module.mp, "get_context", no_workers)
+    monkeypatch.setattr(study_module, "_supervise", no_workers)
     handler = signal.getsignal(signal.SIGTERM)  # main() installs its own; put the test runner's back
     try:
         code = main(["run", "--space", space, "--trials", "1", "--data", str(tiny_dir)])
@@ -410,6 +411,89 @@ def test_ctrl_c_stops_cleanly_and_resumes(tmp_path: Path, tiny_dir: Path) -> Non
     assert any(t.user_attrs["resumed_from_step"] >= 100 for t in done)
     # The retry inherits its original's attrs; the ones that described the stop are cleared.
     assert not any(t.user_attrs.get("interrupted") or t.user_attrs.get("fail_reason") for t in done)
+
+
+def _process_tree(pid: int) -> set[int]:
+    """The live (not zombie) descendants of ``pid`` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from Linux /proc")
+def test_workers_of_a_killed_driver_stop_by_themselves_and_queue_their_trials(
+    tmp_path: Path, tiny_dir: Path
+) -> None:
+    """A driver killed outright (SIGKILL, OOM) cannot stop its workers: each must notice and stop itself."""
+    space = long_space(tmp_path)
+    args = ("run", "--space", str(space), "--trials", "2", "--data", str(tiny_dir), "--workers", "2")
+    proc = _cli(*args, "--quiet", cwd=tmp_path)
+    status = tmp_path / "studies/unit/workers" / socket.gethostname()
+    try:
+        first = wait_for_step(status, 60, timeout=120)
+        started = _process_tree(proc.pid)
+        assert int(first["pid"]) in started  # type: ignore[call-overload]
+        proc.kill()
+        proc.wait(timeout=10)
+        deadline = time.time() + 60
+        while time.time() < deadline and any(_alive(pid) for pid in started):
+            time.sleep(0.2)
+        left = [pid for pid in started if _alive(pid)]
+    finally:
+        proc.kill()
+    for pid in left:  # leave no process behind for the next test, whatever happened here
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes of the killed driver still running after 60 s: {left}"
+    by_state = states(load())
+    assert TrialState.RUNNING not in by_state, by_state  # each stopped trial is failed and queued again
+    assert by_state.get(TrialState.WAITING) == 2, by_state
+
+
+def _write_environment(path: str, key: str) -> None:
+    Path(path).write_text(json.dumps({"cwd": os.getcwd(), key: os.environ.get(key)}))
+
+
+def test_a_worker_from_the_fork_server_has_the_drivers_environment_and_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fork server keeps the environment and folder it started with (another, here): a worker
+    started later gets the driver's as they are then, as a spawned one would."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("SPKID_TEST_MARK", raising=False)
+    first = worker_context().Process(target=time.sleep, args=(0,))  # starts the server if none runs yet
+    first.start()
+    first.join(120)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SPKID_TEST_MARK", "set after the server started")
+    out = tmp_path / "seen.json"
+    args = (dict(os.environ), _write_environment, str(out), "SPKID_TEST_MARK")
+    proc = worker_context().Process(target=in_environment, args=args)
+    proc.start()
+    proc.join(120)
+    assert proc.exitcode == 0
+    seen = json.loads(out.read_text())
+    assert seen == {"cwd": str(tmp_path), "SPKID_TEST_MARK": "set after the server started"}, seen
 
 
 def test_lanes_run_several_trials_in_one_worker_process(tmp_path: Path, tiny_dir: Path) -> None:
