@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import multiprocessing as mp
 import os
 import sys
 import threading
@@ -28,6 +27,7 @@ from search.data import CropSampler, FeatureStore, PackedData, make_split
 from search.errors import first_line
 from search.infer import accuracy, load_model, predict_logits
 from search.model import build_model
+from search.study import worker_context
 from search.train import CudaGraphStep, EagerStep, lr_in_tensor, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,7 +177,7 @@ def trials_per_gpu(folder: Path, device: str, k: int, steps: int, dry: bool) -> 
     time from that signal to the last one's end (final validation included), so processes that did
     not overlap cannot inflate it.
     """
-    ctx = mp.get_context("spawn")
+    ctx = worker_context()  # as run starts its workers (forked from a server that has imported torch)
     queue, go = ctx.Queue(), ctx.Event()
     procs = [
         ctx.Process(target=_trial_proc, args=((str(folder), device, steps, dry, queue, go),))
