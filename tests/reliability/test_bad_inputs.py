@@ -1,12 +1,14 @@
 """Bad and hostile input to every command, table-driven.
 
 One small real study (two trials) and its export are built once for the module; every case then runs
-``python -m search.cli ...`` as a subprocess against it and must end with a non-zero exit, exactly one
-short line on stderr that names the file or key at fault and says what to do, and no traceback. Every
-file under ``studies/`` is hashed before and after the whole corpus: no case may change a study, a
-checkpoint or an export, and none may execute the pickle payloads planted in tensor files.
+the command line (what ``python -m search.cli ...`` runs) in a process of its own against it and must
+end with a non-zero exit, exactly one short line on stderr that names the file or key at fault and says
+what to do, and no traceback. Every file under ``studies/`` is hashed before and after the whole
+corpus: no case may change a study, a checkpoint or an export, and none may execute the pickle payloads
+planted in tensor files.
 
-The cases run a few at a time (subprocess start-up, mostly importing torch, dominates their cost).
+The cases run a few at a time, each forked from a process that has imported torch (a new interpreter
+per case spent most of its time importing it).
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ import yaml
 
 from search.export import export_top
 from search.storage import resolve
-from search.study import RunOptions, run
+from search.study import RunOptions, run, worker_context
 from tests.hw4fake import make_hw4
 from tests.reliability.conftest import FIGURES, SPACE, DeadlineExceeded
 
@@ -249,15 +251,34 @@ class Payload:
         return (os.mkdir, (str(self.marker),))
 
 
+def _command_line(args: list[str], cwd: str, env: dict[str, str], out: str, err: str) -> None:
+    """What ``python -m search.cli ARGS`` does once its imports are done, its output to two files."""
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    for fd, path in ((1, out), (2, err)):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    from search.cli import main
+
+    raise SystemExit(main(args))  # multiprocessing exits with its code, or prints a traceback and exits 1
+
+
 def _cli(args: list[str], cwd: Path, env: dict[str, str], timeout: float = CASE_TIMEOUT_S) -> Any:
-    return subprocess.run(
-        [sys.executable, "-m", "search.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """A case's command in a process of its own, forked from run's fork server: a new interpreter per
+    case would import torch again each time (most of this corpus's time, for 59 cases)."""
+    name = uuid.uuid4().hex[:8]
+    out, err = cwd / f"case-{name}.out", cwd / f"case-{name}.err"
+    proc = worker_context().Process(target=_command_line, args=(args, str(cwd), env, str(out), str(err)))
+    proc.start()
+    proc.join(timeout)
+    if proc.exitcode is None:
+        proc.kill()
+        proc.join()
+        raise subprocess.TimeoutExpired(args, timeout)
+    done = subprocess.CompletedProcess(args, proc.exitcode, out.read_text(), err.read_text())
+    out.unlink()
+    err.unlink()
+    return done
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
