@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -455,12 +456,25 @@ def worker_context() -> Any:
 
 
 def start_worker_server() -> None:
-    """Start the fork server now rather than at the first worker's start, so that its imports overlap
-    the driver's own work (checking the devices, opening or packing the data)."""
-    if worker_context().get_start_method() == "forkserver":
-        from multiprocessing import forkserver
+    """Start the fork server (if it is not running) now rather than at the first worker's start, so that
+    its imports overlap the driver's own work (checking the devices, opening or packing the data).
 
+    The server starts with SIGINT ignored: a Ctrl-C reaches the whole process group, and the server would
+    otherwise die of it mid-import with a traceback on the terminal. The driver handles Ctrl-C; its
+    workers install their own handlers.
+    """
+    if worker_context().get_start_method() != "forkserver":
+        return
+    from multiprocessing import forkserver
+
+    if threading.current_thread() is not threading.main_thread():
+        forkserver.ensure_running()  # signal handlers can only be set from the main thread
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited through exec while ignored
+    try:
         forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def in_environment(env: dict[str, str], target: Callable[..., None], *args: Any) -> None:
@@ -505,6 +519,7 @@ def _supervise(
             raise
 
     def start(spec: WorkerSpec) -> None:
+        start_worker_server()  # again if it has died since
         proc = ctx.Process(
             target=in_environment, args=(dict(os.environ), worker_process, spec), name=spec.worker
         )

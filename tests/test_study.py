@@ -496,6 +496,59 @@ def test_a_worker_from_the_fork_server_has_the_drivers_environment_and_folder(
     assert seen == {"cwd": str(tmp_path), "SPKID_TEST_MARK": "set after the server started"}, seen
 
 
+def _wait_for_fork_server(pid: int, timeout: float) -> int:
+    """The pid of the fork server that process ``pid`` has started, once it has (Linux /proc)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for child in _process_tree(pid):
+            try:
+                if b"forkserver" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    return child
+            except OSError:
+                continue
+        time.sleep(0.02)
+    raise AssertionError(f"no fork server started within {timeout} s")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from Linux /proc")
+def test_ctrl_c_while_the_worker_server_imports_is_one_line_not_its_traceback(
+    tmp_path: Path, tiny_dir: Path
+) -> None:
+    """Ctrl-C reaches the whole process group, the fork server too, which is importing torch for a few
+    seconds after run starts: it used to die of it with a KeyboardInterrupt traceback on the terminal."""
+    space = long_space(tmp_path)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "search.cli",
+            "run",
+            "--space",
+            str(space),
+            "--trials",
+            "2",
+            "--data",
+            str(tiny_dir),
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's job is
+    )
+    try:
+        _wait_for_fork_server(proc.pid, timeout=60)
+        time.sleep(0.3)  # well inside its imports (seconds)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)  # the server shares the pipe: this waits for it too
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
+    assert out.strip().splitlines()[-1] == "spkid-search run: interrupted", out
+
+
 def test_lanes_run_several_trials_in_one_worker_process(tmp_path: Path, tiny_dir: Path) -> None:
     """What --per-gpu K does on a GPU (K trials as threads of one worker), exercised on CPU."""
     space = write_space(tmp_path / "unit.yaml")
