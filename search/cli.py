@@ -98,12 +98,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from search.config import load_config
-    from search.data import open_data
-    from search.devices import resolve_device
     from search.files import check_can_create
-    from search.progress import console
-    from search.train import resume_step, train
-    from search.trainview import TrainView
 
     config = load_config(args.config)
     if args.steps is not None:
@@ -118,6 +113,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError(
             f"{best}: a finished run is already there; pass --force to replace it or --out elsewhere"
         )
+    # torch from here on: a bad config or --out above is refused without importing it (seconds)
+    from search.data import open_data
+    from search.devices import resolve_device
+    from search.progress import console
+    from search.train import resume_step, train
+    from search.trainview import TrainView
+
     device = resolve_device(args.device)
     data = open_data(args.data, progress=not args.quiet)
     start = "from step 0"
