@@ -183,7 +183,7 @@ def _trial_list(text: str) -> set[int]:
 def cmd_run(args: argparse.Namespace) -> int:
     from search.display import RunView, best_table
     from search.progress import console
-    from search.study import RunOptions, run
+    from search.study import RunOptions, WorkersStopped, run
 
     opts = RunOptions(
         space=args.space,
@@ -205,10 +205,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         with RunView(args.trials, enabled=not args.quiet) as view:
             counts = run(opts, on_update=view.update, on_nothing=idle.append)
-    except KeyboardInterrupt:
+    except WorkersStopped:
         console.print(
             "[yellow]Stopped: running trials were marked and will resume when you run the same command "
             "again, from their last checkpoint (or from the start if they had not written one yet)."
+        )
+        raise
+    except KeyboardInterrupt:
+        console.print(
+            "[yellow]Stopped while no trial of this run was running; run the same command to go on."
         )
         raise
     if idle:  # the study already holds --trials finished trials: no worker was started

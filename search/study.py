@@ -240,6 +240,11 @@ def _exit_text(code: int | None) -> str:
     return f"exited with code {code}"
 
 
+class WorkersStopped(KeyboardInterrupt):
+    """A stop (Ctrl-C, SIGTERM) that came while this run's workers ran: their trials were marked and
+    queued to resume. A plain KeyboardInterrupt from :func:`run` came while none ran."""
+
+
 def run(
     opts: RunOptions,
     on_update: Callable[[optuna.Study, Counts, list[dict[str, Any]]], None] | None = None,
@@ -565,7 +570,7 @@ def _supervise(
                 wait_for_exit(running, 1.0)
     except KeyboardInterrupt:
         stop_workers(list(procs.values()))
-        raise
+        raise WorkersStopped() from None
     return exits, respawns
 
 

@@ -398,7 +398,7 @@ def test_ctrl_c_stops_cleanly_and_resumes(tmp_path: Path, tiny_dir: Path) -> Non
     args = ("run", "--space", str(space), "--trials", "2", "--data", str(tiny_dir), "--quiet")
     status = tmp_path / "studies/unit/workers" / socket.gethostname()
     out = _ctrl_c_once(_cli(*args, cwd=tmp_path), lambda: wait_for_step(status, 120, timeout=120))
-    assert "resume" in out
+    assert "Stopped: running trials were marked and will resume" in " ".join(out.split()), out
     study = load()
     by_state = states(study)
     assert TrialState.RUNNING not in by_state
@@ -546,7 +546,11 @@ def test_ctrl_c_while_the_worker_server_imports_is_one_line_not_its_traceback(
         proc.kill()
     assert proc.returncode == 130, out
     assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
-    assert out.strip().splitlines()[-1] == "spkid-search run: interrupted", out
+    # Stopped before any worker started: no trial of this run was marked (the line used to say so).
+    assert out.strip().splitlines()[-2:] == [
+        "Stopped while no trial of this run was running; run the same command to go on.",
+        "spkid-search run: interrupted",
+    ], out
 
 
 def test_lanes_run_several_trials_in_one_worker_process(tmp_path: Path, tiny_dir: Path) -> None:
