@@ -79,7 +79,15 @@ class WorkerSpec:
 
 
 class _StopRequested(KeyboardInterrupt):
-    """Raised in a worker by SIGTERM (sent by the parent on Ctrl-C)."""
+    """Raised in a worker by SIGTERM (sent by the parent on Ctrl-C), or by a lane that finds its driver
+    gone; ``reason`` says which, for the stopped trial's fail reason."""
+
+    def __init__(self, reason: str = "interrupted (Ctrl-C or SIGTERM)") -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+DRIVER_GONE = "stopped: the run that started its worker died (killed outright, the OOM killer?)"
 
 
 # "requested": also remembered, in case the exception itself gets lost on the way. "deferred": a
@@ -399,8 +407,10 @@ class Lane:
 
         def report(step: int, metrics: dict[str, float]) -> str | None:
             nonlocal pruned
-            if _STOP["requested"] or not _driver_alive():
-                raise _StopRequested()  # the parent died (or a stop got lost): stop as if told to
+            if _STOP["requested"]:
+                raise _StopRequested()  # a stop whose exception got lost on the way
+            if not _driver_alive():
+                raise _StopRequested(DRIVER_GONE)  # no one will stop this lane or show its trial
             _write_status(spec, {"trial": trial.number, "step": step, "total": config.train.steps, **metrics})
             if "valid_acc" in metrics:
                 # Through a storage outage the trial waits here and trains on once the database is back.
@@ -422,13 +432,11 @@ class Lane:
                 split=self.shared.split,
                 store=self.shared.features,
             )
-        except _StopRequested:
+        except _StopRequested as stop:
             # Best effort and brief: a failing write here (a busy SQLite file) must not swallow the stop.
             with contextlib.suppress(Exception):
                 self.brief.call(
-                    trial.set_user_attr,
-                    "fail_reason",
-                    "interrupted (Ctrl-C or SIGTERM); retried when the study resumes",
+                    trial.set_user_attr, "fail_reason", f"{stop.reason}; retried when the study resumes"
                 )
                 self.brief.call(trial.set_user_attr, "interrupted", True)
             # Held until the retry is queued (run's stop handler); Optuna writes the FAIL between.

@@ -463,9 +463,13 @@ def test_workers_of_a_killed_driver_stop_by_themselves_and_queue_their_trials(
     for pid in left:  # leave no process behind for the next test, whatever happened here
         os.kill(pid, signal.SIGKILL)
     assert not left, f"processes of the killed driver still running after 60 s: {left}"
-    by_state = states(load())
+    study = load()
+    by_state = states(study)
     assert TrialState.RUNNING not in by_state, by_state  # each stopped trial is failed and queued again
     assert by_state.get(TrialState.WAITING) == 2, by_state
+    reasons = [t.user_attrs["fail_reason"] for t in study.get_trials(states=(TrialState.FAIL,))]
+    assert len(reasons) == 2, reasons  # not "interrupted (Ctrl-C or SIGTERM)": no one sent either
+    assert all(r.startswith("stopped: the run that started its worker died") for r in reasons), reasons
 
 
 def _write_environment(path: str, key: str) -> None:
