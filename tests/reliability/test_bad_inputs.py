@@ -36,7 +36,7 @@ import yaml
 
 from search.export import export_top
 from search.storage import resolve
-from search.study import RunOptions, run, worker_context
+from search.study import RunOptions, in_environment, run, worker_context
 from tests.hw4fake import make_hw4
 from tests.reliability.conftest import FIGURES, SPACE, DeadlineExceeded
 
@@ -251,11 +251,9 @@ class Payload:
         return (os.mkdir, (str(self.marker),))
 
 
-def _command_line(args: list[str], cwd: str, env: dict[str, str], out: str, err: str) -> None:
+def _command_line(args: list[str], cwd: str, out: str, err: str) -> None:
     """What ``python -m search.cli ARGS`` does once its imports are done, its output to two files."""
     os.chdir(cwd)
-    os.environ.clear()
-    os.environ.update(env)
     for fd, path in ((1, out), (2, err)):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
     from search.cli import main
@@ -268,7 +266,8 @@ def _cli(args: list[str], cwd: Path, env: dict[str, str], timeout: float = CASE_
     case would import torch again each time (most of this corpus's time, for 59 cases)."""
     name = uuid.uuid4().hex[:8]
     out, err = cwd / f"case-{name}.out", cwd / f"case-{name}.err"
-    proc = worker_context().Process(target=_command_line, args=(args, str(cwd), env, str(out), str(err)))
+    case = (args, str(cwd), str(out), str(err))
+    proc = worker_context().Process(target=in_environment, args=(env, _command_line, *case))  # as run's
     proc.start()
     proc.join(timeout)
     if proc.exitcode is None:
