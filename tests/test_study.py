@@ -303,7 +303,9 @@ def test_bad_config_trial_fails_with_reason_and_study_goes_on(tmp_path: Path, ti
     )
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.Popen[str]:
+def _cli(*args: str, cwd: Path, new_session: bool = False) -> subprocess.Popen[str]:
+    """The command line in a process of its own (``new_session``: in its own process group too, as a
+    terminal's job is, so that a signal can be sent to the group)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", "search.cli", *args],
@@ -312,6 +314,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=new_session,
     )
 
 
@@ -413,15 +416,20 @@ def test_ctrl_c_stops_cleanly_and_resumes(tmp_path: Path, tiny_dir: Path) -> Non
     assert not any(t.user_attrs.get("interrupted") or t.user_attrs.get("fail_reason") for t in done)
 
 
+def _stat(path: Path) -> list[str] | None:
+    """The fields of a /proc/<pid>/stat file after the command name (state, parent, ...); None if gone."""
+    try:
+        return path.read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def _process_tree(pid: int) -> set[int]:
     """The live (not zombie) descendants of ``pid`` (Linux /proc)."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z":
+        fields = _stat(stat)
+        if fields is not None and fields[0] != "Z":
             children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
     found: set[int] = set()
     todo = [pid]
@@ -433,10 +441,8 @@ def _process_tree(pid: int) -> set[int]:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    fields = _stat(Path(f"/proc/{pid}/stat"))
+    return fields is not None and fields[0] != "Z"
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from Linux /proc")
@@ -500,14 +506,14 @@ def test_a_worker_from_the_fork_server_has_the_drivers_environment_and_folder(
     assert seen == {"cwd": str(tmp_path), "SPKID_TEST_MARK": "set after the server started"}, seen
 
 
-def _wait_for_fork_server(pid: int, timeout: float) -> int:
-    """The pid of the fork server that process ``pid`` has started, once it has (Linux /proc)."""
+def _wait_for_fork_server(pid: int, timeout: float) -> None:
+    """Return once process ``pid`` has started its fork server (Linux /proc)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         for child in _process_tree(pid):
             try:
                 if b"forkserver" in Path(f"/proc/{child}/cmdline").read_bytes():
-                    return child
+                    return
             except OSError:
                 continue
         time.sleep(0.02)
@@ -521,26 +527,8 @@ def test_ctrl_c_while_the_worker_server_imports_is_one_line_not_its_traceback(
     """Ctrl-C reaches the whole process group, the fork server too, which is importing torch for a few
     seconds after run starts: it used to die of it with a KeyboardInterrupt traceback on the terminal."""
     space = long_space(tmp_path)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "search.cli",
-            "run",
-            "--space",
-            str(space),
-            "--trials",
-            "2",
-            "--data",
-            str(tiny_dir),
-        ],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its own process group, as a terminal's job is
-    )
+    args = ("run", "--space", str(space), "--trials", "2", "--data", str(tiny_dir))
+    proc = _cli(*args, cwd=tmp_path, new_session=True)
     try:
         _wait_for_fork_server(proc.pid, timeout=60)
         time.sleep(0.3)  # well inside its imports (seconds)
