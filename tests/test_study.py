@@ -506,6 +506,38 @@ def test_a_worker_from_the_fork_server_has_the_drivers_environment_and_folder(
     assert seen == {"cwd": str(tmp_path), "SPKID_TEST_MARK": "set after the server started"}, seen
 
 
+_CUDA_SPY = """
+import importlib, json, sys
+import torch
+calls = []
+def spy(name, real):
+    def call(*args, **kwargs):
+        calls.append(name)
+        return real(*args, **kwargs)
+    return call
+for owner, name in [(torch.cuda, n) for n in ("is_available", "device_count", "init", "_lazy_init",
+                     "current_device", "mem_get_info", "set_device")] + [(torch._C, "_cuda_getDeviceCount")]:
+    if hasattr(owner, name):
+        setattr(owner, name, spy(name, getattr(owner, name)))
+for module in json.loads(sys.argv[1]):
+    importlib.import_module(module)
+print(json.dumps(calls))
+"""
+
+
+def test_the_fork_servers_imports_never_touch_cuda() -> None:
+    """Workers are forked from the server after it has imported WORKER_PRELOAD. A CUDA query there (even
+    torch.cuda.is_available(), which initialises the driver) would leave every forked worker unable to
+    use its GPU ("Cannot re-initialize CUDA in forked subprocess"); on a machine without a GPU nothing
+    would show it, so this watches the calls themselves."""
+    modules = json.dumps(study_module.WORKER_PRELOAD)
+    done = subprocess.run(
+        [sys.executable, "-c", _CUDA_SPY, modules], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [], done.stdout
+
+
 def _wait_for_fork_server(pid: int, timeout: float) -> None:
     """Return once process ``pid`` has started its fork server (Linux /proc)."""
     deadline = time.time() + timeout
