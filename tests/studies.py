@@ -36,11 +36,11 @@ def states(study: optuna.Study) -> dict[TrialState, int]:
     return out
 
 
-def long_space(tmp_path: Path) -> Path:
+def long_space(tmp_path: Path, steps: int = 400) -> Path:
     """Trials long enough to stop midway (400 steps, a checkpoint every 50), none pruned."""
     data = {
         **UNIT_SPACE,
-        "params": {**UNIT_SPACE["params"], "steps": 400, "valid_steps": 50},
+        "params": {**UNIT_SPACE["params"], "steps": steps, "valid_steps": 50},
         "pruner": {"name": "none"},
     }
     space = tmp_path / "unit.yaml"

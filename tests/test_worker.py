@@ -12,6 +12,7 @@ import sqlalchemy
 from optuna.trial import TrialState
 
 import search.states as states_module
+import search.study as study_module
 import search.worker as worker_module
 from search.storage import default_storage_url
 from search.study import RunOptions, run
@@ -39,8 +40,8 @@ def _worker_here(
     space: Path | None = None,
     trials: int = 2,
 ) -> tuple[worker_module.WorkerSpec, list[str]]:
-    """A worker to run in this process and thread, on a study that holds one trial of a budget of
-    ``trials`` (default space: :func:`long_space`).
+    """A worker to run in this process and thread, with a budget of ``trials``, on a study that ``run``
+    has set up but holds no trial yet (default space: :func:`long_space`).
 
     Also returns what its ``queue_retry`` calls found the state lock to be at their start ("held" by
     the worker, or "free": another worker's budget count could have run right then).
@@ -50,7 +51,9 @@ def _worker_here(
     from search.data import open_data
 
     space = space or long_space(tmp_path)
-    run(RunOptions(space=str(space), trials=1, data=tiny_dir, display=False))  # the study, its attrs
+    with monkeypatch.context() as no_workers:  # the study and its attrs, as run leaves them; no trial
+        no_workers.setattr(study_module, "_supervise", lambda *args, **kwargs: ({}, 0))
+        run(RunOptions(space=str(space), trials=1, data=tiny_dir, display=False))
     spec = worker_module.WorkerSpec(
         worker="w9",
         index=9,
@@ -117,7 +120,7 @@ def test_a_trial_cut_off_by_the_storage_is_failed_and_queued_again_in_one_step(
 
     import search.train
 
-    spec, lock_seen = _worker_here(tmp_path, tiny_dir, monkeypatch)
+    spec, lock_seen = _worker_here(tmp_path, tiny_dir, monkeypatch, space=long_space(tmp_path, steps=100))
     real_train = search.train.train
     calls: list[int] = []
 
@@ -170,7 +173,7 @@ def test_a_pruned_trial_leaves_nothing_in_its_folder(
     """A pruned trial is finished for good: its best checkpoint goes to the artifact store (for
     ``export-top --include-pruned``) and its resume point (last.pt) is deleted. It used to stay on disk,
     one per pruned trial, for the life of the study."""
-    spec, _ = _worker_here(tmp_path, tiny_dir, monkeypatch, trials=2)
+    spec, _ = _worker_here(tmp_path, tiny_dir, monkeypatch, trials=1)
     monkeypatch.setattr(optuna.Trial, "should_prune", lambda self: True)
     assert worker_module.worker_main(spec) == 0
     pruned = load().get_trials(states=(TrialState.PRUNED,))
@@ -188,7 +191,7 @@ def test_a_failed_trial_leaves_nothing_in_its_folder(
     resumed: its last.pt and best.pt are deleted with it, and the study goes on."""
     import search.train
 
-    spec, _ = _worker_here(tmp_path, tiny_dir, monkeypatch, trials=2)
+    spec, _ = _worker_here(tmp_path, tiny_dir, monkeypatch, space=long_space(tmp_path, steps=150), trials=2)
     real_predict = search.train.predict_logits
     calls: list[int] = []
 
@@ -230,8 +233,8 @@ def test_a_stop_while_a_trained_trial_is_recorded_waits_until_it_is(
     finally:
         signal.signal(signal.SIGTERM, handler)
     study = load()
-    by_state = states(study)  # the run's first trial, then this one (the unit space's pruner may stop it)
-    assert set(by_state) <= {TrialState.COMPLETE, TrialState.PRUNED} and sum(by_state.values()) == 2
+    by_state = states(study)  # the trial it was recording (the unit space's pruner may have stopped it)
+    assert set(by_state) <= {TrialState.COMPLETE, TrialState.PRUNED} and sum(by_state.values()) == 1
     store = Path(study.user_attrs["artifact_dir"])
     for t in study.get_trials():
         assert (store / t.user_attrs["checkpoint_artifact"]).is_file()
