@@ -337,24 +337,21 @@ def cmd_export_top(args: argparse.Namespace) -> int:
 
 
 def cmd_vote(args: argparse.Namespace) -> int:
-    from search.data import open_data
-    from search.devices import resolve_device
+    from search.manifest import export_cache_root, export_data_root
     from search.progress import console, output
-    from search.vote import export_cache_root, export_data_root, preflight, render_vote, vote
+    from search.submission import preflight
 
     preflight(args.out, args.force, export_dir=args.export_dir)
     root = args.data if args.data is not None else export_data_root(args.export_dir)
+    from search.data import open_data  # torch: after the checks that need none
+    from search.devices import resolve_device
+    from search.vote import render_vote, vote
+
+    device = resolve_device(args.device)  # a wrong --device is refused before a data set is packed
     if args.data is None and not args.quiet:
         console.print(f"No --data given: using the data set the export's study was run on, {root}")
     data = open_data(root, export_cache_root(args.export_dir), progress=not args.quiet)
-    result = vote(
-        args.export_dir,
-        data,
-        args.out,
-        method=args.method,
-        device=resolve_device(args.device),
-        force=args.force,
-    )
+    result = vote(args.export_dir, data, args.out, method=args.method, device=device, force=args.force)
     output.print(render_vote(result))
     console.print(f"[green]wrote {result.out} ({result.n_test} test rows)")
     return 0
@@ -364,11 +361,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from search.data import open_data
     from search.devices import resolve_device
     from search.progress import console, output
-    from search.vote import predict, preflight, render_vote
+    from search.submission import preflight
+    from search.vote import predict, render_vote
 
     preflight(args.out, args.force, checkpoint=args.checkpoint)
+    device = resolve_device(args.device)  # a wrong --device is refused before a data set is packed
     data = open_data(args.data, progress=not args.quiet)
-    result = predict(args.checkpoint, data, args.out, device=resolve_device(args.device), force=args.force)
+    result = predict(args.checkpoint, data, args.out, device=device, force=args.force)
     output.print(render_vote(result))
     console.print(f"[green]wrote {result.out} ({result.n_test} test rows)")
     return 0

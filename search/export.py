@@ -40,20 +40,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.data import FeatureStore, PackedData, Split, default_cache_root, open_data
 from search.errors import UserError
-from search.files import atomic_write, check_can_create, usual_mode
+from search.files import atomic_write, check_can_create, sha256_file, usual_mode
 from search.infer import read_checkpoint
+from search.manifest import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION
 from search.storage import artifact_dir, artifact_store, study_home
 from search.trials import on_other_data
-from search.vote import (
-    MANIFEST_FORMAT,
-    MANIFEST_NAME,
-    MANIFEST_VERSION,
-    checkpoint_logits,
-    fit_temperature,
-    rebuild_split,
-    sha256_file,
-    softmax,
-)
+from search.vote import checkpoint_logits, fit_temperature, rebuild_split, softmax
 
 STRATEGIES = ("top", "greedy")
 CACHE_FOLDER = "valid_logits"

@@ -18,11 +18,9 @@ disagree about how the CSV is written.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,199 +31,13 @@ import torch
 
 from search.config import Config
 from search.data import FeatureStore, PackedData, Split, make_split
-from search.errors import UserError, shown
-from search.files import atomic_write, check_can_create, sha256_file
+from search.errors import UserError
 from search.infer import model_from_checkpoint, predict_logits, read_checkpoint
+from search.manifest import read_manifest, verify_members
+from search.submission import ANSWERS_NAME, check_out, read_answers, write_submission
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "spkid-search-export"
-MANIFEST_VERSION = 1
 METHODS = ("soft", "hard", "weighted")
-CSV_HEADER = ("Id", "Category")
-SUBMISSION_HEADER = ",".join(CSV_HEADER).encode()  # what an earlier submission starts with
-ANSWERS_NAME = "answers.csv"
 TEMPERATURE_RANGE = (0.05, 20.0)  # 1/T is searched in [1/20, 1/0.05]
-
-
-# --------------------------------------------------------------------------------------------------
-# Files: checksums, manifest, member paths
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ManifestMember:
-    """One checkpoint listed in a manifest; ``weight`` is how many votes it holds."""
-
-    file: str
-    sha256: str
-    weight: float
-    trial: int | None
-    valid_acc: float | None
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """The validated content of an export's manifest.json."""
-
-    path: Path
-    study: str
-    strategy: str
-    fingerprint: str
-    data_root: str | None
-    data_cache: str | None  # the packed-data cache the study used (absent from older manifests)
-    split_ratio: float
-    split_seed: int
-    split_id: str
-    members: list[ManifestMember]
-
-
-def _manifest_error(path: Path, what: str) -> UserError:
-    return UserError(f"{path}: {what}; re-create the export with 'spkid-search export-top'")
-
-
-def member_path(export_dir: Path, name: str, manifest_path: Path) -> Path:
-    """Resolve a manifest's member file name, refusing anything that leaves the export folder.
-
-    A manifest is data a user may have received from elsewhere; an absolute path or ``..`` in it must
-    not make vote read (and unpickle) a file outside the folder the user pointed at.
-    """
-    rel = Path(name)
-    if not name or rel.is_absolute() or ".." in rel.parts or name.startswith("~"):
-        raise UserError(
-            f"{manifest_path}: member path '{name}' escapes the export folder; "
-            f"manifest paths must be plain file names inside {export_dir}"
-        )
-    path = export_dir / rel
-    root = export_dir.resolve()
-    if not path.resolve().is_relative_to(root):  # a symlink pointing out of the folder
-        raise UserError(
-            f"{manifest_path}: member path '{name}' resolves outside the export folder "
-            f"({path.resolve()}); copy the checkpoint into {export_dir} instead of linking it"
-        )
-    return path
-
-
-def read_manifest(export_dir: Path) -> Manifest:
-    """Read and validate ``export_dir/manifest.json`` (structure and paths, not checksums yet)."""
-    export_dir = Path(export_dir)
-    path = export_dir / MANIFEST_NAME
-    if export_dir.is_file() and export_dir.name == MANIFEST_NAME:
-        raise UserError(f"{export_dir}: pass the export folder that holds it ({export_dir.parent})")
-    if not export_dir.is_dir():
-        raise UserError(f"{export_dir}: export folder not found; create one with 'spkid-search export-top K'")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(
-            f"{path}: not found; is {export_dir} a folder written by 'spkid-search export-top'?"
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read ({exc})") from None
-    except json.JSONDecodeError as exc:
-        raise _manifest_error(path, f"not valid JSON (line {exc.lineno}: {exc.msg})") from None
-    if not isinstance(raw, dict) or raw.get("format") != MANIFEST_FORMAT:
-        raise _manifest_error(
-            path, f"not an spkid-search export manifest (expected format '{MANIFEST_FORMAT}')"
-        )
-    if raw.get("version") != MANIFEST_VERSION:
-        version = shown(raw.get("version"))
-        raise _manifest_error(path, f"manifest version {version} is not supported (expected 1)")
-    data, split, members = raw.get("data"), raw.get("split"), raw.get("members")
-    if not isinstance(data, dict) or not isinstance(data.get("fingerprint"), str):
-        raise _manifest_error(path, "missing 'data.fingerprint'")
-    if not isinstance(split, dict) or not {"ratio", "seed", "split_id"} <= set(split):
-        raise _manifest_error(path, "missing 'split' (ratio, seed, split_id)")
-    if not isinstance(members, list) or not members:
-        raise _manifest_error(path, "'members' must be a non-empty list")
-    parsed: list[ManifestMember] = []
-    seen: set[str] = set()
-    for i, entry in enumerate(members):
-        where = f"members[{i}]"
-        if not isinstance(entry, dict):
-            raise _manifest_error(path, f"'{where}' must be a mapping")
-        name, digest, weight = entry.get("file"), entry.get("sha256"), entry.get("weight", 1)
-        if not isinstance(name, str):
-            raise _manifest_error(path, f"'{where}.file' must be a file name")
-        member_path(export_dir, name, path)
-        if name in seen:
-            raise _manifest_error(path, f"'{where}.file' lists {name} twice")
-        seen.add(name)
-        if not isinstance(digest, str) or len(digest) != 64:
-            raise _manifest_error(path, f"'{where}.sha256' must be a 64-character hex digest")
-        if (
-            isinstance(weight, bool)
-            or not isinstance(weight, (int, float))
-            or not math.isfinite(weight)
-            or weight <= 0
-        ):
-            raise _manifest_error(path, f"'{where}.weight' must be a positive number, got {shown(weight)}")
-        trial = entry.get("trial")
-        acc = entry.get("valid_acc")
-        parsed.append(
-            ManifestMember(
-                file=name,
-                sha256=digest.lower(),
-                weight=float(weight),
-                trial=trial if isinstance(trial, int) else None,
-                valid_acc=float(acc) if isinstance(acc, (int, float)) else None,
-            )
-        )
-    try:
-        ratio, seed, split_id = float(split["ratio"]), int(split["seed"]), str(split["split_id"])
-    except (TypeError, ValueError):
-        raise _manifest_error(
-            path, "'split' must hold a number ratio, an integer seed and a split_id"
-        ) from None
-    return Manifest(
-        path=path,
-        study=str(raw.get("study", "")),
-        strategy=str(raw.get("strategy", "")),
-        fingerprint=data["fingerprint"],
-        data_root=data["root"] if isinstance(data.get("root"), str) else None,
-        data_cache=data["cache"] if isinstance(data.get("cache"), str) else None,
-        split_ratio=ratio,
-        split_seed=seed,
-        split_id=split_id,
-        members=parsed,
-    )
-
-
-def export_data_root(export_dir: Path) -> Path:
-    """The data folder an export's study trained on (the default for ``vote --data``)."""
-    manifest = read_manifest(Path(export_dir))
-    if manifest.data_root is None or not (Path(manifest.data_root) / "testdata.json").is_file():
-        where = manifest.data_root or "not recorded"
-        raise UserError(f"{manifest.path}: the study's data folder ({where}) is not available; pass --data")
-    return Path(manifest.data_root)
-
-
-def export_cache_root(export_dir: Path) -> Path | None:
-    """The packed-data cache the export's study used, so that ``vote`` from another working folder
-    reuses it instead of packing the set again under ./studies/cache; None for the default (also when
-    $SPKID_SEARCH_CACHE chooses, or the folder is gone)."""
-    if os.environ.get("SPKID_SEARCH_CACHE"):
-        return None
-    cache = read_manifest(Path(export_dir)).data_cache
-    return Path(cache) if cache and Path(cache).is_dir() else None
-
-
-def verify_members(export_dir: Path, manifest: Manifest) -> list[Path]:
-    """Check every member file against its manifest sha256 before any of them is loaded."""
-    paths = []
-    for member in manifest.members:
-        path = member_path(Path(export_dir), member.file, manifest.path)
-        if not path.is_file():
-            raise UserError(
-                f"{path}: listed in {manifest.path.name} but missing; re-export or restore the file"
-            )
-        actual = sha256_file(path)
-        if actual != member.sha256:
-            raise UserError(
-                f"{path}: checksum mismatch (sha256 {actual[:12]}.., manifest says {member.sha256[:12]}..): "
-                "the file was modified or damaged; re-export it"
-            )
-        paths.append(path)
-    return paths
 
 
 # --------------------------------------------------------------------------------------------------
@@ -402,23 +214,6 @@ class VoteResult:
     note: str = ""
 
 
-def read_answers(path: Path) -> dict[str, str]:
-    """``answers.csv`` (Id,Category) of a synthetic or scored set: id -> speaker name."""
-    try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            rows = list(csv.reader(fh))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read ({exc})") from None
-    if not rows or tuple(rows[0]) != CSV_HEADER:
-        raise UserError(f"{path}: first line must be 'Id,Category'; fix or remove the file")
-    answers: dict[str, str] = {}
-    for n, row in enumerate(rows[1:], start=2):
-        if len(row) != 2:
-            raise UserError(f"{path}: line {n} must have 2 fields (Id,Category), got {len(row)}")
-        answers[row[0]] = row[1]
-    return answers
-
-
 def _test_ids(data: PackedData) -> list[str]:
     """Test ids in testdata.json order, cross-checked against the file when it is there."""
     ids = [data.ids[int(i)] for i in data.test]
@@ -436,32 +231,6 @@ def _test_ids(data: PackedData) -> list[str]:
     return ids
 
 
-def write_submission(
-    out: Path, ids: Sequence[str], categories: Sequence[str], speakers: Sequence[str], force: bool
-) -> None:
-    """Write the Kaggle CSV atomically after checking every id appears once and every label is known."""
-    if len(ids) != len(categories):
-        raise UserError(f"{out}: {len(ids)} test ids but {len(categories)} predictions (internal mismatch)")
-    if len(set(ids)) != len(ids):
-        raise UserError(f"{out}: a test id appears twice in testdata.json; fix the data set")
-    known = set(speakers)
-    unknown = sorted({c for c in categories if c not in known})
-    if unknown:
-        raise UserError(
-            f"{out}: predicted unknown speaker(s) {', '.join(unknown[:3])}; the checkpoint does not match"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with atomic_write(out, text=True, overwrite=force) as fh:  # without --force: never clobbers
-            writer = csv.writer(fh, lineterminator="\n")
-            writer.writerow(CSV_HEADER)
-            writer.writerows(zip(ids, categories, strict=True))
-    except FileExistsError:
-        raise UserError(
-            f"{out}: already exists; pass --force to overwrite it or choose another --out"
-        ) from None
-
-
 def _answer_key(data: PackedData, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Positions of the test ids that ``answers.csv`` labels, and their class ids (-1: unknown name)."""
     path = Path(data.root) / ANSWERS_NAME
@@ -472,42 +241,6 @@ def _answer_key(data: PackedData, ids: Sequence[str]) -> tuple[np.ndarray, np.nd
     scored = [k for k, i in enumerate(ids) if i in answers]
     truth = [class_of.get(answers[ids[k]], -1) for k in scored]
     return np.array(scored, dtype=np.int64), np.array(truth, dtype=np.int64)
-
-
-def _check_out(out: Path, force: bool, inputs: Sequence[Path | None] = ()) -> Path:
-    """Refuse an --out that is a folder, exists (without --force), cannot be created, or that --force
-    would wrongly replace with the CSV: one of this command's inputs (the checkpoint, a file of the
-    export or data folder) or any file that is not an earlier submission (a study database, a
-    checkpoint of another export)."""
-    out = Path(out)
-    target = out.resolve()
-    for given in inputs:
-        if given is None or not out.exists():
-            continue
-        base = Path(given).resolve()
-        if target == base or base in target.parents:
-            where = "is" if target == base else "is a file of"
-            raise UserError(f"--out {out}: {where} {given}, an input of this command; choose another --out")
-    if out.is_dir():
-        raise UserError(f"{out}: is a folder; --out must name a CSV file, e.g. {out / 'submission.csv'}")
-    if out.exists() and not force:
-        raise UserError(f"{out}: already exists; pass --force to overwrite it or choose another --out")
-    if out.exists() and not _is_submission(out):
-        raise UserError(
-            f"--out {out}: exists and is not a submission CSV (no 'Id,Category' header); --force replaces "
-            "only an earlier submission: choose another --out"
-        )
-    check_can_create(out)
-    return out
-
-
-def _is_submission(path: Path) -> bool:
-    """Whether ``path`` starts like a CSV this module writes (an earlier vote or predict)."""
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(len(SUBMISSION_HEADER) + 1).rstrip(b"\r\n") == SUBMISSION_HEADER
-    except OSError:
-        return False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -537,7 +270,7 @@ def _score(
     """Run every member on validation + test, calibrate, combine, score and write the CSV."""
     if method not in METHODS:
         raise UserError(f"--method: unknown voting method '{method}' (choose from {', '.join(METHODS)})")
-    out = _check_out(out, force)  # the callers checked it against their inputs
+    out = check_out(out, force)  # the callers checked it against their inputs
     ids = _test_ids(data)
     if not ids:
         raise UserError(f"{data.root}/testdata.json: lists no test utterances; nothing to predict")
@@ -585,16 +318,6 @@ def _score(
     )
 
 
-def preflight(out: Path, force: bool, export_dir: Path | None = None, checkpoint: Path | None = None) -> None:
-    """The checks that need no data set, run before the CLI packs one (minutes on the real HW4 set):
-    the export's manifest and checksums, or the single checkpoint, and the output file."""
-    if export_dir is not None:
-        verify_members(Path(export_dir), read_manifest(Path(export_dir)))
-    if checkpoint is not None:
-        read_checkpoint(Path(checkpoint))
-    _check_out(out, force, (export_dir, checkpoint))
-
-
 def vote(
     export_dir: Path,
     data: PackedData,
@@ -608,7 +331,7 @@ def vote(
     if method not in METHODS:
         raise UserError(f"--method: unknown voting method '{method}' (choose from {', '.join(METHODS)})")
     manifest = read_manifest(export_dir)
-    _check_out(out, force, (export_dir, data.root))
+    check_out(out, force, (export_dir, data.root))
     paths = verify_members(export_dir, manifest)
     if manifest.fingerprint != data.fingerprint:
         raise UserError(
@@ -645,7 +368,7 @@ def predict(
     so no validation accuracy is claimed.
     """
     checkpoint = Path(checkpoint)
-    _check_out(out, force, (checkpoint, data.root))
+    check_out(out, force, (checkpoint, data.root))
     ckpt = read_checkpoint(checkpoint)
     check_compatible(ckpt, checkpoint, data)
     if not isinstance(ckpt["config"], dict):

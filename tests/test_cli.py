@@ -89,6 +89,36 @@ def test_user_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
         assert "Traceback" not in proc.stderr
 
 
+_WITHOUT_TORCH = """
+import json, sys
+from search.cli import main
+code = main(sys.argv[1:])
+print(json.dumps([code, "torch" in sys.modules]))
+"""
+
+
+def test_bad_paths_and_configs_are_refused_before_torch_is_imported(tmp_path: Path) -> None:
+    """Importing torch takes seconds: a typo in a path or a config must be refused before it."""
+    (tmp_path / "bad.yaml").write_text("d_model: [1, 2\n")
+    (tmp_path / "not-an-export").mkdir()
+    cases = [
+        ("train", "--config", "bad.yaml"),
+        ("vote", "missing", "--out", "x.csv"),
+        ("vote", "not-an-export", "--out", "x.csv"),
+        ("vote", "missing", "--data", "also-missing", "--out", "x.csv", "--device", "cuda:99"),
+    ]
+    for argv in cases:
+        proc = subprocess.run(
+            [sys.executable, "-c", _WITHOUT_TORCH, *argv],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert json.loads(proc.stdout.splitlines()[-1]) == [2, False], (argv, proc.stdout, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1, (argv, proc.stderr)
+
+
 def test_train_command_uses_synthetic_data_when_none_given(tmp_path: Path) -> None:
     config = {
         "encoder": "transformer",

@@ -29,21 +29,12 @@ from search.config import Config
 from search.data import FeatureStore, PackedData, make_split, pack
 from search.errors import UserError
 from search.export import ExportResult, export_top, render_export, usable_trials
-from search.files import umask
+from search.files import sha256_file, umask
 from search.infer import load_model, predict_logits, read_checkpoint
+from search.manifest import export_data_root, read_manifest
 from search.storage import artifact_store, open_storage
 from search.train import train
-from search.vote import (
-    combine,
-    export_data_root,
-    fit_temperature,
-    predict,
-    read_manifest,
-    render_vote,
-    sha256_file,
-    softmax,
-    vote,
-)
+from search.vote import combine, fit_temperature, predict, render_vote, softmax, vote
 from tests.hw4fake import make_hw4
 
 VALID_RATIO = 0.25
@@ -582,6 +573,12 @@ def test_predict_and_vote_check_their_files_before_packing_the_data(
     Path("taken.csv").write_text("keep me\n")
     assert main(["vote", str(exports.top.out), "--data", str(fake_dir), "--out", "taken.csv", "--quiet"]) == 2
     assert "taken.csv: already exists" in capsys.readouterr().err
+    member = exports.top.out / read_manifest(exports.top.out).members[0].file
+    for given in (["vote", str(exports.top.out)], ["predict", str(member)]):  # a --device no one has
+        assert (
+            main([*given, "--data", str(fake_dir), "--out", "new.csv", "--device", "cuda:99", "--quiet"]) == 2
+        )
+        assert "--device cuda:99: " in capsys.readouterr().err
     assert not cache.exists() and Path("taken.csv").read_text() == "keep me\n"
 
 

@@ -374,7 +374,7 @@ def test_broken_artifact_store_fails_one_trial_each_and_study_goes_on(
     tmp_path: Path, tiny_dir: Path, cli: Any, figures: Figures
 ) -> None:
     from search.export import export_top
-    from search.vote import read_manifest, verify_members
+    from search.manifest import read_manifest, verify_members
 
     space = write_space(tmp_path / "unit.yaml", steps=60, valid_steps=20)
     disk = tmp_path / "artifact-disk"
