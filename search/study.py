@@ -442,7 +442,15 @@ class _OutageLog:
 
 # What a worker imports before its first trial: the fork server imports it once, and each worker (and
 # each restart of one) is forked from it ready to train.
-WORKER_PRELOAD = ["torch", "search.worker", "search.train", "search.model", "search.data", "search.storage"]
+WORKER_PRELOAD = [
+    "torch",
+    "search.worker",
+    "search.train",
+    "search.model",
+    "search.data",
+    "search.storage",
+    "search.preload",
+]
 
 
 def worker_context() -> Any:
