@@ -21,14 +21,16 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from multiprocessing.connection import wait as wait_for_exit
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -261,6 +263,18 @@ def _command_line(args: list[str], cwd: str, out: str, err: str) -> None:
     raise SystemExit(main(args))  # multiprocessing exits with its code, or prints a traceback and exits 1
 
 
+# The cases run from several threads. Process.start() polls every child this process started, and a
+# poll reads the exit code from the fork server's pipe once: one racing another thread's poll of the
+# same child found the pipe empty, and multiprocessing then reports exit code 255. Starting and polling
+# under one lock keeps each read whole.
+_CHILDREN = threading.Lock()
+
+
+def _exitcode(proc: Any) -> int | None:
+    with _CHILDREN:
+        return cast(int | None, proc.exitcode)
+
+
 def _cli(args: list[str], cwd: Path, env: dict[str, str], timeout: float = CASE_TIMEOUT_S) -> Any:
     """A case's command in a process of its own, forked from run's fork server: a new interpreter per
     case would import torch again each time (most of this corpus's time, for 59 cases)."""
@@ -268,13 +282,16 @@ def _cli(args: list[str], cwd: Path, env: dict[str, str], timeout: float = CASE_
     out, err = cwd / f"case-{name}.out", cwd / f"case-{name}.err"
     case = (args, str(cwd), str(out), str(err))
     proc = worker_context().Process(target=in_environment, args=(env, _command_line, *case))  # as run's
-    proc.start()
-    proc.join(timeout)
-    if proc.exitcode is None:
+    with _CHILDREN:
+        proc.start()
+    deadline = time.monotonic() + timeout
+    while (code := _exitcode(proc)) is None and time.monotonic() < deadline:
+        wait_for_exit([proc.sentinel], deadline - time.monotonic())
+    if code is None:
         proc.kill()
         proc.join()
         raise subprocess.TimeoutExpired(args, timeout)
-    done = subprocess.CompletedProcess(args, proc.exitcode, out.read_text(), err.read_text())
+    done = subprocess.CompletedProcess(args, code, out.read_text(), err.read_text())
     out.unlink()
     err.unlink()
     return done
