@@ -444,6 +444,7 @@ class _OutageLog:
 # each restart of one) is forked from it ready to train.
 WORKER_PRELOAD = [
     "torch",
+    "torch._dynamo",  # imported by the first optimizer a process makes (2 s on the 2-core dev VM)
     "search.worker",
     "search.train",
     "search.model",
