@@ -207,7 +207,9 @@ def fail_silent_trials(study: optuna.Study, engine: Any, older_than: float) -> l
 
     Optuna's stale check only sees trials with a heartbeat row; a worker killed between taking a trial
     and its first beat (a window of milliseconds) would leave a RUNNING trial that nothing ever ends,
-    and the study would wait for it forever. Returns the numbers of the trials it failed.
+    and the study would wait for it forever. So would a storage that went away while a worker created a
+    trial: the row was written, but the worker saw an error and took another one (seen with a
+    PostgreSQL restart). Returns the numbers of the trials it failed.
     """
     import sqlalchemy
 
@@ -227,7 +229,7 @@ def fail_silent_trials(study: optuna.Study, engine: Any, older_than: float) -> l
                 sqlalchemy.text(f"SELECT trial_id FROM trial_heartbeats WHERE trial_id IN ({ids})")
             )
         }
-    reason = "never sent a heartbeat (its worker died as it started); retried"
+    reason = "never sent a heartbeat (its worker died, or lost the storage, as it took the trial); retried"
     return [t.number for t in running if t._trial_id not in beating and fail_and_retry(study, t, reason)]
 
 

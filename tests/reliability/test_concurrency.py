@@ -182,6 +182,11 @@ def test_a_running_trial_that_never_sent_a_heartbeat_is_failed_and_retried(tmp_p
     trials = study.get_trials(deepcopy=False)
     by_number: dict[int, Any] = {t.number: t for t in trials}
     assert by_number[silent.number].state == TrialState.FAIL
+    # It may have lost the storage rather than died: the row was written, the worker saw an error.
+    assert (
+        "its worker died, or lost the storage, as it took"
+        in by_number[silent.number].user_attrs["fail_reason"]
+    )
     assert by_number[beating.number].state == TrialState.RUNNING
     retry = [t for t in trials if t.system_attrs.get("failed_trial") == silent.number]
     assert len(retry) == 1 and retry[0].state == TrialState.WAITING
