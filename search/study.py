@@ -450,7 +450,7 @@ WORKER_PRELOAD = [
     "search.model",
     "search.data",
     "search.storage",
-    "search.preload",
+    "search.preload",  # last: it freezes what the others made
 ]
 
 
