@@ -37,7 +37,7 @@ def states(study: optuna.Study) -> dict[TrialState, int]:
 
 
 def long_space(tmp_path: Path, steps: int = 400) -> Path:
-    """Trials long enough to stop midway (400 steps, a checkpoint every 50), none pruned."""
+    """Trials long enough to stop midway (``steps``, 400 by default; a checkpoint every 50), none pruned."""
     data = {
         **UNIT_SPACE,
         "params": {**UNIT_SPACE["params"], "steps": steps, "valid_steps": 50},
