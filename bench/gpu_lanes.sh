@@ -52,20 +52,19 @@ row = {
     "step_modes": sorted({t.user_attrs.get("step_mode", "?") for t in done}),
     "workers": sorted({t.user_attrs.get("worker", "?") for t in done}),
 }
-# Where a trial's time goes (means over the trials, seconds): in training steps (steps / the trainer's
-# steps/s, which leaves out validation and checkpoints), in the rest of train() (set-up, graph
-# recording, validations, checkpoints), and outside train() (claiming, config, storing the checkpoint).
+# Where a trial's time goes (means over the trials, seconds): train()'s phases as the trainer timed them
+# (time_s: set-up, steps with the graph's warm-up and recording, validation, checkpoints, report), the
+# rest of train() they leave out, and outside train() (claiming, config, storing the checkpoint).
 def mean(values):
     return round(sum(values) / len(values), 2)
 duration = [(t.datetime_complete - t.datetime_start).total_seconds() for t in done]
-in_steps = [steps / t.user_attrs["steps_per_s"] for t in done]
 in_train = [t.user_attrs["wall_s"] for t in done]
-row["trial_s"] = {
-    "total": mean(duration),
-    "steps": mean(in_steps),
-    "rest_of_train": mean([w - s for w, s in zip(in_train, in_steps)]),
-    "outside_train": mean([d - w for d, w in zip(duration, in_train)]),
-}
+phases = list(done[0].user_attrs["time_s"])
+row["trial_s"] = {"total": mean(duration)}
+for phase in phases:
+    row["trial_s"][phase] = mean([t.user_attrs["time_s"][phase] for t in done])
+row["trial_s"]["rest_of_train"] = mean([w - sum(t.user_attrs["time_s"].values()) for w, t in zip(in_train, done)])
+row["trial_s"]["outside_train"] = mean([d - w for d, w in zip(duration, in_train)])
 result = json.loads(path.read_text()) if path.exists() and k != 1 else {}
 result[str(k)] = row
 path.write_text(json.dumps(result, indent=2))

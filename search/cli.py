@@ -158,6 +158,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{result.parameters:,} parameters; {result.steps_per_s:.1f} steps/s ({result.step_mode}); "
         f"checkpoint {result.checkpoint}"
     )
+    console.print("time: " + ", ".join(f"{phase} {sec:.1f} s" for phase, sec in result.seconds.items()))
     return 0
 
 

@@ -15,7 +15,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,34 @@ class TrainResult:
     checkpoint: Path | None
     resumed_from: int = 0
     step_mode: str = "eager"  # how the training step ran: eager, cuda graph, torch.compile (<mode>)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase (see PhaseClock)
+
+
+class PhaseClock:
+    """Wall seconds a run spends in each phase, so a trial that is slower than its steps shows why.
+
+    ``setup`` (model, optimizer, resuming), ``steps`` (training steps, graph warm-up and recording
+    included), ``validation``, ``checkpoints`` (best.pt and last.pt) and ``report`` (the caller's
+    callback: status files, pruning's storage calls). On a GPU each phase ends at a host sync (the
+    loss read at a log point, a validation's accuracy, a checkpoint's copy), so kernels still queued
+    are charged to the phase that queued them, not to the next.
+    """
+
+    PHASES = ("setup", "steps", "validation", "checkpoints", "report")
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(self.PHASES, 0.0)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - start
+
+    def rounded(self) -> dict[str, float]:
+        return {phase: round(s, 3) for phase, s in self.seconds.items()}
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -277,6 +305,7 @@ def train(
     one GPU shares one copy); by default each call makes its own.
     """
     device = torch.device(device)
+    clock = PhaseClock()
     with contextlib.ExitStack() as stack:
         if device.type == "cuda":
             # Streams and the CUDA graph belong to the current device: make it the one trained on (a
@@ -286,10 +315,11 @@ def train(
             stack.enter_context(torch.cuda.device(device))
             stack.enter_context(torch.cuda.stream(torch.cuda.Stream(device)))
         if store is None:
-            store = FeatureStore(data, device)
+            with clock("setup"):
+                store = FeatureStore(data, device)
         elif store.data is not data or store.device != FeatureStore.resolve(device):
             raise ValueError(f"the feature store holds other data or lives on {store.device}, not {device}")
-        return _train(config, data, device, report, out_dir, split, log_every, resume, store)
+        return _train(config, data, device, report, out_dir, split, log_every, resume, store, clock)
 
 
 def _train(
@@ -302,7 +332,9 @@ def _train(
     log_every: int,
     resume: bool,
     store: FeatureStore,
+    clock: PhaseClock,
 ) -> TrainResult:
+    setup_started = time.perf_counter()
     t = config.train
     split = split if split is not None else make_split(data, t.valid_ratio, t.split_seed)
     with GATE.shared():  # seeding resets the generator a recording in another thread holds
@@ -341,32 +373,34 @@ def _train(
 
     def validate(step: int) -> float:
         nonlocal best_acc, best_step, best_state
-        with GATE.shared():
+        with clock("validation"), GATE.shared():
             logits = predict_logits(model, store, split.valid, t.eval_frame_budget)
-        acc = accuracy(logits, valid_labels)
+            acc = accuracy(logits, valid_labels)
         if acc > best_acc:
             best_acc, best_step = acc, step
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            if best_path is not None:
-                metrics = {"valid_acc": acc, "parameters": count_parameters(model)}
-                save_atomic({**meta, "model": best_state, "step": step, "metrics": metrics}, best_path)
+            with clock("checkpoints"):
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                if best_path is not None:
+                    metrics = {"valid_acc": acc, "parameters": count_parameters(model)}
+                    save_atomic({**meta, "model": best_state, "step": step, "metrics": metrics}, best_path)
         return acc
 
     def save_last(step: int) -> None:
         if last_path is None:
             return
-        state = {
-            **meta,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "sampler": sampler.state(),
-            "step": step,
-            "best_accuracy": best_acc,
-            "best_step": best_step,
-            "best_model": best_state if best_state is not None else {},
-        }
-        save_atomic(state, last_path)
+        with clock("checkpoints"):
+            state = {
+                **meta,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "sampler": sampler.state(),
+                "step": step,
+                "best_accuracy": best_acc,
+                "best_step": best_step,
+                "best_model": best_state if best_state is not None else {},
+            }
+            save_atomic(state, last_path)
 
     def train_step(x: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # Autocast's weight cache must be off while a graph records (PyTorch's rule for graphs + AMP).
@@ -384,7 +418,8 @@ def _train(
     model.train()
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
-    train_time, window_start = 0.0, time.perf_counter()
+    window_start = time.perf_counter()
+    clock.seconds["setup"] += window_start - setup_started
     stopped = False
     step = start_step
     while step < t.steps:
@@ -405,12 +440,11 @@ def _train(
                 raise TrainingDiverged(
                     f"non-finite loss by step {step} (lr {t.lr:g}); lower lr or keep grad_clip on"
                 )
-            now = time.perf_counter()
-            train_time += now - window_start
+            clock.seconds["steps"] += time.perf_counter() - window_start
             metrics: dict[str, float] = {
                 "loss": mean_loss,
                 "lr": float(scheduler.get_last_lr()[0]),
-                "steps_per_s": (step - start_step) / max(train_time, 1e-9),
+                "steps_per_s": (step - start_step) / max(clock.seconds["steps"], 1e-9),
             }
             loss_sum.zero_()
             loss_count = 0
@@ -419,10 +453,13 @@ def _train(
                 metrics["best_acc"] = best_acc
             if t.checkpoint_steps and (step % t.checkpoint_steps == 0 or is_valid):
                 save_last(step)
+            if report is not None:
+                with clock("report"):
+                    verdict = report(step, metrics)
+                if verdict == "stop":
+                    stopped = True
+                    break
             window_start = time.perf_counter()
-            if report is not None and report(step, metrics) == "stop":
-                stopped = True
-                break
 
     if best_state is None:  # stopped before any validation: validate what we have
         validate(step)
@@ -434,11 +471,12 @@ def _train(
         last_step=step,
         stopped_early=stopped,
         parameters=count_parameters(model),
-        steps_per_s=(step - start_step) / max(train_time, 1e-9),
+        steps_per_s=(step - start_step) / max(clock.seconds["steps"], 1e-9),
         device=str(device),
         checkpoint=best_path if best_path is not None and best_path.exists() else None,
         resumed_from=start_step,
         step_mode=_step_mode(run_step, t.compile and cuda, t.compile_mode),
+        seconds=clock.rounded(),
     )
 
 

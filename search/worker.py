@@ -334,6 +334,7 @@ class Lane:
             "step_mode": result.step_mode,
             "resumed_from_step": result.resumed_from,
             "wall_s": round(time.time() - started, 1),
+            "time_s": result.seconds,  # where train()'s wall time went: set-up, steps, validation...
         }
         for key, value in finished.items():  # the training is done: wait out an outage, do not lose it
             self.wait.call(trial.set_user_attr, key, value)

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from search.train import PhaseClock
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -86,10 +88,12 @@ def test_gpu_lanes_script_runs_on_cpu_and_writes_its_figures(tmp_path: Path) -> 
         assert row["trials"] == int(k) and row["steps_per_trial"] == 10
         assert row["trial_steps_per_s"] > 0 and row["trial_steps_per_s_with_startup"] > 0
         assert row["step_modes"] == ["eager"] and row["workers"] == ["w0"]  # CPU: no graph, no lanes
-        parts = row["trial_s"]  # where a trial's time went: its parts add up to its total
-        assert parts["steps"] > 0 and parts["rest_of_train"] > -0.1 and parts["outside_train"] > -0.1
-        total = parts["steps"] + parts["rest_of_train"] + parts["outside_train"]
-        assert abs(total - parts["total"]) <= 0.05
+        parts = dict(row["trial_s"])  # where a trial's time went: its parts add up to its total
+        total = parts.pop("total")
+        assert list(parts) == [*PhaseClock.PHASES, "rest_of_train", "outside_train"]
+        assert parts["steps"] > 0 and parts["validation"] > 0 and parts["checkpoints"] > 0
+        assert parts["rest_of_train"] > -0.1 and parts["outside_train"] > -0.1
+        assert abs(sum(parts.values()) - total) <= 0.05
     assert proc.stdout.count("gpu_lanes: --per-gpu") == 2
 
 

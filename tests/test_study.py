@@ -52,7 +52,15 @@ def test_sqlite_workers_reach_exact_count_with_pruning_then_resume(tmp_path: Pat
     store = artifact_store(study)
     for t in study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)):
         assert t.user_attrs["config"]["d_model"] == t.params["d_model"]
-        for key in ("parameters", "steps_per_s", "device", "best_step", "valid_acc", "checkpoint_sha256"):
+        for key in (
+            "parameters",
+            "steps_per_s",
+            "device",
+            "best_step",
+            "valid_acc",
+            "checkpoint_sha256",
+            "time_s",
+        ):
             assert key in t.user_attrs, key
         assert t.user_attrs["step_mode"] == "eager"  # cuda_graph is on by default, and ignored on CPU
         fetched = tmp_path / f"ckpt-{t.number}.pt"

@@ -90,6 +90,28 @@ def test_non_finite_loss_is_a_clear_error(fake_data: PackedData) -> None:
         train(config, poisoned, "cpu")
 
 
+def test_phase_times_account_for_the_run(fake_data: PackedData, tmp_path: Path) -> None:
+    """A run's wall time is split into set-up, steps, validation, checkpoints and report; the split adds up,
+    and time the caller's callback takes is charged to it, not to the steps (nor to steps/s)."""
+    config = Config.from_dict({**SMALL, "steps": 60, "valid_steps": 20, "checkpoint_steps": 20})
+    calls = []
+
+    def slow_report(step: int, metrics: dict[str, float]) -> None:
+        calls.append(step)
+        time.sleep(0.2)
+
+    started = time.perf_counter()
+    result = train(config, fake_data, "cpu", report=slow_report, out_dir=tmp_path, log_every=10)
+    wall = time.perf_counter() - started
+    seconds = result.seconds
+    assert list(seconds) == ["setup", "steps", "validation", "checkpoints", "report"]
+    assert all(value > 0 for value in seconds.values()), seconds
+    assert len(calls) == 6 and seconds["report"] >= 6 * 0.2
+    assert seconds["steps"] < wall - 6 * 0.2
+    assert result.steps_per_s == pytest.approx(60 / seconds["steps"], rel=0.01)
+    assert wall - 0.25 <= sum(seconds.values()) <= wall  # nothing of note left out, nothing counted twice
+
+
 RESUMABLE = {**SMALL, "steps": 100, "valid_steps": 25, "checkpoint_steps": 25}
 
 
