@@ -122,6 +122,8 @@ def test_stopped_bench_script_lets_its_run_end_before_removing_the_folder(tmp_pa
         "PRESET": "tiny",
         "CONFIG": str(ROOT / "spaces" / "baselines" / "simple.yaml"),
         "TMPDIR": str(scratch),  # the script's mktemp -d lands here
+        # and not torch's cache: importing torch._dynamo makes $TMPDIR/torchinductor_<user>
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
     }
     proc = subprocess.Popen(
         ["bash", str(ROOT / "bench" / "gpu_lanes.sh")],
