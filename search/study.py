@@ -14,6 +14,7 @@ goes stale and is retried from its checkpoint like a killed one.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import signal
@@ -21,7 +22,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_for_exit
 from pathlib import Path
@@ -503,6 +504,30 @@ def in_environment(env: dict[str, str], target: Callable[..., None], *args: Any)
     target(*args)
 
 
+@contextlib.contextmanager
+def stops_deferred() -> Iterator[None]:
+    """Ctrl-C or SIGTERM that comes inside is delivered as it ends, not where it lands.
+
+    Why: ``Process.start()`` waits for the fork server to send the new worker's pid (seconds while the
+    server is still importing torch); a stop there interrupted it after the worker had been forked, so
+    the driver neither knew nor stopped that worker and ended in an AssertionError traceback. Only the
+    main thread can set signal handlers; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda signum, frame: came.append(signum)) for sig in stops}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in dict.fromkeys(came):
+            signal.raise_signal(signum)  # handled as if it came now: KeyboardInterrupt, or whatever was set
+
+
 def _supervise(
     specs: list[WorkerSpec],
     study: optuna.Study,
@@ -537,8 +562,9 @@ def _supervise(
         proc = ctx.Process(
             target=in_environment, args=(dict(os.environ), worker_process, spec), name=spec.worker
         )
-        procs[spec.worker] = proc
-        proc.start()
+        with stops_deferred():  # a worker that starts is one stop_workers knows of
+            proc.start()
+            procs[spec.worker] = proc
 
     try:
         for s in specs:

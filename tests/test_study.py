@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import shutil
 import signal
@@ -583,6 +584,38 @@ def test_ctrl_c_while_the_worker_server_imports_is_one_line_not_its_traceback(
         "Stopped while no trial of this run was running; run the same command to go on.",
         "spkid-search run: interrupted",
     ], out
+
+
+def test_a_stop_inside_a_workers_start_stops_that_worker_too(
+    tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM or Ctrl-C that lands inside Process.start() (the driver waits there for the fork server's
+    answer, seconds while the server still imports torch) is acted on once the worker has started, and
+    that worker is stopped like any other. It used to interrupt start(): the driver ended in an
+    AssertionError traceback ("can only join a started process") and never stopped the forked worker."""
+    real_start = mp.process.BaseProcess.start
+    started: list[mp.process.BaseProcess] = []
+
+    def stopped_start(proc: mp.process.BaseProcess) -> None:  # the first start gets a SIGTERM on the way
+        if not started:
+            os.kill(os.getpid(), signal.SIGTERM)  # its handler runs right here, inside start()
+        real_start(proc)
+        started.append(proc)
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # as the command's handler does
+
+    monkeypatch.setattr(mp.process.BaseProcess, "start", stopped_start)
+    space = str(long_space(tmp_path))
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        with pytest.raises(study_module.WorkersStopped):
+            run(RunOptions(space=space, trials=1, data=tiny_dir, display=False))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert len(started) == 1  # start() was not cut short
+    assert started[0].exitcode is not None  # and the worker it started was stopped and waited for
+    assert TrialState.RUNNING not in states(load())
 
 
 def test_lanes_run_several_trials_in_one_worker_process(tmp_path: Path, tiny_dir: Path) -> None:
