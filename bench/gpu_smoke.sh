@@ -4,7 +4,8 @@
 # GPU -> `status` -> `export-top --strategy greedy` -> `vote` -> a submission CSV. Everything lives in a
 # temporary folder; the submission is copied to $OUT (or bench/out). Extra arguments go to `run`
 # (on a CPU machine: `bash bench/gpu_smoke.sh --workers 1`).
-#   TRIALS (default 6) and STEPS (default 400) size it; PYTHON picks the interpreter.
+#   TRIALS (default 6) and STEPS (default 400) size it, SPACE (default boss) and PRESET (default small)
+#   pick the space and the generated set; PYTHON picks the interpreter.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
@@ -18,12 +19,13 @@ trap 'echo "$(basename "$0"): stopped" >&2; exit 143' TERM INT
 cd "$work"
 cli() { "$PY" -m search.cli "$@"; }
 start=$(date +%s)
-cli synth --out data --preset small --quiet
-cli run --space "$root/spaces/boss.yaml" --trials "${TRIALS:-6}" --steps "${STEPS:-400}" --data data \
+space=${SPACE:-boss}
+cli synth --out data --preset "${PRESET:-small}" --quiet
+cli run --space "$space" --study gpusmoke --trials "${TRIALS:-6}" --steps "${STEPS:-400}" --data data \
   "$@"   # not --quiet: a run stopped by a time cap still prints its last counts
-cli status
-cli export-top 3 --strategy greedy --quiet
-cli vote studies/boss/export/greedy3 --data data --out submission.csv --quiet
+cli status --study gpusmoke
+cli export-top 3 --study gpusmoke --strategy greedy --quiet
+cli vote studies/gpusmoke/export/greedy3 --data data --out submission.csv --quiet
 mkdir -p "$out"
 cp submission.csv "$out/smoke-submission.csv"
 echo "gpu_smoke: $(($(wc -l < submission.csv) - 1)) predictions in $(($(date +%s) - start)) s"

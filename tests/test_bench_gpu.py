@@ -149,3 +149,34 @@ def test_stopped_bench_script_lets_its_run_end_before_removing_the_folder(tmp_pa
     assert "Traceback" not in err, err[-3000:]
     assert "interrupted" in err  # the run itself saw the stop and ended its way
     assert list(scratch.iterdir()) == []  # the scratch folder is gone, after the run ended
+
+
+def test_gpu_session_runs_every_stage_under_its_own_cap(tmp_path: Path) -> None:
+    """bench/gpu_session.sh (one command for a lent GPU session): a stage that runs out of its cap is
+    recorded as such and the next stage still runs; the command then exits non-zero."""
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "OUT": str(tmp_path),
+        "DRY": "1",
+        "STAGES": "lanes steady",
+        "LANES_CAP": "3",  # far too short for two runs: it is stopped mid-way
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+    }
+    proc = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_session.sh")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "session.json").read_text())
+    assert [(s["stage"], s["exit"], s["cap"]) for s in summary] == [("lanes", 124, 3), ("steady", 0, 130)]
+    assert "gpu_session: lanes ran out of its 3 s" in proc.stdout
+    assert "gpu_session: steady ok" in proc.stdout
+    assert json.loads((tmp_path / "gpu.json").read_text())["aggregate_over_one_trial"]["1"] == 1.0
+    assert (tmp_path / "session-lanes.log").exists() and "Traceback" not in (
+        tmp_path / "session-lanes.log"
+    ).read_text()
