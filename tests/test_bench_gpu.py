@@ -152,14 +152,14 @@ def test_stopped_bench_script_lets_its_run_end_before_removing_the_folder(tmp_pa
 
 
 def test_gpu_session_runs_every_stage_under_its_own_cap(tmp_path: Path) -> None:
-    """bench/gpu_session.sh (one command for a lent GPU session): a stage that runs out of its cap is
-    recorded as such and the next stage still runs; the command then exits non-zero."""
+    """bench/gpu_session.sh (one command for a lent GPU session) on CPU at toy sizes: a stage that runs out
+    of its cap is recorded as such and the next stages still run; the command then exits non-zero."""
     env = {
         **os.environ,
         "PYTHON": sys.executable,
         "OUT": str(tmp_path),
         "DRY": "1",
-        "STAGES": "lanes steady",
+        "STAGES": "lanes smoke steady",
         "LANES_CAP": "3",  # far too short for two runs: it is stopped mid-way
         "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
     }
@@ -173,9 +173,16 @@ def test_gpu_session_runs_every_stage_under_its_own_cap(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     summary = json.loads((tmp_path / "session.json").read_text())
-    assert [(s["stage"], s["exit"], s["cap"]) for s in summary] == [("lanes", 124, 3), ("steady", 0, 130)]
+    assert [(s["stage"], s["exit"], s["cap"]) for s in summary] == [
+        ("lanes", 124, 3),
+        ("smoke", 0, 170),
+        ("steady", 0, 130),
+    ]
     assert "gpu_session: lanes ran out of its 3 s" in proc.stdout
-    assert "gpu_session: steady ok" in proc.stdout
+    assert "gpu_session: smoke ok" in proc.stdout and "gpu_session: steady ok" in proc.stdout
+    # The smoke stage went from a generated set through run, export-top and vote to a submission.
+    rows = (tmp_path / "smoke-submission.csv").read_text().splitlines()
+    assert rows[0] == "Id,Category" and len(rows) > 1
     assert json.loads((tmp_path / "gpu.json").read_text())["aggregate_over_one_trial"]["1"] == 1.0
     assert (tmp_path / "session-lanes.log").exists() and "Traceback" not in (
         tmp_path / "session-lanes.log"
