@@ -4,7 +4,8 @@
 # (default 1500) steps; CONFIG (default spaces/baselines/strong.yaml) and PRESET (the generated set,
 # default small) can be changed. Prints, per K, the aggregate trial-steps/s from the study's own timestamps
 # (first trial start to last trial end, so worker start-up is not counted) and from the command's wall
-# time, and each trial's step_mode. Writes $OUT/lanes.json (or bench/out/lanes.json).
+# time, each trial's step_mode, and where the trials' time went (each lane's first trial apart from the
+# later ones). Writes $OUT/lanes.json (or bench/out/lanes.json).
 #   bash bench/gpu_lanes.sh 2 4         # K = 1, 2, 4
 # On a CPU machine --per-gpu has no effect (one CPU worker): the script still runs, as a check of itself.
 set -euo pipefail
@@ -54,17 +55,29 @@ row = {
 }
 # Where a trial's time goes (means over the trials, seconds): train()'s phases as the trainer timed them
 # (time_s: set-up, steps with the graph's warm-up and recording, validation, checkpoints, report), the
-# rest of train() they leave out, and outside train() (claiming, config, storing the checkpoint).
+# rest of train() they leave out, and outside train() (claiming, config, storing the checkpoint). Also
+# apart for each lane's first trial (it pays the process's first CUDA work: context, kernels' loading)
+# and the later ones (TRIALS_PER_LANE >= 2), which a long study is made of.
 def mean(values):
     return round(sum(values) / len(values), 2)
-duration = [(t.datetime_complete - t.datetime_start).total_seconds() for t in done]
-in_train = [t.user_attrs["wall_s"] for t in done]
-phases = list(done[0].user_attrs["time_s"])
-row["trial_s"] = {"total": mean(duration)}
-for phase in phases:
-    row["trial_s"][phase] = mean([t.user_attrs["time_s"][phase] for t in done])
-row["trial_s"]["rest_of_train"] = mean([w - sum(t.user_attrs["time_s"].values()) for w, t in zip(in_train, done)])
-row["trial_s"]["outside_train"] = mean([d - w for d, w in zip(duration, in_train)])
+def parts(trials):
+    duration = [(t.datetime_complete - t.datetime_start).total_seconds() for t in trials]
+    in_train = [t.user_attrs["wall_s"] for t in trials]
+    times = [t.user_attrs["time_s"] for t in trials]
+    out = {"trials": len(trials), "total": mean(duration)}
+    for phase in times[0]:
+        out[phase] = mean([time_s[phase] for time_s in times])
+    out["rest_of_train"] = mean([w - sum(time_s.values()) for w, time_s in zip(in_train, times)])
+    out["outside_train"] = mean([d - w for d, w in zip(duration, in_train)])
+    return out
+first = {}
+for t in sorted(done, key=lambda t: t.datetime_start):
+    first.setdefault(t.user_attrs.get("worker"), t.number)
+row["trial_s"] = parts(done)
+row["trial_s_first_of_lane"] = parts([t for t in done if t.number in first.values()])
+later = [t for t in done if t.number not in first.values()]
+if later:
+    row["trial_s_later"] = parts(later)
 result = json.loads(path.read_text()) if path.exists() and k != 1 else {}
 result[str(k)] = row
 path.write_text(json.dumps(result, indent=2))

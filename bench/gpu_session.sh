@@ -3,8 +3,9 @@
 # Device time is scarce (minutes, start-up included) and every separate command pays its own start and
 # transfers, so the checks and figures issue 7 still needs run here one after another, each under a cap
 # of its own; a stage that fails or runs out of time is recorded and the next one still runs.
-#   lanes   STEPS=6000 bench/gpu_lanes.sh 4: `run --per-gpu 1`, then 4, on CUDA through the forked
-#           workers; aggregate trial-steps/s and where each trial's time goes ($OUT/lanes.json)
+#   lanes   STEPS=4000 TRIALS_PER_LANE=2 bench/gpu_lanes.sh 4: `run --per-gpu 1`, then 4, on CUDA
+#           through the forked workers; aggregate trial-steps/s and where the trials' time goes, each
+#           lane's first trial apart from its second ($OUT/lanes.json)
 #   smoke   bench/gpu_smoke.sh: 4 boss-space trials of 300 steps, 4 per GPU, status, export, vote
 #   steady  bench/gpu.sh --threads-only --threads-k 1,4: K trainers as threads, steady state
 #           ($OUT/gpu.json)
@@ -53,7 +54,7 @@ simple="$root/spaces/baselines/simple.yaml"
 for name in $stages; do
   [ "$stopping" = 1 ] && break
   case "$name:${DRY:-0}" in
-    lanes:0) stage lanes "${LANES_CAP:-230}" env STEPS=6000 TRIALS_PER_LANE=1 bash "$root/bench/gpu_lanes.sh" 4 ;;
+    lanes:0) stage lanes "${LANES_CAP:-230}" env STEPS=4000 TRIALS_PER_LANE=2 bash "$root/bench/gpu_lanes.sh" 4 ;;
     lanes:1) stage lanes "${LANES_CAP:-230}" env STEPS=10 PRESET=tiny CONFIG="$simple" bash "$root/bench/gpu_lanes.sh" 4 ;;
     smoke:0) stage smoke "${SMOKE_CAP:-170}" env TRIALS=4 STEPS=300 bash "$root/bench/gpu_smoke.sh" --per-gpu 4 ;;
     smoke:1) stage smoke "${SMOKE_CAP:-170}" env TRIALS=1 STEPS=10 PRESET=tiny SPACE=smoke bash "$root/bench/gpu_smoke.sh" --workers 1 ;;

@@ -89,11 +89,15 @@ def test_gpu_lanes_script_runs_on_cpu_and_writes_its_figures(tmp_path: Path) -> 
         assert row["trial_steps_per_s"] > 0 and row["trial_steps_per_s_with_startup"] > 0
         assert row["step_modes"] == ["eager"] and row["workers"] == ["w0"]  # CPU: no graph, no lanes
         parts = dict(row["trial_s"])  # where a trial's time went: its parts add up to its total
+        assert parts.pop("trials") == int(k)
         total = parts.pop("total")
         assert list(parts) == [*PhaseClock.PHASES, "rest_of_train", "outside_train"]
         assert parts["steps"] > 0 and parts["validation"] > 0 and parts["checkpoints"] > 0
         assert parts["rest_of_train"] > -0.1 and parts["outside_train"] > -0.1
         assert abs(sum(parts.values()) - total) <= 0.05
+        # one worker on CPU: its first trial apart from the later ones
+        assert row["trial_s_first_of_lane"]["trials"] == 1
+        assert row.get("trial_s_later", {"trials": 0})["trials"] == int(k) - 1
     assert proc.stdout.count("gpu_lanes: --per-gpu") == 2
 
 
