@@ -63,24 +63,28 @@ def test_gpu_script_refuses_without_cuda(tmp_path: Path) -> None:
     assert proc.returncode != 0 and "no CUDA GPU visible" in proc.stderr
 
 
-def test_gpu_lanes_script_runs_on_cpu_and_writes_its_figures(tmp_path: Path) -> None:
-    """bench/gpu_lanes.sh drives `run --per-gpu K`; on CPU that is one worker, which checks the script."""
-    env = {
-        **os.environ,
-        "PYTHON": sys.executable,
-        "OUT": str(tmp_path),
-        "STEPS": "10",
-        "PRESET": "tiny",
-        "CONFIG": str(ROOT / "spaces" / "baselines" / "simple.yaml"),
-    }
-    proc = subprocess.run(
-        ["bash", str(ROOT / "bench" / "gpu_lanes.sh"), "2"],
+def _bench_script(tmp_path: Path, script: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run bench/<script> in ``tmp_path`` with this interpreter, its output in ``tmp_path``, and ``env``."""
+    return subprocess.run(
+        ["bash", str(ROOT / "bench" / script), *args],
         capture_output=True,
         text=True,
         timeout=400,
         cwd=tmp_path,
-        env=env,
+        env={
+            **os.environ,
+            "PYTHON": sys.executable,
+            "OUT": str(tmp_path),
+            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+            **env,
+        },
     )
+
+
+def test_gpu_lanes_script_runs_on_cpu_and_writes_its_figures(tmp_path: Path) -> None:
+    """bench/gpu_lanes.sh drives `run --per-gpu K`; on CPU that is one worker, which checks the script."""
+    simple = str(ROOT / "spaces" / "baselines" / "simple.yaml")
+    proc = _bench_script(tmp_path, "gpu_lanes.sh", "2", STEPS="10", PRESET="tiny", CONFIG=simple)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads((tmp_path / "lanes.json").read_text())
     assert set(result) == {"1", "2"}
@@ -158,23 +162,8 @@ def test_stopped_bench_script_lets_its_run_end_before_removing_the_folder(tmp_pa
 def test_gpu_session_runs_every_stage_under_its_own_cap(tmp_path: Path) -> None:
     """bench/gpu_session.sh (one command for a lent GPU session) on CPU at toy sizes: a stage that runs out
     of its cap is recorded as such and the next stages still run; the command then exits non-zero."""
-    env = {
-        **os.environ,
-        "PYTHON": sys.executable,
-        "OUT": str(tmp_path),
-        "DRY": "1",
-        "STAGES": "lanes smoke steady",
-        "LANES_CAP": "3",  # far too short for two runs: it is stopped mid-way
-        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
-    }
-    proc = subprocess.run(
-        ["bash", str(ROOT / "bench" / "gpu_session.sh")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-        env=env,
-    )
+    # LANES_CAP: far too short for the lanes stage's two runs, so it is stopped mid-way.
+    proc = _bench_script(tmp_path, "gpu_session.sh", DRY="1", STAGES="lanes smoke steady", LANES_CAP="3")
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     summary = json.loads((tmp_path / "session.json").read_text())
     assert [(s["stage"], s["exit"], s["cap"]) for s in summary] == [
