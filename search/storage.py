@@ -342,6 +342,18 @@ def _table_names(url: str, engine_kwargs: dict[str, Any]) -> set[str] | None:
         engine.dispose()
 
 
+def holds_studies(url: str, timeout: int = 3) -> bool:
+    """Whether the database answers within ``timeout`` seconds and holds Optuna's tables; creates
+    nothing (not even a SQLite file). A quick look before deciding to open the storage for real."""
+    url = check_storage_url(url)
+    path = sqlite_file(url)
+    if url.startswith("sqlite") and (path is None or not path.is_file()):
+        return False
+    connect = {"timeout": timeout} if url.startswith("sqlite") else {"connect_timeout": timeout}
+    names = _table_names(url, {"connect_args": connect})
+    return names is not None and "studies" in names
+
+
 OPTUNA_TABLES = {
     "studies",
     "study_directions",

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -294,6 +295,20 @@ def test_run_on_a_study_that_holds_enough_trials_says_so_and_starts_nothing(
     out, err = capsys.readouterr()
     assert code == 0 and "already has 2 finished trials (>= --trials 2); nothing to do" in err, err
     assert load().user_attrs["steps_override"] is None and len(load().get_trials()) == 2
+    # Said before torch is imported or the fork server started (about 0.6 s against 2 s on the dev VM).
+    script = (
+        "import json, sys\n"
+        "from multiprocessing import forkserver\n"
+        "from search.cli import main\n"
+        "code = main(sys.argv[1:])\n"
+        "print(json.dumps([code, 'torch' in sys.modules, forkserver._forkserver._forkserver_pid]))\n"
+    )
+    argv = ["run", "--space", space, "--trials", "2", "--data", str(tiny_dir)]
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120, cwd=Path.cwd()
+    )
+    assert json.loads(proc.stdout.splitlines()[-1]) == [0, False, None], proc.stdout + proc.stderr
+    assert "nothing to do" in proc.stderr
 
 
 def test_bad_config_trial_fails_with_reason_and_study_goes_on(tmp_path: Path, tiny_dir: Path) -> None:
@@ -780,6 +795,26 @@ def test_wrong_storage_url_and_unknown_study(tmp_path: Path) -> None:
         open_storage("postgresql://nobody:secret@127.0.0.1:1/none")
     except UserError as exc:
         assert "secret" not in str(exc)
+
+
+def test_holds_studies_only_looks(tmp_path: Path) -> None:
+    """The quick look run takes before answering "nothing to do": it never creates a file or a table."""
+    from search.storage import holds_studies
+
+    missing = tmp_path / "missing.db"
+    assert not holds_studies(f"sqlite:///{missing}") and not missing.exists()
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE notes (x)")
+    assert not holds_studies(f"sqlite:///{other}")
+    with sqlite3.connect(other) as db:
+        assert [r[0] for r in db.execute("SELECT name FROM sqlite_master")] == ["notes"]
+    started = time.monotonic()
+    assert not holds_studies("postgresql://nobody@127.0.0.1:1/none")  # nothing listens there
+    assert time.monotonic() - started < 3
+    ours = tmp_path / "study.db"
+    open_storage(f"sqlite:///{ours}")
+    assert holds_studies(f"sqlite:///{ours}")
 
 
 def test_the_driver_says_once_that_the_storage_is_lost_and_once_that_it_is_back(
