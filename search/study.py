@@ -555,7 +555,7 @@ def stops_deferred() -> Iterator[None]:
         yield
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)  # None: set outside Python
         for signum in dict.fromkeys(came):
             signal.raise_signal(signum)  # handled as if it came now: KeyboardInterrupt, or whatever was set
 
