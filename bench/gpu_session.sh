@@ -50,6 +50,13 @@ stage() {  # stage NAME CAP COMMAND...: run it under its cap, log it, record how
 }
 
 stages=${STAGES:-lanes smoke steady}
+case "${DRY:-0}" in 0 | 1) ;; *) echo "gpu_session: DRY must be 0 or 1, not '${DRY}'" >&2; exit 2 ;; esac
+for name in $stages; do  # all of them checked before the first one spends any time
+  case "$name" in
+    lanes | smoke | steady) ;;
+    *) echo "gpu_session: unknown stage '$name' in STAGES (known: lanes smoke steady)" >&2; exit 2 ;;
+  esac
+done
 simple="$root/spaces/baselines/simple.yaml"
 for name in $stages; do
   [ "$stopping" = 1 ] && break
@@ -60,7 +67,6 @@ for name in $stages; do
     smoke:1) stage smoke "${SMOKE_CAP:-170}" env TRIALS=1 STEPS=10 PRESET=tiny SPACE=smoke bash "$root/bench/gpu_smoke.sh" --workers 1 ;;
     steady:0) stage steady "${STEADY_CAP:-130}" bash "$root/bench/gpu.sh" --threads-only --threads-k 1,4 ;;
     steady:1) stage steady "${STEADY_CAP:-130}" bash "$root/bench/gpu.sh" --dry-run --threads-only --threads-k 1,2 ;;
-    *) echo "gpu_session: unknown stage '$name' in STAGES (known: lanes smoke steady)" >&2; exit 2 ;;
   esac
 done
 {

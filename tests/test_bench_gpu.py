@@ -180,3 +180,13 @@ def test_gpu_session_runs_every_stage_under_its_own_cap(tmp_path: Path) -> None:
     assert (tmp_path / "session-lanes.log").exists() and "Traceback" not in (
         tmp_path / "session-lanes.log"
     ).read_text()
+
+
+def test_gpu_session_refuses_a_bad_setting_before_running_anything(tmp_path: Path) -> None:
+    for setting, message in (
+        ({"STAGES": "lanes bogus"}, "unknown stage 'bogus' in STAGES (known: lanes smoke steady)"),
+        ({"DRY": "yes"}, "DRY must be 0 or 1, not 'yes'"),
+    ):
+        proc = _bench_script(tmp_path, "gpu_session.sh", **setting)
+        assert proc.returncode == 2 and proc.stderr.strip() == f"gpu_session: {message}", proc.stderr
+        assert not list(tmp_path.glob("session*")), setting  # not even the first stage ran
