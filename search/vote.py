@@ -40,6 +40,12 @@ METHODS = ("soft", "hard", "weighted")
 TEMPERATURE_RANGE = (0.05, 20.0)  # 1/T is searched in [1/20, 1/0.05]
 
 
+def check_method(method: str) -> None:
+    """Refuse a voting method this module does not know, naming the ones it does."""
+    if method not in METHODS:
+        raise UserError(f"--method: unknown voting method '{method}' (choose from {', '.join(METHODS)})")
+
+
 # --------------------------------------------------------------------------------------------------
 # Calibration and combination (shared with search.export's ensemble selection)
 # --------------------------------------------------------------------------------------------------
@@ -95,8 +101,7 @@ def combine(probs: Sequence[np.ndarray], weights: Sequence[float], method: str) 
     For ``hard`` the score is votes * (W + 1) + summed probability with W = total weight, so the
     probability sum (at most W) can only break ties between classes with equal votes.
     """
-    if method not in METHODS:
-        raise UserError(f"--method: unknown voting method '{method}' (choose from {', '.join(METHODS)})")
+    check_method(method)
     w = np.asarray(weights, dtype=np.float64)
     total = float(w.sum())
     prob_sum = np.zeros_like(probs[0], dtype=np.float64)
@@ -268,8 +273,7 @@ def _score(
     note: str = "",
 ) -> VoteResult:
     """Run every member on validation + test, calibrate, combine, score and write the CSV."""
-    if method not in METHODS:
-        raise UserError(f"--method: unknown voting method '{method}' (choose from {', '.join(METHODS)})")
+    check_method(method)
     out = check_out(out, force)  # the callers checked it against their inputs
     ids = _test_ids(data)
     if not ids:
@@ -328,8 +332,7 @@ def vote(
 ) -> VoteResult:
     """Combine an export's members on ``data``'s test set and write the Kaggle CSV to ``out``."""
     export_dir = Path(export_dir)
-    if method not in METHODS:
-        raise UserError(f"--method: unknown voting method '{method}' (choose from {', '.join(METHODS)})")
+    check_method(method)
     manifest = read_manifest(export_dir)
     check_out(out, force, (export_dir, data.root))
     paths = verify_members(export_dir, manifest)
