@@ -343,8 +343,9 @@ def cmd_vote(args: argparse.Namespace) -> int:
     from search.progress import console, output
     from search.submission import preflight
 
-    preflight(args.out, args.force, export_dir=args.export_dir)
-    root = args.data if args.data is not None else export_data_root(args.export_dir)
+    manifest = preflight(args.out, args.force, export_dir=args.export_dir)
+    assert manifest is not None  # an export was given
+    root = args.data if args.data is not None else export_data_root(manifest)
     from search.data import open_data  # torch: after the checks that need none
     from search.devices import resolve_device
     from search.vote import render_vote, vote
@@ -352,7 +353,7 @@ def cmd_vote(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)  # a wrong --device is refused before a data set is packed
     if args.data is None and not args.quiet:
         console.print(f"No --data given: using the data set the export's study was run on, {root}")
-    data = open_data(root, export_cache_root(args.export_dir), progress=not args.quiet)
+    data = open_data(root, export_cache_root(manifest), progress=not args.quiet)
     result = vote(args.export_dir, data, args.out, method=args.method, device=device, force=args.force)
     output.print(render_vote(result))
     console.print(f"[green]wrote {result.out} ({result.n_test} test rows)")

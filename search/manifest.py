@@ -160,22 +160,21 @@ def read_manifest(export_dir: Path) -> Manifest:
     )
 
 
-def export_data_root(export_dir: Path) -> Path:
+def export_data_root(manifest: Manifest) -> Path:
     """The data folder an export's study trained on (the default for ``vote --data``)."""
-    manifest = read_manifest(Path(export_dir))
     if manifest.data_root is None or not (Path(manifest.data_root) / "testdata.json").is_file():
         where = manifest.data_root or "not recorded"
         raise UserError(f"{manifest.path}: the study's data folder ({where}) is not available; pass --data")
     return Path(manifest.data_root)
 
 
-def export_cache_root(export_dir: Path) -> Path | None:
+def export_cache_root(manifest: Manifest) -> Path | None:
     """The packed-data cache the export's study used, so that ``vote`` from another working folder
     reuses it instead of packing the set again under ./studies/cache; None for the default (also when
     $SPKID_SEARCH_CACHE chooses, or the folder is gone)."""
     if os.environ.get("SPKID_SEARCH_CACHE"):
         return None
-    cache = read_manifest(Path(export_dir)).data_cache
+    cache = manifest.data_cache
     return Path(cache) if cache and Path(cache).is_dir() else None
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from search.errors import UserError
 from search.files import atomic_write, check_can_create
-from search.manifest import read_manifest, verify_members
+from search.manifest import Manifest, read_manifest, verify_members
 
 CSV_HEADER = ("Id", "Category")
 SUBMISSION_HEADER = ",".join(CSV_HEADER).encode()  # what an earlier submission starts with
@@ -99,13 +99,19 @@ def is_submission(path: Path) -> bool:
         return False
 
 
-def preflight(out: Path, force: bool, export_dir: Path | None = None, checkpoint: Path | None = None) -> None:
+def preflight(
+    out: Path, force: bool, export_dir: Path | None = None, checkpoint: Path | None = None
+) -> Manifest | None:
     """The checks that need no data set, run before the CLI packs one (minutes on the real HW4 set):
-    the export's manifest and checksums, or the single checkpoint, and the output file."""
+    the export's manifest and checksums, or the single checkpoint, and the output file. Returns the
+    export's manifest (None without one), so the caller need not read it again."""
+    manifest = None
     if export_dir is not None:
-        verify_members(Path(export_dir), read_manifest(Path(export_dir)))
+        manifest = read_manifest(Path(export_dir))
+        verify_members(Path(export_dir), manifest)
     if checkpoint is not None:
         from search.infer import read_checkpoint  # torch: only to read a checkpoint
 
         read_checkpoint(Path(checkpoint))
     check_out(out, force, (export_dir, checkpoint))
+    return manifest

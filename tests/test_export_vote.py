@@ -359,13 +359,13 @@ def test_manifest_path_escaping_the_folder_is_refused(
 
 
 def test_export_records_its_data_folder(exports: Exports, data: PackedData, tmp_path: Path) -> None:
-    assert export_data_root(exports.top.out) == Path(data.root)  # vote's default --data
+    assert export_data_root(read_manifest(exports.top.out)) == Path(data.root)  # vote's default --data
     export = _copy_export(exports.top.out, tmp_path)
     manifest = json.loads((export / "manifest.json").read_text())
     manifest["data"]["root"] = str(tmp_path / "gone")
     (export / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="is not available; pass --data"):
-        export_data_root(export)
+        export_data_root(read_manifest(export))
 
 
 def test_vote_without_data_says_which_folder_it_used(
