@@ -15,8 +15,7 @@
 # (the smoke space on a tiny set): a check of this script, not of a GPU.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-PY=${PYTHON:-python3}
-export PYTHON=$PY
+export PYTHON=${PYTHON:-python3}  # the stages' interpreter
 export OUT=${OUT:-$root/bench/out}
 mkdir -p "$OUT"
 stopping=0
