@@ -417,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
         "prepare",
         help="compute HW4 features from your own audio (a speaker folder tree or a CSV list)",
         description="Turn AUDIO_DIR/<speaker>/[<session>/]<utt>.wav|.flac (or a CSV with header "
-        "'path,speaker') into the HW4 layout: mono 16 kHz, peak -3 dB, silence trimmed, 40 log-mels. "
+        "'path,speaker') into the HW4 layout: mono 16 kHz, peak -3 dB, silence removed, 40 log-mels. "
         "Bad files are skipped and listed; re-running resumes where it stopped.",
     )
     p.add_argument(

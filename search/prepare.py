@@ -11,11 +11,11 @@ Feature recipe, the HW4 set's ``Wav2Mel`` (sox effects ``channels 1``, ``rate 16
 2. resample to 16 kHz with ``torchaudio.functional.resample`` (sox uses its own ``rate`` filter, so
    resampled sources differ from the real set by filter details only);
 3. scale the peak to -3 dBFS (sox ``norm -3``);
-4. trim leading and trailing silence the way sox ``silence 1 0.1 1% ...`` finds speech: the RMS of
-   20 ms windows (10 ms hop) is compared with 1 % of full scale, which after step 3 is 37 dB below the
-   peak; speech starts at the first run of 0.1 s (10 windows) above it and ends at the last such run, so
-   clicks shorter than 0.1 s in the padding are trimmed too. Unlike the real set's ``silence ... -1 ...``
-   pauses inside the utterance are kept;
+4. remove silence exactly as sox ``silence 1 0.1 1% -1 0.1 1%`` does (:func:`remove_silence`): a
+   sample is loud when the RMS of the 20 ms (320 samples) ending at it exceeds 1 % of full scale,
+   37 dB below the peak after step 3. Everything before the first 0.1 s of loud samples in a row is
+   cut (so are clicks shorter than that), then every pause of 0.1 s or more, anywhere, is cut whole,
+   and the search for 0.1 s of loud samples starts again after it; shorter pauses are kept;
 5. ``MelSpectrogram(sample_rate=16000, n_fft=400, hop_length=160, f_min=50, n_mels=40)``, then
    ``log(mel + 1e-9)``, saved as a float32 ``(frames, 40)`` tensor.
 
@@ -69,14 +69,13 @@ F_MIN = 50.0
 N_MELS = 40
 LOG_OFFSET = 1e-9
 NORM_DB = -3.0
-SILENCE_THRESHOLD = 0.01  # frame RMS as a fraction of full scale, after the -3 dB peak normalisation
-SILENCE_WINDOW = 320  # 20 ms RMS windows, as sox ``silence``
-SILENCE_HOP = 160  # 10 ms
-SILENCE_MIN_RUN = 10  # windows above the threshold (0.1 s) that count as speech
+SILENCE_THRESHOLD = 0.01  # RMS as a fraction of full scale, after the -3 dB peak normalisation (1 %)
+SILENCE_WINDOW = 320  # samples in sox ``silence``'s moving RMS window (rate / 50: 20 ms)
+SILENCE_RUN = 1600  # 0.1 s: loud samples in a row that start speech; quiet ones that are cut
 SILENT_PEAK = 1e-4  # a file whose peak is below -80 dBFS holds no signal, only dither
-MIN_SECONDS = 0.5  # shortest utterance kept after trimming (51 frames)
+MIN_SECONDS = 0.5  # shortest utterance kept after removing silence (51 frames)
 MAX_RESAMPLE_KERNEL = 50_000_000  # floats; odd rates like 16001 Hz would need gigabytes of filter
-RECIPE = "v1 mono/16000/norm-3/trim-rms0.01-w320-h160-run10/mel400-160-50-40/log+1e-9/min0.5s"
+RECIPE = "v2 mono/16000/norm-3/sox-silence-1-0.1-1%-(-1)-0.1-1%/mel400-160-50-40/log+1e-9/min0.5s"
 
 AUDIO_SUFFIXES = (".wav", ".flac")
 OTHER_AUDIO_SUFFIXES = (".m4a", ".mp3", ".aac", ".ogg", ".opus", ".mp4", ".wma")
@@ -135,21 +134,57 @@ def normalise_peak(wave: torch.Tensor) -> torch.Tensor:
     return wave * (10.0 ** (NORM_DB / 20.0) / peak)
 
 
-def speech_bounds(wave: torch.Tensor) -> tuple[int, int]:
-    """``(start, end)`` samples of the speech in a normalised 16 kHz waveform (see the module doc)."""
-    n = wave.numel()
-    frames = (n - SILENCE_WINDOW) // SILENCE_HOP + 1 if n >= SILENCE_WINDOW else 0
-    if frames < SILENCE_MIN_RUN:
+def remove_silence(wave: torch.Tensor) -> torch.Tensor:
+    """A normalised 16 kHz waveform with its silence removed as sox ``silence 1 0.1 1% -1 0.1 1%`` does.
+
+    Why exactly that: the HW4 set's ``Wav2Mel`` runs this sox effect, so features made here have the
+    real set's lengths and pause structure only if pauses are cut the same way. sox works sample by
+    sample: its state machine is rebuilt here over runs of loud samples (see the module doc), and the
+    moving RMS window is emptied at each restart, as sox empties it. Returns the kept samples in order.
+    """
+    x = wave.detach().double().flatten().numpy()
+    n = x.size
+    sums = np.concatenate([[0.0], np.cumsum(x * x)])
+    limit = SILENCE_WINDOW * SILENCE_THRESHOLD**2  # the window's sum of squares above which it is loud
+    ends = np.arange(1, n + 1)
+    loud = sums[ends] - sums[np.maximum(ends - SILENCE_WINDOW, 0)] > limit
+    quiet = ~loud  # read only past the heads that the restarts below rewrite in ``loud``
+    kept: list[tuple[int, int]] = []
+    start = 0  # where sox looks for speech, its RMS window just emptied
+    while start < n:
+        head = np.arange(start, min(start + SILENCE_WINDOW - 1, n))
+        loud[head] = sums[head + 1] - sums[start] > limit  # the window holds no samples before start
+        speech = _first_run(loud, start, SILENCE_RUN)
+        if speech is None:
+            break
+        pause = _first_run(quiet, speech + SILENCE_RUN, SILENCE_RUN)
+        kept.append((speech, n if pause is None else pause))
+        if pause is None:
+            break
+        start = pause + SILENCE_RUN
+    if not kept:
         raise BadAudio("silent (no 0.1 s of signal above the silence threshold)")
-    windows = wave.double().unfold(0, SILENCE_WINDOW, SILENCE_HOP)
-    active = (windows.pow(2).mean(dim=1).sqrt() > SILENCE_THRESHOLD).to(torch.int64)
-    counts = torch.cat([torch.zeros(1, dtype=torch.int64), active.cumsum(0)])
-    runs = torch.nonzero(counts[SILENCE_MIN_RUN:] - counts[:-SILENCE_MIN_RUN] == SILENCE_MIN_RUN).flatten()
-    if runs.numel() == 0:
-        raise BadAudio("silent (no 0.1 s of signal above the silence threshold)")
-    first, last = int(runs[0]), int(runs[-1]) + SILENCE_MIN_RUN - 1
-    end = n if last == frames - 1 else last * SILENCE_HOP + SILENCE_WINDOW
-    return first * SILENCE_HOP, end
+    return torch.cat([wave.flatten()[a:b] for a, b in kept])
+
+
+def _first_run(flags: np.ndarray, start: int, length: int) -> int | None:
+    """Where the first run of ``length`` True flags at or after ``start`` begins, or None.
+
+    Looks ahead in doubling windows, so finding a run costs about its distance from ``start``, not the
+    rest of the file (a long recording has many pauses).
+    """
+    n = flags.size
+    size = 4 * length
+    while start + length <= n:
+        stop = min(n, start + size)
+        counts = np.concatenate([[0], np.cumsum(flags[start:stop], dtype=np.int64)])
+        hits = np.flatnonzero(counts[length:] - counts[:-length] == length)
+        if hits.size:
+            return start + int(hits[0])
+        if stop == n:
+            return None
+        size *= 2
+    return None
 
 
 @lru_cache(maxsize=1)
@@ -167,18 +202,17 @@ def log_mel(wave: torch.Tensor) -> torch.Tensor:
 
 
 def compute_features(wave: np.ndarray | torch.Tensor, rate: int) -> torch.Tensor:
-    """The whole recipe on mono samples at ``rate``: resample, normalise, trim, log-mel."""
+    """The whole recipe on mono samples at ``rate``: resample, normalise, remove silence, log-mel."""
     x = torch.as_tensor(wave, dtype=torch.float32).flatten()
     seconds = x.numel() / rate if rate > 0 else 0.0
     if seconds < MIN_SECONDS:
         raise BadAudio(f"too short ({seconds:.2f} s; need at least {MIN_SECONDS} s)")
     with torch.inference_mode():
         x = normalise_peak(resample(x, rate))
-        start, end = speech_bounds(x)
-        x = x[start:end]
+        x = remove_silence(x)
     if x.numel() < MIN_SECONDS * SAMPLE_RATE:
         kept = x.numel() / SAMPLE_RATE
-        raise BadAudio(f"too short after trimming silence ({kept:.2f} s; need at least {MIN_SECONDS} s)")
+        raise BadAudio(f"too short after removing silence ({kept:.2f} s; need at least {MIN_SECONDS} s)")
     return log_mel(x)
 
 
@@ -698,6 +732,19 @@ def _check_same_options(out: Path, old_header: dict[str, Any], options: dict[str
         )
 
 
+def _check_same_recipe(out: Path, old_header: dict[str, Any]) -> None:
+    """Refuse, before anything changes, to recompute a finished set whose features an earlier version
+    of the recipe made (version 1 kept pauses inside utterances): every feature would change, and
+    studies made on the set would refuse it."""
+    if not (out / "metadata.json").is_file() or "recipe" not in old_header:
+        return
+    raise UserError(
+        f"{out}: holds a set prepared with an earlier feature recipe ({old_header['recipe']}); this version "
+        "computes every feature again, and studies made on the set would refuse the new one: "
+        "pass --force to recompute it, or choose another --out (nothing was changed)"
+    )
+
+
 def _one_speaker(source: Path, speaker: str, what: str) -> str:
     """Why a one-speaker set is refused: it trains to a trivial 100% accuracy."""
     return (
@@ -723,6 +770,8 @@ def _prepare_locked(
     state_path = out / STATE_NAME
     old_header, old_records = _read_state(state_path)
     if old_header.get("recipe") != RECIPE or old_header.get("prepare_state") != STATE_VERSION:
+        if not force:
+            _check_same_recipe(out, old_header)
         old_records = {}  # features from another recipe cannot be reused
     default_split = test_per_speaker is None and test_fraction is None
     options = {

@@ -21,6 +21,7 @@ from rich.console import Console
 from search.data import pack, read_layout
 from search.errors import UserError
 from search.prepare import (
+    RECIPE,
     STATE_NAME,
     BadAudio,
     PrepareReport,
@@ -28,7 +29,7 @@ from search.prepare import (
     feature_name,
     normalise_peak,
     prepare,
-    speech_bounds,
+    remove_silence,
 )
 from tests.hw4fake import make_hw4
 
@@ -141,36 +142,133 @@ def index_bytes(out: Path) -> dict[str, bytes]:
 
 
 def reference_features(path: Path) -> torch.Tensor:
-    """The recipe written out directly: mono, resample, norm -3 dB, trim, MelSpectrogram, log."""
+    """The recipe written out directly: mono, resample, norm -3 dB, sox silence, MelSpectrogram, log."""
     data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     x = torch.from_numpy(data.mean(axis=1))
     x = torchaudio.functional.resample(x, rate, 16000)
     x = x * (10 ** (-3 / 20) / x.abs().max())
-    rms = [float(torch.sqrt(torch.mean(x[i : i + 320].double() ** 2))) for i in range(0, len(x) - 319, 160)]
-    loud = [r > 0.01 for r in rms]
-    starts = [i for i in range(len(loud) - 9) if all(loud[i : i + 10])]
-    first, last = starts[0], starts[-1] + 9
-    x = x[first * 160 : len(x) if last == len(loud) - 1 else last * 160 + 320]
+    x = torch.from_numpy(sox_silence(x.double().numpy())).float()
     mel = torchaudio.transforms.MelSpectrogram(
         sample_rate=16000, n_fft=400, hop_length=160, f_min=50, n_mels=40
     )(x)
     return torch.log(mel + 1e-9).T
 
 
-def test_speech_bounds_trim_padding_and_short_clicks() -> None:
+def sox_silence(x: np.ndarray) -> np.ndarray:
+    """sox ``silence 1 0.1 1% -1 0.1 1%`` on mono samples, sample by sample as sox's silence.c runs it.
+
+    Trim mode holds loud samples back and drops them at the first quiet one; 1,600 held in a row start
+    copy mode. Copy mode holds quiet samples back and flushes them at the next loud one; 1,600 held in
+    a row are dropped, the RMS window is emptied, and trim mode starts again. At the end, copy mode's
+    held samples are kept, trim mode's dropped. Loud: the mean square of the last 320 samples (the
+    window starts empty) above 0.01 ** 2.
+    """
+    window = [0.0] * 320
+    slot, total = 0, 0.0
+    out: list[float] = []
+    held: list[float] = []
+    trimming = True
+    for value in x.tolist():
+        total += value * value - window[slot]
+        window[slot] = value * value
+        slot = (slot + 1) % 320
+        loud = total / 320 > 0.01**2
+        if trimming:
+            held = [*held, value] if loud else []
+            if len(held) >= 1600:
+                out += held
+                held, trimming = [], False
+        elif loud:
+            out += [*held, value]
+            held = []
+        else:
+            held.append(value)
+            if len(held) >= 1600:
+                held, trimming = [], True
+                window, slot, total = [0.0] * 320, 0, 0.0
+    if not trimming:
+        out += held
+    return np.asarray(out)
+
+
+def test_silence_is_removed_as_sox_removes_it() -> None:
     rng = np.random.default_rng(1)
-    tone = torch.from_numpy(voice(150.0, (700, 1800), 1.0, 16000, rng)).float()
-    click = torch.full((800,), 0.9)  # 50 ms: shorter than the 0.1 s that counts as speech
-    x = torch.cat([torch.zeros(4000), click, torch.zeros(4000), tone, torch.zeros(8000)])
-    x = normalise_peak(x)
-    assert float(x.abs().max()) == pytest.approx(10 ** (-3 / 20), rel=1e-5)
-    start, end = speech_bounds(x)
-    onset, offset = 8800, 8800 + len(tone)
-    assert onset - 320 <= start <= onset and offset <= end <= offset + 320
+
+    def tone(seconds: float) -> np.ndarray:
+        return voice(150.0, (700, 1800), seconds, 16000, rng)
+
+    def hush(seconds: float, level: float = 1e-4) -> np.ndarray:
+        return rng.normal(0, level, size=int(seconds * 16000))
+
+    click = np.full(800, 0.9)  # 50 ms: shorter than the 0.1 s that starts speech
+    cases = {
+        "padding, a click, a long pause and a short one": [
+            hush(0.25),
+            click,
+            hush(0.25),
+            tone(0.8),
+            hush(1.0),
+            tone(0.6),
+            hush(0.06),
+            tone(0.5),
+            hush(0.5),
+        ],
+        "a pause of exactly 0.1 s, speech to the very end": [
+            tone(0.4),
+            hush(0.1),
+            tone(0.3),
+            hush(0.099),
+            tone(0.3),
+        ],
+        "noise hovering at the threshold": [
+            hush(0.3),
+            tone(0.5),
+            hush(0.8, 0.0105),
+            tone(0.4),
+            hush(0.8, 0.0095),
+        ],
+        "speech that restarts right after a cut": [
+            tone(0.3),
+            hush(0.1001),
+            tone(0.02),
+            hush(0.01),
+            tone(0.4),
+        ],
+    }
+    # Levels held constant, so that where a sample turns loud depends on what the window holds: speech
+    # barely above 1 % resumes 11 samples after sox's restart, with the pause just below 1 %. Counted
+    # from an emptied window its 304th sample is the first loud one; from a window still full of the
+    # pause it would be the 160th.
+    loud, pause = np.resize([0.5, -0.5], 4800), np.full(1930, 0.0099)
+    cases["speech resumes as the window is emptied"] = [loud, pause, np.full(4000, 0.0101)]
+    for name, parts in cases.items():
+        x = torch.from_numpy(np.concatenate(parts))
+        x = x.double() if name.startswith("speech resumes") else normalise_peak(x).double()
+        kept = remove_silence(x)
+        expected = sox_silence(x.numpy())
+        assert kept.shape == (expected.size,), name
+        assert torch.equal(kept, torch.from_numpy(expected)), name
+    # The last case: the loud part and the 20 ms its RMS takes to fall, then the speech from its 304th
+    assert remove_silence(x).numel() == (4800 + 319) + (4000 - 303)
+    # The first case, in seconds: the voice (1.9 s) and the short pause are kept; padding, click and
+    # the long pause go (sox cuts a pause from where the 20-ms RMS falls below 1 %).
+    x = normalise_peak(torch.from_numpy(np.concatenate(list(cases.values())[0])))
+    assert 1.9 <= remove_silence(x).numel() / 16000 <= 1.9 + 0.06 + 2 * 0.02
+    with pytest.raises(BadAudio, match="silent"):
+        remove_silence(torch.from_numpy(np.concatenate([hush(0.5), click, hush(0.5)])).float())
     with pytest.raises(BadAudio, match="silent"):
         normalise_peak(torch.zeros(16000))
     with pytest.raises(BadAudio, match="too short"):
         compute_features(np.ones(1000, dtype=np.float32), 16000)
+
+
+def test_a_pause_inside_an_utterance_is_cut_from_its_features() -> None:
+    rng = np.random.default_rng(2)
+    speech = voice(120.0, (600, 1700), 1.0, 16000, rng)
+    with_pause = np.concatenate([speech, np.zeros(16000), speech])
+    frames = compute_features(with_pause.astype(np.float32), 16000)
+    assert 200 <= frames.shape[0] <= 203  # 2 s of voice; the 1-s pause is gone
+    assert int((frames.max(dim=1).values < -20).sum()) == 0  # no frame sits at the log floor
 
 
 def test_features_match_the_recipe_computed_directly(prepared: Prepared, corpus: Corpus) -> None:
@@ -338,6 +436,32 @@ def test_resume_after_changes_kills_and_seed_change(tmp_path: Path) -> None:
     assert names == {feature_name(r, 3) for r in records(out)} and len(names) == 7
     assert (third.train, third.test) == (5, 2)
     read_layout(out)
+
+
+def test_a_set_made_by_an_earlier_recipe_is_recomputed_only_with_force(tmp_path: Path) -> None:
+    audio, out = tmp_path / "audio", tmp_path / "out"
+    small_corpus(audio)
+    prepare(audio, out, test_fraction=0.5, progress=False)
+    fresh = {
+        name: (out / name).read_bytes() for name in (*INDEX, *(r["feature"] for r in records(out).values()))
+    }
+    # Make the finished set look like one that version 1 of the recipe (pauses kept) wrote.
+    lines = (out / STATE_NAME).read_text().splitlines()
+    header = json.loads(lines[0])
+    header["recipe"] = "v1 mono/16000/norm-3/trim-rms0.01-w320-h160-run10/mel400-160-50-40/log+1e-9/min0.5s"
+    (out / STATE_NAME).write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    stale = out / records(out)["spk0/0.wav"]["feature"]
+    torch.save(torch.zeros(90, 40), stale)
+    before = index_bytes(out)
+    with pytest.raises(UserError, match=r"earlier feature recipe \(v1 .*pass --force to recompute it"):
+        prepare(audio, out, test_fraction=0.5, progress=False)
+    assert index_bytes(out) == before and torch.equal(
+        torch.load(stale, weights_only=True), torch.zeros(90, 40)
+    )
+    again = prepare(audio, out, test_fraction=0.5, progress=False, force=True)
+    assert (again.processed, again.reused) == (8, 0)  # nothing of the earlier recipe is reused
+    assert {name: (out / name).read_bytes() for name in fresh} == fresh
+    assert json.loads((out / STATE_NAME).read_text().splitlines()[0])["recipe"] == RECIPE
 
 
 def test_audio_in_a_format_it_cannot_read_is_listed_not_silently_left_out(tmp_path: Path) -> None:
