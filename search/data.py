@@ -161,7 +161,7 @@ def load_feature(path: Path, n_mels: int, mel_len: int | None = None) -> torch.T
         )
     if not torch.isfinite(tensor).all():
         raise UserError(f"{path}: tensor holds NaN or infinite values")
-    return tensor
+    return tensor.detach()  # a feature saved while it required grad is data like any other
 
 
 # --------------------------------------------------------------------------------------------------

@@ -152,6 +152,26 @@ def test_changed_set_is_repacked(hw4: Path) -> None:
     np.testing.assert_allclose(second.utterance(index), first.utterance(index) + 1.0, atol=0.05)
 
 
+def test_features_saved_in_any_float_form_pack_to_the_same_set(hw4: Path) -> None:
+    """A feature file is torch.save of whatever tensor the extractor made: float64, a transposed view
+    (dvector's ``.squeeze(0).T``), or one that still requires grad. Each packs like plain float32 (the
+    last one ended packing in a traceback)."""
+    cache = hw4.parent / "cache"
+    plain = pack(hw4, cache, progress=False)
+    meta = json.loads((hw4 / "metadata.json").read_text())
+    names = [u["feature_path"] for u in next(iter(meta["speakers"].values()))[:3]]
+    forms = (
+        lambda t: t.double(),
+        lambda t: t.T.contiguous().T,
+        lambda t: t.clone().requires_grad_(),
+    )
+    for name, form in zip(names, forms, strict=True):
+        torch.save(form(torch.load(hw4 / name, weights_only=True)), hw4 / name)
+    again = pack(hw4, cache, progress=False)
+    assert again.fingerprint == plain.fingerprint  # the same values, so the same set
+    np.testing.assert_array_equal(np.asarray(again.features), np.asarray(plain.features))
+
+
 def _copy_with_new_times(src: Path, dst: Path) -> Path:
     """A copy as scp, cp -r or a cloud download makes it: same bytes, every file with another mtime."""
     shutil.copytree(src, dst, copy_function=shutil.copyfile)
