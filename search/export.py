@@ -27,7 +27,6 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.data import FeatureStore, PackedData, Split, default_cache_root, open_data
 from search.errors import UserError
-from search.files import atomic_write, check_can_create, sha256_file, usual_mode
+from search.files import atomic_write, check_can_create, install_folder, sha256_file, usual_mode
 from search.infer import read_checkpoint
 from search.manifest import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION
 from search.storage import artifact_dir, artifact_store, study_home
@@ -327,21 +326,11 @@ def check_export_target(out: Path, force: bool) -> None:
 
 def _install(tmp: Path, out: Path, force: bool) -> bool:
     """Move the finished temp folder to ``out``; with force, swap out the old one. True if replaced."""
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    if not out.exists():
-        os.rename(tmp, out)
-        return False
-    check_export_target(out, force)  # again: the folder may have changed while the members were copied
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return True
+    replacing = out.exists() and (not out.is_dir() or any(out.iterdir()))
+    if replacing:
+        check_export_target(out, force)  # again: the folder may have changed while the members were copied
+    install_folder(tmp, out)
+    return replacing
 
 
 def export_top(
@@ -361,7 +350,11 @@ def export_top(
         raise UserError(f"--strategy: unknown strategy '{strategy}' (choose from {', '.join(STRATEGIES)})")
     if k < 1:
         raise UserError(f"export-top: K must be at least 1, got {k}")
-    out = Path(out) if out is not None else default_export_dir(study, strategy, k, include_pruned)
+    out = (
+        Path(os.path.abspath(out))
+        if out is not None
+        else default_export_dir(study, strategy, k, include_pruned)
+    )
     check_export_target(out, force)
     unknown = sorted(set(exclude) - {t.number for t in study.get_trials(deepcopy=False)})
     if unknown:  # a typo would otherwise go unnoticed

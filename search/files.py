@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -98,3 +100,44 @@ def check_can_create(path: Path, flag: str = "--out") -> None:
             f"{flag} {path}: cannot be created, no file can be made in {ancestor} ({exc.strerror or exc}); "
             f"choose another {flag}"
         ) from None
+
+
+def install_folder(tmp: Path, out: Path) -> None:
+    """Put the finished folder ``tmp`` in ``out``'s place; an ``out`` already there is replaced.
+
+    The caller has checked that ``out``, if present, may be replaced (it is empty, or an earlier output
+    of the same command). Renames keep the swap atomic where they can. A folder that is a mount point,
+    or that holds the current directory, cannot be renamed away (EBUSY, EINVAL) or should not be (the
+    user's shell would sit in a deleted folder): it stays, its entries are removed and ``tmp``'s moved
+    in (copied where ``tmp`` is on another file system).
+    """
+    out = Path(os.path.abspath(out))
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    if os.path.ismount(out) or _holds_cwd(out):
+        for entry in list(out.iterdir()):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        for entry in list(Path(tmp).iterdir()):
+            shutil.move(entry, out / entry.name)  # a rename where it can be
+        Path(tmp).rmdir()
+        return
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _holds_cwd(folder: Path) -> bool:
+    """Whether the current directory is ``folder`` or inside it (False when it has been deleted)."""
+    try:
+        return Path.cwd().resolve().is_relative_to(folder.resolve())
+    except OSError:
+        return False

@@ -50,7 +50,7 @@ import numpy.typing as npt
 import torch
 
 from search.errors import UserError, shown
-from search.files import check_can_create
+from search.files import check_can_create, install_folder
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
@@ -591,7 +591,7 @@ def generate(
     it would orphan them. The same arguments and ``seed`` give byte-identical files whatever ``workers``
     is: ``None`` uses one process for small sets and up to 8 for large ones, an integer forces that many.
     """
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # "." has no name to put the partial folder beside
     spec = resolve_spec(preset, speakers, utterances, test)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise UserError(f"synth: seed must be a non-negative integer, got {shown(seed)}")
@@ -634,13 +634,13 @@ def generate(
     world = _World(partial, plan, voices, sessions, geo, seed)
     if workers is None:
         workers = 1 if len(plan.files) < 4000 else max(1, min(8, os.cpu_count() or 1))
-    _write_features(world, workers, progress)
-    _write_index(partial, plan, spec, preset, seed)
-    if replacing:
-        shutil.rmtree(out)
-    elif out.exists():
-        out.rmdir()
-    os.replace(partial, out)
+    try:
+        _write_features(world, workers, progress)
+        _write_index(partial, plan, spec, preset, seed)
+        install_folder(partial, out)
+    except BaseException:  # Ctrl-C or a full disk: leave no hidden half-written set beside out
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     return out
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
 
-from search.files import atomic_write, sha256_file, umask
+from search.files import atomic_write, install_folder, sha256_file, umask
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path: Path) -> None:
@@ -74,3 +75,42 @@ def test_an_output_that_cannot_be_created_is_refused_before_any_work(tmp_path: P
             UserError, match=r"^--data /proc/x: cannot be created, no file can be made in /proc"
         ):
             check_can_create(Path("/proc/x"), "--data")
+
+
+def _folder(path: Path, files: dict[str, str]) -> Path:
+    path.mkdir()
+    for name, text in files.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text(text)
+    return path
+
+
+def _contents(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): p.read_text() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_install_folder_swaps_a_folder_that_can_be_renamed(tmp_path: Path) -> None:
+    new = {"a.pt": "new", "sub/b.json": "{}"}
+    out = _folder(tmp_path / "out", {"old.pt": "old"})
+    install_folder(_folder(tmp_path / ".tmp", new), out)
+    assert _contents(out) == new and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    install_folder(_folder(tmp_path / ".tmp2", {"c": "c"}), tmp_path / "fresh")
+    assert _contents(tmp_path / "fresh") == {"c": "c"}
+
+
+def test_install_folder_fills_a_mount_point_or_the_current_folder_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Neither can be renamed or removed (EBUSY, EINVAL) without harm; both stay the same folder."""
+    new = {"a.pt": "new", "sub/b.json": "{}"}
+    out = _folder(tmp_path / "out", {"old.pt": "old", "olddir/x": "x"})
+    inode = out.stat().st_ino
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == out or real(p))
+    install_folder(_folder(tmp_path / ".tmp", new), out)
+    assert out.stat().st_ino == inode and _contents(out) == new
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    monkeypatch.setattr(os.path, "ismount", real)
+    monkeypatch.chdir(out / "sub")  # the current folder inside it: kept as well
+    install_folder(_folder(tmp_path / ".tmp", {"c": "c"}), Path(".."))
+    assert out.stat().st_ino == inode and _contents(out) == {"c": "c"}

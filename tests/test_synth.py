@@ -205,12 +205,25 @@ def test_interrupted_run_leaves_no_finished_looking_set(
     with pytest.raises(KeyboardInterrupt):
         generate(out, preset="tiny", progress=False)
     assert not out.exists()
-    leftover = tmp_path / ".set.synth-partial"
-    assert leftover.is_dir() and not (leftover / "metadata.json").exists()
+    assert list(tmp_path.iterdir()) == []  # no hidden half-written set left beside it either
 
     monkeypatch.setattr(synth, "_render", real)
     generate(out, preset="tiny", speakers=3, utterances=9, test=2, progress=False)
-    assert (out / "metadata.json").exists() and not leftover.exists()
+    assert (out / "metadata.json").exists() and [p.name for p in tmp_path.iterdir()] == ["set"]
+
+
+def test_the_current_folder_is_filled_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--out .`` (or the current folder by name) ended in a traceback (a folder named "" has no
+    partial to put beside it) or removed the folder the user's shell was in."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    inode = here.stat().st_ino
+    generate(Path("."), preset="tiny", speakers=3, utterances=9, test=2, progress=False)
+    assert here.stat().st_ino == inode and (here / "metadata.json").exists()
+    generate(here, preset="tiny", speakers=4, utterances=12, test=3, progress=False, force=True)
+    assert here.stat().st_ino == inode and len(list(here.glob("uttr-*.pt"))) == 15
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]
 
 
 def test_overrides_and_bad_arguments(tmp_path: Path) -> None:
