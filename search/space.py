@@ -42,7 +42,7 @@ TOP_KEYS = {"name", "description", "params", "constraints", "sampler", "pruner",
 PARAM_KEYS = {"type", "low", "high", "step", "log", "choices", "when"}
 SAMPLERS = ("tpe", "random", "cmaes", "gp")
 PRUNERS = ("median", "successive_halving", "hyperband", "patient", "none")
-STUDY_KEYS = {"heartbeat_interval", "grace_period", "max_retry"}
+STUDY_KEYS = {"heartbeat_interval", "grace_period"}  # seconds, as run --heartbeat
 
 
 @dataclass(frozen=True)
@@ -191,6 +191,9 @@ def load_space(name_or_path: str | Path) -> Space:
     study = raw.get("study", {}) or {}
     if not isinstance(study, dict) or not set(study) <= STUDY_KEYS:
         raise UserError(f"{src}: key 'study' may only hold {', '.join(sorted(STUDY_KEYS))}")
+    for key, value in study.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{src}: study.{key} must be a whole number of seconds >= 1, got {shown(value)}")
     space = Space(name, path, fixed, params, list(constraints), sampler, pruner, [], study, raw)
     _check_satisfiable(space, src)
     enqueue = [

@@ -182,6 +182,11 @@ BAD = [
         "enqueue[0]: encoder='lstm' lies outside",
     ),
     ({**GOOD, "study": {"heartbeat": 3}}, "key 'study' may only hold"),
+    ({**GOOD, "study": {"max_retry": 5}}, "key 'study' may only hold grace_period, heartbeat_interval"),
+    ({**GOOD, "study": {"heartbeat_interval": "abc"}}, "study.heartbeat_interval must be a whole number"),
+    ({**GOOD, "study": {"heartbeat_interval": 0}}, "study.heartbeat_interval must be a whole number"),
+    ({**GOOD, "study": {"grace_period": -4}}, "study.grace_period must be a whole number of seconds >= 1"),
+    ({**GOOD, "study": {"grace_period": 2.5}}, "study.grace_period must be a whole number of seconds >= 1"),
     ("- just\n- a list\n", "expected a mapping at the top level"),
 ]
 
