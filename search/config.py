@@ -174,6 +174,11 @@ def validate(config: Config, source: str = "config", cross: bool = True) -> None
         raise bad("steps", f"is absurdly large ({t.steps}); use at most 10,000,000")
     if t.batch_size > 65536:
         raise bad("batch_size", f"is absurdly large ({t.batch_size})")
+    if t.segment_len > 20_000:  # 200 s crops; HW4's longest utterance is 7,193 frames
+        raise bad("segment_len", f"is absurdly large ({t.segment_len}); use at most 20,000 frames")
+    for key in ("split_seed", "seed"):
+        if getattr(t, key) < 0:
+            raise bad(key, f"must be >= 0, got {getattr(t, key)}")
     if t.lr <= 0 or t.lr > 1.0:
         raise bad("lr", f"must be in (0, 1], got {t.lr}")
     if t.weight_decay < 0:

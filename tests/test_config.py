@@ -39,6 +39,9 @@ def test_every_shipped_baseline_config_loads() -> None:
         ({"encoder": "lstm"}, "key 'encoder' must be one of"),
         ({"compile_mode": "fastest"}, "key 'compile_mode' must be one of default, reduce-overhead"),
         ({"valid_ratio": 1.0}, "key 'valid_ratio' must be in (0, 1)"),
+        ({"segment_len": 100_000}, "key 'segment_len' is absurdly large (100000)"),
+        ({"split_seed": -1}, "key 'split_seed' must be >= 0, got -1"),
+        ({"seed": -2}, "key 'seed' must be >= 0, got -2"),
     ],
 )
 def test_bad_values_name_the_key(values: dict[str, object], message: str) -> None:
