@@ -280,10 +280,12 @@ def _run(
     )
 
     space = load_space(opts.space)
-    name = check_study_name(opts.study or space.name)
+    name = check_study_name(space.name if opts.study is None else opts.study)
     url = opts.storage or default_storage_url(name)
     check_storage_url(url)  # its form now; connecting (and creating a SQLite file) once the data is good
     _check_budget(opts)
+    if opts.study is None and opts.storage is not None:
+        _check_default_study(url, name)
     done = _already_done(url, name, opts.trials)
     if done is not None:
         (on_nothing or _log)(nothing_to_do(name, done.finished, opts.trials))
@@ -428,6 +430,37 @@ def _already_done(url: str, name: str, trials: int) -> Counts | None:
     finally:
         storage.engine.dispose()  # a run that goes on opens its own; this one must not hold a connection
     return counts if counts.finished >= trials else None
+
+
+def _check_default_study(url: str, name: str) -> None:
+    """Refuse to start the space-named study beside other studies in a given --storage.
+
+    Why: ``status``, ``export-top`` and ``dashboard`` take a storage's only study when no --study is
+    given, so a user resuming "by storage" would expect ``run`` to as well; it names its study after
+    the space instead, and would silently start a second study (with its own trials and checkpoints)
+    beside the one meant. Read-only; anything unexpected is left to the full path.
+    """
+    from search.storage import holds_studies, mask_url, open_storage, study_names
+
+    if not holds_studies(url):
+        return
+    try:
+        storage = open_storage(url, must_exist=True)
+    except Exception:  # noqa: BLE001 - the full path reports it
+        return
+    try:
+        names = study_names(storage)
+    except Exception:  # noqa: BLE001
+        return
+    finally:
+        storage.engine.dispose()
+    if names and name not in names:
+        held = ", ".join(f"'{n}'" for n in sorted(names)[:5]) + (", ..." if len(names) > 5 else "")
+        raise UserError(
+            f"--storage {mask_url(url)}: holds {held} but no study '{name}' (without --study, run names its "
+            f"study after the space); pass --study {sorted(names)[0] if len(names) == 1 else 'NAME'} to "
+            f"resume one, or --study {name} to start a new study there"
+        )
 
 
 def _check_budget(opts: RunOptions) -> None:

@@ -258,6 +258,21 @@ def test_steps_equal_to_the_space_or_unrecorded_count_as_no_override(tmp_path: P
     assert changed == {"steps_override": 40}
 
 
+def test_run_by_storage_alone_does_not_start_a_second_study_beside_the_one_there(
+    tmp_path: Path, tiny_dir: Path
+) -> None:
+    """status, export-top and dashboard take a storage's only study; run named its study after the
+    space and silently started a second one beside it (its own trials, checkpoints and data)."""
+    space = str(write_space(tmp_path / "unit.yaml", steps=20, valid_steps=20))
+    url = f"sqlite:///{tmp_path / 'mine.db'}"
+    optuna.create_study(study_name="mine", storage=url)
+    with pytest.raises(UserError, match=r"holds 'mine' but no study 'unit' .*pass --study mine to resume"):
+        run(RunOptions(space=space, trials=1, data=tiny_dir, storage=url, display=False))
+    assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ["mine"]
+    with pytest.raises(UserError, match="study name '' is not allowed"):  # not the space's name
+        run(RunOptions(space=space, trials=1, data=tiny_dir, study="", display=False))
+
+
 def test_run_on_a_study_that_holds_enough_trials_says_so_and_starts_nothing(
     tmp_path: Path,
     tiny_dir: Path,
