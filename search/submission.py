@@ -79,6 +79,12 @@ def check_out(out: Path, force: bool, inputs: Sequence[Path | None] = ()) -> Pat
             raise UserError(f"--out {out}: {where} {given}, an input of this command; choose another --out")
     if out.is_dir():
         raise UserError(f"{out}: is a folder; --out must name a CSV file, e.g. {out / 'submission.csv'}")
+    if out.exists() and all((out.parent / name).is_file() for name in ("metadata.json", "testdata.json")):
+        # A data set's answers.csv has a submission's header: --force would destroy another set's key.
+        raise UserError(
+            f"--out {out}: is a file of the data set in {out.parent} (its answers, maybe), never replaced; "
+            "choose another --out"
+        )
     if out.exists() and not force:
         raise UserError(f"{out}: already exists; pass --force to overwrite it or choose another --out")
     if out.exists() and not is_submission(out):

@@ -308,6 +308,16 @@ def test_force_never_replaces_an_input_with_the_csv(
         with pytest.raises(UserError, match="exists and is not a submission CSV .*--force replaces only"):
             vote(export, data, victim, force=True)
         assert victim.read_bytes() == kept
+    # Nor another data set's answers.csv, whose header is a submission's.
+    other_set = tmp_path / "other-set"
+    other_set.mkdir()
+    for name in ("metadata.json", "testdata.json"):
+        (other_set / name).write_text("{}")
+    answers = other_set / "answers.csv"
+    answers.write_text("Id,Category\nuttr-1.pt,id10001\n")
+    with pytest.raises(UserError, match="answers.csv: is a file of the data set in .*, never replaced"):
+        vote(export, data, answers, force=True)
+    assert answers.read_text() == "Id,Category\nuttr-1.pt,id10001\n"
 
 
 def _copy_export(src: Path, tmp_path: Path) -> Path:
