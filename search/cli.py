@@ -112,7 +112,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     # A finished run's best.pt is refused before any data is packed; last.pt is an interrupted run.
     if not args.force and best.exists() and not last.exists():
         raise UserError(
-            f"{best}: a finished run is already there; pass --force to replace it or --out elsewhere"
+            f"{best}: a finished run's checkpoint (or a file in its place) is already there; pass --force "
+            "to replace it or --out elsewhere"
         )
     # torch from here on: a bad config or --out above is refused without importing it (seconds)
     from search.data import open_data
@@ -128,7 +129,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         last.unlink(missing_ok=True)  # start over, as asked
         best.unlink(missing_ok=True)
     elif last.exists():
-        step = resume_step(last, config, data)
+        try:
+            step = resume_step(last, config, data)
+        except UserError as exc:  # a run killed while the disk filled, say: its own file, not one to "trust"
+            reason = str(exc).removeprefix(f"{last}: ").split("; replace it")[0]
+            raise UserError(
+                f"{last}: the interrupted run's checkpoint cannot be resumed ({reason}); pass --force to "
+                "start over"
+            ) from None
         if step is None:
             raise UserError(
                 f"{last}: an interrupted run of another config or data set; run the same config and "

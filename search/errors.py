@@ -53,6 +53,8 @@ def load_failure(exc: BaseException, path: Path | None = None) -> str:
     blocked = re.search(r"GLOBAL (\S+)", text)
     if isinstance(exc, pickle.UnpicklingError) and blocked:
         return f"it holds Python objects, not only tensors (it imports {blocked.group(1)}), unsafe to load"
+    if head.startswith(b"PK") and (isinstance(exc, OSError) or "central directory" in text or "zip" in text):
+        return "the zip archive is cut short or corrupt"  # torch's own words: errno 22, or miniz's paragraph
     if "Weights only load failed" in text:  # not a torch tensor file: say what the unpickler tripped on
         detail = re.search(r"WeightsUnpickler error: \s*(\S[^\n]*)", text)
         why = detail.group(1).strip() if detail else "not a plain tensor file"

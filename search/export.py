@@ -350,11 +350,7 @@ def export_top(
         raise UserError(f"--strategy: unknown strategy '{strategy}' (choose from {', '.join(STRATEGIES)})")
     if k < 1:
         raise UserError(f"export-top: K must be at least 1, got {k}")
-    out = (
-        Path(os.path.abspath(out))
-        if out is not None
-        else default_export_dir(study, strategy, k, include_pruned)
-    )
+    out = Path(out) if out is not None else default_export_dir(study, strategy, k, include_pruned)
     check_export_target(out, force)
     unknown = sorted(set(exclude) - {t.number for t in study.get_trials(deepcopy=False)})
     if unknown:  # a typo would otherwise go unnoticed

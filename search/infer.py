@@ -53,7 +53,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types
         reason = load_failure(exc, path)
         raise UserError(
-            f"{path}: not a loadable checkpoint: {reason}; it may be corrupt: replace it with one you trust"
+            f"{path}: not a loadable checkpoint: {reason}; replace it with one you trust"
         ) from None
     if not isinstance(ckpt, dict) or not {"config", "model", "n_mels", "speakers"} <= set(ckpt):
         raise UserError(f"{path}: not an spkid-search checkpoint (needs config, model, n_mels, speakers)")

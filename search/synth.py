@@ -591,7 +591,7 @@ def generate(
     it would orphan them. The same arguments and ``seed`` give byte-identical files whatever ``workers``
     is: ``None`` uses one process for small sets and up to 8 for large ones, an integer forces that many.
     """
-    out = Path(os.path.abspath(out))  # "." has no name to put the partial folder beside
+    out = Path(out)
     spec = resolve_spec(preset, speakers, utterances, test)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise UserError(f"synth: seed must be a non-negative integer, got {shown(seed)}")
@@ -611,7 +611,8 @@ def generate(
             f"synth: {out} already holds a generated set (studies trained on it would no longer match); "
             "pass --force to replace it or choose a new or empty --out (nothing was written)"
         )
-    partial = out.parent / f".{out.name}.synth-partial"
+    whole = Path(os.path.abspath(out))  # "." has no name to put the partial folder beside
+    partial = whole.parent / f".{whole.name}.synth-partial"
     if partial.exists():
         if not partial.is_dir() or not _is_own(partial):
             raise UserError(f"synth: {partial} is in the way and is not a synth leftover; remove it")

@@ -189,7 +189,10 @@ def test_train_keeps_a_finished_run_unless_forced_and_resumes_an_interrupted_one
     refused = ["train", "--config", "c.yaml", "--data", "nowhere", "--out", "run", "--steps", "8", "--quiet"]
     assert main(refused) == 2
     line = _one_error_line(capsys)
-    assert "run/best.pt: a finished run is already there; pass --force" in line
+    assert (
+        "run/best.pt: a finished run's checkpoint (or a file in its place) is already there; pass --force"
+        in line
+    )
     assert best.read_bytes() == before and not (tmp_path / "nowhere").exists()
 
     assert main([*argv, "--out", "run", "--steps", "8", "--force"]) == 0
@@ -263,6 +266,15 @@ def test_train_command_checkpoints_so_a_ctrl_c_resumes_and_says_so(
     assert main([*argv, "--steps", "12"]) == 2
     assert "run/last.pt: an interrupted run of another config or data set" in _one_error_line(capsys)
     assert last.exists()
+    # Cut short (a full disk as it was written): not "replace it with one you trust" but start over.
+    kept = last.read_bytes()
+    last.write_bytes(kept[: len(kept) // 2])
+    assert main(argv) == 2
+    assert _one_error_line(capsys).endswith(
+        "run/last.pt: the interrupted run's checkpoint cannot be resumed (not a loadable checkpoint: the zip "
+        "archive is cut short or corrupt); pass --force to start over"
+    )
+    last.write_bytes(kept)
     assert main(argv) == 0
     assert "resuming from step 4" in " ".join(capsys.readouterr().err.split())
     assert not last.exists()  # finished: nothing left to resume

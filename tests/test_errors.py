@@ -29,3 +29,13 @@ def test_an_empty_or_junk_file_is_named_for_what_it_is(tmp_path: Path) -> None:
         UserError, match=r"empty\.pt: not a loadable checkpoint: the file is empty or cut short"
     ):
         read_checkpoint(empty)
+
+
+def test_a_cut_short_zip_is_named_for_what_it_is(tmp_path: Path) -> None:
+    """A tensor file cut short said "[Errno 22] Invalid argument" or half of miniz's paragraph."""
+    whole = tmp_path / "whole.pt"
+    torch.save({"x": torch.zeros(4000)}, whole)
+    for size in (100, 3000, whole.stat().st_size - 10):
+        cut = tmp_path / f"cut{size}.pt"
+        cut.write_bytes(whole.read_bytes()[:size])
+        assert _refusal(cut) == "the zip archive is cut short or corrupt", size
