@@ -648,7 +648,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     handler: Handler = args.func
 
+    stopped_by = {"signal": int(signal.SIGINT)}
+
     def on_term(signum: int, frame: object) -> None:
+        stopped_by["signal"] = signum
         raise KeyboardInterrupt  # SIGTERM stops as cleanly as Ctrl-C
 
     signal.signal(signal.SIGTERM, on_term)
@@ -660,7 +663,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"spkid-search {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return 128 + stopped_by["signal"]  # 130 after Ctrl-C, 143 after SIGTERM, as shells report them
 
 
 def entry() -> None:
@@ -671,6 +674,9 @@ def entry() -> None:
     out of those collections; atexit handlers and the flushing of output run as usual.
     """
     code = main()
+    # The work is done and reported: a Ctrl-C or SIGTERM from here on must not turn it into a failure.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     gc.freeze()
     sys.exit(code)
 

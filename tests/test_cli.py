@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -393,3 +395,33 @@ def test_notices_in_a_pipe_are_whole_lines(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert f"Wrote synthetic HW4 set to {out}" in proc.stderr.splitlines()
+
+
+def test_a_stop_after_the_work_is_done_does_not_turn_it_into_a_failure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """export-top and vote printed "wrote ..." and then exited 130 without a word when Ctrl-C came
+    as the command was exiting; SIGTERM during the work exits 143, as shells report it."""
+    import search.cli as cli_module
+
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    real_main = cli_module.main
+    try:
+        monkeypatch.setattr(cli_module, "main", lambda: 0)
+        monkeypatch.setattr(cli_module.gc, "freeze", lambda: os.kill(os.getpid(), signal.SIGINT))
+        with pytest.raises(SystemExit) as done:
+            cli_module.entry()
+        assert done.value.code == 0
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+
+    def terminated(args: object) -> int:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return 0
+
+    monkeypatch.setattr(cli_module, "cmd_status", terminated)
+    try:
+        assert real_main(["status"]) == 143
+    finally:
+        signal.signal(signal.SIGTERM, handlers[1])
