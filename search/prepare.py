@@ -39,6 +39,7 @@ import math
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
@@ -685,25 +686,39 @@ def prepare(
     if len(speakers) == 1:  # said before any file is decoded (see _one_speaker)
         raise UserError(_one_speaker(source_path, next(iter(speakers)), "has audio files"))
     check_out(out)
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"{out}: cannot create the folder ({exc.strerror or first_line(exc)})") from None
 
-    with _locked(out):
-        return _prepare_locked(
-            source_path,
-            out,
-            sources,
-            skipped,
-            test_per_speaker,
-            test_fraction,
-            workers,
-            seed,
-            progress,
-            min_utterances,
-            force,
-        )
+    try:
+        with _locked(out):
+            return _prepare_locked(
+                source_path,
+                out,
+                sources,
+                skipped,
+                test_per_speaker,
+                test_fraction,
+                workers,
+                seed,
+                progress,
+                min_utterances,
+                force,
+            )
+    except UserError:
+        if created:  # refused with nothing to show for it: leave no folder of bookkeeping behind
+            _remove_if_bookkeeping_only(out)
+        raise
+
+
+def _remove_if_bookkeeping_only(out: Path) -> None:
+    """Remove ``out`` if it holds only this module's state, lock and temp files."""
+    with contextlib.suppress(OSError):
+        names = [p.name for p in out.iterdir()]
+        if all(n in (STATE_NAME, LOCK_NAME) or n.startswith(TEMP_PREFIX) for n in names):
+            shutil.rmtree(out)
 
 
 # The options that shape a set's index, as the CLI names them (recorded in the state file's header).

@@ -464,6 +464,20 @@ def test_a_set_made_by_an_earlier_recipe_is_recomputed_only_with_force(tmp_path:
     assert json.loads((out / STATE_NAME).read_text().splitlines()[0])["recipe"] == RECIPE
 
 
+def test_a_refused_first_run_leaves_no_folder_behind(tmp_path: Path) -> None:
+    """A list of files that are all missing was refused, but left --out holding a lock and a state file."""
+    listing = tmp_path / "list.csv"
+    listing.write_text("path,speaker\nmissing-a.wav,a\nmissing-b.wav,b\n")
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="nothing to write"):
+        prepare(listing, out, progress=False)
+    assert not out.exists()
+    out.mkdir()  # a folder the user made is theirs: kept
+    with pytest.raises(UserError, match="nothing to write"):
+        prepare(listing, out, progress=False)
+    assert out.is_dir()
+
+
 def test_audio_in_a_format_it_cannot_read_is_listed_not_silently_left_out(tmp_path: Path) -> None:
     audio = tmp_path / "audio"
     small_corpus(audio)
