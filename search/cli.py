@@ -484,10 +484,15 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train one configuration (a YAML of fixed values)",
         description="Train one configuration with a live progress bar; writes best.pt (best validation "
-        "accuracy, with its config) under --out. See spaces/baselines/ for ready configs.",
+        "accuracy, with its config) under --out. --config strong (or simple, medium, boss) trains a "
+        "shipped baseline.",
     )
     p.add_argument(
-        "--config", type=Path, required=True, help="YAML config, e.g. spaces/baselines/strong.yaml"
+        "--config",
+        type=Path,
+        required=True,
+        help="YAML config file, or a shipped baseline's name: simple, medium, strong, boss "
+        "(spaces/baselines/)",
     )
     p.add_argument("--data", type=Path, help="HW4 data folder (default: a generated synthetic set)")
     p.add_argument("--out", type=Path, help="output folder (default studies/runs/<config name>)")

@@ -198,8 +198,38 @@ def validate(config: Config, source: str = "config", cross: bool = True) -> None
         raise bad("valid_ratio", f"must be in (0, 1), got {t.valid_ratio}")
 
 
+PROJECT_DIR = Path(__file__).resolve().parent.parent  # where spaces/ and spaces/baselines/ ship
+
+
+def find_config(name_or_path: str | Path) -> Path:
+    """``strong`` or ``strong.yaml`` finds the shipped ``spaces/baselines/strong.yaml`` (./spaces first),
+    and ``spaces/baselines/strong.yaml`` (as the help and README write it) works from any folder.
+
+    Why: ``run --space boss`` finds the shipped spaces from anywhere; ``train --config`` said only
+    "file not found" outside a checkout of this repository.
+    """
+    text = str(name_or_path)
+    given = Path(text).expanduser()
+    stem = text if text.endswith((".yaml", ".yml")) else f"{text}.yaml"
+    candidates = [given]
+    if "/" not in text:
+        candidates += [Path("spaces") / "baselines" / stem, PROJECT_DIR / "spaces" / "baselines" / stem]
+    elif not given.is_absolute():
+        candidates.append(PROJECT_DIR / given)
+    for path in candidates:
+        if path.is_file():
+            return path
+    if given.is_dir():
+        raise UserError(f"{text}: is a folder; give a YAML config file, e.g. {given / 'strong.yaml'}")
+    shipped = ", ".join(sorted(p.stem for p in (PROJECT_DIR / "spaces" / "baselines").glob("*.yaml")))
+    raise UserError(
+        f"{text}: file not found (looked in ./ and spaces/baselines/; shipped configs: {shipped})"
+    )
+
+
 def load_config(path: Path) -> Config:
     """Read a YAML config file of fixed flat values; an empty one is refused, not run on all defaults."""
+    path = find_config(path)
     values = read_yaml(path)
     if values == {}:  # read_yaml gives {} for an empty or comment-only file
         raise UserError(

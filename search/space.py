@@ -115,9 +115,15 @@ def find_space(name_or_path: str | Path) -> Path:
     stem = text if text.endswith((".yaml", ".yml")) else f"{text}.yaml"
     if "/" not in text:
         candidates += [Path("spaces") / stem, SPACES_DIR / stem]
+    elif not Path(text).is_absolute():
+        candidates.append(SPACES_DIR.parent / text)  # "spaces/boss.yaml" as the README writes it
     for path in candidates:
         if path.is_file():
             return path
+    if Path(text).is_dir():
+        raise UserError(
+            f"--space {text}: is a folder; give a search-space YAML file or a shipped space's name"
+        )
     shipped = ", ".join(sorted(p.stem for p in SPACES_DIR.glob("*.yaml")))
     raise UserError(f"--space {text}: no such file (looked in ./, spaces/; shipped spaces: {shipped})")
 

@@ -75,3 +75,22 @@ def test_a_key_given_twice_is_refused_with_its_line(tmp_path: Path) -> None:
     path.write_text("d_model: 64\nheads: 2\nd_model: 128\n")
     with pytest.raises(UserError, match=r"line 3, column 1: key 'd_model' is given twice"):
         load_config(path)
+
+
+def test_shipped_configs_are_found_by_name_or_by_the_readme_path_from_any_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # not a checkout: no spaces/ here
+    strong = load_config(REPO / "spaces" / "baselines" / "strong.yaml")
+    for given in ("strong", "strong.yaml", "spaces/baselines/strong.yaml"):
+        assert load_config(Path(given)) == strong, given
+    with pytest.raises(
+        UserError, match=r"^nope: file not found .*shipped configs: boss, medium, simple, strong"
+    ):
+        load_config(Path("nope"))
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(UserError, match="folder: is a folder; give a YAML config file"):
+        load_config(Path("folder"))
+    mine = tmp_path / "strong.yaml"  # a file of the user's own wins over the shipped one of that name
+    mine.write_text("encoder: transformer\nd_model: 64\nheads: 2\nlayers: 1\n")
+    assert load_config(Path("strong.yaml")).model.d_model == 64
