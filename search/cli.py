@@ -417,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speakers", type=_positive, help="override the preset's number of speakers")
     p.add_argument("--utterances", type=_positive, help="override the preset's labelled utterances (total)")
     p.add_argument("--test", type=_positive, help="override the preset's test utterances")
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
+    p.add_argument("--seed", type=_non_negative, default=0, help="random seed (same seed, same files)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_synth)
 
@@ -535,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train every trial N steps instead of the space's steps (valid_steps capped at N); the study "
         "records it and refuses another value later unless --allow-changed",
     )
-    p.add_argument("--seed", type=int, default=0, help="sampler seed offset (default 0)")
+    p.add_argument("--seed", type=_non_negative, default=0, help="sampler seed offset (default 0)")
     p.add_argument("--heartbeat", type=_positive, help="seconds between worker heartbeats (default 20)")
     p.add_argument(
         "--max-failures",

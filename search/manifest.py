@@ -81,6 +81,10 @@ def read_manifest(export_dir: Path) -> Manifest:
     path = export_dir / MANIFEST_NAME
     if export_dir.is_file() and export_dir.name == MANIFEST_NAME:
         raise UserError(f"{export_dir}: pass the export folder that holds it ({export_dir.parent})")
+    if export_dir.exists() and not export_dir.is_dir():
+        raise UserError(
+            f"{export_dir}: is a file, not an export folder (one written by 'spkid-search export-top')"
+        )
     if not export_dir.is_dir():
         raise UserError(f"{export_dir}: export folder not found; create one with 'spkid-search export-top K'")
     try:

@@ -82,6 +82,7 @@ def test_user_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
         (("run", "--space", "smoke", "--trials", "2", "--storage", "redis://x"), "expected sqlite:///"),
         (("status", "--study", "nope"), "study 'nope' does not exist"),
         (("train", "--config", "bad.yaml", "--device", "cuda:7"), "bad.yaml"),
+        (("vote", "bad.yaml", "--out", "x.csv"), "bad.yaml: is a file, not an export folder"),
     ]
     for argv, message in cases:
         proc = _run(*argv, cwd=tmp_path)
@@ -89,6 +90,14 @@ def test_user_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and message in lines[0], (argv, proc.stderr)
         assert "Traceback" not in proc.stderr
+    for command in (
+        ("run", "--space", "smoke", "--trials", "2"),
+        ("synth", "--out", "s"),
+    ):  # as argparse says
+        proc = _run(*command, "--seed", "-1", cwd=tmp_path)
+        assert proc.returncode == 2 and "argument --seed: must be 0 or more, got -1" in proc.stderr, (
+            proc.stderr
+        )
 
 
 _WITHOUT_TORCH = """
