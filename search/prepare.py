@@ -147,8 +147,9 @@ def remove_silence(wave: torch.Tensor) -> torch.Tensor:
     n = x.size
     sums = np.concatenate([[0.0], np.cumsum(x * x)])
     limit = SILENCE_WINDOW * SILENCE_THRESHOLD**2  # the window's sum of squares above which it is loud
-    ends = np.arange(1, n + 1)
-    loud = sums[ends] - sums[np.maximum(ends - SILENCE_WINDOW, 0)] > limit
+    window = sums[1:].copy()  # sum of squares of the SILENCE_WINDOW samples ending at each sample
+    window[SILENCE_WINDOW:] -= sums[1 : n + 1 - SILENCE_WINDOW]
+    loud = window > limit
     quiet = ~loud  # read only past the heads that the restarts below rewrite in ``loud``
     kept: list[tuple[int, int]] = []
     start = 0  # where sox looks for speech, its RMS window just emptied
@@ -165,7 +166,8 @@ def remove_silence(wave: torch.Tensor) -> torch.Tensor:
         start = pause + SILENCE_RUN
     if not kept:
         raise BadAudio("silent (no 0.1 s of signal above the silence threshold)")
-    return torch.cat([wave.flatten()[a:b] for a, b in kept])
+    flat = wave.flatten()
+    return flat[kept[0][0] : kept[0][1]] if len(kept) == 1 else torch.cat([flat[a:b] for a, b in kept])
 
 
 def _first_run(flags: np.ndarray, start: int, length: int) -> int | None:
