@@ -278,6 +278,31 @@ def resume_step(last_path: Path, config: Config, data: PackedData) -> int | None
     return int(state["step"]) if _resumes(state, config, data) else None
 
 
+def _rng_state(aug_gen: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    """The random streams a resumed run must continue: SpecAugment's generator, and on CPU the
+    process's own, which dropout draws from.
+
+    On CUDA, dropout draws from the device's generator, which the trials of one worker process share
+    (``--per-gpu``) and a CUDA graph advances on its own: there a resumed run is a statistically
+    equal continuation, not a bitwise one.
+    """
+    state = {"augment": aug_gen.get_state()}
+    if device.type == "cpu":
+        state["torch"] = torch.get_rng_state()
+    return state
+
+
+def _set_rng_state(
+    state: dict[str, torch.Tensor] | None, aug_gen: torch.Generator, device: torch.device
+) -> None:
+    """Continue the streams :func:`_rng_state` saved (a last.pt from before they were saved has none)."""
+    if not state:
+        return
+    aug_gen.set_state(state["augment"])
+    if device.type == "cpu" and "torch" in state:
+        torch.set_rng_state(state["torch"])
+
+
 def _checkpoint_meta(config: Config, data: PackedData, split: Split) -> dict[str, Any]:
     return {
         "config": config.to_dict(),
@@ -367,6 +392,7 @@ def _train(
             lr_in_tensor(optimizer, device, graphed)
             scheduler.load_state_dict(state["scheduler"])
             sampler.set_state(state["sampler"])
+            _set_rng_state(state.get("rng"), aug_gen, device)
             best_acc, best_step = float(state["best_accuracy"]), int(state["best_step"])
             best_state = state.get("best_model")
             start_step = int(state["step"])
@@ -395,6 +421,7 @@ def _train(
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "sampler": sampler.state(),
+                "rng": _rng_state(aug_gen, device),
                 "step": step,
                 "best_accuracy": best_acc,
                 "best_step": best_step,

@@ -3,6 +3,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +137,26 @@ def test_resume_from_last_checkpoint(fake_data: PackedData, tmp_path: Path) -> N
     resumed = train(config, fake_data, "cpu", out_dir=tmp_path / "part")
     assert resumed.resumed_from == 50
     assert resumed.best_accuracy == pytest.approx(full.best_accuracy)
+
+
+@pytest.mark.parametrize("noise", [{"dropout": 0.2}, {"spec_time_masks": 2, "spec_freq_masks": 2}])
+def test_a_resumed_run_draws_the_same_dropout_and_masks_as_an_unbroken_one(
+    fake_data: PackedData, tmp_path: Path, noise: dict[str, float]
+) -> None:
+    """last.pt kept the model, optimizer and crops but not dropout's or SpecAugment's random streams:
+    every retried trial of the shipped spaces (dropout 0.1-0.2) trained on from another path."""
+    config = Config.from_dict({**RESUMABLE, **noise, "steps": 60, "valid_steps": 20, "checkpoint_steps": 20})
+    losses: dict[str, dict[int, float]] = {"full": {}, "part": {}}
+
+    def keep(run: str) -> Callable[[int, dict[str, float]], None]:
+        return lambda step, metrics: losses[run].update({step: metrics["loss"]} if step > 20 else {})
+
+    train(config, fake_data, "cpu", out_dir=tmp_path / "full", report=keep("full"), log_every=5)
+    interrupt_at(config, fake_data, tmp_path / "part", 20)
+    resumed = train(config, fake_data, "cpu", out_dir=tmp_path / "part", report=keep("part"), log_every=5)
+    assert resumed.resumed_from == 20
+    assert sorted(losses["part"]) == [25, 30, 35, 40, 45, 50, 55, 60]
+    assert losses["part"] == losses["full"]  # the same draws, so the same losses, to the last bit
 
 
 def test_resume_on_cpu_from_a_graphed_gpu_runs_older_checkpoint(
