@@ -103,7 +103,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     if args.steps is not None:
-        config = config.replace(steps=args.steps, valid_steps=min(config.train.valid_steps, args.steps))
+        config = config.with_steps(args.steps)
     if not config.train.checkpoint_steps:  # so that an interrupted run resumes (as a study's trials do)
         config = config.replace(checkpoint_steps=config.train.valid_steps)
     out = args.out if args.out is not None else Path("studies") / "runs" / Path(args.config).stem
@@ -496,7 +496,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", type=Path, help="HW4 data folder (default: a generated synthetic set)")
     p.add_argument("--out", type=Path, help="output folder (default studies/runs/<config name>)")
-    p.add_argument("--steps", type=_positive, help="override the config's number of training steps")
+    p.add_argument(
+        "--steps",
+        type=_positive,
+        help="override the config's number of training steps (its warm-ups are scaled to match)",
+    )
     p.add_argument("--device", default="auto", help="auto (default: cuda if present), cpu, cuda, cuda:1 ...")
     p.add_argument("--log-every", type=_positive, default=50, help="progress update interval in steps")
     p.add_argument(
@@ -532,8 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=_positive,
         metavar="N",
-        help="train every trial N steps instead of the space's steps (valid_steps capped at N); the study "
-        "records it and refuses another value later unless --allow-changed",
+        help="train every trial N steps instead of the space's steps (warm-ups scaled to match, valid_steps "
+        "capped at N); the study records it and refuses another value later unless --allow-changed",
     )
     p.add_argument("--seed", type=_non_negative, default=0, help="sampler seed offset (default 0)")
     p.add_argument("--heartbeat", type=_positive, help="seconds between worker heartbeats (default 20)")

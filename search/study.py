@@ -333,12 +333,6 @@ def _run(
     )
     if "space_digest" in changes and not fresh:
         check_space_fits_study(study, space)
-    searched = {param.name for param in space.params}
-    if steps is not None and "warmup_steps" not in searched and base.train.warmup_steps >= steps:
-        _log(  # only when trials will run: before "nothing to do" it was noise
-            f"note: --steps {steps} is within the space's warmup_steps ({base.train.warmup_steps}): the "
-            "learning rate never reaches its peak; fine for a smoke test, not for a real search"
-        )
     if not fresh and "fingerprint" in changes:  # --allow-changed on another data set
         _log(
             f"note: study '{name}' goes on with the data set in {data.root} (it was run on "

@@ -379,10 +379,9 @@ class Lane:
                 "split_seed": split.seed,
                 "valid_ratio": split.ratio,
             }
-            if self.spec.steps is not None:
-                overrides["steps"] = self.spec.steps
-                overrides["valid_steps"] = min(config.train.valid_steps, self.spec.steps)
             config = config.replace(**overrides)
+            if self.spec.steps is not None:
+                config = config.with_steps(self.spec.steps)
             config = config.replace(checkpoint_steps=config.train.valid_steps)
         except UserError as exc:
             trial.set_user_attr("fail_reason", f"bad config: {exc}")

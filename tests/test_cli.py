@@ -291,7 +291,10 @@ def test_train_command_checkpoints_so_a_ctrl_c_resumes_and_says_so(
     assert not last.exists()  # finished: nothing left to resume
     assert main([*argv, "--force"]) == 0  # starts over
     assert "for 8 steps, from step 0" in " ".join(capsys.readouterr().err.split())
-    assert main([*argv, "--force", "--steps", "2"]) == 0  # warmup_steps is 2
+    assert main([*argv, "--force", "--steps", "2"]) == 0  # warmup_steps 2 of 8 is scaled down with them
+    assert "within warmup_steps" not in capsys.readouterr().err
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({**config, "steps": 2, "warmup_steps": 2}))
+    assert main([*argv, "--force"]) == 0  # a config whose own warm-up fills its steps is told so
     assert "note: 2 steps is within warmup_steps (2)" in " ".join(capsys.readouterr().err.split())
 
 

@@ -94,3 +94,13 @@ def test_shipped_configs_are_found_by_name_or_by_the_readme_path_from_any_folder
     mine = tmp_path / "strong.yaml"  # a file of the user's own wins over the shipped one of that name
     mine.write_text("encoder: transformer\nd_model: 64\nheads: 2\nlayers: 1\n")
     assert load_config(Path("strong.yaml")).model.d_model == 64
+
+
+def test_a_step_budget_scales_the_warm_ups_with_it() -> None:
+    """--steps 2000 on a trial with 5,000 warm-up steps never reached the peak learning rate, never
+    decayed, and trained with 0.4 of its margin."""
+    config = Config.from_dict({"steps": 70_000, "warmup_steps": 5_000, "margin_warmup_steps": 10_000})
+    short = config.with_steps(2_000)
+    assert (short.train.steps, short.train.warmup_steps, short.model.margin_warmup_steps) == (2_000, 143, 286)
+    assert short.train.valid_steps == min(config.train.valid_steps, 2_000)
+    assert config.with_steps(140_000).train.warmup_steps == 10_000  # a longer budget stretches them too
