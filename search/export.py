@@ -533,7 +533,10 @@ def render_export(result: ExportResult) -> Any:
     table.add_section()
     total = sum(m.weight for m in result.members)
     if result.ensemble_valid_acc is not None:
-        table.add_row("[bold]ensemble", "", str(total), f"[bold]{result.ensemble_valid_acc:.4f}", "soft vote")
+        how = "soft vote"
+        if result.strategy == "greedy":  # chosen to maximise this very number: not a held-out estimate
+            how += "; members chosen on these validation utterances, so optimistic"
+        table.add_row("[bold]ensemble", "", str(total), f"[bold]{result.ensemble_valid_acc:.4f}", how)
     else:
         table.add_row("[bold]ensemble", "", str(total), "-", "data folder not found: pass --data to score it")
     return table
