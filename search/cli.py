@@ -539,7 +539,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="train every trial N steps instead of the space's steps (warm-ups scaled to match, valid_steps "
         "capped at N); the study records it and refuses another value later unless --allow-changed",
     )
-    p.add_argument("--seed", type=_non_negative, default=0, help="sampler seed offset (default 0)")
+    p.add_argument(
+        "--seed",
+        type=_non_negative,
+        help="seed the sampler (added to the space's sampler seed, if it has one): the same seed makes the "
+        "same search; default: the space's seed, else unseeded",
+    )
     p.add_argument("--heartbeat", type=_positive, help="seconds between worker heartbeats (default 20)")
     p.add_argument(
         "--max-failures",

@@ -27,12 +27,14 @@ import inspect
 import json
 import random
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
+from optuna.trial import FrozenTrial, TrialState
 
 from search.config import ALL_FIELDS, Config, read_yaml
 from search.errors import UserError, shown
@@ -470,15 +472,15 @@ def _option_names(*builders: Callable[..., Any]) -> set[str]:
     return names - _OBJECT_OPTIONS - {"wrapped_pruner"}
 
 
-def make_sampler(space: Space, src: str = "space", seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+def make_sampler(space: Space, src: str = "space", seed: int | None = None) -> optuna.samplers.BaseSampler:
     """The sampler the space names, with Optuna 5's defaults unless the space overrides them.
 
-    ``seed_offset`` differs per worker and per start, so parallel or resumed workers with a seeded
-    space do not replay the same random draws.
+    A seeded search (the space's ``sampler.seed``, or ``run --seed``; both add up) draws each trial's
+    values from a random state reset from (seed, trial number), see :class:`TrialSeededSampler`.
+    Without either, the sampler is unseeded, as Optuna's default.
     """
     opts = {k: v for k, v in space.sampler.items() if k != "name"}
-    if opts.get("seed") is not None:
-        opts["seed"] = int(opts["seed"]) + seed_offset
+    base = opts.pop("seed", None)
     name = space.sampler["name"]
     builders: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
         "tpe": optuna.samplers.TPESampler,
@@ -486,16 +488,85 @@ def make_sampler(space: Space, src: str = "space", seed_offset: int = 0) -> optu
         "cmaes": optuna.samplers.CmaEsSampler,
         "gp": optuna.samplers.GPSampler,
     }
-    _check_options(opts, _option_names(builders[name]), f"{src}: sampler '{name}'")
+    _check_options({**opts, "seed": base}, _option_names(builders[name]), f"{src}: sampler '{name}'")
     if name == "tpe":
         opts.setdefault("multivariate", True)
         opts.setdefault("constant_liar", True)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return builders[name](**opts)
+            sampler = builders[name](**opts)
     except (TypeError, ValueError, ImportError) as exc:
         raise UserError(f"{src}: sampler '{name}': {str(exc).splitlines()[0]}") from None
+    if base is None and seed is None:
+        return sampler
+    try:
+        total = int(base or 0) + int(seed or 0)
+    except (TypeError, ValueError):
+        raise UserError(f"{src}: sampler '{name}': seed must be a whole number, got {shown(base)}") from None
+    return TrialSeededSampler(sampler, total)
+
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """A sampler whose random state is reset from (seed, trial number) as each trial starts.
+
+    Why: a study is run by several workers, and by several ``run`` commands on other machines (they
+    join by running the same command). Seeding each sampler once, from what its worker knew, gave two
+    commands the same seeds, and they tried the same values twice. Trial numbers are unique across all
+    of them, so a trial's random draws are now its own; and one worker with the same seed still makes
+    the same search.
+    """
+
+    def __init__(self, inner: optuna.samplers.BaseSampler, seed: int) -> None:
+        self.inner = inner
+        self.seed = seed
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        state = int(np.random.SeedSequence([self.seed, trial.number]).generate_state(1)[0])
+        _reseed(self.inner, state)
+        self.inner.before_trial(study, trial)
+
+    def infer_relative_search_space(
+        self, study: optuna.Study, trial: FrozenTrial
+    ) -> dict[str, optuna.distributions.BaseDistribution]:
+        return self.inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        search_space: dict[str, optuna.distributions.BaseDistribution],
+    ) -> dict[str, Any]:
+        return self.inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        param_name: str,
+        param_distribution: optuna.distributions.BaseDistribution,
+    ) -> Any:
+        return self.inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(
+        self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None
+    ) -> None:
+        self.inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.inner.reseed_rng()
+
+
+def _reseed(sampler: optuna.samplers.BaseSampler, state: int) -> None:
+    """Seed every random state a sampler holds, and those of the samplers inside it (TPE's random
+    sampler for its first trials, CMA-ES's and GP's independent samplers)."""
+    from optuna.samplers._lazy_random_state import LazyRandomState
+
+    for value in vars(sampler).values():
+        if isinstance(value, LazyRandomState):
+            value.rng.seed(state)
+        elif isinstance(value, optuna.samplers.BaseSampler):
+            _reseed(value, state)
 
 
 def make_pruner(space: Space, src: str = "space") -> optuna.pruners.BasePruner:

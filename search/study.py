@@ -152,7 +152,7 @@ class RunOptions:
     per_gpu: int | None = None  # trials at once per GPU (None: DEFAULT_PER_GPU); no effect without GPUs
     workers: int | None = None  # CPU worker processes (None: 1); no effect when GPUs are used
     steps: int | None = None
-    seed: int = 0
+    seed: int | None = None  # added to the space's sampler seed; None and no space seed: unseeded
     allow_changed: bool = False
     heartbeat: int | None = None
     max_failures: int | None = None

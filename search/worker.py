@@ -67,7 +67,7 @@ class WorkerSpec:
     data_root: str
     trials: int
     steps: int | None
-    seed: int
+    seed: int | None  # run --seed (None: the space's sampler seed, if any)
     heartbeat: int
     grace: int
     status_dir: str
@@ -139,7 +139,6 @@ class _Shared:
     split: Split
     features: FeatureStore  # one copy of the features (on the GPU when it fits)
     trials_dir: Path
-    existing: int  # trials the study held when this worker started (sampler seeds stay apart)
 
 
 def worker_main(spec: WorkerSpec) -> int:
@@ -174,7 +173,6 @@ def _set_up(spec: WorkerSpec) -> _Shared:
         storage.heartbeat_stale_trial_callback = queue_retry  # never two retries of one trial
     # study.optimize runs the stale check too, before each trial: the same locked one (this process only).
     optuna.storages.fail_stale_trials = locked_fail_stale_trials
-    existing = len(storage.get_all_trials(storage.get_study_id_from_name(spec.study_name), deepcopy=False))
     attrs = optuna.load_study(study_name=spec.study_name, storage=storage).user_attrs
     data = open_cache(Path(spec.cache_dir), Path(spec.data_root))
     split = make_split(data, float(attrs["valid_ratio"]), int(attrs["split_seed"]))
@@ -185,7 +183,6 @@ def _set_up(spec: WorkerSpec) -> _Shared:
         split=split,
         features=FeatureStore(data, spec.device),
         trials_dir=Path(attrs["trials_dir"]),
-        existing=existing,
     )
 
 
@@ -202,8 +199,8 @@ class Lane:
         from search.storage import artifact_store
 
         self.shared, self.spec = shared, spec
-        # Its own sampler (seeded apart from every other lane's, here and in other workers) and study.
-        sampler = make_sampler(shared.space, seed_offset=spec.seed + 1000 * slot + shared.existing)
+        # Its own sampler (a seeded one draws each trial's values from that trial's own seed) and study.
+        sampler = make_sampler(shared.space, seed=spec.seed)
         self.study = optuna.load_study(
             study_name=spec.study_name,
             storage=shared.storage,

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import optuna
@@ -7,7 +8,14 @@ import pytest
 import yaml
 
 from search.errors import UserError
-from search.space import SPACES_DIR, ConstraintViolation, load_space, make_pruner, make_sampler
+from search.space import (
+    SPACES_DIR,
+    ConstraintViolation,
+    TrialSeededSampler,
+    load_space,
+    make_pruner,
+    make_sampler,
+)
 
 GOOD = {
     "name": "t",
@@ -231,3 +239,35 @@ def test_an_unsatisfiable_space_names_its_file_once(tmp_path: Path) -> None:
     text = str(info.value)
     assert text.startswith(f"{path}: no valid configuration can be sampled: key 'd_model'")
     assert text.count(str(path)) == 1
+
+
+def _draws(space_name: str, seed: int | None, workers: int, trials: int) -> list[dict[str, object]]:
+    """Params of ``trials`` trials asked in turn by ``workers`` samplers built alike, on one study."""
+    space = load_space(space_name)
+    storage = optuna.storages.InMemoryStorage()
+    optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    studies = [
+        optuna.load_study(study_name="s", storage=storage, sampler=make_sampler(space, seed=seed))
+        for _ in range(workers)
+    ]
+    drawn = []
+    for n in range(trials):
+        study = studies[n % workers]
+        trial = study.ask()
+        with contextlib.suppress(ConstraintViolation):
+            space.sample(trial)
+        drawn.append(dict(trial.params))
+        study.tell(trial, 0.5)
+    return drawn
+
+
+def test_a_seeded_search_draws_each_trials_values_from_its_own_number() -> None:
+    """Two run commands on one study (a second machine joins by running the same command) seeded their
+    samplers alike and tried the same values twice; and --seed did nothing on a space without a seed."""
+    two = _draws("smoke", None, workers=2, trials=4)  # smoke's sampler has seed 0: random start-up trials
+    assert all(two[i] != two[j] for i in range(4) for j in range(i))
+    assert _draws("smoke", None, workers=1, trials=4) == two  # a trial's draws do not depend on who asks
+    assert _draws("smoke", 7, workers=1, trials=4) != two
+    boss = _draws("boss", 5, workers=1, trials=3)  # boss names no seed: --seed seeds it
+    assert _draws("boss", 5, workers=1, trials=3) == boss != _draws("boss", 6, workers=1, trials=3)
+    assert not isinstance(make_sampler(load_space("boss")), TrialSeededSampler)  # unseeded: Optuna's way
