@@ -29,6 +29,7 @@ import random
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,16 @@ class Param:
     when: dict[str, list[Any]] = field(default_factory=dict)
 
     def active(self, values: dict[str, Any]) -> bool:
-        return all(values.get(key) in allowed for key, allowed in self.when.items())
+        """Whether its condition holds for ``values``; a key they leave out has its default, as in the
+        trial's config (validation reads the conditions so, and sampling once did not: a condition on
+        a default was accepted and then never true)."""
+        defaults = _config_defaults()
+        return all(values.get(key, defaults.get(key)) in allowed for key, allowed in self.when.items())
+
+
+@lru_cache(maxsize=1)
+def _config_defaults() -> dict[str, Any]:
+    return Config().to_dict()
 
 
 @dataclass(frozen=True)

@@ -271,3 +271,22 @@ def test_a_seeded_search_draws_each_trials_values_from_its_own_number() -> None:
     boss = _draws("boss", 5, workers=1, trials=3)  # boss names no seed: --seed seeds it
     assert _draws("boss", 5, workers=1, trials=3) == boss != _draws("boss", 6, workers=1, trials=3)
     assert not isinstance(make_sampler(load_space("boss")), TrialSeededSampler)  # unseeded: Optuna's way
+
+
+def test_a_condition_on_a_key_left_at_its_default_holds(tmp_path: Path) -> None:
+    """'when: {encoder: transformer}' with encoder left at its default (transformer) passed validation,
+    but sampling saw no encoder and never searched the key."""
+    space = {
+        "params": {
+            "steps": 40,
+            "d_model": 32,
+            "lr": {"low": 5e-4, "high": 5e-3, "log": True},
+            "dropout": {"low": 0.0, "high": 0.2, "when": {"encoder": ["transformer"]}},
+        }
+    }
+    path = tmp_path / "cond.yaml"
+    path.write_text(yaml.safe_dump(space))
+    loaded = load_space(path)
+    trial = optuna.create_study().ask()
+    loaded.sample(trial)
+    assert set(trial.params) == {"lr", "dropout"}
