@@ -7,6 +7,10 @@ module. Inputs are log-mel frames ``x`` of shape (B, T, n_mels), padded at the e
 
 Padding must never change an utterance's output: every stage masks padded frames, so an utterance
 scored alone gives the same logits as in a padded batch (the tests check this for every combination).
+One exception, in training only: the Conformer convolution's BatchNorm takes its batch statistics over
+all time steps, as torchaudio's, ESPnet's and WeNet's do, so the padded frames of a crop from an
+utterance shorter than ``segment_len`` (2 of HW4's 64,666 at 128 frames) count in them. Masking them
+costs about a dozen more kernels per layer on every step; left as is until a GPU run weighs the two.
 """
 
 from __future__ import annotations
