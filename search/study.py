@@ -15,6 +15,7 @@ goes stale and is retried from its checkpoint like a killed one.
 from __future__ import annotations
 
 import contextlib
+import json
 import multiprocessing as mp
 import os
 import signal
@@ -84,9 +85,16 @@ def identity_changes(study: optuna.Study, attrs: dict[str, Any], allow_changed: 
                 f"for {_steps_text(new)}; use the same value, a new --study name, or --allow-changed "
                 "to mix training budgets anyway"
             )
+        old, new = current.get("pruner"), attrs.get("pruner")
+        if old is not None and old != new:  # a study from before the pruner was recorded records it now
+            raise UserError(
+                f"study '{study.study_name}' was run with pruner {old}, this run's space has {new}: pruned "
+                "and full-budget trials would be ranked together; use the same pruner, a new --study name, "
+                "or --allow-changed to go on anyway"
+            )
     # The study goes on with the new values: workers split the new data set by the recorded ratio and
     # seed, and export-top validates on it (each trial records the data set it trained on).
-    keys = (*IDENTITY, "valid_ratio", "split_seed", "space_path", "data_root", "steps_override")
+    keys = (*IDENTITY, "valid_ratio", "split_seed", "space_path", "data_root", "steps_override", "pruner")
     return {key: attrs.get(key) for key in keys if current.get(key) != attrs.get(key)}
 
 
@@ -328,6 +336,7 @@ def _run(
             "artifact_dir": str((home / "artifacts").resolve()),
             "trials_dir": str((home / "trials").resolve()),
             "steps_override": steps,
+            "pruner": json.dumps(space.pruner, sort_keys=True),
         },
         opts.allow_changed,
     )

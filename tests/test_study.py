@@ -254,6 +254,22 @@ def test_steps_equal_to_the_space_or_unrecorded_count_as_no_override(tmp_path: P
     assert changed == {"steps_override": 40}
 
 
+def test_another_pruner_is_refused_like_another_budget() -> None:
+    """A space edited from the median pruner to none went on without a word, mixing pruned and
+    full-budget trials (the reason another --steps is refused)."""
+    old = {"fingerprint": "f", "split_id": "s", "space_digest": "d", "space_path": "p", "data_root": "r"}
+    median, none = '{"name": "median"}', '{"name": "none"}'
+    study = cast(optuna.Study, SimpleNamespace(study_name="s", user_attrs={**old, "pruner": median}))
+    assert identity_changes(study, {**old, "pruner": median}, allow_changed=False) == {}
+    with pytest.raises(
+        UserError, match=r"was run with pruner \{\"name\": \"median\"\}, this run's space has"
+    ):
+        identity_changes(study, {**old, "pruner": none}, allow_changed=False)
+    assert identity_changes(study, {**old, "pruner": none}, allow_changed=True) == {"pruner": none}
+    unrecorded = cast(optuna.Study, SimpleNamespace(study_name="s", user_attrs=old))  # an older study
+    assert identity_changes(unrecorded, {**old, "pruner": none}, allow_changed=False) == {"pruner": none}
+
+
 def test_run_by_storage_alone_does_not_start_a_second_study_beside_the_one_there(
     tmp_path: Path, tiny_dir: Path
 ) -> None:
