@@ -150,16 +150,24 @@ def remove_silence(wave: torch.Tensor) -> torch.Tensor:
     window = sums[1:].copy()  # sum of squares of the SILENCE_WINDOW samples ending at each sample
     window[SILENCE_WINDOW:] -= sums[1 : n + 1 - SILENCE_WINDOW]
     loud = window > limit
-    quiet = ~loud  # read only past the heads that the restarts below rewrite in ``loud``
+    counts = np.concatenate([[0], np.cumsum(loud, dtype=np.int64)])  # loud samples before each index
     kept: list[tuple[int, int]] = []
     start = 0  # where sox looks for speech, its RMS window just emptied
     while start < n:
+        # The window holds no samples from before start: recount the first SILENCE_WINDOW - 1 samples,
+        # and look there (and in the SILENCE_RUN after them) for speech with those flags.
         head = np.arange(start, min(start + SILENCE_WINDOW - 1, n))
-        loud[head] = sums[head + 1] - sums[start] > limit  # the window holds no samples before start
-        speech = _first_run(loud, start, SILENCE_RUN)
+        local = np.concatenate(
+            [sums[head + 1] - sums[start] > limit, loud[head.size + start :][:SILENCE_RUN]]
+        )
+        found = _first_window(np.concatenate([[0], np.cumsum(local, dtype=np.int64)]), 0, SILENCE_RUN, True)
+        if found is not None and found <= head.size:
+            speech: int | None = start + found
+        else:  # past the recounted samples, every flag is as first computed
+            speech = _first_window(counts, start + head.size + 1, SILENCE_RUN, True)
         if speech is None:
             break
-        pause = _first_run(quiet, speech + SILENCE_RUN, SILENCE_RUN)
+        pause = _first_window(counts, speech + SILENCE_RUN, SILENCE_RUN, False)
         kept.append((speech, n if pause is None else pause))
         if pause is None:
             break
@@ -170,23 +178,22 @@ def remove_silence(wave: torch.Tensor) -> torch.Tensor:
     return flat[kept[0][0] : kept[0][1]] if len(kept) == 1 else torch.cat([flat[a:b] for a, b in kept])
 
 
-def _first_run(flags: np.ndarray, start: int, length: int) -> int | None:
-    """Where the first run of ``length`` True flags at or after ``start`` begins, or None.
+def _first_window(counts: np.ndarray, start: int, length: int, loud: bool) -> int | None:
+    """The first index from ``start`` on where ``length`` loud (or, ``loud=False``, quiet) samples in a
+    row begin, from ``counts``, the number of loud samples before each index; None if there is none.
 
-    Looks ahead in doubling windows, so finding a run costs about its distance from ``start``, not the
-    rest of the file (a long recording has many pauses).
+    Looks ahead in doubling steps, so a search costs about the distance to what it finds, not the rest
+    of the file (a long recording has many pauses).
     """
-    n = flags.size
+    last = counts.size - length  # the last index a run of ``length`` can start at, plus one
+    want = length if loud else 0
     size = 4 * length
-    while start + length <= n:
-        stop = min(n, start + size)
-        counts = np.concatenate([[0], np.cumsum(flags[start:stop], dtype=np.int64)])
-        hits = np.flatnonzero(counts[length:] - counts[:-length] == length)
+    while start < last:
+        stop = min(last, start + size)
+        hits = np.flatnonzero(counts[start + length : stop + length] - counts[start:stop] == want)
         if hits.size:
             return start + int(hits[0])
-        if stop == n:
-            return None
-        size *= 2
+        start, size = stop, size * 2
     return None
 
 
