@@ -323,11 +323,14 @@ def train(
     log_every: int = 50,
     resume: bool = True,
     store: FeatureStore | None = None,
+    keep_last: bool = False,
 ) -> TrainResult:
     """Train ``config`` on ``data`` and return the best whole-utterance validation accuracy.
 
     ``store``: ``data``'s features already on ``device`` (a worker running several trials at once on
-    one GPU shares one copy); by default each call makes its own.
+    one GPU shares one copy); by default each call makes its own. A finished run removes its
+    ``last.pt`` unless ``keep_last``: a trial keeps it until its result is recorded, since a stop in
+    between retries the trial, which must resume rather than start over.
     """
     device = torch.device(device)
     clock = PhaseClock()
@@ -344,7 +347,9 @@ def train(
                 store = FeatureStore(data, device)
         elif store.data is not data or store.device != FeatureStore.resolve(device):
             raise ValueError(f"the feature store holds other data or lives on {store.device}, not {device}")
-        return _train(config, data, device, report, out_dir, split, log_every, resume, store, clock)
+        return _train(
+            config, data, device, report, out_dir, split, log_every, resume, store, clock, keep_last
+        )
 
 
 def _train(
@@ -358,6 +363,7 @@ def _train(
     resume: bool,
     store: FeatureStore,
     clock: PhaseClock,
+    keep_last: bool,
 ) -> TrainResult:
     setup_started = time.perf_counter()
     t = config.train
@@ -490,7 +496,7 @@ def _train(
 
     if best_state is None:  # stopped before any validation: validate what we have
         validate(step)
-    if last_path is not None and last_path.exists() and not stopped:
+    if last_path is not None and last_path.exists() and not stopped and not keep_last:
         last_path.unlink()
     return TrainResult(
         best_accuracy=best_acc,

@@ -150,8 +150,8 @@ def worker_main(spec: WorkerSpec) -> int:
     _install_worker_signals()
     shared = _set_up(spec)
     if spec.lanes == 1:
-        return Lane(shared, spec, spec.index).run()
-    return _run_lanes(spec, lambda lane_spec, slot: Lane(shared, lane_spec, slot).run())
+        return Lane(shared, spec).run()
+    return _run_lanes(spec, lambda lane_spec, _slot: Lane(shared, lane_spec).run())
 
 
 def _set_up(spec: WorkerSpec) -> _Shared:
@@ -194,7 +194,7 @@ class Lane:
     that a stop or a storage error ends is failed and queued again as one step under the state lock.
     """
 
-    def __init__(self, shared: _Shared, spec: WorkerSpec, slot: int) -> None:
+    def __init__(self, shared: _Shared, spec: WorkerSpec) -> None:
         from search.space import make_pruner, make_sampler
         from search.storage import artifact_store
 
@@ -337,10 +337,11 @@ class Lane:
             self.wait.call(trial.set_user_attr, key, value)
         if result.checkpoint is not None:
             self._store_checkpoint(trial, result.checkpoint, out_dir)
+        # Recorded: nothing resumes it now, so its resume point goes (and its folder, now empty). Removed
+        # before the record, a stop in between retried the trial from step 0 (seen once in the
+        # SIGTERM-then-Ctrl-C reliability test); kept until then, a storage outage can still resume it.
+        _discard_trial_folder(out_dir)
         if pruned:
-            # Finished for good once its result is stored: its resume point would stay on disk for the
-            # life of the study (kept until then, so a storage outage before it can still resume).
-            _discard_trial_folder(out_dir)
             raise optuna.TrialPruned(f"pruned at step {result.last_step}")
         return result.best_accuracy
 
@@ -428,6 +429,7 @@ class Lane:
                 out_dir=out_dir,
                 split=self.shared.split,
                 store=self.shared.features,
+                keep_last=True,  # removed once the result is recorded (_run_trial)
             )
         except _StopRequested as stop:
             # Best effort and brief: a failing write here (a busy SQLite file) must not swallow the stop.
@@ -468,8 +470,7 @@ class Lane:
                 "free space or repair the folder, the study goes on",
             )
             checkpoint.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                out_dir.rmdir()
+            _discard_trial_folder(out_dir)
             raise
         wait.call(trial.set_user_attr, "checkpoint_artifact", artifact_id)
         wait.call(trial.set_user_attr, "checkpoint_sha256", digest)

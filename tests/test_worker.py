@@ -211,6 +211,37 @@ def test_a_failed_trial_leaves_nothing_in_its_folder(
     assert _left_in_trial_folders(tmp_path) == []
 
 
+def test_a_stop_right_after_training_keeps_the_resume_point(
+    tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """train() removed last.pt as it finished; a stop before the trial's result was recorded then
+    retried the trial from step 0 (seen once in the SIGTERM-then-Ctrl-C reliability test). The trial
+    keeps last.pt until its result is recorded, so the retry resumes."""
+    import signal
+
+    spec, _ = _worker_here(tmp_path, tiny_dir, monkeypatch, space=long_space(tmp_path, steps=100), trials=1)
+    real_train = worker_module.Lane._train
+
+    def train_then_stop(self: worker_module.Lane, *args: object) -> object:
+        done = real_train(self, *args)  # type: ignore[arg-type]
+        worker_module._on_term(signal.SIGTERM, None)  # the stop, just before the result is recorded
+        return done
+
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(worker_module.Lane, "_train", train_then_stop)
+            assert worker_module.worker_main(spec) == 130
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert [p.name for p in (tmp_path / "studies/unit/trials").glob("*/last.pt")] == ["last.pt"]
+    worker_module._STOP.update(requested=False, deferred=False)
+    assert worker_module.worker_main(spec) == 0
+    (retry,) = load().get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert retry.user_attrs["resumed_from_step"] == 100  # nothing left to train: recorded at once
+    assert _left_in_trial_folders(tmp_path) == []
+
+
 def test_a_stop_while_a_trained_trial_is_recorded_waits_until_it_is(
     tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
