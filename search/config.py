@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,6 +219,20 @@ def validate(config: Config, source: str = "config", cross: bool = True) -> None
 PROJECT_DIR = Path(__file__).resolve().parent.parent  # where spaces/ and spaces/baselines/ ship
 
 
+def find_yaml(text: str, folder: str) -> Path | None:
+    """The YAML file ``text`` names, or None: a path as given; a bare name (``strong``, ``boss.yaml``)
+    in ``./<folder>``, then in the shipped ``<folder>``; a relative path that is not there (as the README
+    and the help write them, ``spaces/boss.yaml``) in the project, so it works from any folder."""
+    given = Path(text)
+    stem = text if text.endswith((".yaml", ".yml")) else f"{text}.yaml"
+    candidates = [given]
+    if "/" not in text:
+        candidates += [Path(folder) / stem, PROJECT_DIR / folder / stem]
+    elif not given.is_absolute():
+        candidates.append(PROJECT_DIR / given)
+    return next((path for path in candidates if path.is_file()), None)
+
+
 def find_config(name_or_path: str | Path) -> Path:
     """``strong`` or ``strong.yaml`` finds the shipped ``spaces/baselines/strong.yaml`` (./spaces first),
     and ``spaces/baselines/strong.yaml`` (as the help and README write it) works from any folder.
@@ -226,16 +241,10 @@ def find_config(name_or_path: str | Path) -> Path:
     "file not found" outside a checkout of this repository.
     """
     text = str(name_or_path)
+    found = find_yaml(os.path.expanduser(text), "spaces/baselines")
+    if found is not None:
+        return found
     given = Path(text).expanduser()
-    stem = text if text.endswith((".yaml", ".yml")) else f"{text}.yaml"
-    candidates = [given]
-    if "/" not in text:
-        candidates += [Path("spaces") / "baselines" / stem, PROJECT_DIR / "spaces" / "baselines" / stem]
-    elif not given.is_absolute():
-        candidates.append(PROJECT_DIR / given)
-    for path in candidates:
-        if path.is_file():
-            return path
     if given.is_dir():
         raise UserError(f"{text}: is a folder; give a YAML config file, e.g. {given / 'strong.yaml'}")
     shipped = ", ".join(sorted(p.stem for p in (PROJECT_DIR / "spaces" / "baselines").glob("*.yaml")))

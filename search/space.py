@@ -37,10 +37,10 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search.config import ALL_FIELDS, Config, read_yaml
+from search.config import ALL_FIELDS, PROJECT_DIR, Config, find_yaml, read_yaml
 from search.errors import UserError, shown
 
-SPACES_DIR = Path(__file__).resolve().parent.parent / "spaces"
+SPACES_DIR = PROJECT_DIR / "spaces"
 TOP_KEYS = {"name", "description", "params", "constraints", "sampler", "pruner", "enqueue", "study"}
 PARAM_KEYS = {"type", "low", "high", "step", "log", "choices", "when"}
 SAMPLERS = ("tpe", "random", "cmaes", "gp")
@@ -123,15 +123,9 @@ def _suggest(trial: optuna.Trial, param: Param) -> Any:
 def find_space(name_or_path: str | Path) -> Path:
     """``boss`` or ``boss.yaml`` finds ``spaces/boss.yaml`` (cwd first, then the package's), or a path."""
     text = str(name_or_path)
-    candidates = [Path(text)]
-    stem = text if text.endswith((".yaml", ".yml")) else f"{text}.yaml"
-    if "/" not in text:
-        candidates += [Path("spaces") / stem, SPACES_DIR / stem]
-    elif not Path(text).is_absolute():
-        candidates.append(SPACES_DIR.parent / text)  # "spaces/boss.yaml" as the README writes it
-    for path in candidates:
-        if path.is_file():
-            return path
+    found = find_yaml(text, "spaces")
+    if found is not None:
+        return found
     if Path(text).is_dir():
         raise UserError(
             f"--space {text}: is a folder; give a search-space YAML file or a shipped space's name"
@@ -490,7 +484,6 @@ def make_sampler(space: Space, src: str = "space", seed: int | None = None) -> o
     Without either, the sampler is unseeded, as Optuna's default.
     """
     opts = {k: v for k, v in space.sampler.items() if k != "name"}
-    base = opts.pop("seed", None)
     name = space.sampler["name"]
     builders: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
         "tpe": optuna.samplers.TPESampler,
@@ -498,7 +491,8 @@ def make_sampler(space: Space, src: str = "space", seed: int | None = None) -> o
         "cmaes": optuna.samplers.CmaEsSampler,
         "gp": optuna.samplers.GPSampler,
     }
-    _check_options({**opts, "seed": base}, _option_names(builders[name]), f"{src}: sampler '{name}'")
+    _check_options(opts, _option_names(builders[name]), f"{src}: sampler '{name}'")
+    base = opts.pop("seed", None)  # seeds each trial instead (TrialSeededSampler)
     if name == "tpe":
         opts.setdefault("multivariate", True)
         opts.setdefault("constant_liar", True)
