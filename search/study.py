@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_for_exit
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -407,13 +407,15 @@ def _run(
     return counts
 
 
-def _already_done(url: str, name: str, trials: int) -> Counts | None:
-    """The counts of a study that exists and already holds ``trials`` finished trials, else None.
+T = TypeVar("T")
 
-    Why: re-running the command of a finished study is how users check on it; answered here, before the
-    fork server starts and torch is imported, it takes a fraction of a second instead of seconds. Only
-    reads, and only what is there (no SQLite file is created); anything unexpected (no study yet, a
-    storage that does not answer) is left to the full path, which reports it in its order.
+
+def _peek(url: str, look: Callable[[Any], T]) -> T | None:
+    """``look(storage)`` on an existing storage, or None when there is none or anything goes wrong.
+
+    Why: run's quick checks answer before the fork server starts and torch is imported. They only read,
+    and only what is there (no SQLite file is created); anything unexpected (no study yet, a storage
+    that does not answer) is left to the full path, which reports it in its order.
     """
     from search.storage import holds_studies, open_storage
 
@@ -424,15 +426,28 @@ def _already_done(url: str, name: str, trials: int) -> Counts | None:
     except Exception:  # noqa: BLE001 - see above: the full path says what it is
         return None
     try:
-        study_id = storage.get_study_id_from_name(name)
-        if not storage.get_study_user_attrs(study_id).get("fingerprint"):  # created, never run
-            return None
-        counts = count_trials(storage.get_all_trials(study_id, deepcopy=False))
+        return look(storage)
     except Exception:  # noqa: BLE001 - no such study (KeyError), or the storage failed
         return None
     finally:
         storage.engine.dispose()  # a run that goes on opens its own; this one must not hold a connection
-    return counts if counts.finished >= trials else None
+
+
+def _already_done(url: str, name: str, trials: int) -> Counts | None:
+    """The counts of a study that exists and already holds ``trials`` finished trials, else None.
+
+    Why: re-running the command of a finished study is how users check on it; answered before the fork
+    server starts and torch is imported (:func:`_peek`), it takes a fraction of a second, not seconds.
+    """
+
+    def counts(storage: Any) -> Counts | None:
+        study_id = storage.get_study_id_from_name(name)
+        if not storage.get_study_user_attrs(study_id).get("fingerprint"):  # created, never run
+            return None
+        return count_trials(storage.get_all_trials(study_id, deepcopy=False))
+
+    found = _peek(url, counts)
+    return found if found is not None and found.finished >= trials else None
 
 
 def _check_default_study(url: str, name: str) -> None:
@@ -441,22 +456,11 @@ def _check_default_study(url: str, name: str) -> None:
     Why: ``status``, ``export-top`` and ``dashboard`` take a storage's only study when no --study is
     given, so a user resuming "by storage" would expect ``run`` to as well; it names its study after
     the space instead, and would silently start a second study (with its own trials and checkpoints)
-    beside the one meant. Read-only; anything unexpected is left to the full path.
+    beside the one meant.
     """
-    from search.storage import holds_studies, mask_url, open_storage, study_names
+    from search.storage import mask_url, study_names
 
-    if not holds_studies(url):
-        return
-    try:
-        storage = open_storage(url, must_exist=True)
-    except Exception:  # noqa: BLE001 - the full path reports it
-        return
-    try:
-        names = study_names(storage)
-    except Exception:  # noqa: BLE001
-        return
-    finally:
-        storage.engine.dispose()
+    names = _peek(url, study_names) or []
     if names and name not in names:
         held = ", ".join(f"'{n}'" for n in sorted(names)[:5]) + (", ..." if len(names) > 5 else "")
         raise UserError(
