@@ -118,6 +118,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # torch from here on: a bad config or --out above is refused without importing it (seconds)
     from search.data import open_data
     from search.devices import resolve_device
+    from search.infer import UnreadableCheckpoint
     from search.progress import console
     from search.train import resume_step, train
     from search.trainview import TrainView
@@ -131,10 +132,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif last.exists():
         try:
             step = resume_step(last, config, data)
-        except UserError as exc:  # a run killed while the disk filled, say: its own file, not one to "trust"
-            reason = str(exc).removeprefix(f"{last}: ").split("; replace it")[0]
+        except (
+            UnreadableCheckpoint
+        ) as exc:  # a run killed as the disk filled: its own file, not one to "trust"
             raise UserError(
-                f"{last}: the interrupted run's checkpoint cannot be resumed ({reason}); pass --force to "
+                f"{last}: the interrupted run's checkpoint cannot be resumed ({exc.what}); pass --force to "
                 "start over"
             ) from None
         if step is None:

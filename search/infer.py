@@ -38,25 +38,37 @@ def save_atomic(obj: dict[str, Any], path: Path) -> None:
         torch.save(obj, fh)
 
 
+class UnreadableCheckpoint(UserError):
+    """A checkpoint that cannot be used: ``what`` is why, ``advice`` what to do about it.
+
+    Apart so that a caller can give other advice: ``train``'s own interrupted run, whose last.pt was
+    cut short, starts over with --force rather than being replaced "with one you trust".
+    """
+
+    def __init__(self, path: Path, what: str, advice: str = "") -> None:
+        super().__init__(f"{path}: {what}{f'; {advice}' if advice else ''}")
+        self.what = what
+
+
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``; anything else (a pickle payload, junk) is refused."""
     path = Path(path)
     if path.is_dir():
         shown = f" (e.g. {path / 'best.pt'})" if (path / "best.pt").is_file() else ""
-        raise UserError(f"{path}: is a folder; pass a checkpoint file{shown}")
+        raise UnreadableCheckpoint(path, "is a folder", f"pass a checkpoint file{shown}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a refused legacy pickle is reported below in one line
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise UserError(f"{path}: checkpoint not found") from None
+        raise UnreadableCheckpoint(path, "checkpoint not found") from None
     except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types
-        reason = load_failure(exc, path)
-        raise UserError(
-            f"{path}: not a loadable checkpoint: {reason}; replace it with one you trust"
-        ) from None
+        what = f"not a loadable checkpoint: {load_failure(exc, path)}"
+        raise UnreadableCheckpoint(path, what, "replace it with one you trust") from None
     if not isinstance(ckpt, dict) or not {"config", "model", "n_mels", "speakers"} <= set(ckpt):
-        raise UserError(f"{path}: not an spkid-search checkpoint (needs config, model, n_mels, speakers)")
+        raise UnreadableCheckpoint(
+            path, "not an spkid-search checkpoint (needs config, model, n_mels, speakers)"
+        )
     return ckpt
 
 
