@@ -469,14 +469,11 @@ class Lane:
                 f"checkpoint could not be stored in {self.store.root}: {exc.strerror or exc}; "
                 "free space or repair the folder, the study goes on",
             )
-            checkpoint.unlink(missing_ok=True)
-            _discard_trial_folder(out_dir)
+            _discard_trial_folder(out_dir)  # the checkpoint (best.pt) and the rest
             raise
         wait.call(trial.set_user_attr, "checkpoint_artifact", artifact_id)
         wait.call(trial.set_user_attr, "checkpoint_sha256", digest)
-        checkpoint.unlink()
-        with contextlib.suppress(OSError):
-            out_dir.rmdir()  # nothing left once the artifact store holds the checkpoint
+        checkpoint.unlink()  # the store holds it; the folder goes once the result is recorded (_run_trial)
 
     def _requeue(self, trial: optuna.Trial) -> None:
         """Queue a trial that a storage outage failed, like a killed one, to resume from last.pt."""
