@@ -98,8 +98,9 @@ def combine(probs: Sequence[np.ndarray], weights: Sequence[float], method: str) 
     """Scores (N, classes) whose row argmax is the ensemble's prediction.
 
     ``probs`` are the members' calibrated probabilities, ``weights`` their (already final) weights.
-    For ``hard`` the score is votes * (W + 1) + summed probability with W = total weight, so the
-    probability sum (at most W) can only break ties between classes with equal votes.
+    For ``hard`` the classes with the most (weighted) votes score above every other class, ordered
+    among themselves by summed probability: the probabilities only break ties, whatever the weights
+    (a scale between votes and probabilities lets them outweigh a vote gap of a fraction of a weight).
     """
     check_method(method)
     w = np.asarray(weights, dtype=np.float64)
@@ -113,7 +114,9 @@ def combine(probs: Sequence[np.ndarray], weights: Sequence[float], method: str) 
     rows = np.arange(prob_sum.shape[0])
     for p, weight in zip(probs, w, strict=True):
         votes[rows, p.argmax(axis=1)] += weight
-    return votes * (total + 1.0) + prob_sum
+    # Equal vote sums reached through different weights (0.1 + 0.2 and 0.3) may differ in the last bits.
+    most = votes >= votes.max(axis=1, keepdims=True) - 1e-9 * max(total, 1.0)
+    return np.where(most, total + 1.0 + prob_sum, votes)
 
 
 def method_weights(weights: Sequence[float], valid_accs: Sequence[float | None], method: str) -> list[float]:

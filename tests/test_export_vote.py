@@ -576,6 +576,19 @@ def test_hard_vote_breaks_ties_by_summed_probability() -> None:
     assert combine([a, b], [1, 1], "soft").argmax(axis=1).tolist() == [1, 0]
 
 
+def test_hard_vote_follows_weighted_votes_whatever_the_weights() -> None:
+    # Class 0 has 1.01 votes, class 1 has 1.0 and by far the largest summed probability, class 2 0.5:
+    # the most votes win, the probabilities only break ties.
+    a = np.array([[0.34, 0.33, 0.33]])
+    b = np.array([[0.0, 1.0, 0.0]])
+    d = np.array([[0.0, 0.0, 1.0]])
+    assert combine([a, b, d], [1.01, 1.0, 0.5], "hard").argmax(axis=1).tolist() == [0]
+    # Equal weighted votes reached through different weights still tie: 0.7 + 0.1 is 0.7999... in
+    # floating point, against 0.8; the tie goes to class 1's larger summed probability.
+    e = np.array([[0.0, 0.45, 0.55]])
+    assert combine([b, b, e], [0.7, 0.1, 0.8], "hard").argmax(axis=1).tolist() == [1]
+
+
 def test_predict_and_vote_check_their_files_before_packing_the_data(
     exports: Exports, fake_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
