@@ -625,33 +625,40 @@ def _run(
     progress: bool,
     description: str,
     on_result: Callable[[Job, Result], None],
+    extract: Callable[[str, str, str], Result] = _extract,
 ) -> None:
-    """Extract every job, calling ``on_result(job, result)`` as each finishes."""
+    """Extract every job, calling ``on_result(job, result)`` as each finishes.
+
+    On Ctrl-C the queue is cancelled, the files in the workers' hands are finished and recorded, and the
+    interrupt goes on. ``extract`` is the work for one file (a picklable function when ``workers`` > 1).
+    """
     from search.progress import progress_bar
 
     with progress_bar(description, total=len(todo), enabled=progress and bool(todo)) as advance:
         if workers <= 1 or len(todo) <= 1:
             with _single_thread():
                 for job in todo:
-                    on_result(job, _extract(str(job[0].path), str(out), job[1]))
+                    on_result(job, extract(str(job[0].path), str(out), job[1]))
                     advance(1)
             return
         ctx = multiprocessing.get_context("spawn")
         pool = ProcessPoolExecutor(
             max_workers=min(workers, len(todo)), mp_context=ctx, initializer=_init_worker
         )
+        futures: dict[Future[Result], Job] = {}
+        recorded: set[Future[Result]] = set()
         try:
             # The workers start as the jobs are submitted. Started with SIGINT blocked, they inherit the
             # block, so a Ctrl-C while they import torch (before _init_worker runs) does not print a
             # traceback from each; here it waits until they have started, then stops the queue.
             mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             try:
-                futures: dict[Future[Result], Job] = {
-                    pool.submit(_extract, str(job[0].path), str(out), job[1]): job for job in todo
-                }
+                for job in todo:
+                    futures[pool.submit(extract, str(job[0].path), str(out), job[1])] = job
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             for fut in as_completed(futures):
+                recorded.add(fut)
                 on_result(futures[fut], fut.result())
                 advance(1)
         except BrokenProcessPool:
@@ -661,8 +668,17 @@ def _run(
                 "without an `if __name__ == '__main__':` guard); finished files are kept: re-run, with "
                 "--workers 1 to see which file it is"
             ) from None
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
+        except BaseException as exc:
+            # Waited for: an executor dropped at once (wait=False) never had its queue cancelled, and its
+            # manager thread fed every remaining file to the workers until the interpreter's exit, the
+            # results unrecorded (a Ctrl-C went on decoding the whole corpus). Now the workers finish only
+            # the files in hand, and those are recorded, so a resumed run does not decode them again.
+            pool.shutdown(wait=True, cancel_futures=True)
+            if isinstance(exc, KeyboardInterrupt):
+                with contextlib.suppress(Exception):  # a failed write is the next run's to report
+                    for fut, job in futures.items():
+                        if fut.done() and not fut.cancelled() and fut not in recorded and not fut.exception():
+                            on_result(job, fut.result())
             raise
         pool.shutdown(wait=True)
 

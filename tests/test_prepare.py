@@ -648,6 +648,44 @@ def test_ctrl_c_while_workers_start_is_one_line_not_their_tracebacks(tmp_path: P
     assert "Traceback" not in out and out.strip().endswith("spkid-search prepare: interrupted"), out
 
 
+def _slow_extract(path: str, out: str, name: str) -> tuple[str, int, int, str]:
+    """A stand-in for one file's work that marks that it ran (in a pool worker: module level)."""
+    import time
+
+    (Path(out) / name).write_text(path)
+    time.sleep(0.2)
+    return "ok", 1, 1, ""
+
+
+def test_ctrl_c_cancels_the_queue_and_records_every_file_it_finished(tmp_path: Path) -> None:
+    """Ctrl-C stops the workers after the files in hand, and each file that ran is recorded.
+
+    It used to leave the pool to a manager thread that fed every queued file to the workers until the
+    interpreter's exit, the results unrecorded: a Ctrl-C on a large corpus went on decoding all of it.
+    """
+    import time
+
+    from search.prepare import Job, Source, _run
+
+    out = tmp_path / "out"
+    out.mkdir()
+    jobs: list[Job] = [(Source(f"s/{i}.wav", tmp_path / f"{i}.wav", "s"), f"f{i:03d}", {}) for i in range(40)]
+    recorded: list[str] = []
+
+    def on_result(job: Job, result: object) -> None:
+        recorded.append(job[1])
+        if len(recorded) == 2:
+            raise KeyboardInterrupt  # as a Ctrl-C in the main thread, where results are recorded
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(jobs, out, 2, False, "test", on_result, extract=_slow_extract)
+    time.sleep(1.0)  # room for any worker still fed from the queue to show itself
+    ran = sorted(p.name for p in out.iterdir())
+    assert sorted(recorded) == ran  # every file that ran is recorded, none ran unrecorded
+    # The two recorded, plus those in the workers' hands and the pool's queue: a few, not the 40.
+    assert 2 <= len(ran) < 20
+
+
 def test_a_test_split_larger_than_a_speaker_allows_is_reported(tmp_path: Path) -> None:
     """--test-per-speaker 5 on speakers of 3 files keeps one file each for training (2 to test): said,
     not silent."""
