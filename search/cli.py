@@ -75,6 +75,16 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             f"[yellow]note: {report.out} held a set with other speakers, files or test split; studies made "
             "on it will refuse this one (run them with a new --study)"
         )
+    if report.validatable == 0:
+        # A valid layout (vote and predict can use it), but train and run need a speaker with 2 or more
+        # training utterances to hold one out for validation.
+        console.print(
+            f"[yellow]Wrote the HW4 layout to {report.out}, but no speaker keeps 2 or more training "
+            "utterances, so train and run cannot hold any out to validate on: give speakers more files, or "
+            "prepare again with --force and fewer test utterances (--test-per-speaker 0 keeps all of them "
+            "for training)"
+        )
+        return 0
     console.print(f"[green]Wrote the HW4 layout to {report.out}; train with --data {report.out}")
     return 0
 
@@ -446,9 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     test = p.add_mutually_exclusive_group()
     test.add_argument(
         "--test-per-speaker",
-        type=_positive,
+        type=_non_negative,
         metavar="N",
-        help="held-out test utterances per speaker (default 1)",
+        help="held-out test utterances per speaker (default 1; 0 keeps every file for training)",
     )
     test.add_argument(
         "--test-fraction",

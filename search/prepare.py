@@ -527,6 +527,7 @@ class PrepareReport:
     min_utterances: int = 2
     index_changed: bool = False  # the folder held a set whose index (speakers, split) this run changed
     capped: int = 0  # speakers with fewer test utterances than asked (one always stays for training)
+    validatable: int = 0  # speakers keeping 2+ training utterances: training holds some out to validate on
 
     @property
     def n_skipped(self) -> int:
@@ -952,6 +953,7 @@ def _prepare_locked(
         min_utterances=min_utterances,
         index_changed=index_changed,
         capped=capped,
+        validatable=sum(len(recs) >= 2 for recs in train_by_speaker.values()),
     )
 
 

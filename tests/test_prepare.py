@@ -401,6 +401,33 @@ def small_corpus(root: Path, speakers: int = 2, per: int = 4) -> None:
             write_clip(root / f"spk{s}" / f"{i}.wav", padded(x, 16000, 0.2, 0.2, rng), 16000, 1, "WAV")
 
 
+def test_a_set_no_speaker_can_validate_on_says_so_and_test_per_speaker_0_mends_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two files per speaker, one to test: one left to train on, none to hold out for validation. The
+    command says so (train would refuse the set) and its advice, --test-per-speaker 0, is accepted."""
+    from search.cli import main
+    from search.data import make_split, open_data
+
+    audio, out = tmp_path / "audio", tmp_path / "out"
+    small_corpus(audio, speakers=3, per=2)
+    assert main(["prepare", str(audio), "--out", str(out), "--quiet", "--workers", "1"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "no speaker keeps 2 or more training utterances" in err and "--test-per-speaker 0" in err
+    with pytest.raises(UserError, match="no speaker has 2 or more labelled utterances"):
+        make_split(open_data(out, cache_root=tmp_path / "cache", progress=False))
+
+    argv = ["prepare", str(audio), "--out", str(out), "--quiet", "--workers", "1", "--test-per-speaker", "0"]
+    assert main([*argv, "--force"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "no speaker keeps" not in err and f"train with --data {out}" in err
+    layout = read_layout(out)
+    assert (
+        len(layout.test) == 0
+        and len(make_split(open_data(out, cache_root=tmp_path / "cache", progress=False)).valid) == 3
+    )
+
+
 def test_resume_after_changes_kills_and_seed_change(tmp_path: Path) -> None:
     audio, out = tmp_path / "audio", tmp_path / "out"
     small_corpus(audio)
