@@ -300,23 +300,49 @@ def _relative_key(path: Path, base: Path) -> str:
         return path.as_posix()
 
 
+def _dir_id(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino
+
+
 def _walk(root: Path, exclude: Path | None) -> tuple[list[Source], list[tuple[str, str]], dict[str, int]]:
+    """Audio files under ``root``, following links to folders outside it; each folder read once.
+
+    A link to a folder inside the tree is not followed: the folder is read under its own path, so a
+    link ``alias -> spkB`` cannot relabel spkB's files as speaker ``alias`` (which sorts first). It,
+    and a second link to a folder read already, is listed as skipped with the path it duplicates.
+    """
+
+    def wanted(here: Path, d: str) -> bool:
+        return not d.startswith(".") and (exclude is None or (here / d).resolve() != exclude)
+
+    read: dict[tuple[int, int], str] = {}  # folders of the tree itself, then as read: id -> key
+    for folder, dirnames, _ in os.walk(root):
+        dirnames[:] = [d for d in dirnames if wanted(Path(folder), d)]
+        with contextlib.suppress(OSError):
+            read.setdefault(_dir_id(Path(folder)), _relative_key(Path(folder), root))
     sources: list[Source] = []
     skipped: list[tuple[str, str]] = []
     others: dict[str, int] = {}
-    seen_dirs: set[tuple[int, int]] = set()
     for folder, dirnames, filenames in os.walk(root, followlinks=True):
         here = Path(folder)
-        st = here.stat()
-        if (st.st_dev, st.st_ino) in seen_dirs:  # a symlink loop
-            dirnames[:] = []
-            continue
-        seen_dirs.add((st.st_dev, st.st_ino))
-        dirnames[:] = sorted(
-            d
-            for d in dirnames
-            if not d.startswith(".") and (exclude is None or (here / d).resolve() != exclude)
-        )
+        keep = []
+        for d in sorted(d for d in dirnames if wanted(here, d)):
+            if not (here / d).is_symlink():
+                keep.append(d)
+                continue
+            try:
+                ident = _dir_id(here / d)
+            except OSError:
+                continue  # a broken link: os.walk lists it as a folder only when it resolves
+            if ident in read:
+                key = _relative_key(here / d, root)
+                target = "the audio folder itself" if read[ident] == "." else f"{read[ident]}/"
+                skipped.append((key + "/", f"a link to {target}, which is read under its own name"))
+                continue
+            read[ident] = _relative_key(here / d, root)
+            keep.append(d)
+        dirnames[:] = keep
         for name in sorted(filenames):
             suffix = Path(name).suffix.lower()
             if name.startswith("."):

@@ -428,6 +428,25 @@ def test_a_set_no_speaker_can_validate_on_says_so_and_test_per_speaker_0_mends_i
     )
 
 
+def test_a_link_to_a_speaker_folder_in_the_tree_does_not_relabel_it(tmp_path: Path) -> None:
+    """``alias -> spk1`` sorts before spk1: its files were read once, as speaker ``alias``, and spk1 was
+    gone from the set without a word. Links to folders outside the tree are still followed."""
+    audio, elsewhere = tmp_path / "audio", tmp_path / "elsewhere"
+    small_corpus(audio, speakers=2, per=2)
+    small_corpus(elsewhere, speakers=3, per=2)
+    (audio / "alias").symlink_to("spk1", target_is_directory=True)
+    (audio / "ext").symlink_to(elsewhere / "spk2", target_is_directory=True)
+    (audio / "spk0" / "loop").symlink_to(audio, target_is_directory=True)
+    report = prepare(audio, tmp_path / "out", test_per_speaker=0, progress=False, workers=1)
+    assert sorted(read_layout(tmp_path / "out").speakers) == ["ext", "spk0", "spk1"]
+    assert report.train == 6
+    assert ("alias/", "a link to spk1/, which is read under its own name") in report.skipped
+    assert (
+        "spk0/loop/",
+        "a link to the audio folder itself, which is read under its own name",
+    ) in report.skipped
+
+
 def test_resume_after_changes_kills_and_seed_change(tmp_path: Path) -> None:
     audio, out = tmp_path / "audio", tmp_path / "out"
     small_corpus(audio)
