@@ -165,7 +165,8 @@ class RunOptions:
     heartbeat: int | None = None
     max_failures: int | None = None
     display: bool = True
-    max_respawns: int | None = None  # restarts of signal-killed workers per run (default 5 per worker)
+    # Restarts of signal-killed workers in a row, with no trial finishing in between (default 5 per worker).
+    max_respawns: int | None = None
     storage_patience: float = STORAGE_PATIENCE
     lanes: int | None = None  # trials per worker process, as threads (default: per_gpu on a GPU, 1 on CPU)
 
@@ -265,7 +266,8 @@ def run(
     a line on stderr) gets the line that says so, and the counts come back as they are.
 
     A worker killed by a signal (SIGKILL, the OOM killer) while the budget is not met is started again,
-    at most ``max_respawns`` times per run; its trial is failed and retried from its checkpoint.
+    at most ``max_respawns`` times in a row without a trial finishing (:class:`RestartBudget`); its
+    trial is failed and retried from its checkpoint.
     """
     try:
         return _run(opts, on_update, on_nothing)
@@ -600,6 +602,33 @@ def stops_deferred() -> Iterator[None]:
             signal.raise_signal(signum)  # handled as if it came now: KeyboardInterrupt, or whatever was set
 
 
+class RestartBudget:
+    """Restarts of killed workers allowed: ``limit`` in a row while no trial finishes.
+
+    Why in a row, not per run: a study left for days on one GPU meets an occasional OOM kill between
+    hundreds of good trials, and five of them over a week ended the run. A crash loop, where every
+    worker dies before any trial finishes, is still stopped after ``limit``.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0  # restarts in all, for the closing line
+        self.in_a_row = 0
+        self._finished: int | None = None  # finished trials at the last restart
+
+    def allow(self, finished: int | None) -> bool:
+        """Whether to restart a worker now; ``finished``: the study's finished trials (None: unknown)."""
+        if finished is not None and self._finished is not None and finished > self._finished:
+            self.in_a_row = 0  # trials finished since the last restart: not a loop
+        if finished is not None:
+            self._finished = finished
+        if self.in_a_row >= self.limit:
+            return False
+        self.in_a_row += 1
+        self.used += 1
+        return True
+
+
 def _supervise(
     specs: list[WorkerSpec],
     study: optuna.Study,
@@ -609,14 +638,14 @@ def _supervise(
     on_update: Callable[[optuna.Study, Counts, list[dict[str, Any]]], None] | None,
 ) -> tuple[dict[str, int | None], int]:
     """Start the workers and wait for all to exit, restarting any killed by a signal while the budget
-    is not met (at most ``max_respawns`` times); each worker's exit code and the restarts used.
+    is not met (at most ``max_respawns`` in a row without a trial finishing); each worker's exit code
+    and the restarts used.
 
     Ctrl-C (or SIGTERM) here stops every worker cleanly (:func:`stop_workers`) and is raised again.
     """
     from search.storage import is_transient_db_error
 
-    respawn_limit = opts.max_respawns if opts.max_respawns is not None else 5 * len(specs)
-    respawns = 0
+    restarts = RestartBudget(opts.max_respawns if opts.max_respawns is not None else 5 * len(specs))
     ctx = worker_context()
     procs: dict[str, Any] = {}
     exits: dict[str, int | None] = {}
@@ -652,17 +681,20 @@ def _supervise(
                 if killed:
                     _fail_killed(study, status_dir, s, code)
                     done = finished_now()
-                    if (done is None or done < opts.trials) and respawns < respawn_limit:
-                        respawns += 1
+                    if (done is None or done < opts.trials) and restarts.allow(done):
                         _log(
                             f"worker {s.worker} ({s.device}) {_exit_text(code)}; restarting it "
-                            f"({respawns} of at most {respawn_limit} restarts); its trial is retried from "
-                            "its last checkpoint (from step 0 if it had none yet)"
+                            f"({restarts.in_a_row} of at most {restarts.limit} restarts in a row without a "
+                            "finished trial); its trial is retried from its last checkpoint (from step 0 if "
+                            "it had none yet)"
                         )
                         start(s)
                         continue
                     if done is None or done < opts.trials:
-                        _log(f"worker {s.worker} {_exit_text(code)}; restart limit ({respawn_limit}) spent")
+                        _log(
+                            f"worker {s.worker} {_exit_text(code)}; restart limit spent "
+                            f"({restarts.limit} in a row without a finished trial)"
+                        )
                 exits[s.worker] = code
             if on_update is not None and len(exits) < len(specs):
                 try:
@@ -678,7 +710,7 @@ def _supervise(
     except KeyboardInterrupt:
         stop_workers(list(procs.values()))
         raise WorkersStopped() from None
-    return exits, respawns
+    return exits, restarts.used
 
 
 def _fail_killed(study: optuna.Study, status_dir: Path, spec: WorkerSpec, code: int | None) -> list[int]:

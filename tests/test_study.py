@@ -383,6 +383,20 @@ def _kill_worker_once(
     return victims, out
 
 
+def test_killed_workers_restart_while_trials_finish_and_a_crash_loop_stops() -> None:
+    """Kills spread over a long study, each after trials have finished, never spend the limit (five
+    over a week of OOM kills used to end the run); kills with nothing finishing in between do."""
+    budget = study_module.RestartBudget(2)
+    # Finished trials at each kill: 7 then 7 is two in a row, within the limit of 2.
+    assert [budget.allow(finished) for finished in (0, 3, 7, 7, 12, 40)] == [True] * 6
+    assert (budget.used, budget.in_a_row) == (6, 1)
+    assert [budget.allow(finished) for finished in (40, 40, 40)] == [True, False, False]
+    assert budget.allow(41)  # a trial finished meanwhile: a restart again
+    assert budget.used == 8
+    unknown = study_module.RestartBudget(1)  # the storage did not answer: counted as in a row
+    assert [unknown.allow(None), unknown.allow(None)] == [True, False]
+
+
 def test_sigkill_worker_trial_is_retried_and_resumed(tmp_path: Path, tiny_dir: Path) -> None:
     space = write_space(tmp_path / "unit.yaml", steps=400, valid_steps=50)
     data = yaml.safe_load(space.read_text())
