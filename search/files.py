@@ -8,6 +8,7 @@ half a file where a complete one is expected.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -18,6 +19,24 @@ from pathlib import Path
 from typing import IO, Any
 
 from search.errors import UserError
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an error it arose from) is a full disk or a spent quota.
+
+    Why: no trial can succeed until space is freed, so the search stops rather than failing trial after
+    trial; SQLite says so only in words ("database or disk is full").
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "database or disk is full" in str(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def sha256_file(path: Path) -> str:
@@ -64,10 +83,15 @@ def atomic_write(path: Path, text: bool = False, overwrite: bool = True) -> Iter
     try:
         usual_mode(fd)
         fh: IO[Any] = os.fdopen(fd, "w", newline="", encoding="utf-8") if text else os.fdopen(fd, "wb")
-        with fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            with fh:
+                yield fh
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            if exc.filename is None:  # a write's error names no file: say which one it was
+                raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+            raise
         if overwrite:
             os.replace(tmp, path)
         else:

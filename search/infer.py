@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import numpy as np
 import torch
@@ -30,12 +30,42 @@ def frame_budget(configured: int, device: torch.device) -> int:
     return configured if device.type == "cuda" else min(configured, CPU_FRAME_BUDGET)
 
 
+class _KeepsWriteError:
+    """A file whose ``write`` remembers the OSError it raised.
+
+    torch.save reports a failed write only as "[enforce fail at inline_container.cc] unexpected pos N
+    vs M": a full disk read like a bug in the checkpoint writer (an audit found 39 such fail reasons).
+    """
+
+    def __init__(self, fh: Any) -> None:
+        self.fh = fh
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return int(self.fh.write(data))
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
 def save_atomic(obj: dict[str, Any], path: Path) -> None:
-    """torch.save through :func:`~search.files.atomic_write`: a crash never leaves half a checkpoint."""
+    """torch.save through :func:`~search.files.atomic_write`: a crash never leaves half a checkpoint, and
+    a failed write (a full disk) raises its own OSError, naming ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as fh:
-        torch.save(obj, fh)
+        out = _KeepsWriteError(fh)
+        try:
+            torch.save(obj, cast(IO[bytes], out))  # it only writes and flushes
+        except (RuntimeError, OSError) as exc:
+            error = out.error or (exc if isinstance(exc, OSError) else None)
+            if error is None:
+                raise
+            raise OSError(error.errno, error.strerror or str(error), str(path)) from None
 
 
 class UnreadableCheckpoint(UserError):

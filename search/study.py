@@ -36,7 +36,7 @@ from search.errors import UserError
 from search.states import clear_state_lock, serialize_state_changes
 from search.storage import STORAGE_PATIENCE, StorageWait, db_error_text
 from search.trials import FINISHED, Counts, count_trials, on_other_data
-from search.worker import WorkerSpec, read_status, worker_process
+from search.worker import DISK_FULL_EXIT, WorkerSpec, read_status, worker_process
 
 if TYPE_CHECKING:
     from search.space import Space
@@ -247,6 +247,8 @@ def _exit_text(code: int | None) -> str:
             return f"was killed by signal {-code}"
     if code == 130:
         return "was stopped (SIGTERM or Ctrl-C sent to it, not to spkid-search run)"
+    if code == DISK_FULL_EXIT:
+        return "stopped: no space left on device"
     return f"exited with code {code}"
 
 
@@ -392,6 +394,14 @@ def _run(
     counts = wait.call(lambda: count_trials(study.get_trials(deepcopy=False)))
     if on_update is not None:  # the display's last frame shows how the run ended, not its last poll
         on_update(study, counts, read_status(status_dir))
+    if counts.finished < opts.trials and DISK_FULL_EXIT in exits.values():
+        # The worker's own words name the file (best effort: its status file is on a full disk too).
+        said = [str(s["stopped"]) for s in read_status(status_dir) if "no space" in str(s.get("stopped"))]
+        where = said[0] if said else f"no space left on device for its files in {home.resolve()}"
+        raise UserError(
+            f"study '{name}' stopped at {counts.finished} of {opts.trials} finished trials: {where}; free "
+            "space and run the same command again: the trials it cut off resume from their last checkpoints"
+        )
     max_failures = opts.max_failures or max(opts.trials, 3)
     if counts.finished < opts.trials and counts.failed >= max_failures:
         raise UserError(

@@ -27,8 +27,8 @@ import optuna
 from optuna.artifacts import upload_artifact
 from optuna.trial import FrozenTrial, TrialState
 
-from search.errors import UserError
-from search.files import sha256_file
+from search.errors import UserError, first_line
+from search.files import disk_full, sha256_file
 from search.states import (
     BudgetHeld,
     fail_silent_trials,
@@ -46,6 +46,10 @@ if TYPE_CHECKING:
     from search.data import FeatureStore, PackedData, Split
     from search.space import Space
     from search.train import TrainResult
+
+
+# A worker's exit code when a full disk stopped it (its trials were queued to resume).
+DISK_FULL_EXIT = 3
 
 
 class SkipTrial(Exception):
@@ -211,6 +215,7 @@ class Lane:
         self.trial: optuna.Trial | None = None  # the trial in hand this round
         self.out_dir: Path | None = None  # its checkpoint folder, once it has one
         self.requeue = False  # it was cut off by the storage: queue it again once it is FAIL
+        self.disk_full = ""  # why, once a full disk cut a trial off: the lane then stops
         # The state lock, held while a trial Optuna is about to FAIL (stopped, or cut off by the
         # storage) waits for its retry to be queued: no budget count elsewhere sees its place free.
         self.held = contextlib.ExitStack()
@@ -236,12 +241,17 @@ class Lane:
                         # The result of the trial in hand may not be recorded: it goes stale and is retried.
                         self.wait.pause(exc)
                         continue
+                    if disk_full(exc):  # the database's own disk: the trial in hand goes stale, is retried
+                        self.disk_full = first_line(exc, 300)
+                        return DISK_FULL_EXIT
                     if self._finished_elsewhere():
                         continue  # its retry resumes from the checkpoint; this lane takes the next trial
                     raise
                 self.wait.reset()
                 if not go_on:
                     break
+                if self.disk_full:
+                    return DISK_FULL_EXIT
         except KeyboardInterrupt:
             if self.trial is not None:
                 # Best effort: a storage that stays down leaves the trial to go stale instead.
@@ -252,7 +262,8 @@ class Lane:
             return 130
         finally:
             self.held.close()  # the state lock taken when the stop reached the trial (see _train)
-            _write_status(self.spec, {"done": True})
+            stopped = {"stopped": f"no space left on device ({self.disk_full})"} if self.disk_full else {}
+            _write_status(self.spec, {"done": True, **stopped})  # the driver names the full disk from it
         return 0
 
     def _one_round(self) -> bool:
@@ -294,10 +305,21 @@ class Lane:
         except (optuna.TrialPruned, SkipTrial, KeyboardInterrupt):
             raise
         except Exception as exc:
-            if is_transient_db_error(exc):
-                self.requeue = True  # cut off by the storage, not by its configuration
+            if is_transient_db_error(exc) or disk_full(exc):
+                # Cut off by the storage or a full disk, not by its configuration: it resumes later.
+                self.requeue = True
                 with contextlib.suppress(Exception):  # its FAIL and its retry as one step (_one_round)
                     self.held.enter_context(state_lock())
+                if disk_full(exc):
+                    # No trial can keep a checkpoint until space is freed: this lane stops, rather than
+                    # fail every trial after it (an audit saw a filled disk fail 101 in a row).
+                    self.disk_full = first_line(exc, 300)
+                    with contextlib.suppress(Exception):
+                        trial.set_user_attr(
+                            "fail_reason",
+                            f"no space left on device ({self.disk_full}); the run stopped: free space and "
+                            "run it again, this trial resumes from its last checkpoint",
+                        )
             elif self.out_dir is not None and self._still_ours(trial):
                 # It fails for good (diverged, out of memory, a bug): nothing resumes a FAIL trial,
                 # so its last.pt and best.pt would stay on disk for the life of the study.
@@ -461,8 +483,10 @@ class Lane:
                 )
             )
         except OSError as exc:
-            # A full disk, a read-only or vanished folder: this trial fails with the reason, nothing
-            # partial is left in the store, and its folder is freed (a FAIL trial is never resumed).
+            if disk_full(exc):
+                raise  # the run stops and the trial resumes, from its last.pt (see _objective)
+            # A read-only or vanished folder: this trial fails with the reason, nothing partial is left
+            # in the store, and its folder is freed (a FAIL trial is never resumed).
             wait.call(
                 trial.set_user_attr,
                 "fail_reason",

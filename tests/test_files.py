@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
+import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO, Any
 
 import pytest
 
-from search.files import atomic_write, install_folder, sha256_file, umask
+from search.files import atomic_write, disk_full, install_folder, sha256_file, umask
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path: Path) -> None:
@@ -19,6 +24,50 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path: Path) -> 
         raise RuntimeError("disk full")
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt"]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a file every write to fails")
+def test_a_checkpoint_on_a_full_disk_says_so_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch.save reported a failed write as "unexpected pos N vs M"; now its own OSError, with the file."""
+    import torch
+
+    import search.infer as infer
+
+    @contextlib.contextmanager
+    def full_disk(path: Path) -> Iterator[IO[Any]]:
+        fh = open("/dev/full", "wb")  # noqa: SIM115 - closed below, its own flush's error ignored
+        try:
+            yield fh
+        finally:
+            with contextlib.suppress(OSError):
+                fh.close()
+
+    monkeypatch.setattr(infer, "atomic_write", full_disk)
+    target = tmp_path / "last.pt"
+    with pytest.raises(OSError) as caught:
+        infer.save_atomic({"w": torch.zeros(100_000)}, target)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(target)
+    assert disk_full(caught.value)
+
+
+def test_disk_full_is_told_from_other_errors() -> None:
+    assert disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    wrapped = RuntimeError("commit failed")
+    wrapped.__cause__ = sqlite3.OperationalError("database or disk is full")
+    assert disk_full(wrapped)
+    assert not disk_full(OSError(errno.EROFS, "Read-only file system"))
+    assert not disk_full(RuntimeError("unexpected pos 704 vs 598"))
+
+
+def test_a_write_error_names_the_file(tmp_path: Path) -> None:
+    """An error from writing (not opening) a file names none; atomic_write adds the one it writes."""
+    target = tmp_path / "out.csv"
+    with pytest.raises(OSError) as caught, atomic_write(target, text=True):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert caught.value.filename == str(target) and caught.value.errno == errno.ENOSPC
 
 
 def test_a_finished_write_replaces_the_file(tmp_path: Path) -> None:
