@@ -261,9 +261,9 @@ def _space_name(space: str) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from search.display import best_table, counts_line, failures_table, retries_table
+    from search.display import best_table, counts_line, disk_line, failures_table, retries_table
     from search.progress import output
-    from search.storage import mask_url, resolve
+    from search.storage import artifact_dir, mask_url, resolve
     from search.trials import count_trials
 
     _, study, url = resolve(args.study, args.storage)
@@ -273,6 +273,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         if table is not None:
             output.print(table)
     output.print(counts_line(count_trials(trials)))
+    disk = disk_line(artifact_dir(study))
+    if disk is not None:
+        output.print(disk)
     output.print(f"[dim]storage {mask_url(url)}")  # never a password on screen
     return 0
 

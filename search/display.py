@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from datetime import datetime
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -116,6 +119,36 @@ def _reason(t: FrozenTrial) -> str:
 
 def _values(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def size_text(n: float) -> str:
+    """Bytes as people read them: 950 B, 31.2 MB, 6.2 GB."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def disk_line(folder: Path) -> Text | None:
+    """The checkpoints in ``folder`` (the artifact store) and the space left on its disk.
+
+    Why: every trial keeps its best checkpoint (a boss-space model is 30 MB on average and up to 200 MB),
+    so a search left for days can fill a disk; a full disk stops the run. None when the folder cannot
+    be read here (a study run on another machine).
+    """
+    try:
+        with os.scandir(folder) as entries:
+            sizes = [e.stat().st_size for e in entries if e.is_file() and not e.name.startswith(".")]
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    return Text.assemble(
+        ("checkpoints ", "bold"),
+        f"{len(sizes)} files, {size_text(sum(sizes))} in {folder}  ",
+        ("free ", "bold"),
+        f"{size_text(free)}",
+    )
 
 
 def counts_line(counts: Counts, target: int | None = None) -> Text:

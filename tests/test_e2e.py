@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from search.cli import main
+from search.display import size_text
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -34,6 +35,12 @@ def test_run_export_vote_round_trip(tmp_path: Path, tiny_dir: Path, monkeypatch:
     cli("run", "--space", "smoke", "--trials", "3", "--steps", "60", "--data", data, "--quiet", cwd=tmp_path)
     status = cli("status", cwd=tmp_path)
     assert "best trials" in status.stdout and "best trials" not in status.stderr  # results: stdout
+    store = tmp_path / "studies" / "smoke" / "artifacts"
+    stored = [p for p in store.iterdir() if not p.name.startswith(".")]
+    assert len(stored) == 3  # every trial keeps its best checkpoint; status says how many and where
+    line = " ".join(next(x for x in status.stdout.splitlines() if x.startswith("checkpoints")).split())
+    assert line.startswith(f"checkpoints 3 files, {size_text(sum(p.stat().st_size for p in stored))} in ")
+    assert line.split(" free ")[1].endswith(("kB", "MB", "GB", "TB"))
     cli("export-top", "2", "--data", data, "--quiet", cwd=tmp_path)
     export = tmp_path / "studies" / "smoke" / "export" / "top2"
     manifest = json.loads((export / "manifest.json").read_text())
