@@ -690,6 +690,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = exc.message.removeprefix(f"{args.command}: ")  # library errors may name the command too
         print(f"spkid-search {args.command}: error: {message}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        from search.files import disk_full
+
+        if not disk_full(exc):
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(
+            f"spkid-search {args.command}: error: no space left on device{where}; free space and run the "
+            "same command again (files are written whole or not at all; train resumes from its last "
+            "checkpoint)",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         print(f"spkid-search {args.command}: interrupted", file=sys.stderr)
         return 128 + stopped_by["signal"]  # 130 after Ctrl-C, 143 after SIGTERM, as shells report them

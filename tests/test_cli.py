@@ -182,6 +182,46 @@ def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
     return lines[0]
 
 
+def test_a_full_disk_is_one_line_naming_the_file_not_a_traceback(
+    tmp_path: Path, tiny_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import search.train
+
+    def full(obj: object, path: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(TINY_TRAIN))
+    monkeypatch.setattr(search.train, "save_atomic", full)
+    argv = [
+        "train",
+        "--config",
+        "c.yaml",
+        "--data",
+        str(tiny_dir),
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        "run",
+    ]
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert "Traceback" not in "\n".join(lines) and lines[0].startswith("Training c.yaml")
+    line = lines[-1]
+    assert line.startswith("spkid-search train: error: no space left on device writing ")
+    assert str(Path("run") / "best.pt") in line and "run the same command again" in line
+
+    def broken(obj: object, path: Path) -> None:  # any other OSError is a bug to show whole
+        raise OSError(errno.EIO, "Input/output error", str(path))
+
+    monkeypatch.setattr(search.train, "save_atomic", broken)
+    with pytest.raises(OSError, match="Input/output error"):
+        main([*argv, "--force"])
+
+
 def test_train_keeps_a_finished_run_unless_forced_and_resumes_an_interrupted_one(
     tmp_path: Path,
     tiny_dir: Path,
