@@ -33,7 +33,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from search.errors import UserError
-from search.states import clear_state_lock, serialize_state_changes
+from search.states import clear_state_lock, serialize_state_changes, state_lock
 from search.storage import STORAGE_PATIENCE, StorageWait, db_error_text
 from search.trials import FINISHED, Counts, count_trials, on_other_data
 from search.worker import DISK_FULL_EXIT, WorkerSpec, read_status, worker_process
@@ -317,46 +317,52 @@ def _run(
     serialize_state_changes(storage, url)
     home = study_dir(name)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
-    fresh = not study.user_attrs.get("fingerprint")
-    held = count_trials(study.get_trials(deepcopy=False))
-    if not fresh and held.finished >= opts.trials:
-        # Workers would each stop at once and nothing is recorded: another data set, space or --steps
-        # here changes nothing, so it is not refused either.
-        (on_nothing or _log)(nothing_to_do(name, held.finished, opts.trials))
-        return held
-    steps = effective_steps(space, opts.steps)  # what the study records is what reaches the trials
-    changes = identity_changes(
-        study,
-        {
-            "fingerprint": data.fingerprint,
-            "split_id": split.split_id,
-            "valid_ratio": split.ratio,
-            "split_seed": split.seed,
-            "space_digest": space.digest,
-            "space_path": str(Path(space.path).resolve()),
-            "space_name": space.name,
-            "data_root": str(Path(data.root).resolve()),
-            "artifact_dir": str((home / "artifacts").resolve()),
-            "trials_dir": str((home / "trials").resolve()),
-            "steps_override": steps,
-            "pruner": json.dumps(space.pruner, sort_keys=True),
-        },
-        opts.allow_changed,
-    )
-    if "space_digest" in changes and not fresh:
-        check_space_fits_study(study, space)
-    if not fresh and "fingerprint" in changes:  # --allow-changed on another data set
-        _log(
-            f"note: study '{name}' goes on with the data set in {data.root} (it was run on "
-            f"{study.user_attrs.get('data_root', '?')}); its earlier trials stay in its results, "
-            "marked in status, and export-top leaves them out"
+    # Created, checked and recorded as one step among the runs sharing the storage: a second machine
+    # starting at the same moment read a half-written identity and refused the study ("another search
+    # space", "--steps ... with the space's own steps"), seen in 2 of 7 simultaneous starts.
+    with state_lock():
+        study = optuna.create_study(
+            study_name=name, storage=storage, direction="maximize", load_if_exists=True
         )
-    for key, value in changes.items():
-        study.set_user_attr(key, value)
-    if fresh:
-        for params in space.enqueue:
-            study.enqueue_trial(params, skip_if_exists=True)
+        fresh = not study.user_attrs.get("fingerprint")
+        held = count_trials(study.get_trials(deepcopy=False))
+        if not fresh and held.finished >= opts.trials:
+            # Workers would each stop at once and nothing is recorded: another data set, space or --steps
+            # here changes nothing, so it is not refused either.
+            (on_nothing or _log)(nothing_to_do(name, held.finished, opts.trials))
+            return held
+        steps = effective_steps(space, opts.steps)  # what the study records is what reaches the trials
+        changes = identity_changes(
+            study,
+            {
+                "fingerprint": data.fingerprint,
+                "split_id": split.split_id,
+                "valid_ratio": split.ratio,
+                "split_seed": split.seed,
+                "space_digest": space.digest,
+                "space_path": str(Path(space.path).resolve()),
+                "space_name": space.name,
+                "data_root": str(Path(data.root).resolve()),
+                "artifact_dir": str((home / "artifacts").resolve()),
+                "trials_dir": str((home / "trials").resolve()),
+                "steps_override": steps,
+                "pruner": json.dumps(space.pruner, sort_keys=True),
+            },
+            opts.allow_changed,
+        )
+        if "space_digest" in changes and not fresh:
+            check_space_fits_study(study, space)
+        if not fresh and "fingerprint" in changes:  # --allow-changed on another data set
+            _log(
+                f"note: study '{name}' goes on with the data set in {data.root} (it was run on "
+                f"{study.user_attrs.get('data_root', '?')}); its earlier trials stay in its results, "
+                "marked in status, and export-top leaves them out"
+            )
+        for key, value in changes.items():
+            study.set_user_attr(key, value)
+        if fresh:
+            for params in space.enqueue:
+                study.enqueue_trial(params, skip_if_exists=True)
     status_dir = home / "workers" / socket.gethostname()  # one folder per machine sharing the study
     status_dir.mkdir(parents=True, exist_ok=True)
     for old in status_dir.glob("*.json"):

@@ -716,6 +716,58 @@ def test_compile_is_refused_with_several_trials_per_process(tmp_path: Path, tiny
     assert not (tmp_path / "studies").exists()  # refused before anything was written
 
 
+_RACE_RUN = """
+import sys, time
+from pathlib import Path
+import optuna
+import search.study
+from search.study import RunOptions, run
+space, data, role = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+if role == "first":  # after its first identity write, wait until the second run is about to look
+    original = optuna.Study.set_user_attr
+    def set_user_attr(self, key, value):
+        original(self, key, value)
+        if not Path("first-wrote").exists():
+            Path("first-wrote").touch()
+            deadline = time.time() + 60
+            while not Path("second-looks").exists() and time.time() < deadline:
+                time.sleep(0.01)
+            time.sleep(1.0)  # the second run's look would land here, mid-way through the identity
+    optuna.Study.set_user_attr = set_user_attr
+else:  # starts once the first has begun writing; says when it is about to open the study
+    while not Path("first-wrote").exists():
+        time.sleep(0.01)
+    serialize = search.study.serialize_state_changes
+    def serialize_state_changes(storage, url):
+        serialize(storage, url)
+        Path("second-looks").touch()
+    search.study.serialize_state_changes = serialize_state_changes
+run(RunOptions(space=space, trials=2, data=data, display=False))
+"""
+
+
+def test_two_runs_starting_a_new_study_at_once_both_go_on(tmp_path: Path, tiny_dir: Path) -> None:
+    """The second machine read the study's identity while the first was still writing it, and refused
+    the study ("run with another search space"): now created, checked and recorded as one step."""
+    space = write_space(tmp_path / "unit.yaml")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACE_RUN, str(space), str(tiny_dir), role],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for role in ("first", "second")
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert (tmp_path / "second-looks").exists()  # the race was staged
+    assert count_trials(load().get_trials()).finished == 2
+
+
 _LANES_RUN = """
 import sys
 from pathlib import Path
