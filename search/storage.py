@@ -133,9 +133,31 @@ def _prepare_sqlite(url: str) -> None:
             time.sleep(0.1 * attempt)
 
 
-def mask_url(url: str) -> str:
-    """The URL with its password replaced by ``***`` (for messages: never echo a password)."""
-    return re.sub(r"://([^:@/]+):[^/]*@", r"://\1:***@", url)  # to the last @: a password may hold one
+def _password_parts(url: str) -> list[str]:
+    """What may be a password in ``url``: all between ``user:`` and the last ``@``, and its pieces
+    (four characters or more: a shorter one is masked only inside a URL).
+
+    Drivers split an unescaped password at its first ``@`` (the rest becomes the host, which their
+    errors then quote); a password may hold ``/`` too. Longest first, for replacing.
+    """
+    found = re.match(r"^[\w+]+://[^:@/\s]*:(\S*)@", url)
+    if found is None or not found.group(1):
+        return []
+    whole = found.group(1)
+    parts = {whole, *re.split(r"[@/:]", whole)}
+    return sorted((p for p in parts if len(p) >= 4), key=len, reverse=True)  # "pw" would mask other words
+
+
+def mask_url(text: str, url: str | None = None) -> str:
+    """``text`` (a URL, or a message quoting one) with passwords replaced by ``***``: never echo one.
+
+    ``url``: the storage URL a driver's message in ``text`` is about; its password is masked wherever
+    the message quotes it (or a piece of it), not only inside a URL.
+    """
+    for secret in _password_parts(url or "") + _password_parts(text):
+        text = text.replace(secret, "***")
+    # Any other URL's password: to the last @ before a space (a password may hold @ or /).
+    return re.sub(r"://([^:@/\s]+):\S*@", r"://\1:***@", text)
 
 
 def check_storage_url(url: str) -> str:
@@ -225,8 +247,9 @@ class StorageWait:
         reason = db_error_text(exc)
         if waited >= self.patience:
             raise UserError(
-                f"storage {mask_url(self.url)} unreachable for {waited:.0f} s ({mask_url(reason)}); the "
-                "study is kept as it was: run the same command again once the database answers"
+                f"storage {mask_url(self.url)} unreachable for {waited:.0f} s "
+                f"({mask_url(reason, self.url)}); the study is kept as it was: run the same command again "
+                "once the database answers"
             )
         if self.on_wait is not None:
             self.on_wait(reason, waited)
@@ -319,7 +342,7 @@ def open_storage(
                 else "check the file and its folder's permissions"
             )
             raise UserError(
-                f"--storage {mask_url(given)}: cannot connect ({mask_url(first)[:200]}); {advice}"
+                f"--storage {mask_url(given)}: cannot connect ({mask_url(first, given)[:200]}); {advice}"
             ) from None
     raise AssertionError("unreachable")
 

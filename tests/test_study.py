@@ -871,6 +871,16 @@ def test_wrong_storage_url_and_unknown_study(tmp_path: Path) -> None:
 
     assert mask_url("postgresql://u:s3c@ret@h:5/db") == "postgresql://u:***@h:5/db"  # an unescaped @
     assert mask_url("postgresql://u@h/db") == "postgresql://u@h/db"
+    # A password holding "/" (base64) was printed whole; one holding "@" leaked its tail through the
+    # driver's message, which quotes the host it parsed.
+    assert (
+        mask_url("postgresql://postgres:Top/Secret@127.0.0.1:5432/db")
+        == "postgresql://postgres:***@127.0.0.1:5432/db"
+    )
+    given = "postgresql://u:TopSecret@Part2@127.0.0.1/db"
+    said = mask_url("failed to resolve host 'Part2@127.0.0.1': Name or service not known", given)
+    assert "Part2" not in said and "TopSecret" not in said and "127.0.0.1" in said
+    assert mask_url("user u: password authentication failed", "postgresql://u:pw@h/db").startswith("user u:")
     # A MySQL URL without its driver installed (it is not a requirement): one line, no password.
     for url in ("mysql://root:s3cret@127.0.0.1/db", "mysql+pymysql://root:s3cret@127.0.0.1/db"):
         with pytest.raises(
