@@ -18,6 +18,7 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -363,10 +364,7 @@ def _run(
         if fresh:
             for params in space.enqueue:
                 study.enqueue_trial(params, skip_if_exists=True)
-    status_dir = home / "workers" / socket.gethostname()  # one folder per machine sharing the study
-    status_dir.mkdir(parents=True, exist_ok=True)
-    for old in status_dir.glob("*.json"):
-        old.unlink()
+    status_dir = _status_dir(home)
     threads = max(1, (os.cpu_count() or 1) // len(devices)) if devices[0] == "cpu" else 2
     specs = [
         WorkerSpec(
@@ -695,7 +693,7 @@ def _supervise(
                 code = proc.exitcode
                 killed = code is not None and code < 0 and -code not in (signal.SIGINT, signal.SIGTERM)
                 if killed:
-                    _fail_killed(study, status_dir, s, code)
+                    _fail_killed(study, status_dir, s, code, proc.pid)
                     done = finished_now()
                     if (done is None or done < opts.trials) and restarts.allow(done):
                         _log(
@@ -729,7 +727,40 @@ def _supervise(
     return exits, restarts.used
 
 
-def _fail_killed(study: optuna.Study, status_dir: Path, spec: WorkerSpec, code: int | None) -> list[int]:
+def _status_dir(home: Path) -> Path:
+    """This run's folder for its workers' status files: ``workers/<host>/<pid>``, emptied.
+
+    Why one per run: two runs of a study from one folder on one host (``--gpus 0`` and ``--gpus 1``
+    in two terminals) shared ``workers/<host>``, each deleting the other's files, and their workers,
+    both named w0, wrote the same file. Folders of runs no longer alive on this host are removed.
+    """
+    host = home / "workers" / socket.gethostname()
+    with contextlib.suppress(OSError):
+        for other in host.iterdir():
+            if other.is_dir() and other.name.isdigit() and not _pid_alive(int(other.name)):
+                shutil.rmtree(other, ignore_errors=True)
+        for old in host.glob("*.json"):  # status files from before runs had folders of their own
+            old.unlink()
+    folder = host / str(os.getpid())
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.json"):  # this process's earlier run (a library calling run twice)
+        old.unlink()
+    return folder
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _fail_killed(
+    study: optuna.Study, status_dir: Path, spec: WorkerSpec, code: int | None, pid: int
+) -> list[int]:
     """FAIL a killed worker's running trials with the reason the driver knows, and queue their retries.
 
     Why here: the stale check ran only at a lane's next round, so with one worker the dead trial stayed
@@ -744,6 +775,7 @@ def _fail_killed(study: optuna.Study, status_dir: Path, spec: WorkerSpec, code: 
         st["trial"]
         for st in read_status(status_dir)
         if st.get("worker") in (spec.worker, *(f"{spec.worker}.{j}" for j in range(spec.lanes)))
+        and st.get("pid") == pid  # the killed process's own lanes, not a restarted one's
         and isinstance(st.get("trial"), int)
     }
     if not numbers:

@@ -594,9 +594,10 @@ def worker_process(spec: WorkerSpec) -> None:
 
 
 def read_status(status_dir: Path) -> list[dict[str, Any]]:
-    """The latest status of every worker (lane) writing to ``status_dir``; an unreadable file is skipped."""
+    """The latest status of every worker (lane) writing to ``status_dir`` or a folder under it (a run's
+    own, ``workers/<host>/<pid>``); an unreadable file is skipped."""
     out = []
-    for path in sorted(status_dir.glob("*.json")):
+    for path in sorted(status_dir.rglob("*.json")):
         try:
             out.append(json.loads(path.read_text()))
         except (OSError, json.JSONDecodeError):

@@ -52,7 +52,7 @@ def wait_for_step(status_dir: Path, min_step: int, timeout: float) -> dict[str, 
     """The status of a worker (lane) training at ``min_step`` or later; fails after ``timeout`` s."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        for path in status_dir.glob("*.json"):
+        for path in status_dir.rglob("*.json"):  # under each run's own folder
             try:
                 state = json.loads(path.read_text())
             except (OSError, ValueError):

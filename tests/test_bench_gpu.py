@@ -107,7 +107,7 @@ def test_gpu_lanes_script_runs_on_cpu_and_writes_its_figures(tmp_path: Path) -> 
 
 def _training(scratch: Path) -> bool:
     """True once a worker of the script's run reports a training step (its status file)."""
-    for path in scratch.glob("*/studies/lanes1/workers/*/*.json"):
+    for path in scratch.glob("*/studies/lanes1/workers/*/*/*.json"):
         try:
             if "step" in json.loads(path.read_text()):
                 return True

@@ -383,6 +383,44 @@ def _kill_worker_once(
     return victims, out
 
 
+def test_each_run_keeps_its_own_status_folder_and_fails_only_its_killed_workers_trials(
+    tmp_path: Path,
+) -> None:
+    """Two runs of a study from one folder on one host shared ``workers/<host>``, their workers both
+    named w0: a kill in one run failed the trial the other run's live w0 was training."""
+    import json
+
+    from search.worker import WorkerSpec
+
+    home = tmp_path / "studies" / "unit"
+    host = home / "workers" / socket.gethostname()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    gone, alive = host / dead.stdout.strip(), host / str(os.getppid())
+    for folder in (gone, alive):
+        folder.mkdir(parents=True)
+        (folder / "w0.json").write_text("{}")
+    (host / "w0.json").write_text("{}")  # a status file from before runs had folders
+    mine = study_module._status_dir(home)
+    assert mine == host / str(os.getpid()) and mine.is_dir()
+    assert sorted(p.name for p in host.iterdir()) == sorted([alive.name, mine.name])  # the dead run's went
+
+    study = optuna.create_study(
+        study_name="unit", storage=open_storage(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    )
+    ours, theirs = study.ask(), study.ask()
+    (mine / "w0.json").write_text(json.dumps({"worker": "w0", "pid": 4242, "trial": ours.number}))
+    (alive / "w0.json").write_text(json.dumps({"worker": "w0", "pid": 4343, "trial": theirs.number}))
+    spec = WorkerSpec(
+        *("w0", 0, "cpu", "sqlite://", "unit", "s.yaml", "c", "d"),
+        *(2, None, None, 1, 3, str(mine), 1, 3),
+    )
+    assert study_module._fail_killed(study, mine, spec, -9, pid=4343) == []  # not this run's process
+    assert study_module._fail_killed(study, mine, spec, -9, pid=4242) == [ours.number]
+    assert study.trials[theirs.number].state == TrialState.RUNNING
+
+
 def test_killed_workers_restart_while_trials_finish_and_a_crash_loop_stops() -> None:
     """Kills spread over a long study, each after trials have finished, never spend the limit (five
     over a week of OOM kills used to end the run); kills with nothing finishing in between do."""
