@@ -13,6 +13,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from search.errors import UserError
 
@@ -281,10 +282,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    import optuna_dashboard
-
+    from search import dashboard
     from search.progress import console
-    from search.storage import ReadOnlyArtifactStore, artifact_store, resolve
+    from search.storage import ReadOnlyArtifactStore, artifact_dir, resolve
 
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port {args.port}: must be a TCP port between 1 and 65535")
@@ -296,15 +296,29 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     console.print(
         f"optuna-dashboard for '{study.study_name}' on http://{shown_host}:{args.port}/ (Ctrl-C stops)"
     )
+    # The recorded folder is only read: a machine that does not mount it still shows the study.
+    store = ReadOnlyArtifactStore(storage, artifact_dir(study))
+    stops: list[int] = []
+    handlers: dict[int, Any] = {int(sig): signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def noted(signum: int, frame: Any) -> None:
+        stops.append(signum)  # the server swallows the KeyboardInterrupt below and returns
+        previous = handlers[signum]
+        if callable(previous):
+            previous(signum, frame)
+        raise KeyboardInterrupt
+
+    for sig in handlers:
+        signal.signal(sig, noted)
     try:
-        optuna_dashboard.run_server(
-            storage,
-            host=args.host,
-            port=args.port,
-            artifact_store=ReadOnlyArtifactStore(storage, Path(artifact_store(study).root)),
-        )
+        dashboard.serve(storage, artifact_store=store, host=args.host, port=args.port)
     except OSError as exc:  # the port taken between the check and the server's own bind
         raise UserError(_bind_error(args.host, args.port, exc)) from None
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if stops:
+        raise KeyboardInterrupt  # exit 130 after Ctrl-C, 143 after SIGTERM, as every command
     return 0
 
 

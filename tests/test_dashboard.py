@@ -28,6 +28,7 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 
+from search.dashboard import REFUSED
 from search.storage import default_storage_url, open_storage
 
 CHROMIUM = shutil.which("chromium")
@@ -274,7 +275,7 @@ def test_uploads_and_deletes_are_refused_with_403_not_a_server_error(dashboard: 
             urllib.request.urlopen(request, timeout=10)
         assert refused.value.code == 403, (method, path, refused.value.code)
         reason = json.loads(refused.value.read())["reason"]
-        assert reason == "the dashboard of spkid-search does not change the artifact store", reason
+        assert reason == REFUSED, reason
     assert "Traceback" not in dashboard.log.read_text() and "Exception" not in dashboard.log.read_text()
 
 
@@ -342,9 +343,9 @@ def test_the_dashboard_gets_a_read_only_artifact_store(
     finished trial's checkpoint. The store it is given serves downloads and refuses both."""
     import io
 
-    import optuna_dashboard
     from bottle import HTTPError
 
+    import search.dashboard
     from search.cli import main
     from search.storage import artifact_store
 
@@ -354,7 +355,7 @@ def test_the_dashboard_gets_a_read_only_artifact_store(
     study = optuna.load_study(study_name=STUDY, storage=open_storage(default_storage_url(STUDY)))
     artifact_id = _upload(artifact_store(study), study, tmp_path / "best.pt", b"checkpoint bytes")
     given: dict[str, object] = {}
-    monkeypatch.setattr(optuna_dashboard, "run_server", lambda storage, **kwargs: given.update(kwargs))
+    monkeypatch.setattr(search.dashboard, "serve", lambda storage, **kwargs: given.update(kwargs))
     assert main(["dashboard", "--study", STUDY, "--port", str(_free_port())]) == 0
     store = given["artifact_store"]
     with store.open_reader(artifact_id) as fh:  # type: ignore[attr-defined]
@@ -373,9 +374,9 @@ def test_the_dashboard_serves_every_listed_studys_checkpoints(
     """One database holds several studies (PostgreSQL for many machines, or one SQLite file) and the
     dashboard lists them all; each keeps its checkpoints in the folder its first run recorded. Only the
     --study's folder was served: the others' downloads were "not found"."""
-    import optuna_dashboard
     from optuna.artifacts.exceptions import ArtifactNotFound
 
+    import search.dashboard
     from search.cli import main
     from search.storage import AtomicArtifactStore
 
@@ -390,7 +391,7 @@ def test_the_dashboard_serves_every_listed_studys_checkpoints(
     checkpoint = b"the other study's checkpoint"
     artifact_id = _upload(AtomicArtifactStore(folder), other, tmp_path / "best.pt", checkpoint)
     given: dict[str, object] = {}
-    monkeypatch.setattr(optuna_dashboard, "run_server", lambda storage, **kwargs: given.update(kwargs))
+    monkeypatch.setattr(search.dashboard, "serve", lambda storage, **kwargs: given.update(kwargs))
     assert main(["dashboard", "--study", STUDY, "--port", str(_free_port())]) == 0
     store = given["artifact_store"]
     with store.open_reader(artifact_id) as fh:  # type: ignore[attr-defined]
@@ -404,8 +405,7 @@ def test_the_dashboard_serves_every_listed_studys_checkpoints(
 def test_an_ipv6_host_is_shown_as_a_url_writes_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import optuna_dashboard
-
+    import search.dashboard
     from search.cli import main
 
     try:
@@ -416,7 +416,81 @@ def test_an_ipv6_host_is_shown_as_a_url_writes_it(
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SPKID_SEARCH_STUDIES", str(tmp_path / "studies"))
     _build_study(tmp_path / "studies")
-    monkeypatch.setattr(optuna_dashboard, "run_server", lambda storage, **kwargs: None)
+    monkeypatch.setattr(search.dashboard, "serve", lambda storage, **kwargs: None)
     port = _free_port()
     assert main(["dashboard", "--study", STUDY, "--host", "::1", "--port", str(port)]) == 0
     assert f"on http://[::1]:{port}/ (Ctrl-C stops)" in capsys.readouterr().err  # not http://::1:port/
+
+
+def test_the_dashboard_changes_nothing(dashboard: Dashboard) -> None:
+    """optuna-dashboard let whoever reached its port delete the study (the UI's own delete dialog),
+    rename it, tell trials and write notes; every such request is now refused with 403."""
+    study = dashboard.study_id
+    changes = [
+        ("DELETE", f"/api/studies/{study}", {"remove_associated_artifacts": False}),
+        ("POST", f"/api/studies/{study}/rename", {"study_name": "renamed"}),
+        ("PUT", f"/api/studies/{study}/note", {"version": 1, "body": "hello"}),
+        ("POST", "/api/studies", {"study_name": "new", "directions": ["maximize"]}),
+    ]
+    for method, path, body in changes:
+        request = urllib.request.Request(
+            dashboard.base + path,
+            data=json.dumps(body).encode(),
+            method=method,
+            headers={"Content-Type": "application/json"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 403, (method, path)
+        assert json.loads(refused.value.read())["reason"] == REFUSED
+    with urllib.request.urlopen(dashboard.base + "/api/studies", timeout=30) as answer:
+        studies = json.loads(answer.read())["study_summaries"]
+    assert [s["study_name"] for s in studies] == [STUDY]  # still there, under its name, and alone
+
+
+def test_a_stopped_dashboard_exits_as_every_command_does(tmp_path: Path) -> None:
+    """The server swallowed Ctrl-C and SIGTERM and the command exited 0, silently."""
+    import signal
+
+    _build_study(tmp_path / "studies")
+    env = {**os.environ, "SPKID_SEARCH_STUDIES": str(tmp_path / "studies"), "PYTHONUNBUFFERED": "1"}
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        port = _free_port()
+        log = tmp_path / f"dashboard-{code}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [*_cli(), "dashboard", "--study", STUDY, "--port", str(port)],
+                cwd=tmp_path,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            _wait_for_port(Dashboard(proc=proc, port=port, study_id=0, best_number=0, log=log))
+            proc.send_signal(sig)
+            assert proc.wait(timeout=30) == code, log.read_text()
+        finally:
+            _stop(proc)
+        said = log.read_text()
+        assert "Traceback" not in said and said.rstrip().endswith("spkid-search dashboard: interrupted"), said
+
+
+def test_a_study_whose_checkpoint_folder_is_not_mounted_here_is_still_shown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dashboard created the recorded artifact folder, and refused the study where it could not
+    (a laptop that does not mount the machines' shared studies/ folder); it only reads it now."""
+    import search.dashboard
+    from search.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SPKID_SEARCH_STUDIES", str(tmp_path / "studies"))
+    _build_study(tmp_path / "studies")
+    elsewhere = tmp_path / "not-mounted" / "studies" / STUDY / "artifacts"
+    study = optuna.load_study(study_name=STUDY, storage=open_storage(default_storage_url(STUDY)))
+    study.set_user_attr("artifact_dir", str(elsewhere))
+    served: list[object] = []
+    monkeypatch.setattr(search.dashboard, "serve", lambda storage, **kwargs: served.append(kwargs))
+    assert main(["dashboard", "--study", STUDY, "--port", str(_free_port())]) == 0
+    assert served and not (tmp_path / "not-mounted").exists()
