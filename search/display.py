@@ -114,7 +114,11 @@ def _latest(
 
 
 def _reason(t: FrozenTrial) -> str:
-    return str(t.user_attrs.get("fail_reason") or "no reason recorded (the worker died?)")
+    # Every other way to FAIL records a reason: this one is the heartbeat check's (Optuna records none).
+    return str(
+        t.user_attrs.get("fail_reason")
+        or "its heartbeat stopped (its worker or machine died, or lost the storage)"
+    )
 
 
 def _values(params: dict[str, Any]) -> str:

@@ -175,6 +175,15 @@ def test_retries_table_gives_why_retried_trials_failed() -> None:
     assert failures_table(study.get_trials()) is None  # retried: none of them is a failure
 
 
+def test_a_trial_the_heartbeat_check_failed_says_so() -> None:
+    """Optuna's stale check records no reason; status said "no reason recorded (the worker died?)"."""
+    study = _study()
+    study.add_trial(create_trial(state=TrialState.FAIL))
+    console = Console(width=160, record=True, color_system=None)
+    console.print(failures_table(study.get_trials()))
+    assert "its heartbeat stopped (its worker or machine died, or lost the storage)" in console.export_text()
+
+
 def test_on_a_terminal_the_run_view_stays_live_and_quiet_prints_nothing() -> None:
     study = _study()
     out = io.StringIO()
