@@ -195,18 +195,8 @@ def test_a_full_disk_is_one_line_naming_the_file_not_a_traceback(
     monkeypatch.chdir(tmp_path)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(TINY_TRAIN))
     monkeypatch.setattr(search.train, "save_atomic", full)
-    argv = [
-        "train",
-        "--config",
-        "c.yaml",
-        "--data",
-        str(tiny_dir),
-        "--device",
-        "cpu",
-        "--quiet",
-        "--out",
-        "run",
-    ]
+    argv = ["train", "--config", "c.yaml", "--data", str(tiny_dir), "--device", "cpu"]
+    argv += ["--quiet", "--out", "run"]
     assert main(argv) == 2
     lines = capsys.readouterr().err.splitlines()
     assert "Traceback" not in "\n".join(lines) and lines[0].startswith("Training c.yaml")

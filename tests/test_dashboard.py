@@ -117,13 +117,9 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
-    """``spkid-search dashboard --study STUDY --port <free>``, default --host, in a fresh folder."""
-    root = tmp_path_factory.mktemp("dashboard")
-    study_id, best = _build_study(root / "studies")
+def _start(root: Path, log: Path, study_id: int = 0, best: int = 0) -> Dashboard:
+    """``spkid-search dashboard --study STUDY --port <free>``, default --host, run in ``root``."""
     port = _free_port()
-    log = root / "dashboard.log"
     env = {**os.environ, "SPKID_SEARCH_STUDIES": str(root / "studies"), "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -134,12 +130,20 @@ def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    dash = Dashboard(proc=proc, port=port, study_id=study_id, best_number=best, log=log)
+    return Dashboard(proc=proc, port=port, study_id=study_id, best_number=best, log=log)
+
+
+@pytest.fixture(scope="module")
+def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
+    """``spkid-search dashboard --study STUDY --port <free>``, default --host, in a fresh folder."""
+    root = tmp_path_factory.mktemp("dashboard")
+    study_id, best = _build_study(root / "studies")
+    dash = _start(root, root / "dashboard.log", study_id, best)
     try:
         _wait_for_port(dash)
         yield dash
     finally:
-        _stop(proc)
+        _stop(dash.proc)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -453,25 +457,15 @@ def test_a_stopped_dashboard_exits_as_every_command_does(tmp_path: Path) -> None
     import signal
 
     _build_study(tmp_path / "studies")
-    env = {**os.environ, "SPKID_SEARCH_STUDIES": str(tmp_path / "studies"), "PYTHONUNBUFFERED": "1"}
     for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
-        port = _free_port()
         log = tmp_path / f"dashboard-{code}.log"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                [*_cli(), "dashboard", "--study", STUDY, "--port", str(port)],
-                cwd=tmp_path,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+        dash = _start(tmp_path, log)
         try:
-            _wait_for_port(Dashboard(proc=proc, port=port, study_id=0, best_number=0, log=log))
-            proc.send_signal(sig)
-            assert proc.wait(timeout=30) == code, log.read_text()
+            _wait_for_port(dash)
+            dash.proc.send_signal(sig)
+            assert dash.proc.wait(timeout=30) == code, log.read_text()
         finally:
-            _stop(proc)
+            _stop(dash.proc)
         said = log.read_text()
         assert "Traceback" not in said and said.rstrip().endswith("spkid-search dashboard: interrupted"), said
 

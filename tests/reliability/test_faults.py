@@ -464,18 +464,8 @@ def test_a_full_disk_stops_the_run_and_the_trials_it_cut_off_resume(
     home.mkdir(parents=True)
     (home / "artifacts").symlink_to(store)
     full = DiskFull(disk)
-    argv = (
-        "run",
-        "--space",
-        str(space),
-        "--trials",
-        "3",
-        "--data",
-        str(tiny_dir),
-        "--workers",
-        "2",
-        "--quiet",
-    )
+    argv = ["run", "--space", str(space), "--trials", "3", "--data", str(tiny_dir)]
+    argv += ["--workers", "2", "--quiet"]
     try:
         full.break_()
         stopped = cli(*argv)
