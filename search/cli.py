@@ -13,7 +13,6 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from search.errors import UserError
 
@@ -298,27 +297,10 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     )
     # The recorded folder is only read: a machine that does not mount it still shows the study.
     store = ReadOnlyArtifactStore(storage, artifact_dir(study))
-    stops: list[int] = []
-    handlers: dict[int, Any] = {int(sig): signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def noted(signum: int, frame: Any) -> None:
-        stops.append(signum)  # the server swallows the KeyboardInterrupt below and returns
-        previous = handlers[signum]
-        if callable(previous):
-            previous(signum, frame)
-        raise KeyboardInterrupt
-
-    for sig in handlers:
-        signal.signal(sig, noted)
     try:
         dashboard.serve(storage, artifact_store=store, host=args.host, port=args.port)
     except OSError as exc:  # the port taken between the check and the server's own bind
         raise UserError(_bind_error(args.host, args.port, exc)) from None
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    if stops:
-        raise KeyboardInterrupt  # exit 130 after Ctrl-C, 143 after SIGTERM, as every command
     return 0
 
 

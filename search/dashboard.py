@@ -9,6 +9,7 @@ breaks the search's budget and retries. Checkpoints are served by
 from __future__ import annotations
 
 import json
+import signal
 from typing import Any
 
 READ_METHODS = ("GET", "HEAD")
@@ -33,7 +34,27 @@ def read_only_app(storage: Any, artifact_store: Any) -> Any:
 
 
 def serve(storage: Any, *, artifact_store: Any, host: str, port: int) -> None:
-    """Serve :func:`read_only_app` until stopped (as optuna_dashboard.run_server serves its app)."""
+    """Serve :func:`read_only_app` (as optuna_dashboard.run_server serves its app) until Ctrl-C or
+    SIGTERM, then raise KeyboardInterrupt, as any command stopped so: the server swallowed it and
+    returned, and the command exited 0."""
     from bottle import run
 
-    run(read_only_app(storage, artifact_store), host=host, port=port)
+    stops: list[int] = []
+    handlers: dict[int, Any] = {int(sig): signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def noted(signum: int, frame: Any) -> None:
+        stops.append(signum)
+        previous = handlers[signum]
+        if callable(previous):
+            previous(signum, frame)  # Python's own Ctrl-C handler, or the command's SIGTERM one, raises
+        raise KeyboardInterrupt
+
+    for sig in handlers:
+        signal.signal(sig, noted)
+    try:
+        run(read_only_app(storage, artifact_store), host=host, port=port)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if stops:
+        raise KeyboardInterrupt
