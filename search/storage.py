@@ -156,6 +156,14 @@ def mask_url(text: str, url: str | None = None) -> str:
     """
     for secret in _password_parts(url or "") + _password_parts(text):
         text = text.replace(secret, "***")
+    # A driver reads an unescaped password's tail after its first @ (or /) as the host, and quotes it
+    # as 'tail@host' or 'tail': mask each piece so quoted, however short ("sec@ret" leaked "ret").
+    for given in filter(None, (url, text)):
+        found = re.match(r"^[\w+]+://[^:@/\s]*:(\S*)@", given)
+        for piece in re.split(r"[@/:]", found.group(1)) if found else []:
+            if piece:
+                for quoted in (f"{piece}@", f"'{piece}'", f'"{piece}"'):
+                    text = text.replace(quoted, quoted.replace(piece, "***"))
     # Any other URL's password: to the last @ before a space (a password may hold @ or /).
     return re.sub(r"://([^:@/\s]+):\S*@", r"://\1:***@", text)
 
@@ -341,6 +349,9 @@ def open_storage(
                 if not url.startswith("sqlite")
                 else "check the file and its folder's permissions"
             )
+            if any(c in "".join(_password_parts(given)) for c in "@/:"):
+                # Unescaped, they split the URL elsewhere: the driver tried another host or database.
+                advice += "; in the URL's password write @ as %40, / as %2F and : as %3A"
             raise UserError(
                 f"--storage {mask_url(given)}: cannot connect ({mask_url(first, given)[:200]}); {advice}"
             ) from None

@@ -919,6 +919,17 @@ def test_wrong_storage_url_and_unknown_study(tmp_path: Path) -> None:
     said = mask_url("failed to resolve host 'Part2@127.0.0.1': Name or service not known", given)
     assert "Part2" not in said and "TopSecret" not in said and "127.0.0.1" in said
     assert mask_url("user u: password authentication failed", "postgresql://u:pw@h/db").startswith("user u:")
+    for given, said in (  # short pieces too, where a driver quotes them as its host
+        ("postgresql://u:sec@ret@127.0.0.1/db", "failed to resolve host 'ret@127.0.0.1'"),
+        ("postgresql://u:a/b@c/d@127.0.0.1/db", "failed to resolve host 'c'"),
+    ):
+        assert mask_url(said, given) in (
+            "failed to resolve host '***@127.0.0.1'",
+            "failed to resolve host '***'",
+        ), mask_url(said, given)
+    with pytest.raises(UserError, match=r"write @ as %40, / as %2F") as refused:
+        open_storage("postgresql://u:a/b@c/d@127.0.0.1/db")  # the driver tries host 'c'
+    assert "a/b" not in str(refused.value) and "'c'" not in str(refused.value)
     # A MySQL URL without its driver installed (it is not a requirement): one line, no password.
     for url in ("mysql://root:s3cret@127.0.0.1/db", "mysql+pymysql://root:s3cret@127.0.0.1/db"):
         with pytest.raises(
