@@ -78,11 +78,16 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if report.validatable == 0:
         # A valid layout (vote and predict can use it), but train and run need a speaker with 2 or more
         # training utterances to hold one out for validation.
+        fewer_tests = (
+            ", or prepare again with --force and fewer test utterances (--test-per-speaker 0 keeps all "
+            "of them for training)"
+            if report.test
+            else ""
+        )
         console.print(
             f"[yellow]Wrote the HW4 layout to {report.out}, but no speaker keeps 2 or more training "
-            "utterances, so train and run cannot hold any out to validate on: give speakers more files, or "
-            "prepare again with --force and fewer test utterances (--test-per-speaker 0 keeps all of them "
-            "for training)"
+            f"utterances, so train and run cannot hold any out to validate on: give speakers more files"
+            f"{fewer_tests}"
         )
         return 0
     console.print(f"[green]Wrote the HW4 layout to {report.out}; train with --data {report.out}")

@@ -365,9 +365,11 @@ def make_split(data: PackedData, ratio: float = 0.1, seed: int = 0) -> Split:
         k = min(len(members) - 1, max(1, int(round(ratio * len(members)))))
         valid_parts.append(rng.permutation(members)[:k])
     if not valid_parts:  # accuracy on no utterances would read 0.0 and rank every trial the same
+        held_out = bool((data.labels < 0).any())  # test utterances prepare could have left for training
         raise UserError(
             f"{data.root}: no speaker has 2 or more labelled utterances, so none can be held out to "
-            "validate on; give each speaker more utterances (prepare: a smaller --test-per-speaker)"
+            "validate on; give each speaker more utterances"
+            + (" (prepare: a smaller --test-per-speaker, or 0)" if held_out else "")
         )
     valid = np.sort(np.concatenate(valid_parts))
     train = np.setdiff1d(labelled, valid)

@@ -427,6 +427,16 @@ def test_a_set_no_speaker_can_validate_on_says_so_and_test_per_speaker_0_mends_i
         and len(make_split(open_data(out, cache_root=tmp_path / "cache", progress=False)).valid) == 3
     )
 
+    # One file per speaker, none held out: the advice is more files, not what was already asked for.
+    single = tmp_path / "single"
+    small_corpus(single, speakers=3, per=1)
+    argv = ["prepare", str(single), "--out", str(tmp_path / "out1"), "--quiet", "--workers", "1"]
+    assert main([*argv, "--test-per-speaker", "0", "--min-utterances", "1"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "no speaker keeps 2 or more training utterances" in err and "--test-per-speaker" not in err
+    with pytest.raises(UserError, match="give each speaker more utterances$"):
+        make_split(open_data(tmp_path / "out1", cache_root=tmp_path / "cache", progress=False))
+
 
 def test_a_link_to_a_speaker_folder_in_the_tree_does_not_relabel_it(tmp_path: Path) -> None:
     """``alias -> spk1`` sorts before spk1: its files were read once, as speaker ``alias``, and spk1 was
