@@ -16,12 +16,35 @@ READ_METHODS = ("GET", "HEAD")
 REFUSED = "the dashboard of spkid-search changes nothing: studies change through spkid-search run"
 
 
+class _NotFoundIs404:
+    """An artifact store whose missing file is a 404 with the reason, not a 500 and a traceback in
+    the server's log (a study's checkpoint folder that this machine does not mount)."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def open_reader(self, artifact_id: str) -> Any:
+        from bottle import HTTPError
+        from optuna.artifacts.exceptions import ArtifactNotFound
+
+        try:
+            return self.store.open_reader(artifact_id)
+        except ArtifactNotFound:
+            raise HTTPError(404, f"checkpoint {artifact_id} is not in the study's folder here") from None
+
+    def write(self, artifact_id: str, content_body: Any) -> None:
+        self.store.write(artifact_id, content_body)
+
+    def remove(self, artifact_id: str) -> None:
+        self.store.remove(artifact_id)
+
+
 def read_only_app(storage: Any, artifact_store: Any) -> Any:
     """optuna-dashboard's WSGI app, refusing every request that would change the storage."""
     import optuna_dashboard
     from bottle import HTTPResponse, request
 
-    app = optuna_dashboard.wsgi(storage, artifact_store=artifact_store)
+    app = optuna_dashboard.wsgi(storage, artifact_store=_NotFoundIs404(artifact_store))
 
     @app.hook("before_request")
     def refuse_changes() -> None:

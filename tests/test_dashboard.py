@@ -488,3 +488,31 @@ def test_a_study_whose_checkpoint_folder_is_not_mounted_here_is_still_shown(
     monkeypatch.setattr(search.dashboard, "serve", lambda storage, **kwargs: served.append(kwargs))
     assert main(["dashboard", "--study", STUDY, "--port", str(_free_port())]) == 0
     assert served and not (tmp_path / "not-mounted").exists()
+
+
+def test_a_checkpoint_missing_here_is_a_404_not_a_server_error(tmp_path: Path) -> None:
+    """Its download was a 500 and an ArtifactNotFound traceback in the dashboard's log."""
+    from wsgiref.util import setup_testing_defaults
+
+    from search.dashboard import read_only_app
+    from search.storage import AtomicArtifactStore, ReadOnlyArtifactStore
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    study = optuna.create_study(study_name=STUDY, storage=storage)
+    trial = study.ask()
+    (tmp_path / "best.pt").write_bytes(b"weights")
+    (tmp_path / "there").mkdir()
+    artifact_id = optuna.artifacts.upload_artifact(
+        artifact_store=AtomicArtifactStore(tmp_path / "there"),
+        file_path=str(tmp_path / "best.pt"),
+        study_or_trial=trial,
+        storage=storage,
+    )
+    study.tell(trial, 0.5)
+    app = read_only_app(storage, ReadOnlyArtifactStore(storage, tmp_path / "not-mounted"))
+    environ: dict[str, Any] = {}
+    setup_testing_defaults(environ)
+    environ["PATH_INFO"] = f"/artifacts/{study._study_id}/{trial._trial_id}/{artifact_id}"
+    statuses: list[str] = []
+    body = b"".join(app(environ, lambda status, headers, exc_info=None: statuses.append(status)))
+    assert statuses == ["404 Not Found"] and b"is not in the study&#039;s folder here" in body  # HTML-escaped
