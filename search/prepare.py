@@ -361,7 +361,24 @@ def _walk(root: Path, exclude: Path | None) -> tuple[list[Source], list[tuple[st
                 skipped.append((key, "not inside a speaker folder (expected AUDIO_DIR/<speaker>/.../file)"))
                 continue
             sources.append(Source(key, path, key.split("/", 1)[0]))
-    return sources, skipped, others
+    return _without_links_to_sources(sources, skipped), skipped, others
+
+
+def _without_links_to_sources(sources: list[Source], skipped: list[tuple[str, str]]) -> list[Source]:
+    """Drop file links to a file read under its own name (listed as skipped): ``alice/u9.wav ->
+    ../bob/u0.wav`` made bob's utterance alice's too. Links to files read nowhere else are kept."""
+    own: dict[str, str] = {}
+    for src in sources:
+        if not src.path.is_symlink():
+            own.setdefault(os.path.realpath(src.path), src.key)
+    kept = []
+    for src in sources:
+        target = own.get(os.path.realpath(src.path)) if src.path.is_symlink() else None
+        if target is not None:
+            skipped.append((src.key, f"a link to {target}, which is read under its own name"))
+        else:
+            kept.append(src)
+    return kept
 
 
 def _read_csv(csv_path: Path) -> tuple[list[Source], list[tuple[str, str]]]:

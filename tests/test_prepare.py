@@ -447,9 +447,12 @@ def test_a_link_to_a_speaker_folder_in_the_tree_does_not_relabel_it(tmp_path: Pa
     (audio / "alias").symlink_to("spk1", target_is_directory=True)
     (audio / "ext").symlink_to(elsewhere / "spk2", target_is_directory=True)
     (audio / "spk0" / "loop").symlink_to(audio, target_is_directory=True)
+    (audio / "spk0" / "borrowed.wav").symlink_to(audio / "spk1" / "0.wav")  # spk1's file, as spk0's too
+    (audio / "spk0" / "pooled.wav").symlink_to(elsewhere / "spk0" / "0.wav")  # read nowhere else: kept
     report = prepare(audio, tmp_path / "out", test_per_speaker=0, progress=False, workers=1)
     assert sorted(read_layout(tmp_path / "out").speakers) == ["ext", "spk0", "spk1"]
-    assert report.train == 6
+    assert report.train == 7
+    assert ("spk0/borrowed.wav", "a link to spk1/0.wav, which is read under its own name") in report.skipped
     assert ("alias/", "a link to spk1/, which is read under its own name") in report.skipped
     assert (
         "spk0/loop/",
