@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pickle
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -21,6 +22,20 @@ class UserError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, then the errors it arose from (its ``__cause__``, else its ``__context__``), each once.
+
+    Why: Optuna wraps SQLAlchemy errors, and some failures surface while handling others, so what an
+    error really is (a lost connection, a full disk) may lie anywhere down the chain.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
 
 
 def first_line(exc: BaseException, limit: int = 160) -> str:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from search.errors import UserError
+from search.errors import UserError, exception_chain
 
 
 def disk_full(exc: BaseException) -> bool:
@@ -27,16 +27,11 @@ def disk_full(exc: BaseException) -> bool:
     Why: no trial can succeed until space is freed, so the search stops rather than failing trial after
     trial; SQLite says so only in words ("database or disk is full").
     """
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "database or disk is full" in str(current):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
+    return any(
+        (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+        or "database or disk is full" in str(e)
+        for e in exception_chain(exc)
+    )
 
 
 def sha256_file(path: Path) -> str:

@@ -23,7 +23,7 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-from search.errors import UserError, first_line
+from search.errors import UserError, exception_chain, first_line
 from search.files import atomic_write
 
 STORAGE_PATIENCE = 300.0  # seconds a worker waits for an unreachable storage before it gives up
@@ -198,10 +198,7 @@ def is_transient_db_error(exc: BaseException) -> bool:
     wraps SQLAlchemy errors in ``StorageInternalError`` and some failures surface while handling
     others, so the whole ``__cause__``/``__context__`` chain is searched.
     """
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    for current in exception_chain(exc):
         if isinstance(current, sqlalchemy.exc.DisconnectionError):
             return True
         if isinstance(current, sqlalchemy.exc.DBAPIError):
@@ -212,19 +209,14 @@ def is_transient_db_error(exc: BaseException) -> bool:
                 current, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
             ):
                 return True
-        current = current.__cause__ or current.__context__
     return False
 
 
 def db_error_text(exc: BaseException) -> str:
     """The driver's own words for a database error (Optuna's wrapper text only says a commit failed)."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    for current in exception_chain(exc):
         if isinstance(current, sqlalchemy.exc.DBAPIError) and str(current.orig).strip():
             return str(current.orig).strip().splitlines()[0][:200]
-        current = current.__cause__ or current.__context__
     return first_line(exc, 200)
 
 
@@ -432,16 +424,11 @@ def _check_tables(given: str, url: str, engine_kwargs: dict[str, Any], must_exis
 
 
 def _is_schema_race(exc: BaseException) -> bool:
-    current: BaseException | None = exc
-    for _ in range(10):
-        if current is None:
-            return False
-        if isinstance(current, sqlalchemy.exc.IntegrityError) or (
-            isinstance(current, sqlalchemy.exc.DBAPIError) and "already exists" in str(current.orig)
-        ):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
+    return any(
+        isinstance(current, sqlalchemy.exc.IntegrityError)
+        or (isinstance(current, sqlalchemy.exc.DBAPIError) and "already exists" in str(current.orig))
+        for current in exception_chain(exc)
+    )
 
 
 def study_names(storage: RDBStorage) -> list[str]:
