@@ -54,18 +54,17 @@ class _KeepsWriteError:
 
 def save_atomic(obj: dict[str, Any], path: Path) -> None:
     """torch.save through :func:`~search.files.atomic_write`: a crash never leaves half a checkpoint, and
-    a failed write (a full disk) raises its own OSError, naming ``path``."""
+    a failed write (a full disk) raises its own OSError, which atomic_write makes name ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as fh:
         out = _KeepsWriteError(fh)
         try:
             torch.save(obj, cast(IO[bytes], out))  # it only writes and flushes
-        except (RuntimeError, OSError) as exc:
-            error = out.error or (exc if isinstance(exc, OSError) else None)
-            if error is None:
+        except RuntimeError:
+            if out.error is None:
                 raise
-            raise OSError(error.errno, error.strerror or str(error), str(path)) from None
+            raise out.error from None  # atomic_write names the file
 
 
 class UnreadableCheckpoint(UserError):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import os
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -35,16 +35,19 @@ def test_a_checkpoint_on_a_full_disk_says_so_naming_the_file(
 
     import search.infer as infer
 
-    @contextlib.contextmanager
-    def full_disk(path: Path) -> Iterator[IO[Any]]:
-        fh = open("/dev/full", "wb")  # noqa: SIM115 - closed below, its own flush's error ignored
-        try:
-            yield fh
-        finally:
-            with contextlib.suppress(OSError):
-                fh.close()
+    class FullDisk(io.BufferedWriter):
+        """As on a real full disk, a failed write leaves nothing for close to write again."""
 
-    monkeypatch.setattr(infer, "atomic_write", full_disk)
+        def close(self) -> None:
+            with contextlib.suppress(OSError):
+                self.flush()
+            self.raw.close()
+
+    def full_disk(fd: int, mode: str = "r", *args: Any, **kwargs: Any) -> IO[Any]:
+        os.close(fd)  # atomic_write's temp file, written instead to a disk that is always full
+        return FullDisk(open("/dev/full", "wb", buffering=0))  # noqa: SIM115 - atomic_write closes it
+
+    monkeypatch.setattr(os, "fdopen", full_disk)
     target = tmp_path / "last.pt"
     with pytest.raises(OSError) as caught:
         infer.save_atomic({"w": torch.zeros(100_000)}, target)
