@@ -133,19 +133,15 @@ def _prepare_sqlite(url: str) -> None:
             time.sleep(0.1 * attempt)
 
 
-def _password_parts(url: str) -> list[str]:
-    """What may be a password in ``url``: all between ``user:`` and the last ``@``, and its pieces
-    (four characters or more: a shorter one is masked only inside a URL).
+_PASSWORD = re.compile(r"^[\w+]+://[^:@/\s]*:(\S*)@")  # all between user: and the last @
+_URL_PASSWORD = re.compile(r"://([^:@/\s]+):\S*@")  # any URL's, to the last @ before a space
 
-    Drivers split an unescaped password at its first ``@`` (the rest becomes the host, which their
-    errors then quote); a password may hold ``/`` too. Longest first, for replacing.
-    """
-    found = re.match(r"^[\w+]+://[^:@/\s]*:(\S*)@", url)
-    if found is None or not found.group(1):
-        return []
-    whole = found.group(1)
-    parts = {whole, *re.split(r"[@/:]", whole)}
-    return sorted((p for p in parts if len(p) >= 4), key=len, reverse=True)  # "pw" would mask other words
+
+def _password(url: str) -> str:
+    """What may be the password in ``url`` (drivers split an unescaped one at its first ``@``, and
+    it may hold ``/`` too); "" when there is none."""
+    found = _PASSWORD.match(url)
+    return found.group(1) if found else ""
 
 
 def mask_url(text: str, url: str | None = None) -> str:
@@ -154,18 +150,19 @@ def mask_url(text: str, url: str | None = None) -> str:
     ``url``: the storage URL a driver's message in ``text`` is about; its password is masked wherever
     the message quotes it (or a piece of it), not only inside a URL.
     """
-    for secret in _password_parts(url or "") + _password_parts(text):
+    passwords = [p for p in (_password(url or ""), _password(text)) if p]
+    pieces = {piece for p in passwords for piece in re.split(r"[@/:]", p) if piece}
+    # The whole password and its pieces wherever they appear, longest first; four characters or more
+    # ("pw" would mask other words).
+    for secret in sorted((s for s in {*passwords, *pieces} if len(s) >= 4), key=len, reverse=True):
         text = text.replace(secret, "***")
     # A driver reads an unescaped password's tail after its first @ (or /) as the host, and quotes it
     # as 'tail@host' or 'tail': mask each piece so quoted, however short ("sec@ret" leaked "ret").
-    for given in filter(None, (url, text)):
-        found = re.match(r"^[\w+]+://[^:@/\s]*:(\S*)@", given)
-        for piece in re.split(r"[@/:]", found.group(1)) if found else []:
-            if piece:
-                for quoted in (f"{piece}@", f"'{piece}'", f'"{piece}"'):
-                    text = text.replace(quoted, quoted.replace(piece, "***"))
+    for piece in pieces:
+        for quoted in (f"{piece}@", f"'{piece}'", f'"{piece}"'):
+            text = text.replace(quoted, quoted.replace(piece, "***"))
     # Any other URL's password: to the last @ before a space (a password may hold @ or /).
-    return re.sub(r"://([^:@/\s]+):\S*@", r"://\1:***@", text)
+    return _URL_PASSWORD.sub(r"://\1:***@", text)
 
 
 def check_storage_url(url: str) -> str:
@@ -341,7 +338,7 @@ def open_storage(
                 if not url.startswith("sqlite")
                 else "check the file and its folder's permissions"
             )
-            if any(c in "".join(_password_parts(given)) for c in "@/:"):
+            if any(c in _password(given) for c in "@/:"):
                 # Unescaped, they split the URL elsewhere: the driver tried another host or database.
                 advice += "; in the URL's password write @ as %40, / as %2F and : as %3A"
             raise UserError(
