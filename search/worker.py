@@ -305,12 +305,13 @@ class Lane:
         except (optuna.TrialPruned, SkipTrial, KeyboardInterrupt):
             raise
         except Exception as exc:
-            if is_transient_db_error(exc) or disk_full(exc):
+            full = disk_full(exc)
+            if is_transient_db_error(exc) or full:
                 # Cut off by the storage or a full disk, not by its configuration: it resumes later.
                 self.requeue = True
                 with contextlib.suppress(Exception):  # its FAIL and its retry as one step (_one_round)
                     self.held.enter_context(state_lock())
-                if disk_full(exc):
+                if full:
                     # No trial can keep a checkpoint until space is freed: this lane stops, rather than
                     # fail every trial after it (an audit saw a filled disk fail 101 in a row).
                     self.disk_full = first_line(exc, 300)
