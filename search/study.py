@@ -400,11 +400,12 @@ def _run(
         on_update(study, counts, read_status(status_dir))
     if counts.finished < opts.trials and DISK_FULL_EXIT in exits.values():
         # The worker's own words name the file (best effort: its status file is on a full disk too).
-        said = [str(s["stopped"]) for s in read_status(status_dir) if "no space" in str(s.get("stopped"))]
-        where = said[0] if said else f"no space left on device for its files in {home.resolve()}"
+        said = [str(s["disk_full"]) for s in read_status(status_dir) if s.get("disk_full")]
+        where = f"({said[0]})" if said else f"for its files in {home.resolve()}"
         raise UserError(
-            f"study '{name}' stopped at {counts.finished} of {opts.trials} finished trials: {where}; free "
-            "space and run the same command again: the trials it cut off resume from their last checkpoints"
+            f"study '{name}' stopped at {counts.finished} of {opts.trials} finished trials: no space left on "
+            f"device {where}; free space and run the same command again: the trials it cut off resume from "
+            "their last checkpoints"
         )
     max_failures = opts.max_failures or max(opts.trials, 3)
     if counts.finished < opts.trials and counts.failed >= max_failures:

@@ -262,8 +262,8 @@ class Lane:
             return 130
         finally:
             self.held.close()  # the state lock taken when the stop reached the trial (see _train)
-            stopped = {"stopped": f"no space left on device ({self.disk_full})"} if self.disk_full else {}
-            _write_status(self.spec, {"done": True, **stopped})  # the driver names the full disk from it
+            full = {"disk_full": self.disk_full} if self.disk_full else {}
+            _write_status(self.spec, {"done": True, **full})  # the driver names the full disk from it
         return 0
 
     def _one_round(self) -> bool:
