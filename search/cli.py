@@ -147,9 +147,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif last.exists():
         try:
             step = resume_step(last, config, data)
-        except (
-            UnreadableCheckpoint
-        ) as exc:  # a run killed as the disk filled: its own file, not one to "trust"
+        except UnreadableCheckpoint as exc:
+            # A run killed as the disk filled: its own file, not one to "trust".
             raise UserError(
                 f"{last}: the interrupted run's checkpoint cannot be resumed ({exc.what}); pass --force to "
                 "start over"
