@@ -335,12 +335,12 @@ def _walk(root: Path, exclude: Path | None) -> tuple[list[Source], list[tuple[st
                 ident = _dir_id(here / d)
             except OSError:
                 continue  # a broken link: os.walk lists it as a folder only when it resolves
+            key = _relative_key(here / d, root)
             if ident in read:
-                key = _relative_key(here / d, root)
                 target = "the audio folder itself" if read[ident] == "." else f"{read[ident]}/"
                 skipped.append((key + "/", f"a link to {target}, which is read under its own name"))
                 continue
-            read[ident] = _relative_key(here / d, root)
+            read[ident] = key
             keep.append(d)
         dirnames[:] = keep
         for name in sorted(filenames):
@@ -367,13 +367,16 @@ def _walk(root: Path, exclude: Path | None) -> tuple[list[Source], list[tuple[st
 def _without_links_to_sources(sources: list[Source], skipped: list[tuple[str, str]]) -> list[Source]:
     """Drop file links to a file read under its own name (listed as skipped): ``alice/u9.wav ->
     ../bob/u0.wav`` made bob's utterance alice's too. Links to files read nowhere else are kept."""
+    links = {src.key for src in sources if src.path.is_symlink()}
+    if not links:  # the usual tree: no file needs resolving
+        return sources
     own: dict[str, str] = {}
     for src in sources:
-        if not src.path.is_symlink():
+        if src.key not in links:
             own.setdefault(os.path.realpath(src.path), src.key)
     kept = []
     for src in sources:
-        target = own.get(os.path.realpath(src.path)) if src.path.is_symlink() else None
+        target = own.get(os.path.realpath(src.path)) if src.key in links else None
         if target is not None:
             skipped.append((src.key, f"a link to {target}, which is read under its own name"))
         else:
