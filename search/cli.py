@@ -670,6 +670,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_stopped_by = {"signal": int(signal.SIGINT)}  # the stop main() reports, for its exit status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -677,10 +680,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     handler: Handler = args.func
 
-    stopped_by = {"signal": int(signal.SIGINT)}
+    _stopped_by["signal"] = int(signal.SIGINT)
 
     def on_term(signum: int, frame: object) -> None:
-        stopped_by["signal"] = signum
+        _stopped_by["signal"] = signum
         raise KeyboardInterrupt  # SIGTERM stops as cleanly as Ctrl-C
 
     signal.signal(signal.SIGTERM, on_term)
@@ -705,7 +708,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(f"spkid-search {args.command}: interrupted", file=sys.stderr)
-        return 128 + stopped_by["signal"]  # 130 after Ctrl-C, 143 after SIGTERM, as shells report them
+        return 128 + _stopped_by["signal"]  # 130 after Ctrl-C, 143 after SIGTERM, as shells report them
 
 
 def entry() -> None:
@@ -715,7 +718,12 @@ def entry() -> None:
     cleared) took 1.1-1.7 s on the 2-core dev VM after the command had finished. Frozen objects are left
     out of those collections; atexit handlers and the flushing of output run as usual.
     """
-    code = main()
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        # A second stop that landed while main() reported the first: it died of an unhandled
+        # KeyboardInterrupt (traceback, then killed by SIGINT) after printing "interrupted".
+        code = 128 + _stopped_by["signal"]
     # The work is done and reported: a Ctrl-C or SIGTERM from here on must not turn it into a failure.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -439,6 +439,41 @@ def test_notices_in_a_pipe_are_whole_lines(tmp_path: Path) -> None:
     assert f"Wrote synthetic HW4 set to {out}" in proc.stderr.splitlines()
 
 
+def test_a_second_ctrl_c_while_the_first_is_reported_still_exits_130_without_a_traceback() -> None:
+    """A run printed "interrupted" and then died of SIGINT (exit -2): a second Ctrl-C landed in main()'s
+    report of the first, and its KeyboardInterrupt escaped. Here the second one comes as that line is
+    written, in a process of its own, as the command runs."""
+    script = (
+        "import os, signal, sys\n"
+        "import search.cli as cli\n"
+        "class Err:\n"
+        "    sent = False\n"
+        "    def write(self, text):\n"
+        "        sys.__stderr__.write(text)\n"
+        "        if 'interrupted' in text and not Err.sent:\n"
+        "            Err.sent = True\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "    def flush(self):\n"
+        "        sys.__stderr__.flush()\n"
+        "def stopped(args):\n"
+        "    raise KeyboardInterrupt\n"
+        "cli.cmd_status = stopped\n"
+        "sys.stderr = Err()\n"
+        "sys.argv = ['spkid-search', 'status']\n"
+        "cli.entry()\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parents[1],
+    )
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr, proc.stderr
+    assert "spkid-search status: interrupted" in proc.stderr
+
+
 def test_a_stop_after_the_work_is_done_does_not_turn_it_into_a_failure(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
