@@ -13,6 +13,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from search.errors import UserError
 
@@ -404,8 +405,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a wrong argument is one line that says where the help is, as every other error.
+
+    Why: argparse printed the command's whole usage (six wrapped lines for ``run``) above the error, so
+    the one line that said what was wrong was the last of seven.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="spkid-search",
         description="Find, train and ensemble speaker-identification models on the HW4 feature set "
         "(or your own audio). Studies live in an Optuna SQL database (SQLite by default).",
@@ -665,7 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
 
-    for command in sub.choices.values():  # an unknown option is reported with its command's usage
+    for command in sub.choices.values():  # an unknown option is reported with its command's name
         command.set_defaults(command_parser=command)
     return parser
 
@@ -675,6 +687,9 @@ _stopped_by = {"signal": int(signal.SIGINT)}  # the stop main() reports, for its
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):  # bare `spkid-search`: what it can do
+        parser.print_help(sys.stderr)
+        return 2
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")

@@ -46,21 +46,31 @@ def test_every_command_explains_itself(capsys: pytest.CaptureFixture[str]) -> No
         ["frobnicate"],
     ],
 )
-def test_wrong_arguments_exit_2_with_usage(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+def test_wrong_arguments_exit_2_with_one_line_that_points_to_help(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert "usage:" in err and "Traceback" not in err
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    prog = "spkid-search" if argv[0] == "frobnicate" else f"spkid-search {argv[0]}"
+    assert lines[0].startswith(f"{prog}: error: ") and lines[0].endswith(f"; see '{prog} --help'"), lines
 
 
-def test_an_unknown_option_shows_its_commands_usage(capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_unknown_option_is_reported_with_its_command(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["run", "--space", "smoke", "--trials", "1", "--bogus"])
     assert info.value.code == 2
+    assert capsys.readouterr().err == (
+        "spkid-search run: error: unrecognized arguments: --bogus; see 'spkid-search run --help'\n"
+    )
+
+
+def test_the_bare_command_shows_its_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("usage: spkid-search run ") and "--space SPACE" in err
-    assert err.strip().endswith("spkid-search run: error: unrecognized arguments: --bogus")
+    assert err.startswith("usage: spkid-search ") and "export-top" in err and "error" not in err
 
 
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
