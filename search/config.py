@@ -20,7 +20,7 @@ from search.errors import UserError, shown
 
 ENCODERS = ("transformer", "conformer")
 POOLINGS = ("mean", "attention", "attentive_stats")
-HEADS = ("linear", "amsoftmax", "aamsoftmax")
+HEADS = ("linear", "mlp", "amsoftmax", "aamsoftmax")
 
 
 @dataclass(frozen=True)

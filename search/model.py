@@ -263,6 +263,22 @@ class LinearHead(Head):
         return out
 
 
+@register(HEADS, "mlp")
+class MLPHead(Head):
+    """The course sample code's classifier: Linear(d, d) -> ReLU -> Linear(d, classes), so the Simple
+    baseline is the sample model itself (optionally batch-normalising the embedding first)."""
+
+    def __init__(self, in_dim: int, n_classes: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(in_dim) if cfg.head_bn else nn.Identity()
+        self.hidden = nn.Linear(in_dim, in_dim)
+        self.fc = nn.Linear(in_dim, n_classes)
+
+    def forward(self, emb: Tensor, labels: Tensor | None = None) -> Tensor:
+        out: Tensor = self.fc(torch.relu(self.hidden(self.bn(emb))))
+        return out
+
+
 class MarginHead(Head):
     """Cosine classifier: logits = s * cos(embedding, class weight), with a margin on the target class.
 
