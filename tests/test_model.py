@@ -94,7 +94,7 @@ def test_the_simple_baseline_is_the_course_sample_model() -> None:
     """spaces/baselines/simple.yaml builds the sample code's Classifier: the same parameters (125,896 at
     600 speakers) and, given its weights, the same logits (its own sequence-first layout, mean pooling
     and Linear-ReLU-Linear classifier)."""
-    from search.config import load_config
+    from search.config import find_config, load_config
 
     class Sample(nn.Module):  # the course's sample Classifier, as it is written there
         def __init__(self, d_model: int = 80, n_spks: int = 600) -> None:
@@ -113,7 +113,7 @@ def test_the_simple_baseline_is_the_course_sample_model() -> None:
 
     torch.manual_seed(0)
     sample = Sample().eval()
-    ours = build_model(load_config("simple").model, 40, 600).eval()
+    ours = build_model(load_config(find_config("simple")).model, 40, 600).eval()
     assert count_parameters(ours) == count_parameters(sample) == 125_896
     with torch.no_grad():
         for mine, theirs in zip(ours.parameters(), sample.parameters(), strict=True):
