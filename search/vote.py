@@ -60,11 +60,13 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return z
 
 
-def _nll(logits: np.ndarray, labels: np.ndarray, beta: float) -> float:
+def _nll(logits: np.ndarray, labels: np.ndarray, beta: float, smoothing: float = 0.0) -> float:
+    """Mean cross-entropy of softmax(beta * logits) against labels smoothed by ``smoothing``."""
     z = logits.astype(np.float64) * beta
     top = z.max(axis=1)
     lse = top + np.log(np.exp(z - top[:, None]).sum(axis=1))
-    return float((lse - z[np.arange(len(labels)), labels]).mean())
+    target = (1.0 - smoothing) * z[np.arange(len(labels)), labels] + smoothing * z.mean(axis=1)
+    return float((lse - target).mean())
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray, iterations: int = 40) -> float:
@@ -74,22 +76,29 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, iterations: int = 40
     golden-section search over beta finds the optimum in a few dozen cheap passes; no optimiser state,
     no learning rate. Members trained with margin heads (logits = s * cos) come out far too confident
     at T = 1, and soft voting needs their probabilities on one scale with the others'.
+
+    The labels are smoothed by 1/(n+2) (Laplace's rule of succession: n right of n is read as
+    (n+1)/(n+2)). Why: on a validation set a member gets wholly right (a small set of one's own audio)
+    the plain NLL falls all the way to T = 0.05, the member's probabilities turn one-hot and it alone
+    decided every soft vote (an audit: 16 of 16 test rows). On HW4's 5,667 validation utterances the
+    smoothing is 0.0002, beside the errors' share of the NLL.
     """
     if len(labels) == 0 or logits.shape[0] == 0:
         return 1.0
+    smoothing = 1.0 / (len(labels) + 2)
     lo, hi = 1.0 / TEMPERATURE_RANGE[1], 1.0 / TEMPERATURE_RANGE[0]
     ratio = (math.sqrt(5.0) - 1.0) / 2.0
     a, b = lo + (1 - ratio) * (hi - lo), lo + ratio * (hi - lo)
-    fa, fb = _nll(logits, labels, a), _nll(logits, labels, b)
+    fa, fb = _nll(logits, labels, a, smoothing), _nll(logits, labels, b, smoothing)
     for _ in range(iterations):
         if fa <= fb:
             hi, b, fb = b, a, fa
             a = lo + (1 - ratio) * (hi - lo)
-            fa = _nll(logits, labels, a)
+            fa = _nll(logits, labels, a, smoothing)
         else:
             lo, a, fa = a, b, fb
             b = lo + ratio * (hi - lo)
-            fb = _nll(logits, labels, b)
+            fb = _nll(logits, labels, b, smoothing)
     beta = (lo + hi) / 2.0
     return float(1.0 / beta)
 

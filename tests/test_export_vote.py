@@ -564,6 +564,20 @@ def test_fit_temperature_recovers_the_true_scale() -> None:
     assert fit_temperature(logits[:0], labels[:0]) == 1.0
 
 
+def test_a_member_right_on_all_of_a_small_validation_set_is_not_made_one_hot() -> None:
+    """A member that got all 16 validation utterances right was fitted T = 0.05 (the range's end): its
+    probabilities turned one-hot and it alone decided every soft vote. Read as (n+1)/(n+2) right, it
+    keeps a calibrated doubt (on a large set with errors the fit is as before: the test above)."""
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 10, size=16)
+    logits = rng.normal(0, 1, size=(16, 10))
+    logits[np.arange(16), labels] = logits.max(axis=1) + rng.uniform(0.5, 3.0, size=16)  # right on all
+    temperature = fit_temperature(logits, labels)
+    assert temperature > 0.2  # was 0.05, the end of the range
+    right = softmax(logits, temperature)[np.arange(16), labels].mean()
+    assert 0.8 < right < 0.97  # about (n+1)/(n+2) = 0.94 with one T for every row; one-hot was 1.0
+
+
 def test_hard_vote_breaks_ties_by_summed_probability() -> None:
     a = np.array([[0.6, 0.4, 0.0], [0.9, 0.1, 0.0]])
     b = np.array([[0.1, 0.9, 0.0], [0.4, 0.6, 0.0]])
