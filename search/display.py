@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -203,6 +204,7 @@ class RunView:
         self.last_summary = -float("inf")
         self.ended: tuple[int, ...] | None = None  # the counts of ended trials at the last look
         self.seen: set[int] = set()  # ended trials already printed (or ended before this run)
+        self.last: tuple[optuna.Study, Counts] | None = None  # the latest update's, for the closing lines
         self.live = Live(
             Text("starting workers..."), console=self.console, refresh_per_second=2, transient=False
         )
@@ -217,12 +219,18 @@ class RunView:
             self.live.stop()
             if not self.live.console.is_terminal:
                 self.live.console.line()  # piped output: end the last view's line before what follows
+        if self.plain and self.held and self.last is not None:
+            # The run is over, its workers gone: a held FAIL line has had its retry queued or never will.
+            # Without this, trials that failed in the run's last seconds ended it without a line.
+            with contextlib.suppress(Exception):  # the storage may be what stopped the run
+                self._print_lines(*self.last, final=True)
 
     def update(self, study: optuna.Study, counts: Counts, workers: list[dict[str, Any]]) -> None:
         if not self.enabled:
             return
         if self.start_finished is None:
             self.start_finished = counts.finished
+        self.last = (study, counts)
         if self.plain:
             self._print_lines(study, counts)
             return
@@ -264,8 +272,9 @@ class RunView:
         # A resumed study shows no rate until this run has finished a trial (not a misleading 0.0).
         return f"{done_here / hours:.1f} trials/h" if done_here > 0 else "- trials/h"
 
-    def _print_lines(self, study: optuna.Study, counts: Counts) -> None:
-        """A line per trial ended since the last look (read only when the counts moved), then the summary."""
+    def _print_lines(self, study: optuna.Study, counts: Counts, final: bool = False) -> None:
+        """A line per trial ended since the last look (read only when the counts moved), then the summary
+        (``final``: the run is over; no line is held and no summary printed)."""
         ended = (counts.complete, counts.pruned, counts.failed, counts.retried, counts.skipped)
         if ended != self.ended or self.held:
             first, self.ended, self.held = self.ended is None, ended, False
@@ -274,13 +283,13 @@ class RunView:
             for t in trials:
                 if t.number in self.seen or not (t.state in FINISHED or t.state == TrialState.FAIL):
                     continue
-                if not first and t.number in failed and self._just_ended(t):
+                if not first and not final and t.number in failed and self._just_ended(t):
                     self.held = True  # its retry may be queued a moment later: decide next time
                     continue
                 self.seen.add(t.number)
                 if not first and not is_skipped(t):  # those that ended before this run were shown before
                     self._print(trial_line(t, t.number in failed))
-        if time.monotonic() - self.last_summary >= self.summary_every:
+        if not final and time.monotonic() - self.last_summary >= self.summary_every:
             self.last_summary = time.monotonic()
             self._print(
                 f"{counts_line(counts, self.target).plain}  {self._best(study)}  {self._rate(counts)}"

@@ -152,6 +152,20 @@ def test_a_fail_line_waits_a_moment_for_its_retry() -> None:
     assert "trial 5 FAIL: bad config\n" in out.getvalue()
 
 
+def test_a_held_fail_line_is_printed_as_the_run_ends() -> None:
+    """Trials that failed in a run's last seconds (a space whose every other config is invalid) were
+    held for their retry by the last look and the run ended without their lines."""
+    study = _study()
+    out = io.StringIO()
+    with pytest.raises(RuntimeError), RunView(8, console=Console(file=out, force_terminal=False)) as view:
+        _update(view, study)
+        study.add_trial(create_trial(state=TrialState.FAIL, user_attrs={"fail_reason": "bad config"}))
+        _update(view, study)
+        assert "trial 3" not in out.getvalue()  # held: the default wait is seconds
+        raise RuntimeError("the run stops here (say, --max-failures)")
+    assert out.getvalue().endswith("trial 3 FAIL: bad config\n"), out.getvalue()
+
+
 def test_retries_table_gives_why_retried_trials_failed() -> None:
     """status showed only "retried 2" for trials a worker's kill had failed; their reasons (an OOM kill,
     say) were in the database only."""
