@@ -25,6 +25,7 @@ import ast
 import hashlib
 import inspect
 import json
+import math
 import random
 import warnings
 from collections.abc import Callable, Sequence
@@ -231,12 +232,18 @@ def _param(key: str, spec: dict[str, Any], where: str) -> Param:
             raise UserError(f"{where}: 'choices' cannot be combined with type/low/high/step/log")
         if not isinstance(choices, list) or not choices:
             raise UserError(f"{where}.choices: must be a non-empty list")
-        for choice in choices:
+        for i, choice in enumerate(choices):
+            if any(type(choice) is type(c) and choice == c for c in choices[:i]):
+                raise UserError(
+                    f"{where}.choices: {shown(choice)} is listed twice (it would be drawn twice as often)"
+                )
             try:
                 Config.from_dict({key: choice}, source=where, cross=False)
             except UserError as exc:
                 raise UserError(f"{where}.choices: {shown(choice)} is not valid ({_tail(exc)})") from None
         return Param(key, optuna.distributions.CategoricalDistribution(choices), when)
+    if kind == "categorical":
+        raise UserError(f"{where}: type categorical needs 'choices: [...]' (low/high are for int and float)")
     if "low" not in spec or "high" not in spec:
         raise UserError(f"{where}: needs 'low' and 'high' (or 'choices' for a categorical)")
     low, high, step, log = spec["low"], spec["high"], spec.get("step"), spec.get("log", False)
@@ -262,6 +269,15 @@ def _param(key: str, spec: dict[str, Any], where: str) -> Param:
         raise UserError(f"{where}: log scale needs low > 0 and no step")
     if step is not None and step <= 0:
         raise UserError(f"{where}.step: must be positive")
+    if step is not None:
+        # Optuna would narrow the range to a multiple of step with a UserWarning (twice) and go on.
+        count = (high - low) / step
+        if abs(count - round(count)) > 1e-8 * max(1.0, abs(count)):
+            top = low + math.floor(count + 1e-8) * step
+            raise UserError(
+                f"{where}: step {shown(step)} does not divide high - low ({shown(high)} - {shown(low)}); "
+                f"make high {shown(round(top, 12))} or change step"
+            )
     try:
         if kind == "int":
             if any(isinstance(v, float) and not v.is_integer() for v in (low, high, step) if v is not None):
@@ -359,13 +375,16 @@ def _eval_constraint(expr: str, values: dict[str, Any]) -> bool:
         return False
 
 
-def _random_values(space: Space, rng: random.Random) -> dict[str, Any]:
+def _random_values(space: Space, rng: random.Random, forced: tuple[str, Any] | None = None) -> dict[str, Any]:
+    """A random point of the space (``forced``: one key's value wherever that key is searched)."""
     values: dict[str, Any] = dict(space.fixed)
     for p in space.params:
         if not p.active(values):
             continue
         d = p.distribution
-        if isinstance(d, optuna.distributions.CategoricalDistribution):
+        if forced is not None and p.name == forced[0]:
+            values[p.name] = forced[1]
+        elif isinstance(d, optuna.distributions.CategoricalDistribution):
             values[p.name] = rng.choice(list(d.choices))
         elif isinstance(d, optuna.distributions.IntDistribution):
             values[p.name] = rng.randrange(d.low, d.high + 1, d.step)
@@ -375,22 +394,54 @@ def _random_values(space: Space, rng: random.Random) -> dict[str, Any]:
     return values
 
 
-def _check_satisfiable(space: Space, src: str) -> None:
-    """Draw random points: a space whose constraints or checks never pass is refused before it runs."""
+def _invalid_reason(space: Space, values: dict[str, Any], src: str) -> str:
+    """Why a point of the space cannot be trained ('' when it can)."""
+    failing = [c for c in space.constraints if not _eval_constraint(c, {**Config().to_dict(), **values})]
+    if failing:
+        return f"constraint '{failing[0]}' does not hold"
+    try:
+        Config.from_dict(values, source=src)
+    except UserError as exc:
+        return str(exc).removeprefix(f"{src}: ")  # the file is named once
+    return ""
+
+
+def _check_satisfiable(space: Space, src: str, draws: int = 3000, per_choice: int = 300) -> None:
+    """Draw random points: a space whose constraints or checks never pass is refused before it runs, and
+    so is a choice that never gives a trainable config (``heads: {choices: [2, 3]}`` with ``d_model: 32``):
+    its trials would only fail, and count against --max-failures until the study stopped."""
     rng = random.Random(0)
     first_error = ""
-    for _ in range(3000):
-        values = _random_values(space, rng)
-        failing = [c for c in space.constraints if not _eval_constraint(c, {**Config().to_dict(), **values})]
-        if failing:
-            first_error = first_error or f"constraint '{failing[0]}' never held in 3000 random draws"
+    for _ in range(draws):
+        reason = _invalid_reason(space, _random_values(space, rng), src)
+        if not reason:
+            break
+        first_error = first_error or reason
+    else:
+        raise UserError(f"{src}: no valid configuration can be sampled: {_never(first_error, draws)}")
+    for p in space.params:
+        if not isinstance(p.distribution, optuna.distributions.CategoricalDistribution):
             continue
-        try:
-            Config.from_dict(values, source=src)
-            return
-        except UserError as exc:
-            first_error = first_error or str(exc).removeprefix(f"{src}: ")  # the file is named once
-    raise UserError(f"{src}: no valid configuration can be sampled: {first_error}")
+        for choice in p.distribution.choices:
+            reason, searched = "", False
+            for _ in range(per_choice):
+                values = _random_values(space, rng, forced=(p.name, choice))
+                if values.get(p.name) is not choice:
+                    continue  # the key was not searched in this draw (its condition did not hold)
+                searched = True
+                reason = _invalid_reason(space, values, src)
+                if not reason:
+                    break
+            if searched and reason:
+                raise UserError(
+                    f"{src}: params.{p.name}: the choice {shown(choice)} never gives a valid configuration "
+                    f"in {per_choice} random draws ({_never(reason, per_choice)}); drop it, or change the "
+                    "keys it depends on"
+                )
+
+
+def _never(reason: str, draws: int) -> str:
+    return reason.replace("does not hold", f"never held in {draws} random draws")
 
 
 def _enqueue_entry(space: Space, entry: Any, where: str) -> dict[str, Any]:

@@ -196,6 +196,29 @@ BAD = [
     ({**GOOD, "study": {"grace_period": -4}}, "study.grace_period must be a whole number of seconds >= 1"),
     ({**GOOD, "study": {"grace_period": 2.5}}, "study.grace_period must be a whole number of seconds >= 1"),
     ("- just\n- a list\n", "expected a mapping at the top level"),
+    (  # Optuna narrowed it to [32, 96] with a raw UserWarning, printed twice, and went on
+        with_params(d_model={"low": 32, "high": 100, "step": 32}),
+        "params.d_model: step 32 does not divide high - low (100 - 32); make high 96 or change step",
+    ),
+    (
+        with_params(dropout={"low": 0.0, "high": 0.25, "step": 0.1}),
+        "params.dropout: step 0.1 does not divide high - low (0.25 - 0.0); make high 0.2 or change step",
+    ),
+    (  # was "must be int, float or categorical, got 'categorical'"
+        with_params(lr={"type": "categorical", "low": 0.001, "high": 0.01}),
+        "params.lr: type categorical needs 'choices: [...]'",
+    ),
+    (with_params(heads={"choices": [2, 2, 4]}), "params.heads.choices: 2 is listed twice"),
+    (  # without the constraint, every heads=3 trial failed and the study stopped at --max-failures
+        {"params": {"d_model": 32, "heads": {"choices": [2, 3]}}},
+        "params.heads: the choice 3 never gives a valid configuration in 300 random draws (key 'd_model' "
+        "(32) must be divisible by heads (3)); drop it, or change the keys it depends on",
+    ),
+    (  # with it, every heads=3 trial broke the constraint
+        {"params": {"d_model": 32, "heads": {"choices": [2, 3]}}, "constraints": ["d_model % heads == 0"]},
+        "params.heads: the choice 3 never gives a valid configuration in 300 random draws (constraint "
+        "'d_model % heads == 0' never held in 300 random draws)",
+    ),
 ]
 
 
@@ -207,6 +230,25 @@ def test_bad_spaces_give_one_clear_line(tmp_path: Path, content: object, message
     text = str(info.value)
     assert str(path) in text and message in text
     assert "\n" not in text
+
+
+def test_a_choice_valid_only_with_some_other_values_is_kept(tmp_path: Path) -> None:
+    """heads 3 fits d_model 48 only: the space is fine, its other combinations are the constraint's."""
+    space = load_space(
+        write(
+            tmp_path,
+            {
+                "params": {
+                    "d_model": {"choices": [32, 48]},
+                    "heads": {"choices": [2, 3]},
+                    "steps": {"low": 10, "high": 40, "step": 10},
+                    "dropout": {"low": 0.0, "high": 0.3, "step": 0.1},
+                },
+                "constraints": ["d_model % heads == 0"],
+            },
+        )
+    )
+    assert sorted(p.name for p in space.params) == ["d_model", "dropout", "heads", "steps"]
 
 
 def test_missing_space_lists_shipped_ones() -> None:
