@@ -86,10 +86,15 @@ class Space:
     raw: dict[str, Any]
 
     @property
-    def digest(self) -> str:
-        """Identity of what the space searches (not its comments), recorded in the study."""
+    def body(self) -> str:
+        """What the space searches (its params and constraints, not its comments), as canonical JSON."""
         body = {k: self.raw.get(k) for k in ("params", "constraints")}
-        return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return json.dumps(body, sort_keys=True, default=str)
+
+    @property
+    def digest(self) -> str:
+        """Identity of what the space searches, recorded in the study."""
+        return hashlib.sha256(self.body.encode()).hexdigest()[:16]
 
     def sample(self, trial: optuna.Trial) -> Config:
         """Suggest every active parameter and return the resolved config (ValueError text if it is bad)."""
@@ -105,6 +110,30 @@ class Space:
     def config_for(self, params: dict[str, Any]) -> Config:
         """The config a given parameter assignment produces (fixed values + params)."""
         return Config.from_dict({**self.fixed, **params}, source=f"{self.name} enqueue")
+
+
+def space_changes(old_body: str, new_body: str, limit: int = 3) -> str:
+    """What differs between two :attr:`Space.body` texts, as 'params.steps 30 -> 31; ...' (at most
+    ``limit`` changes named); '' if either cannot be read."""
+    try:
+        old, new = json.loads(old_body), json.loads(new_body)
+        old_params, new_params = old.get("params") or {}, new.get("params") or {}
+    except (ValueError, TypeError, AttributeError):
+        return ""
+    said: list[str] = []
+    for key in sorted(set(old_params) | set(new_params)):
+        if key not in new_params:
+            said.append(f"params.{key} removed")
+        elif key not in old_params:
+            said.append(f"params.{key} added")
+        elif old_params[key] != new_params[key]:
+            said.append(f"params.{key} {shown(old_params[key])} -> {shown(new_params[key])}")
+    if (old.get("constraints") or []) != (new.get("constraints") or []):
+        said.append(
+            f"constraints {shown(old.get('constraints') or [])} -> {shown(new.get('constraints') or [])}"
+        )
+    more = f"; {len(said) - limit} more" if len(said) > limit else ""
+    return "; ".join(said[:limit]) + more
 
 
 class ConstraintViolation(UserError):

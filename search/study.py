@@ -74,10 +74,17 @@ def identity_changes(study: optuna.Study, attrs: dict[str, Any], allow_changed: 
                     "fingerprint": f" in {current.get('data_root', '?')}",
                     "space_digest": f" from {current.get('space_path', '?')}",
                 }.get(key, "")
+                what = f"{key} {current.get(key)}{where}, now {attrs.get(key)}"
+                changed = ""
+                if key == "space_digest" and current.get("space_body") and attrs.get("space_body"):
+                    from search.space import space_changes
+
+                    changed = space_changes(current["space_body"], attrs["space_body"])
+                if changed:  # a study recorded since the space's body is: say what changed, not two hashes
+                    what = f"{current.get('space_path', '?')}: {changed}"
                 raise UserError(
-                    f"study '{study.study_name}' was run with another {label} ({key} "
-                    f"{current.get(key)}{where}, now {attrs.get(key)}); use a new --study name, or "
-                    "--allow-changed to continue anyway"
+                    f"study '{study.study_name}' was run with another {label} ({what}); use a new --study "
+                    "name, or --allow-changed to continue anyway"
                 )
         old, new = current.get("steps_override"), attrs.get("steps_override")
         if old != new:
@@ -95,7 +102,16 @@ def identity_changes(study: optuna.Study, attrs: dict[str, Any], allow_changed: 
             )
     # The study goes on with the new values: workers split the new data set by the recorded ratio and
     # seed, and export-top validates on it (each trial records the data set it trained on).
-    keys = (*IDENTITY, "valid_ratio", "split_seed", "space_path", "data_root", "steps_override", "pruner")
+    keys = (
+        *IDENTITY,
+        "valid_ratio",
+        "split_seed",
+        "space_path",
+        "space_body",
+        "data_root",
+        "steps_override",
+        "pruner",
+    )
     return {key: attrs.get(key) for key in keys if current.get(key) != attrs.get(key)}
 
 
@@ -341,6 +357,7 @@ def _run(
                 "valid_ratio": split.ratio,
                 "split_seed": split.seed,
                 "space_digest": space.digest,
+                "space_body": space.body,
                 "space_path": str(Path(space.path).resolve()),
                 "space_name": space.name,
                 "data_root": str(Path(data.root).resolve()),

@@ -15,6 +15,7 @@ from search.space import (
     load_space,
     make_pruner,
     make_sampler,
+    space_changes,
 )
 
 GOOD = {
@@ -249,6 +250,18 @@ def test_a_choice_valid_only_with_some_other_values_is_kept(tmp_path: Path) -> N
         )
     )
     assert sorted(p.name for p in space.params) == ["d_model", "dropout", "heads", "steps"]
+
+
+def test_space_changes_names_what_changed(tmp_path: Path) -> None:
+    before = load_space(write(tmp_path, GOOD)).body
+    changed = with_params(steps=60, pooling="mean", lr={"low": 1.0e-4, "high": 1.0e-2})
+    after = load_space(write(tmp_path, {**changed, "constraints": []})).body
+    assert space_changes(before, after) == (
+        "params.lr {'high': 0.01, 'log': True, 'low': 0.0001} -> {'high': 0.01, 'low': 0.0001}; "
+        "params.pooling added; params.steps 50 -> 60; 1 more"
+    )
+    assert space_changes(before, after, limit=9).endswith("; constraints ['d_model % heads == 0'] -> []")
+    assert space_changes(before, before) == "" and space_changes("not json", after) == ""
 
 
 def test_missing_space_lists_shipped_ones() -> None:
