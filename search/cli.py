@@ -439,12 +439,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         choices=("tiny", "small", "hw4"),
         default="small",
-        help="size: tiny (tests), small (minutes on CPU), hw4 (real set's size); default small",
+        help="size: tiny (8 speakers, 96 labelled + 16 test utterances; tests), small (40, 2,400 + 400; "
+        "minutes on CPU), hw4 (600, 56,666 + 8,000: the real set's size); default small",
     )
-    p.add_argument("--speakers", type=_positive, help="override the preset's number of speakers")
-    p.add_argument("--utterances", type=_positive, help="override the preset's labelled utterances (total)")
-    p.add_argument("--test", type=_positive, help="override the preset's test utterances")
-    p.add_argument("--seed", type=_non_negative, default=0, help="random seed (same seed, same files)")
+    p.add_argument(
+        "--speakers", type=_non_negative, help="override the preset's number of speakers (2 or more)"
+    )
+    p.add_argument(
+        "--utterances",
+        type=_non_negative,
+        help="override the preset's labelled utterances, in all (at least 3 per speaker)",
+    )
+    p.add_argument("--test", type=_non_negative, help="override the preset's test utterances (0 or more)")
+    p.add_argument(
+        "--seed", type=_non_negative, default=0, help="random seed (same seed, same files; default 0)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_synth)
 
@@ -491,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed",
         type=_non_negative,
         default=0,
-        help="seed for file names, speaker ids and the test split (same seed, same output)",
+        help="seed for file names, speaker ids and the test split (same seed, same output; default 0)",
     )
     p.add_argument(
         "--min-utterances",
@@ -529,7 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="override the config's number of training steps (its warm-ups are scaled to match)",
     )
     p.add_argument("--device", default="auto", help="auto (default: cuda if present), cpu, cuda, cuda:1 ...")
-    p.add_argument("--log-every", type=_positive, default=50, help="progress update interval in steps")
+    p.add_argument(
+        "--log-every", type=_positive, default=50, help="progress update interval in steps (default 50)"
+    )
     p.add_argument(
         "--force", action="store_true", help="start over in --out, replacing a finished or interrupted run"
     )

@@ -539,14 +539,14 @@ def resolve_spec(
     if test is not None:
         spec = replace(spec, test=test)
     if not 2 <= spec.speakers <= 100000:  # one speaker: every utterance is "identified", trivially
-        raise UserError(f"synth: speakers must be between 2 and 100000, got {spec.speakers}")
+        raise UserError(f"synth: --speakers must be between 2 and 100000, got {spec.speakers}")
     if spec.utterances < 3 * spec.speakers:
         raise UserError(
-            f"synth: utterances ({spec.utterances}) must be at least 3 per speaker "
-            f"({3 * spec.speakers} for {spec.speakers} speakers)"
+            f"synth: --utterances {spec.utterances} is too few: the labelled utterances in all need 3 per "
+            f"speaker, {3 * spec.speakers} for {spec.speakers} speakers"
         )
     if spec.test < 0:
-        raise UserError(f"synth: test must be 0 or more, got {spec.test}")
+        raise UserError(f"synth: --test must be 0 or more, got {spec.test}")
     return spec
 
 

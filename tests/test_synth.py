@@ -241,7 +241,9 @@ def test_overrides_and_bad_arguments(tmp_path: Path) -> None:
 
     with pytest.raises(UserError, match="preset"):
         generate(tmp_path / "x", preset="huge", progress=False)
-    with pytest.raises(UserError, match="at least 3"):
+    with pytest.raises(
+        UserError, match="too few: the labelled utterances in all need 3 per speaker, 30 for 10"
+    ):
         generate(tmp_path / "x", preset="tiny", speakers=10, utterances=29, progress=False)
     with pytest.raises(UserError, match="seed"):
         generate(tmp_path / "x", preset="tiny", seed=-1, progress=False)
