@@ -105,6 +105,13 @@ def _refuse_network_sqlite(url: str) -> None:
         )
 
 
+def _sqlite_advice(exc: BaseException) -> str:
+    """What to do about a SQLite file that cannot be opened, where the error says enough to tell."""
+    if "not a database" in str(exc) or "malformed" in str(exc):
+        return "; it is not a SQLite database or is damaged: restore it from a copy, or name another file"
+    return ""
+
+
 def _prepare_sqlite(url: str) -> None:
     """Refuse network filesystems, create the folder, and switch the file to WAL once (it persists)."""
     path = sqlite_file(url)
@@ -129,7 +136,9 @@ def _prepare_sqlite(url: str) -> None:
             # study at this moment makes SQLite answer 'locked' at once, whatever the busy timeout.
             busy = "locked" in str(exc) or "busy" in str(exc)
             if not busy or attempt == 10:
-                raise UserError(f"--storage {url}: cannot open the SQLite file ({exc})") from None
+                raise UserError(
+                    f"--storage {url}: cannot open the SQLite file ({exc}){_sqlite_advice(exc)}"
+                ) from None
             time.sleep(0.1 * attempt)
 
 
@@ -301,6 +310,11 @@ def open_storage(
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         path = sqlite_file(url)
+        if path is not None and path.is_dir():
+            raise UserError(
+                f"--storage {url}: {path} is a folder; name a database file, e.g. "
+                f"sqlite:///{path / 'study.db'}"
+            )
         if must_exist and path is not None and not path.is_file():
             raise UserError(
                 f"--storage {url}: {path} does not exist; check the path (only 'spkid-search run' "

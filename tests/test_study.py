@@ -951,6 +951,24 @@ def test_wrong_storage_url_and_unknown_study(tmp_path: Path) -> None:
         assert "secret" not in str(exc)
 
 
+def test_a_sqlite_url_to_a_folder_or_a_file_that_is_not_a_database_says_what_to_do(tmp_path: Path) -> None:
+    """status said "<folder> does not exist" and run "unable to open database file" for a folder; a
+    corrupt study.db gave SQLite's words alone. The file is never written to."""
+    folder = tmp_path / "studies"
+    folder.mkdir()
+    for must_exist in (True, False):
+        with pytest.raises(
+            UserError, match=rf"studies is a folder; name a database file, e.g. sqlite:///{folder}/"
+        ):
+            open_storage(f"sqlite:///{folder}", must_exist=must_exist)
+    garbage = tmp_path / "study.db"
+    garbage.write_bytes(b"not a database, some notes" * 100)
+    for must_exist in (True, False):
+        with pytest.raises(UserError, match="not a SQLite database or is damaged: restore it from a copy"):
+            open_storage(f"sqlite:///{garbage}", must_exist=must_exist)
+    assert garbage.read_bytes() == b"not a database, some notes" * 100
+
+
 def test_holds_studies_only_looks(tmp_path: Path) -> None:
     """The quick look run takes before answering "nothing to do": it never creates a file or a table."""
     from search.storage import holds_studies
