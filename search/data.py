@@ -136,6 +136,10 @@ def read_layout(root: Path) -> HW4Layout:
     return HW4Layout(root, n_mels, speakers, train, test)
 
 
+# Removing a listed file alone only moves the error: its entry must go too.
+_LISTED = "metadata.json (or testdata.json) lists it: restore it, or delete its entry there"
+
+
 def load_feature(path: Path, n_mels: int, mel_len: int | None = None) -> torch.Tensor:
     """Load one ``uttr-*.pt`` safely (weights_only) and check it is a (mel_len, n_mels) float tensor."""
     try:
@@ -143,10 +147,13 @@ def load_feature(path: Path, n_mels: int, mel_len: int | None = None) -> torch.T
             warnings.simplefilter("ignore")  # a refused legacy pickle is reported below in one line
             tensor = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise UserError(f"{path}: feature file not found (listed in the metadata)") from None
+        raise UserError(f"{path}: feature file not found; {_LISTED}") from None
     except Exception as exc:  # noqa: BLE001 - pickle/zip errors come in many types
         reason = load_failure(exc, path)
-        raise UserError(f"{path}: unreadable tensor file: {reason}; restore or remove it") from None
+        raise UserError(
+            f"{path}: unreadable tensor file: {reason}; restore it, or delete it and its entry in "
+            "metadata.json (or testdata.json)"
+        ) from None
     if not isinstance(tensor, torch.Tensor):
         raise UserError(f"{path}: holds a {type(tensor).__name__}, expected a tensor (mel_len, {n_mels})")
     if tensor.dim() != 2 or not tensor.is_floating_point():
@@ -182,9 +189,7 @@ def cache_key(layout: HW4Layout) -> str:
         try:
             st = (layout.root / utt.feature_path).stat()
         except FileNotFoundError:
-            raise UserError(
-                f"{layout.root / utt.feature_path}: feature file not found (listed in the metadata)"
-            ) from None
+            raise UserError(f"{layout.root / utt.feature_path}: feature file not found; {_LISTED}") from None
         h.update(f"{utt.feature_path}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 

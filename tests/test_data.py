@@ -85,7 +85,7 @@ def test_layout_errors_name_file_and_problem(hw4: Path, mutate: Callable[[Path],
 def test_missing_feature_file(hw4: Path) -> None:
     name = _first_train_file(hw4)
     (hw4 / name).unlink()
-    with pytest.raises(UserError, match=f"{name}: feature file not found"):
+    with pytest.raises(UserError, match=f"{name}: feature file not found; metadata.json .* delete its entry"):
         pack(hw4, hw4.parent / "cache", progress=False)
 
 

@@ -161,7 +161,7 @@ CASES = [
         "run-pickle-in-data",
         f"{RUN} --quiet --study fresh --data {{attack}}/evil-data",
         "uttr-",
-        "restore or remove it",
+        "restore it, or delete it and its entry in metadata.json",
     ),
     # train
     Case(
