@@ -76,6 +76,7 @@ class ExportResult:
     best_member_valid_acc: float
     replaced: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
+    candidates: int = 0  # usable trials there were to choose from
 
 
 # --------------------------------------------------------------------------------------------------
@@ -429,6 +430,7 @@ def export_top(
         best_member_valid_acc=max(m.valid_acc for m in members),
         replaced=replaced,
         history=history,
+        candidates=len(trials),
     )
 
 
@@ -522,9 +524,10 @@ def render_export(result: ExportResult) -> Any:
     """A rich Table of the exported members (the CLI prints it)."""
     from rich.table import Table
 
-    table = Table(
-        title=f"study '{result.study}': {result.strategy} export of {len(result.members)} -> {result.out}"
-    )
+    title = f"study '{result.study}': {result.strategy} export of {len(result.members)} -> {result.out}"
+    if result.strategy == "greedy" and 0 < result.candidates < result.k:  # K caps the members: say why fewer
+        title += f" (K={result.k}, but only {result.candidates} usable trials to choose from)"
+    table = Table(title=title)
     for column in ("trial", "state", "weight", "valid acc", "params"):
         table.add_column(column, justify="left" if column == "params" else "right", overflow="fold")
     for m in result.members:

@@ -236,6 +236,14 @@ def test_greedy_never_below_top_k_or_best_single(
         _render(render_export(greedy_k)).split()
     )
     assert "optimistic" not in _render(render_export(top_k))
+    # K caps greedy's members: with fewer trials than K it exports them all at most, and says why.
+    n = len(usable_trials(study))
+    assert f"(K={n + 2}, but only {n} usable trials to choose from)" in " ".join(
+        _render(
+            render_export(export_top(study, n + 2, out=Path("greedy-many"), strategy="greedy", data=data))
+        ).split()
+    )
+    assert "usable trials to choose from" not in _render(render_export(greedy_k))
 
 
 def test_vote_round_trip_writes_kaggle_csv(exports: Exports, data: PackedData, tmp_path: Path) -> None:
