@@ -123,6 +123,8 @@ def _reason(t: FrozenTrial) -> str:
 
 
 def _values(params: dict[str, Any]) -> str:
+    if not params:  # a space of fixed values (its trials differ by seed): "trial 0: " read as cut off
+        return "(nothing searched)"
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 

@@ -59,6 +59,16 @@ def test_narrow_terminals_list_the_values_under_the_table() -> None:
     assert "searched values" in wide and "trial 1:" not in wide
 
 
+def test_a_trial_of_a_space_that_searches_nothing_says_so() -> None:
+    """A space of fixed values (its trials differ by seed only) listed "trial 0: " and nothing after."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(create_trial(value=0.5, user_attrs={"valid_acc": 0.5}))
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(best_table(study, 5, width=80))
+    assert "trial 0: (nothing searched)" in console.export_text()
+
+
 def test_failures_table_gives_the_reasons_of_real_failures_only() -> None:
     study = _study()
     assert failures_table(study.get_trials()) is None  # no failure: no table
