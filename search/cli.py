@@ -719,10 +719,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = exc.message.removeprefix(f"{args.command}: ")  # library errors may name the command too
         print(f"spkid-search {args.command}: error: {message}", file=sys.stderr)
         return exc.exit_code
-    except OSError as exc:
+    except (ImportError, OSError) as exc:
+        from search.errors import broken_install
         from search.files import disk_full
 
-        if not disk_full(exc):
+        why = broken_install(exc)
+        if why:
+            print(
+                f"spkid-search {args.command}: error: torch/torchaudio cannot be loaded ({why}); reinstall "
+                "the versions pyproject.toml pins: pip install --force-reinstall -e <this repository>",
+                file=sys.stderr,
+            )
+            return 1
+        if not isinstance(exc, OSError) or not disk_full(exc):
             raise
         where = f" writing {exc.filename}" if exc.filename else ""
         print(

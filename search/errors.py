@@ -38,6 +38,28 @@ def exception_chain(exc: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
+_TORCH = ("torch", "torchaudio")
+
+
+def broken_install(exc: BaseException) -> str:
+    """Why ``exc`` says torch or torchaudio cannot be loaded ('' when it is something else).
+
+    Why: a torchaudio built for another torch (2.11.1 beside 2.11.0 once came from a plain install)
+    fails as ``libtorchaudio.so: undefined symbol``; every command that builds a model printed two or
+    three tracebacks for it, where one line can say to reinstall the pinned pair.
+    """
+    import traceback
+
+    if isinstance(exc, ModuleNotFoundError):
+        return f"no module named '{exc.name}'" if (exc.name or "").split(".")[0] in _TORCH else ""
+    if not isinstance(exc, (ImportError, OSError)):
+        return ""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if any(f"/{name}/" in frame.filename for frame in frames for name in _TORCH):
+        return first_line(exc, 200)
+    return ""
+
+
 def first_line(exc: BaseException, limit: int = 160) -> str:
     """The first line of ``exc``'s message (its class name when it has none), for one-line reports."""
     text = str(exc).strip()

@@ -1,11 +1,32 @@
-"""Imported last by the worker fork server (``study.WORKER_PRELOAD``): freezes the objects that the
-preloaded modules (torch, the trainer) made.
+"""Imported by the worker fork server (``study.WORKER_PRELOAD``): imports what a worker needs before its
+first trial, then freezes the objects they made.
 
-Why: forked workers' garbage collections then skip them, so they do not copy the server's memory pages
-by touching them (Python's advice for servers that fork), and the server's own exit, when the run ends,
-does not collect them (1+ s with torch imported, while it still holds the run's stdout and stderr).
+Why freeze: forked workers' garbage collections then skip them, so they do not copy the server's memory
+pages by touching them (Python's advice for servers that fork), and the server's own exit, when the run
+ends, does not collect them (1+ s with torch imported, while it still holds the run's stdout and stderr).
+
+A module that fails to import (a broken torch install) ends the list quietly: the driver imports the
+same modules and reports that in one line. The server's own traceback, and the driver's EOFError when
+the dead server could not fork a worker, had buried that line under three tracebacks.
 """
 
 import gc
+import importlib
+
+MODULES = (
+    "torch",
+    "torch._dynamo",  # imported by the first optimizer a process makes (2 s on the 2-core dev VM)
+    "search.worker",
+    "search.train",
+    "search.model",
+    "search.data",
+    "search.storage",
+)
+
+for _name in MODULES:
+    try:
+        importlib.import_module(_name)
+    except Exception:  # noqa: BLE001 - whatever it is, the driver meets it too and says it in one line
+        break
 
 gc.freeze()

@@ -323,7 +323,10 @@ def _run(
     devices, lanes = _check_run(opts, space)
     heartbeat = opts.heartbeat or int(space.study.get("heartbeat_interval", DEFAULT_HEARTBEAT))
     grace = int(space.study.get("grace_period", 3 * heartbeat))
-    from search.data import make_split, open_data  # torch: after the checks that need none
+    # torch: after the checks that need none; the model too, as the workers will: a broken install
+    # (search.errors.broken_install) fails here, in one line, not in every worker
+    from search import model  # noqa: F401
+    from search.data import make_split, open_data
 
     data_root = opts.data if opts.data is not None else _recorded_data_root(url, name)
     data = open_data(data_root, progress=opts.display)
@@ -547,18 +550,9 @@ class _OutageLog:
             self.logged = False
 
 
-# What a worker imports before its first trial: the fork server imports it once, and each worker (and
-# each restart of one) is forked from it ready to train.
-WORKER_PRELOAD = [
-    "torch",
-    "torch._dynamo",  # imported by the first optimizer a process makes (2 s on the 2-core dev VM)
-    "search.worker",
-    "search.train",
-    "search.model",
-    "search.data",
-    "search.storage",
-    "search.preload",  # last: it freezes what the others made
-]
+# What the fork server imports (search.preload imports what a worker needs before its first trial,
+# preload.MODULES): each worker (and each restart of one) is forked from it ready to train.
+WORKER_PRELOAD = ["search.preload"]
 
 
 def worker_context() -> Any:

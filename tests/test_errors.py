@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from search.errors import UserError, load_failure
+from search.errors import UserError, broken_install, load_failure
 from search.infer import read_checkpoint
 
 
@@ -39,3 +39,25 @@ def test_a_cut_short_zip_is_named_for_what_it_is(tmp_path: Path) -> None:
         cut = tmp_path / f"cut{size}.pt"
         cut.write_bytes(whole.read_bytes()[:size])
         assert _refusal(cut) == "the zip archive is cut short or corrupt", size
+
+
+def test_broken_install_tells_torch_failures_from_others(tmp_path: Path) -> None:
+    fake = tmp_path / "site" / "torchaudio"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise OSError("libtorchaudio.so: undefined symbol: torch_x")\n')
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("torchaudio_broken", fake / "__init__.py")
+    assert spec is not None and spec.loader is not None
+    with pytest.raises(OSError) as loaded:
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    assert broken_install(loaded.value) == "libtorchaudio.so: undefined symbol: torch_x"
+    assert (
+        broken_install(ModuleNotFoundError("No module named 'torch'", name="torch"))
+        == "no module named 'torch'"
+    )
+    assert broken_install(ModuleNotFoundError("No module named 'yaml'", name="yaml")) == ""
+    with pytest.raises(OSError) as elsewhere:
+        (tmp_path / "missing").read_text()
+    assert broken_install(elsewhere.value) == ""
+    assert broken_install(ValueError("torch")) == ""

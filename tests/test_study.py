@@ -658,6 +658,32 @@ def _wait_for_fork_server(pid: int, timeout: float) -> None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from Linux /proc")
+def test_a_broken_torchaudio_is_one_line_and_leaves_no_study(tmp_path: Path, tiny_dir: Path) -> None:
+    """A torchaudio built for another torch (a plain install once paired 2.11.1 with torch 2.11.0) made
+    run print three tracebacks: the fork server's, and the driver's EOFError when the dead server could
+    not fork a worker. Now the driver meets it in its own imports and says it in one line."""
+    fake = tmp_path / "site" / "torchaudio"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise OSError("Could not load this library: libtorchaudio.so")\n')
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    done = subprocess.run(
+        [sys.executable, "-m", "search.cli", "run", "--space", str(long_space(tmp_path)), "--trials", "1"]
+        + ["--data", str(tiny_dir)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines() == [
+        "spkid-search run: error: torch/torchaudio cannot be loaded (Could not load this library: "
+        "libtorchaudio.so); reinstall the versions pyproject.toml pins: pip install --force-reinstall -e "
+        "<this repository>"
+    ], done.stderr
+    assert not (tmp_path / "studies").exists()
+
+
 def test_ctrl_c_while_the_worker_server_imports_is_one_line_not_its_traceback(
     tmp_path: Path, tiny_dir: Path
 ) -> None:
