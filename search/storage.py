@@ -105,10 +105,32 @@ def _refuse_network_sqlite(url: str) -> None:
         )
 
 
+def _check_sqlite_path(url: str) -> None:
+    """A folder, or a file that is not a SQLite database, is refused by its form: before ``run`` packs
+    a data set (minutes for HW4) only to find the storage unusable."""
+    path = sqlite_file(url)
+    if path is None:
+        return
+    if path.is_dir():
+        raise UserError(
+            f"--storage {url}: {path} is a folder; name a database file, e.g. sqlite:///{path / 'study.db'}"
+        )
+    try:
+        with path.open("rb") as f:
+            head = f.read(16)
+    except OSError:
+        return  # missing (run creates it) or unreadable: the open that follows says which
+    if head and head != b"SQLite format 3\x00":
+        raise UserError(f"--storage {url}: {path} is not a SQLite database{_NOT_A_DATABASE}")
+
+
+_NOT_A_DATABASE = "; restore it from a copy, or name another file"
+
+
 def _sqlite_advice(exc: BaseException) -> str:
     """What to do about a SQLite file that cannot be opened, where the error says enough to tell."""
     if "not a database" in str(exc) or "malformed" in str(exc):
-        return "; it is not a SQLite database or is damaged: restore it from a copy, or name another file"
+        return f"; it is not a SQLite database or is damaged{_NOT_A_DATABASE}"
     return ""
 
 
@@ -186,6 +208,7 @@ def check_storage_url(url: str) -> str:
         url = "postgresql+psycopg://" + url[len("postgresql://") :]
     if url.startswith("sqlite:///"):
         _refuse_network_sqlite(url)
+        _check_sqlite_path(url)
     if url.startswith("mysql"):
         try:  # its driver is not among this package's requirements
             sqlalchemy.engine.make_url(url).get_dialect().import_dbapi()
@@ -310,11 +333,6 @@ def open_storage(
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         path = sqlite_file(url)
-        if path is not None and path.is_dir():
-            raise UserError(
-                f"--storage {url}: {path} is a folder; name a database file, e.g. "
-                f"sqlite:///{path / 'study.db'}"
-            )
         if must_exist and path is not None and not path.is_file():
             raise UserError(
                 f"--storage {url}: {path} does not exist; check the path (only 'spkid-search run' "

@@ -28,7 +28,7 @@ from search.cli import main
 from search.errors import UserError
 from search.files import sha256_file
 from search.space import load_space
-from search.storage import artifact_store, open_storage
+from search.storage import artifact_store, check_storage_url, open_storage
 from search.study import RunOptions, effective_steps, identity_changes, in_environment, run, worker_context
 from search.trials import count_trials, is_skipped
 from search.worker import read_status
@@ -990,8 +990,11 @@ def test_a_sqlite_url_to_a_folder_or_a_file_that_is_not_a_database_says_what_to_
     garbage = tmp_path / "study.db"
     garbage.write_bytes(b"not a database, some notes" * 100)
     for must_exist in (True, False):
-        with pytest.raises(UserError, match="not a SQLite database or is damaged: restore it from a copy"):
+        with pytest.raises(UserError, match="study.db is not a SQLite database; restore it from a copy"):
             open_storage(f"sqlite:///{garbage}", must_exist=must_exist)
+    # By its form, before run packs a data set (minutes for HW4) to find the storage unusable.
+    with pytest.raises(UserError, match="study.db is not a SQLite database"):
+        check_storage_url(f"sqlite:///{garbage}")
     assert garbage.read_bytes() == b"not a database, some notes" * 100
 
 
