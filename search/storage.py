@@ -12,6 +12,7 @@ import re
 import shutil
 import sqlite3
 import time
+import urllib.parse
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -106,8 +107,8 @@ def _refuse_network_sqlite(url: str) -> None:
 
 
 def _check_sqlite_path(url: str) -> None:
-    """A folder, or a file that is not a SQLite database, is refused by its form: before ``run`` packs
-    a data set (minutes for HW4) only to find the storage unusable."""
+    """A folder, or a file that is not a SQLite database, is refused before any connection is made:
+    before ``run`` packs a data set (minutes for HW4) only to find the storage unusable."""
     path = sqlite_file(url)
     if path is None:
         return
@@ -115,13 +116,21 @@ def _check_sqlite_path(url: str) -> None:
         raise UserError(
             f"--storage {url}: {path} is a folder; name a database file, e.g. sqlite:///{path / 'study.db'}"
         )
+    if not path.is_file():
+        return  # missing: run creates it
+    # Through SQLite, never a plain open(): closing another descriptor of a database file drops every
+    # POSIX lock this process holds on it, so a driver with the study open lost its locks (a resumed
+    # run's workers then saw no trials to run).
     try:
-        with path.open("rb") as f:
-            head = f.read(16)
-    except OSError:
-        return  # missing (run creates it) or unreadable: the open that follows says which
-    if head and head != b"SQLite format 3\x00":
-        raise UserError(f"--storage {url}: {path} is not a SQLite database{_NOT_A_DATABASE}")
+        con = sqlite3.connect(f"file:{urllib.parse.quote(str(path))}?mode=ro", uri=True, timeout=1)
+        try:
+            con.execute("PRAGMA schema_version").fetchone()
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        if "not a database" in str(exc):
+            raise UserError(f"--storage {url}: {path} is not a SQLite database{_NOT_A_DATABASE}") from None
+        # busy, locked, unreadable: the open that follows waits or says which
 
 
 _NOT_A_DATABASE = "; restore it from a copy, or name another file"
