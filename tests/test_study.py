@@ -341,8 +341,9 @@ def test_run_on_a_study_that_holds_enough_trials_says_so_and_starts_nothing(
 
 
 def test_bad_config_trial_fails_with_reason_and_study_goes_on(tmp_path: Path, tiny_dir: Path) -> None:
+    # heads 3 fits d_model 48 only (a space whose choice never fits is refused before it runs)
     space = write_space(
-        tmp_path / "unit.yaml", heads={"choices": [2, 3]}, d_model={"low": 16, "high": 32, "step": 16}
+        tmp_path / "unit.yaml", heads={"choices": [2, 3]}, d_model={"low": 16, "high": 48, "step": 16}
     )
     counts = run(RunOptions(space=str(space), trials=4, data=tiny_dir, display=False))
     study = load()
