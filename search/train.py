@@ -386,8 +386,7 @@ def _train(
     meta = _checkpoint_meta(config, data, split)
     valid_labels = data.labels[split.valid]
 
-    best_acc, best_step, start_step = -1.0, 0, 0
-    best_state: dict[str, torch.Tensor] | None = None
+    best_acc, best_step, start_step = -1.0, 0, 0  # best_acc < 0: not validated yet
     last_path = out_dir / "last.pt" if out_dir is not None else None
     best_path = out_dir / "best.pt" if out_dir is not None else None
     if resume and last_path is not None and last_path.exists():
@@ -400,21 +399,20 @@ def _train(
             sampler.set_state(state["sampler"])
             _set_rng_state(state.get("rng"), aug_gen, device)
             best_acc, best_step = float(state["best_accuracy"]), int(state["best_step"])
-            best_state = state.get("best_model")
             start_step = int(state["step"])
 
     def validate(step: int) -> float:
-        nonlocal best_acc, best_step, best_state
+        nonlocal best_acc, best_step
         with clock("validation"), GATE.shared():
             logits = predict_logits(model, store, split.valid, t.eval_frame_budget)
             acc = accuracy(logits, valid_labels)
         if acc > best_acc:
             best_acc, best_step = acc, step
-            with clock("checkpoints"):
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-                if best_path is not None:
+            if best_path is not None:  # written now, a copy of these weights (the sample code aliased them)
+                with clock("checkpoints"):
+                    weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
                     metrics = {"valid_acc": acc, "parameters": count_parameters(model)}
-                    save_atomic({**meta, "model": best_state, "step": step, "metrics": metrics}, best_path)
+                    save_atomic({**meta, "model": weights, "step": step, "metrics": metrics}, best_path)
         return acc
 
     def save_last(step: int) -> None:
@@ -431,7 +429,6 @@ def _train(
                 "step": step,
                 "best_accuracy": best_acc,
                 "best_step": best_step,
-                "best_model": best_state if best_state is not None else {},
             }
             save_atomic(state, last_path)
 
@@ -494,7 +491,7 @@ def _train(
                     break
             window_start = time.perf_counter()
 
-    if best_state is None:  # stopped before any validation: validate what we have
+    if best_acc < 0:  # stopped before any validation (in this run or the one it resumes): validate now
         validate(step)
     if last_path is not None and last_path.exists() and not stopped and not keep_last:
         last_path.unlink()

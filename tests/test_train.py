@@ -68,13 +68,30 @@ def test_best_weights_are_a_copy_not_the_latest(fake_data: PackedData, tmp_path:
     result = train(config, fake_data, "cpu", out_dir=tmp_path)
     best = torch.load(tmp_path / "best.pt", weights_only=True)
     assert best["step"] == result.best_step
-    if result.best_step != result.last_step:
-        model, _, _ = load_model(tmp_path / "best.pt")
-        split = make_split(fake_data, config.train.valid_ratio, config.train.split_seed)
-        acc = accuracy(
-            predict_logits(model, FeatureStore(fake_data), split.valid), fake_data.labels[split.valid]
-        )
-        assert acc == pytest.approx(result.best_accuracy)
+    model, _, _ = load_model(tmp_path / "best.pt")  # its weights score the best accuracy, whatever came after
+    split = make_split(fake_data, config.train.valid_ratio, config.train.split_seed)
+    acc = accuracy(predict_logits(model, FeatureStore(fake_data), split.valid), fake_data.labels[split.valid])
+    assert acc == pytest.approx(result.best_accuracy)
+
+
+def test_a_run_resumed_from_before_its_first_validation_and_stopped_still_validates(
+    fake_data: PackedData, tmp_path: Path
+) -> None:
+    """last.pt written before the first validation held an empty "best model", which a resume took for
+    "validated already": stopped before its next validation, the run returned best_accuracy -1.0."""
+    config = Config.from_dict({**SMALL, "steps": 100, "valid_steps": 50, "checkpoint_steps": 5})
+
+    def stop_at(step: int) -> Callable[[int, dict[str, float]], str | None]:
+        return lambda s, m: "stop" if s >= step else None
+
+    first = train(config, fake_data, "cpu", report=stop_at(5), out_dir=tmp_path, log_every=5)
+    assert first.stopped_early and first.last_step == 5 and first.best_accuracy >= 0
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert last["step"] == 5 and last["best_accuracy"] == -1.0  # saved as step 5 ended, before validating
+    assert "best_model" not in last  # best.pt holds the best weights; last.pt is not twice the model
+    second = train(config, fake_data, "cpu", report=stop_at(10), out_dir=tmp_path, log_every=5, resume=True)
+    assert second.resumed_from == 5 and second.last_step == 10
+    assert second.best_accuracy >= 0 and second.best_step == 10
 
 
 def test_report_stop_ends_training(fake_data: PackedData) -> None:
