@@ -296,7 +296,11 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     _check_bind(args.host, args.port)
     shown_host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address, as URLs write it
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        console.print(f"[yellow]Warning: --host {args.host} exposes the dashboard beyond this machine.")
+        console.print(
+            f"[yellow]Warning: --host {args.host} exposes the dashboard to every network this machine (or "
+            "container) is on; in a container, publish its port on 127.0.0.1 only, as docker-compose.yml "
+            "does."
+        )
     console.print(
         f"optuna-dashboard for '{study.study_name}' on http://{shown_host}:{args.port}/ (Ctrl-C stops)"
     )

@@ -9,14 +9,17 @@ Schema (every key optional except ``params``)::
       d_model: {low: 64, high: 256, step: 32}          # int range (ints in, ints out)
       lr: {low: 1.0e-4, high: 3.0e-3, log: true}       # float range
       pooling: {choices: [mean, attention]}            # categorical
-      conv_kernel: {choices: [15, 31], when: {encoder: conformer}}   # conditional
+      encoder: {choices: [transformer, conformer]}
+      conv_kernel: {choices: [15, 31], when: {encoder: conformer}}   # conditional (on a searched key)
     constraints: ["d_model % heads == 0"]   # must hold for a trial to train
     sampler: {name: tpe, seed: 0, n_startup_trials: 10}   # tpe | random | cmaes | gp
     pruner: {name: median, n_startup_trials: 3, n_warmup_steps: 0}  # median | successive_halving |
                                                                    # hyperband | patient | none
     enqueue: [{baseline: strong}, {d_model: 128, ...}]   # tried first, in order
+    study: {heartbeat_interval: 20, grace_period: 60}
 
 A conditional parameter is sampled only when its ``when`` holds; otherwise the config default is used.
+An enqueued baseline gives the values of the searched keys; the others are the space's own.
 """
 
 from __future__ import annotations

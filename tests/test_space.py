@@ -264,6 +264,14 @@ def test_space_changes_names_what_changed(tmp_path: Path) -> None:
     assert space_changes(before, before) == "" and space_changes("not json", after) == ""
 
 
+def test_the_readmes_example_space_loads(tmp_path: Path) -> None:
+    """README's example failed to load (its conditions named keys it never searched)."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
+    space = load_space(write(tmp_path, block))
+    assert space.name == "mine" and space.enqueue[0]["d_model"] == 224  # the strong baseline's
+
+
 def test_missing_space_lists_shipped_ones() -> None:
     with pytest.raises(UserError, match="no such file.*shipped spaces: .*boss"):
         load_space("nonexistent")
