@@ -342,20 +342,14 @@ class AAMSoftmaxHead(MarginHead):
 
     ``cos(theta + m)`` stops decreasing once ``theta + m > pi``, which would reward moving away from the
     class; past that point the target falls back to the CosFace-like ``cos - m * sin(m)`` (ArcFace's
-    reference threshold), or with ``easy_margin`` the margin only applies while ``cos > 0``.
+    reference threshold).
     """
-
-    def __init__(self, in_dim: int, n_classes: int, cfg: ModelConfig, easy_margin: bool = False) -> None:
-        super().__init__(in_dim, n_classes, cfg)
-        self.easy_margin = easy_margin
 
     def target_logit(self, cos_target: Tensor, m: Tensor) -> Tensor:
         cos = cos_target.clamp(-1.0, 1.0)
         # Clamped away from 0 so sqrt's gradient stays finite at cos = +-1.
         sin = (1.0 - cos.square()).clamp_min(1e-7).sqrt()
         cos_theta_plus_m = cos * torch.cos(m) - sin * torch.sin(m)
-        if self.easy_margin:
-            return torch.where(cos > 0, cos_theta_plus_m, cos)
         threshold = torch.cos(math.pi - m)  # cos past which theta + m > pi
         return torch.where(cos > threshold, cos_theta_plus_m, cos - m * torch.sin(m))
 

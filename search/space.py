@@ -100,7 +100,8 @@ class Space:
         return hashlib.sha256(self.body.encode()).hexdigest()[:16]
 
     def sample(self, trial: optuna.Trial) -> Config:
-        """Suggest every active parameter and return the resolved config (ValueError text if it is bad)."""
+        """Suggest every active parameter and return the resolved config; a broken constraint raises
+        :class:`ConstraintViolation`, a bad combination :class:`UserError`."""
         values: dict[str, Any] = dict(self.fixed)
         for param in self.params:
             if param.active(values):

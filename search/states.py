@@ -24,7 +24,7 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
-from search.storage import sqlite_file
+from search.storage import MAX_RETRY, sqlite_file
 from search.trials import held_before
 
 Release = Callable[[], None]
@@ -185,7 +185,7 @@ def locked_fail_stale_trials(study: optuna.Study) -> None:
         fail_stale_trials(study)
 
 
-def queue_retry(study: optuna.Study, frozen: FrozenTrial, max_retry: int | None = 3) -> None:
+def queue_retry(study: optuna.Study, frozen: FrozenTrial, max_retry: int | None = MAX_RETRY) -> None:
     """Queue a FAIL trial again (it resumes from its checkpoint), unless a retry of it exists already.
 
     The check makes a repeated call harmless: a retry after a lost acknowledgement never queues the

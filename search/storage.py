@@ -28,6 +28,8 @@ from search.errors import UserError, exception_chain, first_line
 from search.files import atomic_write
 
 STORAGE_PATIENCE = 300.0  # seconds a worker waits for an unreachable storage before it gives up
+GRACE_BEATS = 3  # heartbeats a running trial may miss before it counts as stale (default grace period)
+MAX_RETRY = 3  # retries of one trial that a stale or stopped run may queue
 SCHEMA_ATTEMPTS = 4  # opening a new database that other processes create at the same moment
 STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 T = TypeVar("T")
@@ -330,7 +332,6 @@ def open_storage(
     url: str,
     heartbeat_interval: int | None = None,
     grace_period: int | None = None,
-    max_retry: int | None = 3,
     must_exist: bool = False,
 ) -> RDBStorage:
     """An RDBStorage for ``url``; with a heartbeat, a killed worker's trial is retried, not left RUNNING.
@@ -361,9 +362,9 @@ def open_storage(
                 if heartbeat_interval:
                     kwargs = {
                         "heartbeat_interval": heartbeat_interval,
-                        "grace_period": grace_period or 4 * heartbeat_interval,
+                        "grace_period": grace_period or GRACE_BEATS * heartbeat_interval,
                         "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(
-                            max_retry=max_retry
+                            max_retry=MAX_RETRY
                         ),
                     }
                 return ResilientRDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)

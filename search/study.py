@@ -35,7 +35,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.errors import UserError
 from search.states import clear_state_lock, serialize_state_changes, state_lock
-from search.storage import STORAGE_PATIENCE, StorageWait, db_error_text
+from search.storage import GRACE_BEATS, STORAGE_PATIENCE, StorageWait, db_error_text
 from search.trials import FINISHED, Counts, count_trials, on_other_data
 from search.worker import DISK_FULL_EXIT, WorkerSpec, read_status, worker_process
 
@@ -187,6 +187,11 @@ class RunOptions:
     storage_patience: float = STORAGE_PATIENCE
     lanes: int | None = None  # trials per worker process, as threads (default: per_gpu on a GPU, 1 on CPU)
 
+    @property
+    def failure_limit(self) -> int:
+        """--max-failures, by default the trial budget (at least 3): failed trials that end the run."""
+        return self.max_failures or max(self.trials, 3)
+
 
 def plan_devices(opts: RunOptions) -> tuple[list[str], int]:
     """The workers' devices (one process per GPU, or ``workers`` CPU processes) and trials per worker.
@@ -322,7 +327,7 @@ def _run(
     start_worker_server()  # it imports torch for the workers while the driver does so and opens the data
     devices, lanes = _check_run(opts, space)
     heartbeat = opts.heartbeat or int(space.study.get("heartbeat_interval", DEFAULT_HEARTBEAT))
-    grace = int(space.study.get("grace_period", 3 * heartbeat))
+    grace = int(space.study.get("grace_period", GRACE_BEATS * heartbeat))
     # torch: after the checks that need none; the model too, as the workers will: a broken install
     # (search.errors.broken_install) fails here, in one line, not in every worker
     from search import model  # noqa: F401
@@ -389,7 +394,6 @@ def _run(
     specs = [
         WorkerSpec(
             worker=f"w{i}",
-            index=i,
             device=dev,
             storage_url=url,
             study_name=name,
@@ -403,7 +407,7 @@ def _run(
             grace=grace,
             status_dir=str(status_dir),
             threads=threads,
-            max_failures=opts.max_failures or max(opts.trials, 3),
+            max_failures=opts.failure_limit,
             lanes=lanes,
             storage_patience=opts.storage_patience,
         )
@@ -427,7 +431,7 @@ def _run(
             f"device {where}; free space and run the same command again: the trials it cut off resume from "
             "their last checkpoints"
         )
-    max_failures = opts.max_failures or max(opts.trials, 3)
+    max_failures = opts.failure_limit
     if counts.finished < opts.trials and counts.failed >= max_failures:
         raise UserError(
             f"study '{name}' stopped at {counts.finished} of {opts.trials} finished trials after "

@@ -62,7 +62,6 @@ class WorkerSpec:
     """Everything a worker process needs, as plain values (it is pickled into a spawned process)."""
 
     worker: str
-    index: int
     device: str
     storage_url: str
     study_name: str
@@ -155,7 +154,7 @@ def worker_main(spec: WorkerSpec) -> int:
     shared = _set_up(spec)
     if spec.lanes == 1:
         return Lane(shared, spec).run()
-    return _run_lanes(spec, lambda lane_spec, _slot: Lane(shared, lane_spec).run())
+    return _run_lanes(spec, lambda lane_spec: Lane(shared, lane_spec).run())
 
 
 def _set_up(spec: WorkerSpec) -> _Shared:
@@ -226,7 +225,8 @@ class Lane:
         _write_status(self.spec, {"waiting": f"storage unreachable for {waited:.0f} s ({reason}); retrying"})
 
     def run(self) -> int:
-        """Rounds until the budget is met: 0; a stop: 130 (the trial in hand is queued to resume)."""
+        """Rounds until the budget is met: 0; a stop: 130 (the trial in hand is queued to resume); a full
+        disk: ``DISK_FULL_EXIT`` (3)."""
         from search.storage import is_transient_db_error
 
         try:
@@ -527,7 +527,7 @@ def _discard_trial_folder(out_dir: Path) -> None:
         out_dir.rmdir()
 
 
-def _run_lanes(spec: WorkerSpec, lane: Callable[[WorkerSpec, int], int]) -> int:
+def _run_lanes(spec: WorkerSpec, lane: Callable[[WorkerSpec], int]) -> int:
     """Run ``spec.lanes`` lanes as threads; the main thread waits, taking the stop signal for them all.
 
     A stop (SIGTERM) reaches the main thread only: it sets the flag that each lane checks between
@@ -540,7 +540,7 @@ def _run_lanes(spec: WorkerSpec, lane: Callable[[WorkerSpec, int], int]) -> int:
 
     def run(j: int) -> None:
         try:
-            codes.append(lane(replace(spec, worker=f"{spec.worker}.{j}"), spec.index * spec.lanes + j))
+            codes.append(lane(replace(spec, worker=f"{spec.worker}.{j}")))
         except BaseException as exc:  # noqa: BLE001 - raised again by the main thread
             errors.append(exc)
         finally:
@@ -582,7 +582,7 @@ def _driver_alive() -> bool:
 
 def worker_process(spec: WorkerSpec) -> None:
     """A worker's entry point: exit 0 (budget met), 2 (a user error, left in its status file for the
-    driver to show) or 130 (stopped)."""
+    driver to show), 3 (``DISK_FULL_EXIT``: a full disk cut a trial off) or 130 (stopped)."""
     try:
         code = worker_main(spec)
     except UserError as exc:

@@ -416,8 +416,21 @@ def test_each_run_keeps_its_own_status_folder_and_fails_only_its_killed_workers_
     (mine / "w0.json").write_text(json.dumps({"worker": "w0", "pid": 4242, "trial": ours.number}))
     (alive / "w0.json").write_text(json.dumps({"worker": "w0", "pid": 4343, "trial": theirs.number}))
     spec = WorkerSpec(
-        *("w0", 0, "cpu", "sqlite://", "unit", "s.yaml", "c", "d"),
-        *(2, None, None, 1, 3, str(mine), 1, 3),
+        worker="w0",
+        device="cpu",
+        storage_url="sqlite://",
+        study_name="unit",
+        space_path="s.yaml",
+        cache_dir="c",
+        data_root="d",
+        trials=2,
+        steps=None,
+        seed=None,
+        heartbeat=1,
+        grace=3,
+        status_dir=str(mine),
+        threads=1,
+        max_failures=3,
     )
     assert study_module._fail_killed(study, mine, spec, -9, pid=4343) == []  # not this run's process
     assert study_module._fail_killed(study, mine, spec, -9, pid=4242) == [ours.number]

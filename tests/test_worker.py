@@ -56,7 +56,6 @@ def _worker_here(
         run(RunOptions(space=str(space), trials=1, data=tiny_dir, display=False))
     spec = worker_module.WorkerSpec(
         worker="w9",
-        index=9,
         device="cpu",
         storage_url=default_storage_url("unit"),
         study_name="unit",
