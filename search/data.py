@@ -307,6 +307,10 @@ def _build_cache(layout: HW4Layout, key: str, target: Path, progress: bool) -> N
             "ids": [u.feature_path for u in utts],
         }
         (tmp / "meta.json").write_text(json.dumps(meta))
+        # On disk before the folder is renamed into place: pack() trusts any cache folder it finds, so a
+        # power cut must not leave one whose files were never written out.
+        for name in ("features.npy", "index.npz", "meta.json"):
+            _fsync(tmp / name)
         try:
             os.replace(tmp, target)
         except OSError:
@@ -317,28 +321,38 @@ def _build_cache(layout: HW4Layout, key: str, target: Path, progress: bool) -> N
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def open_cache(cache_dir: Path, root: Path | None = None) -> PackedData:
     """Map a packed cache read-only-shared (copy-on-write, so torch can wrap it without copying)."""
     try:
         meta = json.loads((cache_dir / "meta.json").read_text())
-        index = np.load(cache_dir / "index.npz")
+        with np.load(cache_dir / "index.npz") as index:
+            offsets, lengths, labels = index["offsets"], index["lengths"], index["labels"]
         features = np.load(cache_dir / "features.npy", mmap_mode="c")
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        return PackedData(
+            root=Path(root) if root is not None else Path(meta["root"]),
+            cache_dir=cache_dir,
+            fingerprint=meta["fingerprint"],
+            n_mels=int(meta["n_mels"]),
+            speakers=list(meta["speakers"]),
+            ids=list(meta["ids"]),
+            features=features,
+            offsets=offsets,
+            lengths=lengths,
+            labels=labels,
+        )
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
+        what = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
         raise UserError(
-            f"{cache_dir}: packed cache is damaged ({exc}); delete that folder to re-pack"
+            f"{cache_dir}: packed cache is damaged ({what}); delete that folder to re-pack"
         ) from None
-    return PackedData(
-        root=Path(root) if root is not None else Path(meta["root"]),
-        cache_dir=cache_dir,
-        fingerprint=meta["fingerprint"],
-        n_mels=int(meta["n_mels"]),
-        speakers=list(meta["speakers"]),
-        ids=list(meta["ids"]),
-        features=features,
-        offsets=index["offsets"],
-        lengths=index["lengths"],
-        labels=index["labels"],
-    )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -515,12 +515,18 @@ def _read_state(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    """Through a temp file named as prepare's own (a folder holding only those is still prepare's), removed
+    if the write fails."""
     tmp = path.with_name(f"{TEMP_PREFIX}{path.name}")
-    with open(tmp, "w", encoding="utf-8", newline="") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _state_text(header: dict[str, Any], records: list[dict[str, Any]]) -> str:

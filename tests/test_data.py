@@ -294,6 +294,16 @@ def test_damaged_cache_is_reported(hw4: Path) -> None:
     with pytest.raises(UserError, match="packed cache is damaged"):
         pack(hw4, cache, progress=False)
     shutil.rmtree(data.cache_dir)
+    data = pack(hw4, cache, progress=False)
+    # A meta.json without one of its keys was a KeyError traceback.
+    meta = json.loads((data.cache_dir / "meta.json").read_text())
+    del meta["speakers"]
+    (data.cache_dir / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(
+        UserError, match=r"packed cache is damaged \(missing 'speakers'\); delete that folder"
+    ):
+        pack(hw4, cache, progress=False)
+    shutil.rmtree(data.cache_dir)
     assert pack(hw4, cache, progress=False).fingerprint == data.fingerprint
 
 
