@@ -363,6 +363,20 @@ def test_corrupt_checkpoint_is_refused(exports: Exports, data: PackedData, tmp_p
     assert victim.name in str(err.value)
 
 
+def test_an_export_mixing_studies_is_refused(exports: Exports, data: PackedData, tmp_path: Path) -> None:
+    """A member trained on another validation split (copied in from another study's export, manifest
+    updated to match): its validation rows may be another member's training rows."""
+    export = _copy_export(exports.top.out, tmp_path)
+    manifest = json.loads((export / "manifest.json").read_text())
+    victim = export / manifest["members"][0]["file"]
+    torch.save({**read_checkpoint(victim), "split_id": "0123456789abcdef"}, victim)
+    manifest["members"][0]["sha256"] = sha256_file(victim)
+    (export / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="trained on validation split 0123456789abcdef.*mixes studies"):
+        vote(export, data, tmp_path / "s.csv")
+    assert not (tmp_path / "s.csv").exists()
+
+
 @pytest.mark.parametrize("escape", ["../outside.pt", "/etc/passwd", "sub/../../outside.pt", "link.pt"])
 def test_manifest_path_escaping_the_folder_is_refused(
     exports: Exports, data: PackedData, tmp_path: Path, escape: str
@@ -539,6 +553,23 @@ def test_predict_single_checkpoint(trained: list[Trained], data: PackedData, tmp
         predict(run.checkpoint, data, out)
     with pytest.raises(UserError, match="checkpoint not found"):
         predict(tmp_path / "nope.pt", data, tmp_path / "two.csv")
+
+
+def test_predict_refuses_a_checkpoint_of_another_data_set(
+    trained: list[Trained], data: PackedData, tmp_path: Path
+) -> None:
+    """Its class ids would name other speakers: another set, other mel bins or another speaker list."""
+    ckpt = read_checkpoint(trained[0].checkpoint)
+    for change, said in (
+        ({"fingerprint": "0123456789abcdef"}, "trained on data set 0123456789abcdef, but --data"),
+        ({"n_mels": 80}, "expects 80 mel bins, --data"),
+        ({"speakers": list(reversed(ckpt["speakers"]))}, "its speaker list differs from"),
+    ):
+        edited = tmp_path / f"edited-{next(iter(change))}.pt"
+        torch.save({**ckpt, **change}, edited)
+        with pytest.raises(UserError, match=said):
+            predict(edited, data, tmp_path / "out.csv")
+        assert not (tmp_path / "out.csv").exists()
 
 
 def test_soft_vote_against_best_member_recorded(exports: Exports, data: PackedData, tmp_path: Path) -> None:
