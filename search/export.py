@@ -38,13 +38,13 @@ from optuna.artifacts import download_artifact
 from optuna.trial import FrozenTrial, TrialState
 
 from search.data import FeatureStore, PackedData, Split, default_cache_root, open_data
+from search.ensemble import fit_temperature, softmax
 from search.errors import UserError
 from search.files import atomic_write, check_can_create, install_folder, sha256_file, usual_mode
-from search.infer import read_checkpoint
+from search.infer import accuracy, checkpoint_logits, read_checkpoint, rebuild_split
 from search.manifest import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION
 from search.storage import artifact_dir, artifact_store, study_home
 from search.trials import on_other_data
-from search.vote import checkpoint_logits, fit_temperature, rebuild_split, softmax
 
 STRATEGIES = ("top", "greedy")
 CACHE_FOLDER = "valid_logits"
@@ -202,7 +202,7 @@ def _key(prob_sum: np.ndarray, total: float, labels: np.ndarray) -> tuple[float,
     """(accuracy, -NLL) of an ensemble given its weighted probability sum; larger is better."""
     if len(labels) == 0:
         return (0.0, 0.0)
-    acc = float((prob_sum.argmax(axis=1) == labels).mean())
+    acc = accuracy(prob_sum, labels)
     p_true = prob_sum[np.arange(len(labels)), labels] / total
     return (acc, float(np.log(np.maximum(p_true, 1e-12)).mean()))
 

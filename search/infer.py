@@ -7,6 +7,7 @@ checkpoint rebuilds its model alone and can be checked against the data it is as
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 
 from search.config import Config
-from search.data import FeatureStore, eval_batches
+from search.data import FeatureStore, PackedData, Split, eval_batches, make_split
 from search.errors import UserError, load_failure
 from search.files import atomic_write
 from search.model import SpeakerNet, build_model
@@ -151,3 +152,58 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     if len(labels) == 0:
         return 0.0
     return float((logits.argmax(axis=1) == labels).mean())
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring a checkpoint on a data set (export and vote)
+# --------------------------------------------------------------------------------------------------
+
+
+def check_compatible(ckpt: dict[str, Any], path: Path, data: PackedData) -> None:
+    """Refuse a checkpoint trained on another data set (its class ids would mean other speakers)."""
+    fp = ckpt.get("fingerprint")
+    if fp is not None and fp != data.fingerprint:
+        raise UserError(
+            f"{path}: trained on data set {fp}, but --data {data.root} is {data.fingerprint}; "
+            "pass the data folder the model was trained on"
+        )
+    if int(ckpt["n_mels"]) != data.n_mels:
+        raise UserError(f"{path}: expects {ckpt['n_mels']} mel bins, --data {data.root} has {data.n_mels}")
+    if list(ckpt["speakers"]) != list(data.speakers):
+        raise UserError(
+            f"{path}: its speaker list differs from {data.root}/mapping.json; "
+            "pass the data folder the model was trained on"
+        )
+
+
+def checkpoint_logits(
+    ckpt: dict[str, Any], path: Path, data: PackedData, store: FeatureStore, index_sets: Sequence[np.ndarray]
+) -> list[np.ndarray]:
+    """Whole-utterance logits of one checkpoint for each index set, in one batched pass."""
+    check_compatible(ckpt, path, data)
+    model, config = model_from_checkpoint(ckpt, path)
+    model.to(store.device)
+    index = np.concatenate([np.asarray(s, dtype=np.int64) for s in index_sets]) if index_sets else np.zeros(0)
+    n_classes = len(ckpt["speakers"])
+    logits = predict_logits(model, store, index, config.train.eval_frame_budget)
+    if logits.shape[0] == 0:
+        logits = np.zeros((0, n_classes), dtype=np.float32)
+    out, start = [], 0
+    for s in index_sets:
+        out.append(logits[start : start + len(s)])
+        start += len(s)
+    del model
+    if store.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def rebuild_split(data: PackedData, ratio: float, seed: int, split_id: str, source: str) -> Split:
+    """The validation split a study used, refused if it no longer reproduces (other data or code)."""
+    split = make_split(data, ratio, seed)
+    if split.split_id != split_id:
+        raise UserError(
+            f"{source}: validation split {split_id} (ratio {ratio}, seed {seed}) does not reproduce on "
+            f"{data.root} (got {split.split_id}); pass the data folder the study was trained on"
+        )
+    return split

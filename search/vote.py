@@ -3,14 +3,8 @@
 Everything an export folder claims is checked before any model runs: each member file must stay inside
 the folder and match its manifest sha256 (so a tampered or half-copied checkpoint is never unpickled),
 and the data set must be the one the study trained on. Members are loaded one at a time with
-``weights_only`` and run on whole utterances with :func:`search.infer.predict_logits`.
-
-Combining (``weights`` are the manifest's: 1 per member for a top-K export, the selection counts for a
-greedy one, so an ensemble is the multiset of its selections):
-
-- ``soft``: weighted mean of temperature-calibrated softmax probabilities;
-- ``hard``: weighted majority vote of each member's argmax, ties broken by summed probability;
-- ``weighted``: like soft, with each weight multiplied by the member's validation accuracy.
+``weights_only`` and run on whole utterances with :func:`search.infer.predict_logits`; their outputs
+are calibrated and combined by :mod:`search.ensemble` (soft, hard or weighted).
 
 :func:`predict` runs the same path for a single checkpoint, so one model and an ensemble can never
 disagree about how the CSV is written.
@@ -20,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,172 +24,16 @@ import torch
 
 from search.config import Config
 from search.data import FeatureStore, PackedData, Split, make_split
+from search.ensemble import check_method, combine, fit_temperature, method_weights, softmax
 from search.errors import UserError
-from search.infer import model_from_checkpoint, predict_logits, read_checkpoint
+from search.infer import accuracy, check_compatible, checkpoint_logits, read_checkpoint, rebuild_split
 from search.manifest import read_manifest, verify_members
 from search.submission import ANSWERS_NAME, check_out, read_answers, write_submission
 
-METHODS = ("soft", "hard", "weighted")
-TEMPERATURE_RANGE = (0.05, 20.0)  # 1/T is searched in [1/20, 1/0.05]
-
-
-def check_method(method: str) -> None:
-    """Refuse a voting method this module does not know, naming the ones it does."""
-    if method not in METHODS:
-        raise UserError(f"--method: unknown voting method '{method}' (choose from {', '.join(METHODS)})")
-
-
-# --------------------------------------------------------------------------------------------------
-# Calibration and combination (shared with search.export's ensemble selection)
-# --------------------------------------------------------------------------------------------------
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Row softmax of ``logits / temperature`` in float64 (stable: the row max is subtracted)."""
-    z = logits.astype(np.float64) / temperature
-    z -= z.max(axis=1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=1, keepdims=True)
-    return z
-
-
-def _nll(logits: np.ndarray, labels: np.ndarray, beta: float, smoothing: float = 0.0) -> float:
-    """Mean cross-entropy of softmax(beta * logits) against labels smoothed by ``smoothing``."""
-    z = logits.astype(np.float64) * beta
-    top = z.max(axis=1)
-    lse = top + np.log(np.exp(z - top[:, None]).sum(axis=1))
-    target = (1.0 - smoothing) * z[np.arange(len(labels)), labels] + smoothing * z.mean(axis=1)
-    return float((lse - target).mean())
-
-
-def fit_temperature(logits: np.ndarray, labels: np.ndarray, iterations: int = 40) -> float:
-    """Temperature T minimising validation NLL of softmax(logits / T), T in [0.05, 20].
-
-    The NLL is convex in beta = 1/T (log-sum-exp of a linear function minus a linear term), so a
-    golden-section search over beta finds the optimum in a few dozen cheap passes; no optimiser state,
-    no learning rate. Members trained with margin heads (logits = s * cos) come out far too confident
-    at T = 1, and soft voting needs their probabilities on one scale with the others'.
-
-    The labels are smoothed by 1/(n+2) (Laplace's rule of succession: n right of n is read as
-    (n+1)/(n+2)). Why: on a validation set a member gets wholly right (a small set of one's own audio)
-    the plain NLL falls all the way to T = 0.05, the member's probabilities turn one-hot and it alone
-    decided every soft vote (an audit: 16 of 16 test rows). On HW4's 5,667 validation utterances the
-    smoothing is 0.0002, beside the errors' share of the NLL.
-    """
-    if len(labels) == 0 or logits.shape[0] == 0:
-        return 1.0
-    smoothing = 1.0 / (len(labels) + 2)
-    lo, hi = 1.0 / TEMPERATURE_RANGE[1], 1.0 / TEMPERATURE_RANGE[0]
-    ratio = (math.sqrt(5.0) - 1.0) / 2.0
-    a, b = lo + (1 - ratio) * (hi - lo), lo + ratio * (hi - lo)
-    fa, fb = _nll(logits, labels, a, smoothing), _nll(logits, labels, b, smoothing)
-    for _ in range(iterations):
-        if fa <= fb:
-            hi, b, fb = b, a, fa
-            a = lo + (1 - ratio) * (hi - lo)
-            fa = _nll(logits, labels, a, smoothing)
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + ratio * (hi - lo)
-            fb = _nll(logits, labels, b, smoothing)
-    beta = (lo + hi) / 2.0
-    return float(1.0 / beta)
-
-
-def combine(probs: Sequence[np.ndarray], weights: Sequence[float], method: str) -> np.ndarray:
-    """Scores (N, classes) whose row argmax is the ensemble's prediction.
-
-    ``probs`` are the members' calibrated probabilities, ``weights`` their (already final) weights.
-    For ``hard`` the classes with the most (weighted) votes score above every other class, ordered
-    among themselves by summed probability: the probabilities only break ties, whatever the weights
-    (a scale between votes and probabilities lets them outweigh a vote gap of a fraction of a weight).
-    """
-    check_method(method)
-    w = np.asarray(weights, dtype=np.float64)
-    total = float(w.sum())
-    prob_sum = np.zeros_like(probs[0], dtype=np.float64)
-    for p, weight in zip(probs, w, strict=True):
-        prob_sum += weight * p
-    if method != "hard":
-        return prob_sum / total
-    votes = np.zeros_like(prob_sum)
-    rows = np.arange(prob_sum.shape[0])
-    for p, weight in zip(probs, w, strict=True):
-        votes[rows, p.argmax(axis=1)] += weight
-    # Equal vote sums reached through different weights (0.1 + 0.2 and 0.3) may differ in the last bits.
-    most = votes >= votes.max(axis=1, keepdims=True) - 1e-9 * max(total, 1.0)
-    return np.where(most, total + 1.0 + prob_sum, votes)
-
-
-def method_weights(weights: Sequence[float], valid_accs: Sequence[float | None], method: str) -> list[float]:
-    """Final member weights: the manifest's, times validation accuracy for ``weighted``."""
-    if method != "weighted":
-        return [float(x) for x in weights]
-    scaled = [float(x) * (acc or 0.0) for x, acc in zip(weights, valid_accs, strict=True)]
-    # Every member at 0 accuracy (or no validation split): fall back to the manifest's weights.
-    return scaled if sum(scaled) > 0 else [float(x) for x in weights]
-
 
 def accuracy_of(scores: np.ndarray, labels: np.ndarray) -> float | None:
-    """Top-1 accuracy, None when there is nothing to score."""
-    if len(labels) == 0:
-        return None
-    return float((scores.argmax(axis=1) == labels).mean())
-
-
-# --------------------------------------------------------------------------------------------------
-# Inference
-# --------------------------------------------------------------------------------------------------
-
-
-def check_compatible(ckpt: dict[str, Any], path: Path, data: PackedData) -> None:
-    """Refuse a checkpoint trained on another data set (its class ids would mean other speakers)."""
-    fp = ckpt.get("fingerprint")
-    if fp is not None and fp != data.fingerprint:
-        raise UserError(
-            f"{path}: trained on data set {fp}, but --data {data.root} is {data.fingerprint}; "
-            "pass the data folder the model was trained on"
-        )
-    if int(ckpt["n_mels"]) != data.n_mels:
-        raise UserError(f"{path}: expects {ckpt['n_mels']} mel bins, --data {data.root} has {data.n_mels}")
-    if list(ckpt["speakers"]) != list(data.speakers):
-        raise UserError(
-            f"{path}: its speaker list differs from {data.root}/mapping.json; "
-            "pass the data folder the model was trained on"
-        )
-
-
-def checkpoint_logits(
-    ckpt: dict[str, Any], path: Path, data: PackedData, store: FeatureStore, index_sets: Sequence[np.ndarray]
-) -> list[np.ndarray]:
-    """Whole-utterance logits of one checkpoint for each index set, in one batched pass."""
-    check_compatible(ckpt, path, data)
-    model, config = model_from_checkpoint(ckpt, path)
-    model.to(store.device)
-    index = np.concatenate([np.asarray(s, dtype=np.int64) for s in index_sets]) if index_sets else np.zeros(0)
-    n_classes = len(ckpt["speakers"])
-    logits = predict_logits(model, store, index, config.train.eval_frame_budget)
-    if logits.shape[0] == 0:
-        logits = np.zeros((0, n_classes), dtype=np.float32)
-    out, start = [], 0
-    for s in index_sets:
-        out.append(logits[start : start + len(s)])
-        start += len(s)
-    del model
-    if store.device.type == "cuda":
-        torch.cuda.empty_cache()
-    return out
-
-
-def rebuild_split(data: PackedData, ratio: float, seed: int, split_id: str, source: str) -> Split:
-    """The validation split a study used, refused if it no longer reproduces (other data or code)."""
-    split = make_split(data, ratio, seed)
-    if split.split_id != split_id:
-        raise UserError(
-            f"{source}: validation split {split_id} (ratio {ratio}, seed {seed}) does not reproduce on "
-            f"{data.root} (got {split.split_id}); pass the data folder the study was trained on"
-        )
-    return split
+    """Top-1 accuracy, None when there is nothing to score (no answers, no validation split)."""
+    return accuracy(scores, labels) if len(labels) else None
 
 
 # --------------------------------------------------------------------------------------------------
