@@ -19,8 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from search import progress
-from search.study import summary_rows
-from search.trials import FINISHED, Counts, is_skipped, real_failures
+from search.trials import FINISHED, Counts, is_skipped, real_failures, summary_rows
 
 
 def _fmt(value: Any, pattern: str = "{:.4f}") -> str:
@@ -44,7 +43,7 @@ def best_table(study: optuna.Study, top: int = 10, width: int | None = None) -> 
     if wide:
         table.add_column("searched values", justify="left", min_width=30, ratio=1)
     below: list[Text] = []
-    rows = summary_rows(study, top)
+    rows = summary_rows(study.get_trials(deepcopy=False), study.user_attrs.get("fingerprint"), top)
     if not rows:
         table.caption = "no finished trial yet"
     elif any(row["other_data"] for row in rows):

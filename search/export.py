@@ -44,7 +44,7 @@ from search.files import atomic_write, check_can_create, install_folder, sha256_
 from search.infer import accuracy, checkpoint_logits, read_checkpoint, rebuild_split
 from search.manifest import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION
 from search.storage import artifact_dir, artifact_store, study_home
-from search.trials import on_other_data
+from search.trials import best_first, on_other_data, trial_accuracy
 
 STRATEGIES = ("top", "greedy")
 CACHE_FOLDER = "valid_logits"
@@ -84,11 +84,6 @@ class ExportResult:
 # --------------------------------------------------------------------------------------------------
 
 
-def _valid_acc(trial: FrozenTrial) -> float | None:
-    acc = trial.user_attrs.get("valid_acc", trial.value)
-    return float(acc) if isinstance(acc, (int, float)) and math.isfinite(acc) else None
-
-
 def usable_trials(study: optuna.Study, include_pruned: bool = False) -> list[FrozenTrial]:
     """Finished trials with a checkpoint and an accuracy, best first (ties: lower trial number).
 
@@ -101,10 +96,10 @@ def usable_trials(study: optuna.Study, include_pruned: bool = False) -> list[Fro
         t
         for t in study.get_trials(deepcopy=False, states=states)
         if t.user_attrs.get("checkpoint_artifact")
-        and _valid_acc(t) is not None
+        and trial_accuracy(t) is not None
         and not on_other_data(t, current)
     ]
-    return sorted(trials, key=lambda t: (-(_valid_acc(t) or 0.0), t.number))
+    return sorted(trials, key=best_first)
 
 
 def fetch_checkpoint(study: optuna.Study, trial: FrozenTrial, dest: Path) -> str:
@@ -402,7 +397,7 @@ def export_top(
                     trial=trial.number,
                     file=name,
                     weight=weights[trial.number],
-                    valid_acc=_valid_acc(trial) or 0.0,
+                    valid_acc=trial_accuracy(trial) or 0.0,
                     state=trial.state.name,
                     params=dict(trial.params),
                     sha256=digest,

@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from search.errors import UserError
 from search.states import clear_state_lock, serialize_state_changes, state_lock
 from search.storage import GRACE_BEATS, STORAGE_PATIENCE, StorageWait, db_error_text
-from search.trials import FINISHED, Counts, count_trials, on_other_data
+from search.trials import Counts, count_trials
 from search.worker import DISK_FULL_EXIT, WorkerSpec, read_status, worker_process
 
 if TYPE_CHECKING:
@@ -819,32 +819,3 @@ def stop_workers(procs: list[Any], timeout: float = 60.0) -> None:
         if p.is_alive():
             p.kill()
             p.join()
-
-
-def summary_rows(study: optuna.Study, top: int) -> list[dict[str, Any]]:
-    """The best finished trials, best first, as plain dicts (for status tables and tests)."""
-    done = [t for t in study.get_trials(deepcopy=False) if t.state in FINISHED]
-    current = study.user_attrs.get("fingerprint")
-
-    def score(t: FrozenTrial) -> float:
-        value = t.user_attrs.get("valid_acc")
-        return float(value if value is not None else (t.value or 0.0))
-
-    done.sort(key=score, reverse=True)
-    rows = []
-    for t in done[:top]:
-        rows.append(
-            {
-                "number": t.number,
-                "state": t.state.name,
-                "valid_acc": t.user_attrs.get("valid_acc", t.value),
-                "best_step": t.user_attrs.get("best_step"),
-                "parameters": t.user_attrs.get("parameters"),
-                "steps_per_s": t.user_attrs.get("steps_per_s"),
-                "device": t.user_attrs.get("device"),
-                "params": dict(t.params),
-                # Trained on an earlier data set (run --allow-changed since): not comparable, not exported.
-                "other_data": on_other_data(t, current),
-            }
-        )
-    return rows

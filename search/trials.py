@@ -7,7 +7,9 @@ the budget: ``system_attrs["failed_trial"]`` names the original, ``retry_history
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
@@ -114,3 +116,35 @@ def retry_is_redundant(trials: list[FrozenTrial], number: int, root: int) -> boo
         if t.number < number and t.state in (TrialState.RUNNING, TrialState.WAITING):
             return True
     return False
+
+
+def trial_accuracy(t: FrozenTrial) -> float | None:
+    """A finished trial's whole-utterance validation accuracy (None: none recorded, or not finite)."""
+    acc = t.user_attrs.get("valid_acc", t.value)
+    return float(acc) if isinstance(acc, (int, float)) and math.isfinite(acc) else None
+
+
+def best_first(t: FrozenTrial) -> tuple[float, int]:
+    """Sort key: the most accurate first, ties to the lower trial number (status and export agree)."""
+    return (-(trial_accuracy(t) or 0.0), t.number)
+
+
+def summary_rows(trials: list[FrozenTrial], fingerprint: str | None, top: int) -> list[dict[str, Any]]:
+    """The best ``top`` finished trials, best first, as plain dicts (for status tables); ``fingerprint``:
+    the study's current data set, to mark trials trained on an earlier one."""
+    done = sorted((t for t in trials if t.state in FINISHED), key=best_first)
+    return [
+        {
+            "number": t.number,
+            "state": t.state.name,
+            "valid_acc": trial_accuracy(t),
+            "best_step": t.user_attrs.get("best_step"),
+            "parameters": t.user_attrs.get("parameters"),
+            "steps_per_s": t.user_attrs.get("steps_per_s"),
+            "device": t.user_attrs.get("device"),
+            "params": dict(t.params),
+            # Trained on an earlier data set (run --allow-changed since): not comparable, not exported.
+            "other_data": on_other_data(t, fingerprint),
+        }
+        for t in done[:top]
+    ]

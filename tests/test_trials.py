@@ -5,7 +5,7 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState
 
-from search.trials import held_before, on_other_data, retry_is_redundant
+from search.trials import held_before, on_other_data, retry_is_redundant, summary_rows, trial_accuracy
 
 
 def test_budget_counts_each_original_once_and_retries_hold_its_place() -> None:
@@ -39,3 +39,15 @@ def test_a_trial_is_on_other_data_only_when_it_recorded_another_fingerprint() ->
     assert on_other_data(trial("old"), "new")
     assert not on_other_data(trial("new"), "new")
     assert not on_other_data(trial(None), "new")  # from before trials recorded their data set
+
+
+def test_status_and_export_rank_trials_alike_and_a_non_finite_accuracy_last() -> None:
+    """status sorted a NaN valid_acc anywhere (export left it out): one definition serves both now."""
+    trials = []
+    for number, acc in enumerate([0.5, float("nan"), 0.9, 0.5]):
+        t = optuna.trial.create_trial(value=0.0, user_attrs={"valid_acc": acc})
+        t.number = number
+        trials.append(t)
+    assert [trial_accuracy(t) for t in trials] == [0.5, None, 0.9, 0.5]
+    rows = summary_rows(trials, None, top=10)
+    assert [r["number"] for r in rows] == [2, 0, 3, 1] and rows[-1]["valid_acc"] is None
