@@ -287,8 +287,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from search import dashboard
+    from search.dashboard import ReadOnlyArtifactStore
     from search.progress import console
-    from search.storage import ReadOnlyArtifactStore, artifact_dir, resolve
+    from search.storage import artifact_dir, resolve
 
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port {args.port}: must be a TCP port between 1 and 65535")

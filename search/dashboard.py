@@ -2,18 +2,71 @@
 
 Why read-only: optuna-dashboard offers whoever reaches its port to delete a study, rename it, mark a
 trial COMPLETE or FAIL, and write notes; a deleted study loses every trial, and a trial told by hand
-breaks the search's budget and retries. Checkpoints are served by
-:class:`search.storage.ReadOnlyArtifactStore`; every other change is refused here, with 403.
+breaks the search's budget and retries. Checkpoints are served by :class:`ReadOnlyArtifactStore`;
+every change is refused with 403 and the reason.
 """
 
 from __future__ import annotations
 
 import json
 import signal
-from typing import Any
+from pathlib import Path
+from typing import IO, Any, BinaryIO, NoReturn
 
 READ_METHODS = ("GET", "HEAD")
 REFUSED = "the dashboard of spkid-search changes nothing: studies change through spkid-search run"
+
+
+class ReadOnlyArtifactStore:
+    """The artifact stores of every study in a storage, as the dashboard gets them: downloads only.
+
+    Why read-only: optuna-dashboard offers uploads and deletes to whoever reaches its port, and a delete
+    removed a finished trial's checkpoint (export-top then refused the study for the missing file).
+    Why every study: the dashboard lists every study in the database (a PostgreSQL one holds many), and
+    each keeps its checkpoints in the folder its first run recorded; with only one study's folder, the
+    others' checkpoints were "not found".
+    """
+
+    def __init__(self, storage: Any, first: Path) -> None:
+        self.storage = storage
+        self.first = Path(first)  # the study the dashboard was opened on: tried before asking the storage
+
+    def _folders(self) -> list[Path]:
+        folders = [self.first]
+        for frozen in self.storage.get_all_studies():
+            recorded = frozen.user_attrs.get("artifact_dir")
+            if recorded and Path(recorded) not in folders:
+                folders.append(Path(recorded))
+        return folders
+
+    def open_reader(self, artifact_id: str) -> BinaryIO:
+        from optuna.artifacts import FileSystemArtifactStore
+        from optuna.artifacts.exceptions import ArtifactNotFound
+
+        try:
+            return FileSystemArtifactStore(self.first).open_reader(artifact_id)
+        except ArtifactNotFound:
+            pass
+        for folder in self._folders()[1:]:
+            try:
+                return FileSystemArtifactStore(folder).open_reader(artifact_id)
+            except ArtifactNotFound:
+                continue
+        raise ArtifactNotFound(f"artifact {artifact_id} is in no study's artifact folder")
+
+    def write(self, artifact_id: str, content_body: IO[bytes]) -> None:
+        _refuse_change()
+
+    def remove(self, artifact_id: str) -> None:
+        _refuse_change()
+
+
+def _refuse_change() -> NoReturn:
+    """A 403 with the reason: optuna-dashboard's API answers a bottle HTTPError with its status and text
+    (any other exception was a 500 "internal server error" and a traceback in the server's log)."""
+    from bottle import HTTPError
+
+    raise HTTPError(403, REFUSED)
 
 
 class _NotFoundIs404:

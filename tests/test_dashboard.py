@@ -494,8 +494,8 @@ def test_a_checkpoint_missing_here_is_a_404_not_a_server_error(tmp_path: Path) -
     """Its download was a 500 and an ArtifactNotFound traceback in the dashboard's log."""
     from wsgiref.util import setup_testing_defaults
 
-    from search.dashboard import read_only_app
-    from search.storage import AtomicArtifactStore, ReadOnlyArtifactStore
+    from search.dashboard import ReadOnlyArtifactStore, read_only_app
+    from search.storage import AtomicArtifactStore
 
     storage = open_storage(f"sqlite:///{tmp_path / 'db.sqlite'}")
     study = optuna.create_study(study_name=STUDY, storage=storage)
