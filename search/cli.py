@@ -120,8 +120,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.steps is not None:
         config = config.with_steps(args.steps)
-    if not config.train.checkpoint_steps:  # so that an interrupted run resumes (as a study's trials do)
-        config = config.replace(checkpoint_steps=config.train.valid_steps)
+    config = config.resumable()  # an interrupted run resumes, as a study's trials do
     out = args.out if args.out is not None else Path("studies") / "runs" / Path(args.config).stem
     best, last = out / "best.pt", out / "last.pt"
     check_can_create(best)

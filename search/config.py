@@ -103,6 +103,13 @@ class Config:
             margin_warmup_steps=round(self.model.margin_warmup_steps * scale),
         )
 
+    def resumable(self) -> Config:
+        """This config with ``last.pt`` written at least at every validation (``checkpoint_steps`` 0, the
+        default, means never), so that a stopped or killed run resumes: ``train`` and every trial."""
+        if self.train.checkpoint_steps:
+            return self
+        return self.replace(checkpoint_steps=self.train.valid_steps)
+
     @staticmethod
     def from_dict(values: dict[str, Any], source: str = "config", cross: bool = True) -> Config:
         """Build and validate a config from flat keys; unknown keys and bad values raise UserError.

@@ -403,7 +403,7 @@ class Lane:
             config = config.replace(**overrides)
             if self.spec.steps is not None:
                 config = config.with_steps(self.spec.steps)
-            config = config.replace(checkpoint_steps=config.train.valid_steps)
+            config = config.resumable()  # the space's checkpoint_steps if it sets one
         except UserError as exc:
             trial.set_user_attr("fail_reason", f"bad config: {exc}")
             raise

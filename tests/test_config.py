@@ -104,3 +104,12 @@ def test_a_step_budget_scales_the_warm_ups_with_it() -> None:
     assert (short.train.steps, short.train.warmup_steps, short.model.margin_warmup_steps) == (2_000, 143, 286)
     assert short.train.valid_steps == min(config.train.valid_steps, 2_000)
     assert config.with_steps(140_000).train.warmup_steps == 10_000  # a longer budget stretches them too
+
+
+def test_resumable_writes_last_pt_at_every_validation_unless_told_more_often() -> None:
+    """train and the worker each defaulted checkpoint_steps, differently: the worker overrode a space's
+    own value with valid_steps."""
+    base = Config.from_dict({"steps": 100, "valid_steps": 20})
+    assert base.train.checkpoint_steps == 0 and base.resumable().train.checkpoint_steps == 20
+    often = base.replace(checkpoint_steps=5)
+    assert often.resumable() is often
