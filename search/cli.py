@@ -245,23 +245,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if idle:  # the study already holds --trials finished trials: no worker was started
         console.print(idle[0], markup=False, highlight=False, soft_wrap=True)
         return 0
-    from search.storage import resolve
-
-    _, study, _ = resolve(args.study or _space_name(args.space), args.storage)
-    if not args.quiet:
-        console.print(best_table(study, 5))
+    if view.last is not None:  # the study as the run's last update showed it (none with --quiet)
+        console.print(best_table(view.last[0], 5))
     console.print(
         f"[green]finished {counts.finished} trial{'' if counts.finished == 1 else 's'} "
         f"(complete {counts.complete}, pruned {counts.pruned}),"
         f" failed {counts.failed}" + (f", retried {counts.retried}" if counts.retried else "")
     )
     return 0
-
-
-def _space_name(space: str) -> str:
-    from search.space import load_space
-
-    return load_space(space).name
 
 
 def cmd_status(args: argparse.Namespace) -> int:
