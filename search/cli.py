@@ -135,11 +135,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from search.devices import resolve_device
     from search.infer import UnreadableCheckpoint
     from search.progress import console
+    from search.synth import default_set
     from search.train import resume_step, train
     from search.trainview import TrainView
 
     device = resolve_device(args.device)
-    data = open_data(args.data, progress=not args.quiet)
+    data = open_data(
+        args.data if args.data is not None else default_set(not args.quiet), progress=not args.quiet
+    )
     start = "from step 0"
     if args.force:
         last.unlink(missing_ok=True)  # start over, as asked

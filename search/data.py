@@ -578,26 +578,7 @@ def eval_batches(
         start = end
 
 
-def default_synth_preset() -> str:
-    """The generated set used when no --data is given (``$SPKID_SEARCH_SYNTH_PRESET``, default small)."""
-    return os.environ.get("SPKID_SEARCH_SYNTH_PRESET", "small")
-
-
-def default_data_dir() -> Path:
-    return Path(os.environ.get("SPKID_SEARCH_DATA", "studies/data")) / f"synth-{default_synth_preset()}"
-
-
-def open_data(root: Path | None, cache_root: Path | None = None, progress: bool = True) -> PackedData:
-    """Pack and open ``root``; with no ``root``, generate (once) and use the default synthetic set."""
-    if root is None:
-        from search.progress import console
-        from search.synth import generate
-
-        preset = default_synth_preset()
-        root = default_data_dir()
-        if not (root / "testdata.json").exists():
-            console.print(f"[yellow]No --data given: generating the synthetic '{preset}' set in {root}")
-            generate(root, preset=preset, seed=0, progress=progress)
-        else:
-            console.print(f"[yellow]No --data given: using the synthetic '{preset}' set in {root}")
+def open_data(root: Path, cache_root: Path | None = None, progress: bool = True) -> PackedData:
+    """Pack (once) and open the data set in ``root``; :func:`search.synth.default_set` is the one used
+    when a command is given no --data."""
     return pack(root, cache_root, progress=progress)

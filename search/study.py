@@ -334,6 +334,10 @@ def _run(
     from search.data import make_split, open_data
 
     data_root = opts.data if opts.data is not None else _recorded_data_root(url, name)
+    if data_root is None:  # a new study without --data
+        from search.synth import default_set
+
+        data_root = default_set(opts.display)
     data = open_data(data_root, progress=opts.display)
     base = space.config_for({})
     split = make_split(data, base.train.valid_ratio, base.train.split_seed)

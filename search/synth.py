@@ -748,3 +748,30 @@ def _write_features(world: _World, workers: int, progress: bool) -> None:
     with pool, progress_bar("synth utterances", total, enabled=progress) as advance:
         for done in pool.imap_unordered(_worker_range, bounds):
             advance(done)
+
+
+def default_synth_preset() -> str:
+    """The generated set used when no --data is given (``$SPKID_SEARCH_SYNTH_PRESET``, default small)."""
+    return os.environ.get("SPKID_SEARCH_SYNTH_PRESET", "small")
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("SPKID_SEARCH_DATA", "studies/data")) / f"synth-{default_synth_preset()}"
+
+
+def default_set(progress: bool = True) -> Path:
+    """The data set a command uses when given no --data: the default synthetic set, generated once.
+
+    Why here and not in ``data.open_data``: generating a set is the commands' policy for a missing
+    --data (they say so), not something opening a data set should do.
+    """
+    from search.progress import console
+
+    preset = default_synth_preset()
+    root = default_data_dir()
+    if not (root / "testdata.json").exists():
+        console.print(f"[yellow]No --data given: generating the synthetic '{preset}' set in {root}")
+        generate(root, preset=preset, seed=0, progress=progress)
+    else:
+        console.print(f"[yellow]No --data given: using the synthetic '{preset}' set in {root}")
+    return root
