@@ -28,11 +28,11 @@ import ast
 import hashlib
 import inspect
 import json
-import math
 import random
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -87,6 +87,7 @@ class Space:
     enqueue: list[dict[str, Any]]
     study: dict[str, Any]
     raw: dict[str, Any]
+    notes: tuple[str, ...] = ()  # what looks wrong but may not be (run prints them before it starts)
 
     @property
     def body(self) -> str:
@@ -241,13 +242,13 @@ def load_space(name_or_path: str | Path) -> Space:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"{src}: study.{key} must be a whole number of seconds >= 1, got {shown(value)}")
     space = Space(name, path, fixed, params, list(constraints), sampler, pruner, [], study, raw)
-    _check_satisfiable(space, src)
+    notes = _check_satisfiable(space, src)
     enqueue = [
         _enqueue_entry(space, e, f"{src}: enqueue[{i}]") for i, e in enumerate(raw.get("enqueue", []) or [])
     ]
     make_sampler(space, src)  # build once so bad sampler/pruner arguments fail before anything runs
     make_pruner(space, src)
-    return Space(name, path, fixed, params, list(constraints), sampler, pruner, enqueue, study, raw)
+    return Space(name, path, fixed, params, list(constraints), sampler, pruner, enqueue, study, raw, notes)
 
 
 def _param(key: str, spec: dict[str, Any], where: str) -> Param:
@@ -303,13 +304,14 @@ def _param(key: str, spec: dict[str, Any], where: str) -> Param:
     if step is not None and step <= 0:
         raise UserError(f"{where}.step: must be positive")
     if step is not None:
-        # Optuna would narrow the range to a multiple of step with a UserWarning (twice) and go on.
-        count = (high - low) / step
-        if abs(count - round(count)) > 1e-8 * max(1.0, abs(count)):
-            top = low + math.floor(count + 1e-8) * step
+        # Optuna would narrow the range to a multiple of step with a UserWarning (twice) and go on; the
+        # test is Optuna's own, in decimal arithmetic on the numbers as written (0.3 - 0.0 is 3 x 0.1).
+        span, grain = Decimal(str(high)) - Decimal(str(low)), Decimal(str(step))
+        if span % grain != 0:
+            top = Decimal(str(low)) + (span // grain) * grain
             raise UserError(
                 f"{where}: step {shown(step)} does not divide high - low ({shown(high)} - {shown(low)}); "
-                f"make high {shown(round(top, 12))} or change step"
+                f"make high {top.normalize():f} or change step"
             )
     try:
         if kind == "int":
@@ -423,7 +425,10 @@ def _random_values(space: Space, rng: random.Random, forced: tuple[str, Any] | N
             values[p.name] = rng.randrange(d.low, d.high + 1, d.step)
         else:
             assert isinstance(d, optuna.distributions.FloatDistribution)
-            values[p.name] = rng.uniform(d.low, d.high)
+            if d.step is not None:  # on the grid, as Optuna draws it (a constraint may name grid values)
+                values[p.name] = d.low + d.step * rng.randrange(round((d.high - d.low) / d.step) + 1)
+            else:
+                values[p.name] = rng.uniform(d.low, d.high)
     return values
 
 
@@ -439,10 +444,14 @@ def _invalid_reason(space: Space, values: dict[str, Any], src: str) -> str:
     return ""
 
 
-def _check_satisfiable(space: Space, src: str, draws: int = 3000, per_choice: int = 300) -> None:
-    """Draw random points: a space whose constraints or checks never pass is refused before it runs, and
-    so is a choice that never gives a trainable config (``heads: {choices: [2, 3]}`` with ``d_model: 32``):
-    its trials would only fail, and count against --max-failures until the study stopped."""
+def _check_satisfiable(space: Space, src: str, draws: int = 3000, per_choice: int = 1000) -> tuple[str, ...]:
+    """Draw random points: a space whose constraints or checks never pass is refused before it runs.
+
+    A choice that gave no valid config in ``per_choice`` draws where it was searched (``heads: {choices:
+    [2, 3]}`` with ``d_model: 32``) comes back as a note, not a refusal: random draws cannot tell a
+    choice that is never valid from one that rarely is (heads 256 fits d_model 256, 512, ... only), and
+    a space that loaded before must still load. Its trials would fail, counting against --max-failures.
+    """
     rng = random.Random(0)
     first_error = ""
     for _ in range(draws):
@@ -452,25 +461,27 @@ def _check_satisfiable(space: Space, src: str, draws: int = 3000, per_choice: in
         first_error = first_error or reason
     else:
         raise UserError(f"{src}: no valid configuration can be sampled: {_never(first_error, draws)}")
+    notes = []
     for p in space.params:
         if not isinstance(p.distribution, optuna.distributions.CategoricalDistribution):
             continue
         for choice in p.distribution.choices:
-            reason, searched = "", False
+            reason, searched = "", 0
             for _ in range(per_choice):
                 values = _random_values(space, rng, forced=(p.name, choice))
                 if values.get(p.name) is not choice:
                     continue  # the key was not searched in this draw (its condition did not hold)
-                searched = True
+                searched += 1
                 reason = _invalid_reason(space, values, src)
                 if not reason:
                     break
             if searched and reason:
-                raise UserError(
-                    f"{src}: params.{p.name}: the choice {shown(choice)} never gives a valid configuration "
-                    f"in {per_choice} random draws ({_never(reason, per_choice)}); drop it, or change the "
-                    "keys it depends on"
+                notes.append(
+                    f"{src}: params.{p.name}: the choice {shown(choice)} gave no valid configuration in "
+                    f"{searched} random draws ({_never(reason, searched)}); if it can never be valid, drop "
+                    "it: its trials fail and count against --max-failures"
                 )
+    return tuple(notes)
 
 
 def _never(reason: str, draws: int) -> str:

@@ -324,6 +324,8 @@ def _run(
     if done is not None:
         (on_nothing or _log)(nothing_to_do(name, done.finished, opts.trials))
         return done
+    for note in space.notes:  # before any trial: what may fail them
+        _log(f"note: {note}")
     start_worker_server()  # it imports torch for the workers while the driver does so and opens the data
     devices, lanes = _check_run(opts, space)
     heartbeat = opts.heartbeat or int(space.study.get("heartbeat_interval", DEFAULT_HEARTBEAT))
