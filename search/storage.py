@@ -123,7 +123,10 @@ def _check_sqlite_path(url: str) -> None:
     # POSIX lock this process holds on it, so a driver with the study open lost its locks (a resumed
     # run's workers then saw no trials to run).
     try:
-        con = sqlite3.connect(f"file:{urllib.parse.quote(str(path))}?mode=ro", uri=True, timeout=1)
+        # immutable: no lock taken and no -wal/-shm file made beside a study's database; file:// with an
+        # absolute path, so a name that is not UTF-8 or starts with // is still that file.
+        where = urllib.parse.quote(os.fsencode(path.resolve()))
+        con = sqlite3.connect(f"file://{where}?mode=ro&immutable=1", uri=True, timeout=1)
         try:
             con.execute("PRAGMA schema_version").fetchone()
         finally:

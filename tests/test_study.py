@@ -1012,6 +1012,38 @@ def test_a_sqlite_url_to_a_folder_or_a_file_that_is_not_a_database_says_what_to_
     assert garbage.read_bytes() == b"not a database, some notes" * 100
 
 
+@pytest.mark.parametrize("journal", ["wal", "delete"])
+def test_checking_a_sqlite_url_keeps_this_processs_locks_and_writes_nothing(
+    tmp_path: Path, journal: str
+) -> None:
+    """The check once read the file's header with a plain open(): closing that descriptor dropped every
+    POSIX lock this process held on the database (a driver with its study open), and another process
+    could write under it (a resumed run's workers then saw no trials to run). Nor may it leave -wal or
+    -shm files beside a database no one has open."""
+    db = tmp_path / "study.db"
+    with sqlite3.connect(db) as con:
+        con.execute(f"PRAGMA journal_mode={journal}")
+        con.execute("CREATE TABLE t (x)")
+    con.close()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    check_storage_url(f"sqlite:///{db}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    holder = sqlite3.connect(db, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # this process holds the write lock
+        check_storage_url(f"sqlite:///{db}")
+        other = subprocess.run(
+            [sys.executable, "-c", "import sqlite3, sys; c = sqlite3.connect(sys.argv[1], timeout=0)\n"
+             "try:\n    c.execute('BEGIN IMMEDIATE'); print('got it')\n"
+             "except sqlite3.OperationalError as e:\n    print(e)", str(db)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert other.stdout.strip() == "database is locked", other
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
 def test_holds_studies_only_looks(tmp_path: Path) -> None:
     """The quick look run takes before answering "nothing to do": it never creates a file or a table."""
     from search.storage import holds_studies
