@@ -55,11 +55,13 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, iterations: int = 40
     no learning rate. Members trained with margin heads (logits = s * cos) come out far too confident
     at T = 1, and soft voting needs their probabilities on one scale with the others'.
 
-    The labels are smoothed by 1/(n+2) (Laplace's rule of succession: n right of n is read as
-    (n+1)/(n+2)). Why: on a validation set a member gets wholly right (a small set of one's own audio)
-    the plain NLL falls all the way to T = 0.05, the member's probabilities turn one-hot and it alone
-    decided every soft vote (an audit: 16 of 16 test rows). On HW4's 5,667 validation utterances the
-    smoothing is 0.0002, beside the errors' share of the NLL.
+    The labels are smoothed by eps = 1/(n+2) (after Laplace's rule of succession: n right of n read as
+    about (n+1)/(n+2); the true class's target is 1 - eps + eps/K). Why: on a validation set a member
+    gets wholly right (a small set of one's own audio) the plain NLL falls all the way to T = 0.05, the
+    member's probabilities turn one-hot and it alone decided every soft vote (an audit: 16 of 16 test
+    rows). On HW4's 5,667 validation utterances eps is 0.0002: a review's simulation of 600-speaker
+    members found T unchanged at 80% and 95% accuracy (1.689 -> 1.690, 1.278 -> 1.280) and tempered
+    only for a member right on nearly all (99.6%: 0.484 -> 0.582).
     """
     if len(labels) == 0 or logits.shape[0] == 0:
         return 1.0

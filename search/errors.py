@@ -48,14 +48,26 @@ def broken_install(exc: BaseException) -> str:
     fails as ``libtorchaudio.so: undefined symbol``; every command that builds a model printed two or
     three tracebacks for it, where one line can say to reinstall the pinned pair.
     """
+    import importlib.util
     import traceback
 
     if isinstance(exc, ModuleNotFoundError):
         return f"no module named '{exc.name}'" if (exc.name or "").split(".")[0] in _TORCH else ""
     if not isinstance(exc, (ImportError, OSError)):
         return ""
+    # Raised by the module-level code of the installed torch or torchaudio (found without importing
+    # them), that is while importing it: not torch.load's OSError for a missing file, nor anything from
+    # a folder that merely happens to be called torch.
+    homes: list[str] = []
+    for name in _TORCH:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        if spec is not None:
+            homes += [str(Path(home)) + "/" for home in spec.submodule_search_locations or []]
     frames = traceback.extract_tb(exc.__traceback__)
-    if any(f"/{name}/" in frame.filename for frame in frames for name in _TORCH):
+    if homes and any(f.name == "<module>" and f.filename.startswith(tuple(homes)) for f in frames):
         return first_line(exc, 200)
     return ""
 

@@ -5,9 +5,10 @@ Why freeze: forked workers' garbage collections then skip them, so they do not c
 pages by touching them (Python's advice for servers that fork), and the server's own exit, when the run
 ends, does not collect them (1+ s with torch imported, while it still holds the run's stdout and stderr).
 
-A module that fails to import (a broken torch install) ends the list quietly: the driver imports the
-same modules and reports that in one line. The server's own traceback, and the driver's EOFError when
-the dead server could not fork a worker, had buried that line under three tracebacks.
+A module that fails to import (a broken torch install) is skipped quietly, as multiprocessing's own
+preload skips an ImportError: the driver imports the same modules and reports that in one line. The
+server's own traceback, and the driver's EOFError when the dead server could not fork a worker, had
+buried that line under three tracebacks.
 """
 
 import gc
@@ -27,6 +28,6 @@ for _name in MODULES:
     try:
         importlib.import_module(_name)
     except Exception:  # noqa: BLE001 - whatever it is, the driver meets it too and says it in one line
-        break
+        continue
 
 gc.freeze()

@@ -41,23 +41,38 @@ def test_a_cut_short_zip_is_named_for_what_it_is(tmp_path: Path) -> None:
         assert _refusal(cut) == "the zip archive is cut short or corrupt", size
 
 
-def test_broken_install_tells_torch_failures_from_others(tmp_path: Path) -> None:
+def test_broken_install_tells_torch_failures_from_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+    import sys
+
+    # A torchaudio that fails as its import runs (built for another torch), first on the path.
     fake = tmp_path / "site" / "torchaudio"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text('raise OSError("libtorchaudio.so: undefined symbol: torch_x")\n')
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("torchaudio_broken", fake / "__init__.py")
-    assert spec is not None and spec.loader is not None
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "torchaudio", raising=False)
     with pytest.raises(OSError) as loaded:
-        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        importlib.import_module("torchaudio")
     assert broken_install(loaded.value) == "libtorchaudio.so: undefined symbol: torch_x"
+    monkeypatch.undo()
     assert (
         broken_install(ModuleNotFoundError("No module named 'torch'", name="torch"))
         == "no module named 'torch'"
     )
     assert broken_install(ModuleNotFoundError("No module named 'yaml'", name="yaml")) == ""
-    with pytest.raises(OSError) as elsewhere:
-        (tmp_path / "missing").read_text()
-    assert broken_install(elsewhere.value) == ""
+    # Not a broken install: torch.load's own OSError, or a module-level one in a folder called torch.
+    with pytest.raises(OSError) as missing:
+        torch.load(tmp_path / "missing.pt", weights_only=True)
+    assert broken_install(missing.value) == ""
+    elsewhere = tmp_path / "work" / "torch" / "proj"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "full.py").write_text(
+        "import errno\nraise OSError(errno.ENOSPC, 'No space left on device')\n"
+    )
+    monkeypatch.syspath_prepend(str(elsewhere))
+    with pytest.raises(OSError) as full:
+        importlib.import_module("full")
+    assert broken_install(full.value) == ""
     assert broken_install(ValueError("torch")) == ""
