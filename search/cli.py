@@ -115,13 +115,13 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from search.config import load_config
-    from search.files import check_can_create
+    from search.files import check_can_create, studies_root
 
     config = load_config(args.config)
     if args.steps is not None:
         config = config.with_steps(args.steps)
     config = config.resumable()  # an interrupted run resumes, as a study's trials do
-    out = args.out if args.out is not None else Path("studies") / "runs" / Path(args.config).stem
+    out = args.out if args.out is not None else studies_root() / "runs" / Path(args.config).stem
     best, last = out / "best.pt", out / "last.pt"
     check_can_create(best)
     # A finished run's best.pt is refused before any data is packed; last.pt is an interrupted run.

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from search.errors import UserError, load_failure, shown
+from search.files import studies_root
 
 PAD_VALUE = -20.0
 FEATURE_NAME = re.compile(r"^[A-Za-z0-9._-]+\.pt$")
@@ -241,7 +242,7 @@ def default_cache_root(studies: Path | None = None) -> Path:
     """``$SPKID_SEARCH_CACHE``, else ``cache`` in ``studies`` (the folder holding a study's folder, so
     a command on an existing study from another working folder reuses the cache its run packed)."""
     env = os.environ.get("SPKID_SEARCH_CACHE")
-    return Path(env) if env else (studies if studies is not None else Path("studies")) / "cache"
+    return Path(env) if env else (studies if studies is not None else studies_root()) / "cache"
 
 
 def pack(root: Path, cache_root: Path | None = None, progress: bool = True) -> PackedData:

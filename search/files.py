@@ -21,6 +21,12 @@ from typing import IO, Any
 from search.errors import UserError, exception_chain
 
 
+def studies_root() -> Path:
+    """Where the commands keep their work by default: ``studies/``, or ``$SPKID_SEARCH_STUDIES`` (study
+    folders, the packed-data cache, the generated data set and train's runs, all of it)."""
+    return Path(os.environ.get("SPKID_SEARCH_STUDIES", "studies"))
+
+
 def disk_full(exc: BaseException) -> bool:
     """Whether ``exc`` (or an error it arose from) is a full disk or a spent quota.
 

@@ -24,7 +24,7 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from search.errors import UserError, exception_chain, first_line
-from search.files import atomic_write
+from search.files import atomic_write, studies_root
 
 STORAGE_PATIENCE = 300.0  # seconds a worker waits for an unreachable storage before it gives up
 GRACE_BEATS = 3  # heartbeats a running trial may miss before it counts as stale (default grace period)
@@ -45,10 +45,6 @@ NETWORK_FS = {
     "glusterfs",
     "ceph",
 }
-
-
-def studies_root() -> Path:
-    return Path(os.environ.get("SPKID_SEARCH_STUDIES", "studies"))
 
 
 def check_study_name(name: str) -> str:

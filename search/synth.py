@@ -50,7 +50,7 @@ import numpy.typing as npt
 import torch
 
 from search.errors import UserError, shown
-from search.files import check_can_create, install_folder
+from search.files import check_can_create, install_folder, studies_root
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
@@ -756,7 +756,8 @@ def default_synth_preset() -> str:
 
 
 def default_data_dir() -> Path:
-    return Path(os.environ.get("SPKID_SEARCH_DATA", "studies/data")) / f"synth-{default_synth_preset()}"
+    data = os.environ.get("SPKID_SEARCH_DATA")
+    return (Path(data) if data else studies_root() / "data") / f"synth-{default_synth_preset()}"
 
 
 def default_set(progress: bool = True) -> Path:

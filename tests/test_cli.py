@@ -512,3 +512,27 @@ def test_a_stop_after_the_work_is_done_does_not_turn_it_into_a_failure(
         assert real_main(["status"]) == 143
     finally:
         signal.signal(signal.SIGTERM, handlers[1])
+
+
+def test_spkid_search_studies_moves_the_cache_the_generated_set_and_trains_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """run packed into ./studies/cache while export-top looked in $SPKID_SEARCH_STUDIES/cache (the set
+    was packed twice), and train's runs and the generated set stayed in ./studies."""
+    from search.data import default_cache_root
+    from search.synth import default_data_dir
+
+    monkeypatch.delenv("SPKID_SEARCH_CACHE", raising=False)
+    monkeypatch.delenv("SPKID_SEARCH_DATA", raising=False)
+    monkeypatch.setenv("SPKID_SEARCH_STUDIES", str(tmp_path / "alt"))
+    assert default_cache_root() == tmp_path / "alt" / "cache"
+    assert default_data_dir().parent == tmp_path / "alt" / "data"
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "c.yaml"
+    config.write_text("d_model: 32\n")
+    Path("studies/runs/c").mkdir(parents=True)  # the old default: not where it looks any more
+    Path("studies/runs/c/best.pt").write_bytes(b"x")
+    (tmp_path / "alt/runs/c").mkdir(parents=True)
+    (tmp_path / "alt/runs/c/best.pt").write_bytes(b"x")
+    assert main(["train", "--config", str(config)]) == 2
+    assert f"{tmp_path / 'alt/runs/c/best.pt'}: a finished run's checkpoint" in capsys.readouterr().err
