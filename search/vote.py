@@ -27,7 +27,7 @@ from search.data import FeatureStore, PackedData, Split, make_split
 from search.ensemble import check_method, combine, fit_temperature, method_weights, softmax
 from search.errors import UserError
 from search.infer import accuracy, check_compatible, checkpoint_logits, read_checkpoint, rebuild_split
-from search.manifest import read_manifest, verify_members
+from search.manifest import MANIFEST_NAME, read_manifest, verify_members
 from search.submission import ANSWERS_NAME, check_out, read_answers, write_submission
 
 
@@ -231,8 +231,20 @@ def predict(
     if split is not None and ckpt.get("split_id") not in (None, split.split_id):
         split = None
         note = "validation skipped: the checkpoint's config does not reproduce its validation split"
-    member = _Member(checkpoint, checkpoint.name, None, 1.0)
+    member = _Member(checkpoint, checkpoint.name, _exported_trial(checkpoint), 1.0)
     return _score([member], data, split, out, "soft", device, force, {checkpoint: ckpt}, note)
+
+
+def _exported_trial(checkpoint: Path) -> int | None:
+    """The trial an export's member file came from, as its folder's manifest says (None elsewhere):
+    a checkpoint does not record its trial, and predict on ``export/top5/trial-3.pt`` showed "-"."""
+    if not (checkpoint.parent / MANIFEST_NAME).is_file():
+        return None
+    try:
+        manifest = read_manifest(checkpoint.parent)
+    except UserError:
+        return None  # a damaged manifest does not stop a prediction that does not need it
+    return next((m.trial for m in manifest.members if m.file == checkpoint.name), None)
 
 
 def render_vote(result: VoteResult) -> Any:

@@ -555,6 +555,14 @@ def test_predict_single_checkpoint(trained: list[Trained], data: PackedData, tmp
         predict(tmp_path / "nope.pt", data, tmp_path / "two.csv")
 
 
+def test_predict_on_an_exports_member_names_its_trial(
+    exports: Exports, data: PackedData, tmp_path: Path
+) -> None:
+    member = read_manifest(exports.top.out).members[0]
+    result = predict(exports.top.out / member.file, data, tmp_path / "one.csv")
+    assert [m.trial for m in result.members] == [member.trial] and member.trial is not None
+
+
 def test_predict_refuses_a_checkpoint_of_another_data_set(
     trained: list[Trained], data: PackedData, tmp_path: Path
 ) -> None:
