@@ -40,6 +40,7 @@ from search.trials import Counts, count_trials
 from search.worker import DISK_FULL_EXIT, WorkerSpec, read_status, worker_process
 
 if TYPE_CHECKING:
+    from search.data import PackedData, Split
     from search.space import Space
 
 DEFAULT_HEARTBEAT = 20
@@ -362,39 +363,7 @@ def _run(
             # here changes nothing, so it is not refused either.
             (on_nothing or _log)(nothing_to_do(name, held.finished, opts.trials))
             return held
-        steps = effective_steps(space, opts.steps)  # what the study records is what reaches the trials
-        changes = identity_changes(
-            study,
-            {
-                "fingerprint": data.fingerprint,
-                "split_id": split.split_id,
-                "valid_ratio": split.ratio,
-                "split_seed": split.seed,
-                "space_digest": space.digest,
-                "space_body": space.body,
-                "space_path": str(Path(space.path).resolve()),
-                "space_name": space.name,
-                "data_root": str(Path(data.root).resolve()),
-                "artifact_dir": str((home / "artifacts").resolve()),
-                "trials_dir": str((home / "trials").resolve()),
-                "steps_override": steps,
-                "pruner": json.dumps(space.pruner, sort_keys=True),
-            },
-            opts.allow_changed,
-        )
-        if "space_digest" in changes and not fresh:
-            check_space_fits_study(study, space)
-        if not fresh and "fingerprint" in changes:  # --allow-changed on another data set
-            _log(
-                f"note: study '{name}' goes on with the data set in {data.root} (it was run on "
-                f"{study.user_attrs.get('data_root', '?')}); its earlier trials stay in its results, "
-                "marked in status, and export-top leaves them out"
-            )
-        for key, value in changes.items():
-            study.set_user_attr(key, value)
-        if fresh:
-            for params in space.enqueue:
-                study.enqueue_trial(params, skip_if_exists=True)
+        steps = _record_identity(study, space, data, split, home, opts, fresh)
     status_dir = _status_dir(home)
     threads = max(1, (os.cpu_count() or 1) // len(devices)) if devices[0] == "cpu" else 2
     specs = [
@@ -428,6 +397,73 @@ def _run(
     counts = wait.call(lambda: count_trials(study.get_trials(deepcopy=False)))
     if on_update is not None:  # the display's last frame shows how the run ended, not its last poll
         on_update(study, counts, read_status(status_dir))
+    _check_ended(study.study_name, opts, counts, exits, respawns, status_dir, home)
+    return counts
+
+
+def _record_identity(
+    study: optuna.Study,
+    space: Space,
+    data: PackedData,
+    split: Split,
+    home: Path,
+    opts: RunOptions,
+    fresh: bool,
+) -> int | None:
+    """Check this run's data set, split, space and budget against the study's record and record them
+    (all of them on a new study, which also gets the space's enqueued trials); the steps the trials get.
+
+    The caller holds the state lock: create, check and record are one step among the runs sharing the
+    storage.
+    """
+    name = study.study_name
+    steps = effective_steps(space, opts.steps)  # what the study records is what reaches the trials
+    changes = identity_changes(
+        study,
+        {
+            "fingerprint": data.fingerprint,
+            "split_id": split.split_id,
+            "valid_ratio": split.ratio,
+            "split_seed": split.seed,
+            "space_digest": space.digest,
+            "space_body": space.body,
+            "space_path": str(Path(space.path).resolve()),
+            "space_name": space.name,
+            "data_root": str(Path(data.root).resolve()),
+            "artifact_dir": str((home / "artifacts").resolve()),
+            "trials_dir": str((home / "trials").resolve()),
+            "steps_override": steps,
+            "pruner": json.dumps(space.pruner, sort_keys=True),
+        },
+        opts.allow_changed,
+    )
+    if "space_digest" in changes and not fresh:
+        check_space_fits_study(study, space)
+    if not fresh and "fingerprint" in changes:  # --allow-changed on another data set
+        _log(
+            f"note: study '{name}' goes on with the data set in {data.root} (it was run on "
+            f"{study.user_attrs.get('data_root', '?')}); its earlier trials stay in its results, "
+            "marked in status, and export-top leaves them out"
+        )
+    for key, value in changes.items():
+        study.set_user_attr(key, value)
+    if fresh:
+        for params in space.enqueue:
+            study.enqueue_trial(params, skip_if_exists=True)
+    return steps
+
+
+def _check_ended(
+    name: str,
+    opts: RunOptions,
+    counts: Counts,
+    exits: dict[str, int | None],
+    respawns: int,
+    status_dir: Path,
+    home: Path,
+) -> None:
+    """A run that ended short of ``opts.trials`` says why, in one line: a full disk, --max-failures, or
+    workers that exited with an error."""
     if counts.finished < opts.trials and DISK_FULL_EXIT in exits.values():
         # The worker's own words name the file (best effort: its status file is on a full disk too).
         said = [str(s["disk_full"]) for s in read_status(status_dir) if s.get("disk_full")]
@@ -451,7 +487,6 @@ def _run(
             f"study '{name}' holds {counts.finished} of {opts.trials} finished trials: {what} "
             f"({respawns} restarts used); fix the cause and run the same command again to resume"
         )
-    return counts
 
 
 T = TypeVar("T")
