@@ -133,35 +133,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     # torch from here on: a bad config or --out above is refused without importing it (seconds)
     from search.data import open_data
     from search.devices import resolve_device
-    from search.infer import UnreadableCheckpoint
     from search.progress import console
     from search.synth import default_set
-    from search.train import resume_step, train
+    from search.train import start_step, train
     from search.trainview import TrainView
 
     device = resolve_device(args.device)
     data = open_data(
         args.data if args.data is not None else default_set(not args.quiet), progress=not args.quiet
     )
-    start = "from step 0"
-    if args.force:
-        last.unlink(missing_ok=True)  # start over, as asked
-        best.unlink(missing_ok=True)
-    elif last.exists():
-        try:
-            step = resume_step(last, config, data)
-        except UnreadableCheckpoint as exc:
-            # A run killed as the disk filled: its own file, not one to "trust".
-            raise UserError(
-                f"{last}: the interrupted run's checkpoint cannot be resumed ({exc.what}); pass --force to "
-                "start over"
-            ) from None
-        if step is None:
-            raise UserError(
-                f"{last}: an interrupted run of another config or data set; run the same config and "
-                "--data (and --steps) to resume it, or pass --force to start over"
-            )
-        start = f"resuming from step {step} ({last})"
+    step = start_step(out, config, data, args.force)
+    start = f"resuming from step {step} ({last})" if step else "from step 0"
     console.print(f"Training {args.config} on {device} for {config.train.steps} steps, {start} -> {best}")
     if config.train.warmup_steps >= config.train.steps:
         console.print(

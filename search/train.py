@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from search.config import Config
 from search.data import CropSampler, FeatureStore, PackedData, Split, make_split
 from search.errors import UserError, first_line
-from search.infer import accuracy, predict_logits, read_checkpoint, save_atomic
+from search.infer import UnreadableCheckpoint, accuracy, predict_logits, read_checkpoint, save_atomic
 from search.model import SpeakerNet, build_model, count_parameters
 
 Report = Callable[[int, dict[str, float]], "str | None"]
@@ -269,6 +269,33 @@ def _same_config(saved: Any, config: Config) -> bool:
 def _resumes(state: dict[str, Any], config: Config, data: PackedData) -> bool:
     """Whether a ``last.pt`` state was written by a run of ``config`` on ``data`` (so it may resume)."""
     return _same_config(state["config"], config) and state.get("fingerprint") == data.fingerprint
+
+
+def start_step(out_dir: Path, config: Config, data: PackedData, force: bool) -> int:
+    """The step ``spkid-search train`` into ``out_dir`` starts from: its interrupted run's, or 0 (with
+    ``force``, whose earlier files are removed: it starts over, as asked). A ``last.pt`` that cannot be
+    resumed (another config or data set, or cut short) is refused, never silently replaced."""
+    best, last = out_dir / "best.pt", out_dir / "last.pt"
+    if force:
+        last.unlink(missing_ok=True)
+        best.unlink(missing_ok=True)
+        return 0
+    if not last.exists():
+        return 0
+    try:
+        step = resume_step(last, config, data)
+    except UnreadableCheckpoint as exc:
+        # A run killed as the disk filled: its own file, not one to "trust".
+        raise UserError(
+            f"{last}: the interrupted run's checkpoint cannot be resumed ({exc.what}); pass --force to "
+            "start over"
+        ) from None
+    if step is None:
+        raise UserError(
+            f"{last}: an interrupted run of another config or data set; run the same config and "
+            "--data (and --steps) to resume it, or pass --force to start over"
+        )
+    return step
 
 
 def resume_step(last_path: Path, config: Config, data: PackedData) -> int | None:
