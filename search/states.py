@@ -24,7 +24,7 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
-from search.storage import MAX_RETRY, sqlite_file
+from search.storage import MAX_RETRY, open_storage, sqlite_file
 from search.trials import held_before
 
 Release = Callable[[], None]
@@ -200,6 +200,23 @@ def queue_retry(study: optuna.Study, frozen: FrozenTrial, max_retry: int | None 
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             callback = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
         callback(study, frozen)
+
+
+def open_worker_storage(url: str, heartbeat: int, grace: int, budget: int) -> Any:
+    """A worker's storage: state changes under the state lock, new trials only while ``budget`` has
+    room, and a stale trial failed and queued again as one step, never retried twice.
+
+    Why one function: each of these replaces a piece of Optuna's behaviour, and a worker that missed
+    one of them ran trials past the budget or retried a trial twice.
+    """
+    storage = open_storage(url, heartbeat, grace)
+    serialize_state_changes(storage, url)
+    limit_new_trials(storage, budget)
+    if storage.get_heartbeat_stale_trial_callback() is not None:
+        storage.heartbeat_stale_trial_callback = queue_retry  # never two retries of one trial
+    # study.optimize runs the stale check too, before each trial: the same locked one (this process only).
+    optuna.storages.fail_stale_trials = locked_fail_stale_trials
+    return storage
 
 
 def fail_silent_trials(study: optuna.Study, engine: Any, older_than: float) -> list[int]:

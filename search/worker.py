@@ -32,10 +32,9 @@ from search.files import disk_full, sha256_file
 from search.states import (
     BudgetHeld,
     fail_silent_trials,
-    limit_new_trials,
     locked_fail_stale_trials,
+    open_worker_storage,
     queue_retry,
-    serialize_state_changes,
     state_lock,
 )
 from search.storage import STORAGE_PATIENCE, StorageWait
@@ -163,19 +162,12 @@ def _set_up(spec: WorkerSpec) -> _Shared:
 
     from search.data import FeatureStore, make_split, open_cache
     from search.space import load_space
-    from search.storage import open_storage
 
     torch.set_num_threads(max(1, spec.threads))
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are shown by the display, not logged
     space = load_space(spec.space_path)
-    storage = open_storage(spec.storage_url, spec.heartbeat, spec.grace)
-    serialize_state_changes(storage, spec.storage_url)
-    limit_new_trials(storage, spec.trials)
-    if storage.get_heartbeat_stale_trial_callback() is not None:
-        storage.heartbeat_stale_trial_callback = queue_retry  # never two retries of one trial
-    # study.optimize runs the stale check too, before each trial: the same locked one (this process only).
-    optuna.storages.fail_stale_trials = locked_fail_stale_trials
+    storage = open_worker_storage(spec.storage_url, spec.heartbeat, spec.grace, spec.trials)
     attrs = optuna.load_study(study_name=spec.study_name, storage=storage).user_attrs
     data = open_cache(Path(spec.cache_dir), Path(spec.data_root))
     split = make_split(data, float(attrs["valid_ratio"]), int(attrs["split_seed"]))
