@@ -1,5 +1,5 @@
-"""Imported by the worker fork server (``study.WORKER_PRELOAD``): imports what a worker needs before its
-first trial, then freezes the objects they made.
+"""Imported by the worker fork server (``study.WORKER_PRELOAD``): imports ``study.WORKER_MODULES``,
+what a worker needs before its first trial, then freezes the objects they made.
 
 Why freeze: forked workers' garbage collections then skip them, so they do not copy the server's memory
 pages by touching them (Python's advice for servers that fork), and the server's own exit, when the run
@@ -14,17 +14,9 @@ buried that line under three tracebacks.
 import gc
 import importlib
 
-MODULES = (
-    "torch",
-    "torch._dynamo",  # imported by the first optimizer a process makes (2 s on the 2-core dev VM)
-    "search.worker",
-    "search.train",
-    "search.model",
-    "search.data",
-    "search.storage",
-)
+from search.study import WORKER_MODULES  # imports no torch: the list below does
 
-for _name in MODULES:
+for _name in WORKER_MODULES:
     try:
         importlib.import_module(_name)
     except Exception:  # noqa: BLE001 - whatever it is, the driver meets it too and says it in one line

@@ -595,8 +595,18 @@ class _OutageLog:
             self.logged = False
 
 
-# What the fork server imports (search.preload imports what a worker needs before its first trial,
-# preload.MODULES): each worker (and each restart of one) is forked from it ready to train.
+# What a worker imports before its first trial: the fork server imports it once (search.preload does,
+# skipping any that fails, then freezes what they made), and each worker (and each restart of one) is
+# forked from it ready to train.
+WORKER_MODULES = (
+    "torch",
+    "torch._dynamo",  # imported by the first optimizer a process makes (2 s on the 2-core dev VM)
+    "search.worker",
+    "search.train",
+    "search.model",
+    "search.data",
+    "search.storage",
+)
 WORKER_PRELOAD = ["search.preload"]
 
 
