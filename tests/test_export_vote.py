@@ -27,10 +27,11 @@ from rich.console import Console
 from search.cli import build_parser
 from search.config import Config
 from search.data import FeatureStore, PackedData, make_split, pack
+from search.ensemble import combine, method_weights, softmax
 from search.errors import UserError
-from search.export import ExportResult, export_top, render_export, usable_trials
+from search.export import ExportResult, export_top, greedy_select, render_export, usable_trials
 from search.files import sha256_file, umask
-from search.infer import load_model, predict_logits, read_checkpoint
+from search.infer import checkpoint_logits, load_model, predict_logits, read_checkpoint
 from search.manifest import export_data_root, read_manifest
 from search.storage import artifact_store, open_storage
 from search.train import train
@@ -208,6 +209,22 @@ def test_export_skips_scoring_when_the_study_data_is_gone(
         export_top(study, 2, out=tmp_path / "g", strategy="greedy")
 
 
+def test_greedy_rounds_add_the_member_that_mends_the_best_ones_errors() -> None:
+    """A (60% right), B (50%) and C (40%) rank A, B, C; no top-n prefix beats A alone, but A + C is right
+    on every row: only a selection round finds it (with no rounds run, the tests above still passed)."""
+    labels = np.zeros(10, dtype=np.int64)
+
+    def model(p0: list[float]) -> np.ndarray:
+        return np.stack([np.array(p0), 1 - np.array(p0)], axis=1)
+
+    a = model([0.9] * 6 + [0.4] * 4)
+    b = model([0.9] * 5 + [0.05] + [0.1] * 4)
+    c = model([0.45] * 6 + [0.9] * 4)
+    counts, acc, history = greedy_select([a, b, c], labels, k=3, rounds=6)
+    assert history[0]["valid_acc"] == pytest.approx(0.6)  # the best start: A alone
+    assert acc == 1.0 and set(counts) == {0, 2}
+
+
 def test_greedy_never_below_top_k_or_best_single(
     exports: Exports, study: optuna.Study, data: PackedData
 ) -> None:
@@ -281,6 +298,40 @@ def test_vote_methods_and_greedy_weights(exports: Exports, data: PackedData, tmp
     assert abs(_acc(greedy.valid_acc) - _acc(exports.greedy.ensemble_valid_acc)) <= 1 / greedy.n_valid + 1e-9
     with pytest.raises(UserError, match="unknown voting method 'median'"):
         vote(exports.top.out, data, tmp_path / "x.csv", method="median")
+
+
+@pytest.mark.parametrize("method", ["soft", "hard", "weighted"])
+def test_the_csv_is_the_ensembles_vote_by_its_method(
+    exports: Exports, data: PackedData, tmp_path: Path, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each member's test logits, calibrated by the temperature the vote reports and combined by the
+    method with the weights it reports, give the CSV's every row (a vote that ignored its method, or
+    wrote one member's predictions, passed the tests before)."""
+    import search.vote
+
+    used: list[str] = []  # this set's members agree on every test row whatever the method: watch it too
+    real = search.vote.combine
+
+    def watched(probs: list[np.ndarray], weights: list[float], method: str) -> np.ndarray:
+        used.append(method)
+        return real(probs, weights, method)
+
+    monkeypatch.setattr(search.vote, "combine", watched)
+    out = tmp_path / f"{method}.csv"
+    result = vote(exports.greedy.out, data, out, method=method)
+    assert used and set(used) == {method}
+    members = read_manifest(exports.greedy.out).members
+    store = FeatureStore(data)
+    probs = []
+    for member, shown in zip(members, result.members, strict=True):
+        path = exports.greedy.out / member.file
+        (logits,) = checkpoint_logits(read_checkpoint(path), path, data, store, [data.test])
+        probs.append(softmax(logits, shown.temperature))
+    weights = method_weights([m.weight for m in members], [m.valid_acc for m in result.members], method)
+    assert [m.weight for m in result.members] == pytest.approx(weights)
+    expected = [data.speakers[i] for i in combine(probs, weights, method).argmax(axis=1)]
+    rows = [line.split(",")[1] for line in out.read_text().splitlines()[1:]]
+    assert rows == expected
 
 
 def test_vote_refuses_to_overwrite_csv(exports: Exports, data: PackedData, tmp_path: Path) -> None:
