@@ -261,6 +261,9 @@ def test_crop_sampler_is_seeded(fake_data: PackedData) -> None:
     a = CropSampler(store, split.train, 8, 50, seed=1).next()
     b = CropSampler(store, split.train, 8, 50, seed=1).next()
     assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
+    # and by that seed: trials (each seeded by its number) must not all train on the same crops
+    c = CropSampler(store, split.train, 8, 50, seed=2).next()
+    assert not all(torch.equal(p, q) for p, q in zip(a, c, strict=True))
 
 
 def test_eval_batches_cover_everything_under_budget(fake_data: PackedData) -> None:

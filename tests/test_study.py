@@ -340,6 +340,22 @@ def test_run_on_a_study_that_holds_enough_trials_says_so_and_starts_nothing(
     assert "nothing to do" in proc.stderr
 
 
+def test_plan_devices_runs_one_worker_per_gpu_with_per_gpu_trials_each(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The GPU side, which a machine without GPUs never takes (visible GPUs faked)."""
+    import search.devices
+    from search.study import DEFAULT_PER_GPU, plan_devices
+
+    monkeypatch.setattr(search.devices, "visible_gpus", lambda: [0, 1])
+    assert plan_devices(RunOptions(space="s", trials=1)) == (["cuda:0", "cuda:1"], DEFAULT_PER_GPU)
+    assert plan_devices(RunOptions(space="s", trials=1, gpus=[1], per_gpu=2)) == (["cuda:1"], 2)
+    assert plan_devices(RunOptions(space="s", trials=1, gpus=[0], workers=3)) == (["cuda:0"], DEFAULT_PER_GPU)
+    assert "--workers 3 has no effect with GPUs" in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"--gpus: GPU 2 is not visible here \(visible: \[0, 1\]\)"):
+        plan_devices(RunOptions(space="s", trials=1, gpus=[2]))
+
+
 def test_bad_config_trial_fails_with_reason_and_study_goes_on(tmp_path: Path, tiny_dir: Path) -> None:
     # heads 3 fits d_model 48 only (a space whose choice never fits is refused before it runs)
     space = write_space(
@@ -349,6 +365,7 @@ def test_bad_config_trial_fails_with_reason_and_study_goes_on(tmp_path: Path, ti
     study = load()
     assert counts.finished == 4
     failed = study.get_trials(states=(TrialState.FAIL,))
+    assert failed  # heads 3 with d_model 16 or 32 (the sampler's seed makes some)
     for t in failed:
         assert "divisible by heads" in t.user_attrs["fail_reason"]
     assert all(
