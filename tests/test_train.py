@@ -127,7 +127,8 @@ def test_phase_times_account_for_the_run(fake_data: PackedData, tmp_path: Path) 
     assert len(calls) == 6 and seconds["report"] >= 6 * 0.2
     assert seconds["steps"] < wall - 6 * 0.2
     assert result.steps_per_s == pytest.approx(60 / seconds["steps"], rel=0.01)
-    assert wall - 0.25 <= sum(seconds.values()) <= wall  # nothing of note left out, nothing counted twice
+    # nothing of note left out (a busy machine may stall between the phases), nothing counted twice
+    assert wall - max(0.5, 0.2 * wall) <= sum(seconds.values()) <= wall
 
 
 RESUMABLE = {**SMALL, "steps": 100, "valid_steps": 25, "checkpoint_steps": 25}
@@ -243,6 +244,7 @@ def test_capture_gate_lets_a_recording_run_alone() -> None:
     gate = CaptureGate()
     events: list[str] = []
     holding, release = threading.Event(), threading.Event()
+    recording, finish = threading.Event(), threading.Event()
 
     def holder() -> None:
         with gate.shared(), gate.shared():  # re-entering from one thread is allowed
@@ -253,7 +255,8 @@ def test_capture_gate_lets_a_recording_run_alone() -> None:
     def recorder() -> None:
         with gate.exclusive():
             events.append("recording")
-            time.sleep(0.2)
+            recording.set()
+            finish.wait(5)
             events.append("recording ends")
 
     def late() -> None:
@@ -265,12 +268,13 @@ def test_capture_gate_lets_a_recording_run_alone() -> None:
     holding.wait(5)
     rec = threading.Thread(target=recorder)
     rec.start()
-    time.sleep(0.2)
-    assert events == []  # the recording waits for the holder
+    assert not recording.wait(0.2)  # the recording waits for the holder
     release.set()
-    time.sleep(0.05)  # the recording has started (it sleeps 0.2 s): a new holder must wait for its end
+    assert recording.wait(5)
     new = threading.Thread(target=late)
     new.start()
+    time.sleep(0.1)  # time for a wrong gate to let it in (a slow machine only makes this check weaker)
+    finish.set()
     for th in (first, rec, new):
         th.join(5)
     assert events == ["holder leaves", "recording", "recording ends", "late holder enters"]
