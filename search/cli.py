@@ -320,11 +320,13 @@ def _bind_error(host: str, port: int, exc: OSError) -> str:
 
 def cmd_export_top(args: argparse.Namespace) -> int:
     from search.data import open_data
-    from search.export import export_top, render_export, study_cache_root
+    from search.export import check_data_folder, export_top, render_export, study_cache_root
     from search.progress import console, output
     from search.storage import resolve
 
     _, study, _ = resolve(args.study, args.storage)
+    if args.data is not None:
+        check_data_folder(study, args.data)  # another set is refused before minutes of packing it
     cache = study_cache_root(study)
     data = open_data(args.data, cache, progress=not args.quiet) if args.data is not None else None
     result = export_top(

@@ -203,6 +203,12 @@ def _hash_of_json(layout: HW4Layout) -> Any:
     return h
 
 
+def index_digest(root: Path) -> str:
+    """A digest of a set's three JSON files (read and checked, no feature file opened): what a study
+    records so that another set given to ``export-top --data`` is refused before it is packed."""
+    return _hash_of_json(read_layout(Path(root))).hexdigest()[:16]
+
+
 @dataclass
 class PackedData:
     """A packed HW4 set: ``features[offsets[i]: offsets[i] + lengths[i]]`` is utterance ``i``.

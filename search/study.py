@@ -112,6 +112,7 @@ def identity_changes(study: optuna.Study, attrs: dict[str, Any], allow_changed: 
         "data_root",
         "steps_override",
         "pruner",
+        "index_digest",
     )
     return {key: attrs.get(key) for key in keys if current.get(key) != attrs.get(key)}
 
@@ -416,12 +417,15 @@ def _record_identity(
     The caller holds the state lock: create, check and record are one step among the runs sharing the
     storage.
     """
+    from search.data import index_digest
+
     name = study.study_name
     steps = effective_steps(space, opts.steps)  # what the study records is what reaches the trials
     changes = identity_changes(
         study,
         {
             "fingerprint": data.fingerprint,
+            "index_digest": index_digest(data.root),
             "split_id": split.split_id,
             "valid_ratio": split.ratio,
             "split_seed": split.seed,

@@ -31,7 +31,13 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return proc
 
 
-def test_run_export_vote_round_trip(tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_export_vote_round_trip(
+    tmp_path: Path,
+    tiny_dir: Path,
+    fake_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     data = str(tiny_dir)
     cli("run", "--space", "smoke", "--trials", "3", "--steps", "60", "--data", data, "--quiet", cwd=tmp_path)
     status = cli("status", cwd=tmp_path)
@@ -64,6 +70,11 @@ def test_run_export_vote_round_trip(tmp_path: Path, tiny_dir: Path, monkeypatch:
     monkeypatch.chdir(elsewhere)
     monkeypatch.delenv("SPKID_SEARCH_CACHE")
     url = f"sqlite:///{tmp_path / 'studies' / 'smoke' / 'study.db'}"
+    # Another set's --data is refused by its JSON index, before it is packed (minutes for HW4).
+    caches = sorted(p.name for p in (tmp_path / "studies" / "cache").iterdir())
+    assert main(["export-top", "1", "--storage", url, "--data", str(fake_dir), "--quiet"]) == 2
+    assert f"--data {fake_dir}: not the data set study 'smoke' was run on" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "studies" / "cache").iterdir()) == caches
     assert main(["export-top", "1", "--storage", url, "--data", data, "--quiet"]) == 0
     assert main(["export-top", "1", "--storage", url, "--strategy", "greedy", "--quiet"]) == 0
     home = tmp_path / "studies" / "smoke"
