@@ -28,6 +28,7 @@ import ast
 import hashlib
 import inspect
 import json
+import math
 import random
 import warnings
 from collections.abc import Callable, Sequence
@@ -284,6 +285,8 @@ def _param(key: str, spec: dict[str, Any], where: str) -> Param:
     for label, value in (("low", low), ("high", high), ("step", step)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise UserError(f"{where}.{label}: must be a number, got {shown(value)}")
+        if value is not None and not math.isfinite(value):
+            raise UserError(f"{where}.{label}: must be a finite number, got {shown(value)}")
     if not isinstance(log, bool):
         raise UserError(f"{where}.log: must be true or false")
     field_type = ALL_FIELDS[key]
@@ -307,7 +310,11 @@ def _param(key: str, spec: dict[str, Any], where: str) -> Param:
         # Optuna would narrow the range to a multiple of step with a UserWarning (twice) and go on; the
         # test is Optuna's own, in decimal arithmetic on the numbers as written (0.3 - 0.0 is 3 x 0.1).
         span, grain = Decimal(str(high)) - Decimal(str(low)), Decimal(str(step))
-        if span % grain != 0:
+        try:
+            left = span % grain
+        except ArithmeticError:  # decimal's DivisionImpossible: more grid points than it can count
+            raise UserError(f"{where}.step: {shown(step)} is too fine for the range {low}..{high}") from None
+        if left != 0:
             top = Decimal(str(low)) + (span // grain) * grain
             raise UserError(
                 f"{where}: step {shown(step)} does not divide high - low ({shown(high)} - {shown(low)}); "
@@ -426,7 +433,8 @@ def _random_values(space: Space, rng: random.Random, forced: tuple[str, Any] | N
         else:
             assert isinstance(d, optuna.distributions.FloatDistribution)
             if d.step is not None:  # on the grid, as Optuna draws it (a constraint may name grid values)
-                values[p.name] = d.low + d.step * rng.randrange(round((d.high - d.low) / d.step) + 1)
+                k = rng.randrange(round((d.high - d.low) / d.step) + 1)
+                values[p.name] = min(max(d.low + d.step * k, d.low), d.high)  # 3 x 0.1 is 0.30000000000000004
             else:
                 values[p.name] = rng.uniform(d.low, d.high)
     return values

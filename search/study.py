@@ -604,7 +604,7 @@ class _OutageLog:
 # forked from it ready to train.
 WORKER_MODULES = (
     "torch",
-    "torch._dynamo",  # imported by the first optimizer a process makes (2 s on the 2-core dev VM)
+    "torch._dynamo",  # imported by the first optimizer a process makes (2 s on 2 cores)
     "search.worker",
     "search.train",
     "search.model",

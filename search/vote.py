@@ -26,6 +26,7 @@ from search.config import Config
 from search.data import FeatureStore, PackedData, Split, make_split
 from search.ensemble import check_method, combine, fit_temperature, method_weights, softmax
 from search.errors import UserError
+from search.files import sha256_file
 from search.infer import accuracy, check_compatible, checkpoint_logits, read_checkpoint, rebuild_split
 from search.manifest import MANIFEST_NAME, read_manifest, verify_members
 from search.submission import ANSWERS_NAME, check_out, read_answers, write_submission
@@ -244,7 +245,10 @@ def _exported_trial(checkpoint: Path) -> int | None:
         manifest = read_manifest(checkpoint.parent)
     except UserError:
         return None  # a damaged manifest does not stop a prediction that does not need it
-    return next((m.trial for m in manifest.members if m.file == checkpoint.name), None)
+    member = next((m for m in manifest.members if m.file == checkpoint.name), None)
+    if member is None or sha256_file(checkpoint) != member.sha256:
+        return None  # not that member (a file put in its place is no trial's)
+    return member.trial
 
 
 def render_vote(result: VoteResult) -> Any:

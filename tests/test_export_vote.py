@@ -612,6 +612,12 @@ def test_predict_on_an_exports_member_names_its_trial(
     member = read_manifest(exports.top.out).members[0]
     result = predict(exports.top.out / member.file, data, tmp_path / "one.csv")
     assert [m.trial for m in result.members] == [member.trial] and member.trial is not None
+    # Another checkpoint copied in under that name is no trial's.
+    export = _copy_export(exports.top.out, tmp_path)
+    other = read_manifest(exports.top.out).members[1]
+    shutil.copyfile(exports.top.out / other.file, export / member.file)
+    result = predict(export / member.file, data, tmp_path / "two.csv")
+    assert [m.trial for m in result.members] == [None]
 
 
 def test_predict_refuses_a_checkpoint_of_another_data_set(

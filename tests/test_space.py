@@ -210,6 +210,9 @@ BAD = [
         "params.lr: type categorical needs 'choices: [...]'",
     ),
     (with_params(heads={"choices": [2, 2, 4]}), "params.heads.choices: 2 is listed twice"),
+    ("params:\n  dropout: {low: 0.0, high: .inf, step: 0.1}\n", "params.dropout.high: must be a finite"),
+    ("params:\n  dropout: {low: 0.0, high: .nan}\n", "params.dropout.high: must be a finite number"),
+    (with_params(dropout={"low": 0.0, "high": 0.3, "step": 7e-30}), "params.dropout.step: 7e-30 is too fine"),
 ]
 
 
@@ -241,15 +244,18 @@ def test_a_choice_that_never_gave_a_valid_config_is_a_note(tmp_path: Path) -> No
 
 
 def test_rare_but_valid_choices_and_grid_values_load_without_a_note(tmp_path: Path) -> None:
-    """Spaces the check refused as it was first written: heads 256 fits only d_model 256, 512, ...;
-    a constraint on a stepped float's grid value (dropout == 0.1) never held with uniform draws."""
-    rare = {"params": {"d_model": {"low": 64, "high": 1024}, "heads": {"choices": [4, 8, 256]}}}
+    """Spaces the check refused as it was first written: heads 128 fits only d_model 128, 256, ...;
+    a constraint on a stepped float's grid value (dropout == 0.1, or its top 0.3) never held with
+    uniform draws."""
+    rare = {"params": {"d_model": {"low": 64, "high": 1024}, "heads": {"choices": [4, 8, 128]}}}
     assert load_space(write(tmp_path, {**rare, "constraints": ["d_model % heads == 0"]})).notes == ()
     grid = {
         "params": {"dropout": {"low": 0.0, "high": 0.3, "step": 0.1}, "heads": {"choices": [2, 4]}},
         "constraints": ["dropout == 0.1 or heads == 2"],
     }
     assert load_space(write(tmp_path, grid)).notes == ()
+    top = {**grid, "constraints": ["dropout == 0.3 or heads == 2"]}  # 0.0 + 3 x 0.1 is not 0.3
+    assert load_space(write(tmp_path, top)).notes == ()
     for name in ("smoke", "simple", "medium", "strong", "boss"):
         assert load_space(name).notes == (), name
 

@@ -357,7 +357,7 @@ def test_plan_devices_runs_one_worker_per_gpu_with_per_gpu_trials_each(
 
 
 def test_bad_config_trial_fails_with_reason_and_study_goes_on(tmp_path: Path, tiny_dir: Path) -> None:
-    # heads 3 fits d_model 48 only (a space whose choice never fits is refused before it runs)
+    # heads 3 fits d_model 48 only (a choice that never fits would be a note before the run)
     space = write_space(
         tmp_path / "unit.yaml", heads={"choices": [2, 3]}, d_model={"low": 16, "high": 48, "step": 16}
     )
