@@ -493,6 +493,7 @@ def _write_manifest(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "data": {
             "fingerprint": attrs.get("fingerprint"),
+            "index": attrs.get("index_digest"),
             "root": attrs.get("data_root"),
             "cache": str(study_cache_root(study).resolve()),  # vote from any folder reuses the packing
         },

@@ -43,6 +43,7 @@ class Manifest:
     fingerprint: str
     data_root: str | None
     data_cache: str | None  # the packed-data cache the study used (absent from older manifests)
+    data_index: str | None  # the data set's JSON index digest, to refuse another set before packing it
     split_ratio: float
     split_seed: int
     split_id: str
@@ -157,6 +158,7 @@ def read_manifest(export_dir: Path) -> Manifest:
         fingerprint=data["fingerprint"],
         data_root=data["root"] if isinstance(data.get("root"), str) else None,
         data_cache=data["cache"] if isinstance(data.get("cache"), str) else None,
+        data_index=data["index"] if isinstance(data.get("index"), str) else None,
         split_ratio=ratio,
         split_seed=seed,
         split_id=split_id,

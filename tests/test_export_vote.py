@@ -26,7 +26,7 @@ from rich.console import Console
 
 from search.cli import build_parser
 from search.config import Config
-from search.data import FeatureStore, PackedData, make_split, pack
+from search.data import FeatureStore, PackedData, index_digest, make_split, pack
 from search.ensemble import combine, method_weights, softmax
 from search.errors import UserError
 from search.export import ExportResult, export_top, greedy_select, render_export, usable_trials
@@ -106,6 +106,7 @@ def build_study(root: Path, name: str, data: PackedData, trained: list[Trained])
         "valid_ratio": VALID_RATIO,
         "split_seed": SPLIT_SEED,
         "data_root": str(data.root),
+        "index_digest": index_digest(data.root),  # as run records it
         "space_name": "test",
         "artifact_dir": str(root / "artifacts"),
     }
@@ -677,6 +678,9 @@ def test_predict_and_vote_check_their_files_before_packing_the_data(
             main([*given, "--data", str(fake_dir), "--out", "new.csv", "--device", "cuda:99", "--quiet"]) == 2
         )
         assert "--device cuda:99: " in capsys.readouterr().err
+    # Another set's --data: refused by the JSON index the manifest records, before it is packed.
+    assert main(["vote", str(exports.top.out), "--data", str(fake_dir), "--out", "new.csv", "--quiet"]) == 2
+    assert f"--data {fake_dir}: not the data set the export's study" in capsys.readouterr().err
     assert not cache.exists() and Path("taken.csv").read_text() == "keep me\n"
 
 
