@@ -360,8 +360,8 @@ def cmd_vote(args: argparse.Namespace) -> int:
     if args.data is not None and manifest.data_index and index_digest(args.data) != manifest.data_index:
         raise UserError(  # before minutes of packing another set
             f"--data {args.data}: not the data set the export's study '{manifest.study}' was run on (its "
-            f"mapping, metadata or test list differ from those of {manifest.data_root or '?'}); pass that "
-            "folder"
+            f"mapping, metadata or test list differ); pass the data folder it was run on, "
+            f"{manifest.data_root or '?'}"
         )
     if args.data is None and not args.quiet:
         console.print(f"No --data given: using the data set the export's study was run on, {root}")
