@@ -9,6 +9,7 @@ with vectorised indexing.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -177,15 +178,16 @@ def load_feature(path: Path, n_mels: int, mel_len: int | None = None) -> torch.T
 # --------------------------------------------------------------------------------------------------
 
 
-def cache_key(layout: HW4Layout) -> str:
-    """Name a set's packed cache by its JSON files and each feature file's name, size and mtime.
+def cache_key(layout: HW4Layout, index: Any) -> str:
+    """Name a set's packed cache by its JSON files (``index``: their :func:`_hash_of_json`, consumed)
+    and each feature file's name, size and mtime.
 
     One ``stat`` per file, so opening an unchanged set costs milliseconds; an edited, added or rewritten
     file changes its size or mtime, and the set is re-packed. The set's identity (what studies,
     checkpoints and exports record) is its content, hashed while packing: a copy whose files got new
     times is re-packed once here and is still the same set.
     """
-    h = _hash_of_json(layout)
+    h = index
     for utt in [*layout.train, *layout.test]:
         try:
             st = (layout.root / utt.feature_path).stat()
@@ -226,6 +228,7 @@ class PackedData:
     offsets: np.ndarray  # (N,) int64
     lengths: np.ndarray  # (N,) int64
     labels: np.ndarray  # (N,) int64, -1 for test
+    index_digest: str = ""  # its JSON files' digest (:func:`index_digest`); set by pack, not open_cache
 
     @property
     def n_speakers(self) -> int:
@@ -254,12 +257,14 @@ def default_cache_root(studies: Path | None = None) -> Path:
 def pack(root: Path, cache_root: Path | None = None, progress: bool = True) -> PackedData:
     """Open an HW4 directory through its packed cache, packing it first if the set is new or changed."""
     layout = read_layout(Path(root))
-    key = cache_key(layout)
+    index = _hash_of_json(layout)
+    digest = index.hexdigest()[:16]  # index_digest(root), without reading the layout twice
+    key = cache_key(layout, index)
     cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
     target = cache_root / key
     if not (target / "index.npz").exists():
         _build_cache(layout, key, target, progress)
-    return open_cache(target, layout.root)
+    return dataclasses.replace(open_cache(target, layout.root), index_digest=digest)
 
 
 def _build_cache(layout: HW4Layout, key: str, target: Path, progress: bool) -> None:

@@ -417,15 +417,13 @@ def _record_identity(
     The caller holds the state lock: create, check and record are one step among the runs sharing the
     storage.
     """
-    from search.data import index_digest
-
     name = study.study_name
     steps = effective_steps(space, opts.steps)  # what the study records is what reaches the trials
     changes = identity_changes(
         study,
         {
             "fingerprint": data.fingerprint,
-            "index_digest": index_digest(data.root),
+            "index_digest": data.index_digest,
             "split_id": split.split_id,
             "valid_ratio": split.ratio,
             "split_seed": split.seed,

@@ -82,6 +82,13 @@ def test_layout_errors_name_file_and_problem(hw4: Path, mutate: Callable[[Path],
     assert "\n" not in str(info.value)
 
 
+def test_pack_gives_the_index_digest_a_study_records(hw4: Path) -> None:
+    from search.data import index_digest
+
+    data = pack(hw4, hw4.parent / "cache", progress=False)
+    assert data.index_digest == index_digest(hw4) and len(data.index_digest) == 16
+
+
 def test_missing_feature_file(hw4: Path) -> None:
     name = _first_train_file(hw4)
     (hw4 / name).unlink()
