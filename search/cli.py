@@ -352,16 +352,15 @@ def cmd_vote(args: argparse.Namespace) -> int:
     manifest = preflight(args.out, args.force, export_dir=args.export_dir)
     assert manifest is not None  # an export was given
     root = args.data if args.data is not None else export_data_root(manifest)
-    from search.data import index_digest, open_data  # torch: after the checks that need none
+    from search.data import check_index, open_data  # torch: after the checks that need none
     from search.devices import resolve_device
     from search.vote import render_vote, vote
 
     device = resolve_device(args.device)  # a wrong --device is refused before a data set is packed
-    if args.data is not None and manifest.data_index and index_digest(args.data) != manifest.data_index:
-        raise UserError(  # before minutes of packing another set
-            f"--data {args.data}: not the data set the export's study '{manifest.study}' was run on (its "
-            f"mapping, metadata or test list differ); pass the data folder it was run on, "
-            f"{manifest.data_root or '?'}"
+    if args.data is not None:
+        whose = f"the export's study '{manifest.study}'"
+        check_index(
+            args.data, manifest.data_index, whose, manifest.data_root, "pass the data folder it was run on"
         )
     if args.data is None and not args.quiet:
         console.print(f"No --data given: using the data set the export's study was run on, {root}")

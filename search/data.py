@@ -211,6 +211,17 @@ def index_digest(root: Path) -> str:
     return _hash_of_json(read_layout(Path(root))).hexdigest()[:16]
 
 
+def check_index(root: Path, recorded: str | None, whose: str, was_at: str | None, fix: str) -> None:
+    """Refuse ``--data root`` whose JSON index is not ``recorded`` (the digest a study or export keeps),
+    before minutes of packing another set; nothing recorded (made before it was): the fingerprint,
+    after packing, decides."""
+    if recorded and index_digest(root) != recorded:
+        raise UserError(
+            f"--data {root}: not the data set {whose} was run on (its mapping, metadata or test list differ "
+            f"from those of {was_at or '?'}); {fix}"
+        )
+
+
 @dataclass
 class PackedData:
     """A packed HW4 set: ``features[offsets[i]: offsets[i] + lengths[i]]`` is utterance ``i``.

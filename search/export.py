@@ -37,7 +37,7 @@ import optuna
 from optuna.artifacts import download_artifact
 from optuna.trial import FrozenTrial, TrialState
 
-from search.data import FeatureStore, PackedData, Split, default_cache_root, index_digest, open_data
+from search.data import FeatureStore, PackedData, Split, check_index, default_cache_root, open_data
 from search.ensemble import fit_temperature, softmax
 from search.errors import UserError
 from search.files import atomic_write, check_can_create, install_folder, sha256_file, usual_mode
@@ -289,12 +289,14 @@ def _open_study_data(study: optuna.Study, required: bool) -> PackedData | None:
 def check_data_folder(study: optuna.Study, root: Path) -> None:
     """Refuse ``--data root`` whose JSON index is not the one the study recorded (studies run before it
     was recorded are checked after packing, by the set's fingerprint)."""
-    recorded = study.user_attrs.get("index_digest")
-    if recorded and index_digest(root) != recorded:
-        raise UserError(
-            f"--data {root}: not the data set study '{study.study_name}' was run on (its mapping, metadata "
-            f"or test list differ from those of {study.user_attrs.get('data_root', '?')}); pass that folder"
-        )
+    attrs = study.user_attrs
+    check_index(
+        root,
+        attrs.get("index_digest"),
+        f"study '{study.study_name}'",
+        attrs.get("data_root"),
+        "pass that folder",
+    )
 
 
 def study_cache_root(study: optuna.Study) -> Path:
