@@ -109,7 +109,7 @@ class Space:
             if param.active(values):
                 values[param.name] = _suggest(trial, param)
         for expr in self.constraints:
-            if not _eval_constraint(expr, {**Config().to_dict(), **values}):
+            if not _eval_constraint(expr, {**_config_defaults(), **values}):
                 raise ConstraintViolation(f"constraint '{expr}' does not hold")
         return Config.from_dict(values, source=f"{self.name} trial")
 
@@ -208,7 +208,7 @@ def load_space(name_or_path: str | Path) -> Space:
                 raise UserError(str(exc).replace(f"{where}: key '{key}'", f"{where}:")) from None
             fixed[key] = spec
     by_name = {p.name: p for p in params}
-    defaults = Config().to_dict()
+    defaults = _config_defaults()
     for p in params:
         for cond_key, allowed in p.when.items():
             if cond_key not in ALL_FIELDS:
@@ -442,7 +442,7 @@ def _random_values(space: Space, rng: random.Random, forced: tuple[str, Any] | N
 
 def _invalid_reason(space: Space, values: dict[str, Any], src: str) -> str:
     """Why a point of the space cannot be trained ('' when it can)."""
-    failing = [c for c in space.constraints if not _eval_constraint(c, {**Config().to_dict(), **values})]
+    failing = [c for c in space.constraints if not _eval_constraint(c, {**_config_defaults(), **values})]
     if failing:
         return f"constraint '{failing[0]}' does not hold"
     try:
@@ -527,7 +527,7 @@ def _enqueue_entry(space: Space, entry: Any, where: str) -> dict[str, Any]:
     if unknown:
         raise UserError(f"{where}: key(s) {', '.join(sorted(unknown))} are not searched by this space")
     for expr in space.constraints:
-        if not _eval_constraint(expr, {**Config().to_dict(), **resolved}):
+        if not _eval_constraint(expr, {**_config_defaults(), **resolved}):
             raise UserError(f"{where}: breaks constraint '{expr}'")
     space.config_for(params)
     return params
