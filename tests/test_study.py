@@ -674,6 +674,40 @@ def test_the_fork_servers_imports_never_touch_cuda() -> None:
     assert json.loads(done.stdout.strip().splitlines()[-1]) == [], done.stdout
 
 
+def _write_bad_fork(path: str) -> None:
+    import torch
+
+    Path(path).write_text(json.dumps(torch._C._cuda_isInBadFork()))  # type: ignore[attr-defined]
+
+
+_QUERY_THEN_FORK = """
+import os, sys, torch
+torch.cuda.device_count()
+pid = os.fork()
+if pid == 0:
+    sys.stdout.write(str(torch._C._cuda_isInBadFork()))
+    sys.stdout.flush()
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+
+
+def test_a_forked_worker_may_still_initialise_cuda(tmp_path: Path) -> None:
+    """The flag torch sets in a child forked after a CUDA query, and checks before it lets the child use
+    a GPU ("Cannot re-initialize CUDA in forked subprocess"). Unlike the spy above it also sees queries
+    made from C++; it is read in a worker the real fork server started."""
+    out = tmp_path / "bad-fork.json"
+    proc = worker_context().Process(target=_write_bad_fork, args=(str(out),))
+    proc.start()
+    proc.join(120)
+    assert proc.exitcode == 0 and json.loads(out.read_text()) is False
+    # The control: on this torch build (CUDA or not, GPU or not) a query before the fork does set it.
+    done = subprocess.run(
+        [sys.executable, "-c", _QUERY_THEN_FORK], capture_output=True, text=True, timeout=120
+    )
+    assert done.stdout == "True", done.stdout + done.stderr
+
+
 def _wait_for_fork_server(pid: int, timeout: float) -> None:
     """Return once process ``pid`` has started its fork server (Linux /proc)."""
     deadline = time.time() + timeout
