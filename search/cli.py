@@ -498,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force",
         action="store_true",
-        help="re-prepare --out with another --seed or split option (studies made on it will refuse it)",
+        help="re-prepare a finished --out from another AUDIO_DIR, or with another --seed, split option or "
+        "--min-utterances (studies made on it will refuse it)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)

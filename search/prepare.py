@@ -752,8 +752,8 @@ def prepare(
     ``test_per_speaker`` (default 1) or ``test_fraction`` utterances of every speaker go to
     testdata.json (their labels to answers.csv); speakers with fewer than ``min_utterances`` usable
     files are left out. Bad files are skipped with a reason, never fatal. Re-running resumes; a re-run
-    with another seed or split option would change a finished set's index (studies made on it then
-    refuse it), so it needs ``force``.
+    from another source or with another seed, split option or ``min_utterances`` would change a
+    finished set's index (studies made on it then refuse it), so it needs ``force``.
     ``workers > 1`` starts spawned processes, so a script calling this needs the usual
     ``if __name__ == "__main__":`` guard (the CLI has it).
     """
@@ -805,12 +805,21 @@ INDEX_OPTIONS = {
     "test_per_speaker": "--test-per-speaker",
     "test_fraction": "--test-fraction",
     "min_utterances": "--min-utterances",
+    "source": "AUDIO_DIR",
 }
 
 
+def _held_a_set(out: Path, old_header: dict[str, Any]) -> bool:
+    """Whether ``out`` holds a finished set, or held one when a re-run was cut off before it wrote the
+    index again (the header's ``finished`` says so then: the run after such a stop took another seed
+    without --force)."""
+    return (out / "metadata.json").is_file() or bool(old_header.get("finished"))
+
+
 def _check_same_options(out: Path, old_header: dict[str, Any], options: dict[str, Any]) -> None:
-    """Refuse, before anything changes, a re-run whose options would give a finished set a new index."""
-    if not (out / "metadata.json").is_file():
+    """Refuse, before anything changes, a re-run whose options or source would give a finished set a
+    new index (another AUDIO_DIR replaced a whole set, said in one yellow note)."""
+    if not _held_a_set(out, old_header):
         return  # no finished set yet: an interrupted first run may go on with other options
     changed = [key for key, value in options.items() if key in old_header and old_header[key] != value]
     if changed:
@@ -829,7 +838,7 @@ def _check_same_recipe(out: Path, old_header: dict[str, Any]) -> None:
     """Refuse, before anything changes, to recompute a finished set whose features an earlier version
     of the recipe made (version 1 kept pauses inside utterances): every feature would change, and
     studies made on the set would refuse it."""
-    if not (out / "metadata.json").is_file() or "recipe" not in old_header:
+    if not _held_a_set(out, old_header) or "recipe" not in old_header:
         return
     raise UserError(
         f"{out}: holds a set prepared with an earlier feature recipe ({old_header['recipe']}); this version "
@@ -872,77 +881,37 @@ def _prepare_locked(
         "test_per_speaker": 1 if default_split else test_per_speaker,
         "test_fraction": test_fraction,
         "min_utterances": min_utterances,
+        "source": str(source_path.resolve()),
     }
     if not force:
         _check_same_options(out, old_header, options)
     header = {"prepare_state": STATE_VERSION, "recipe": RECIPE, **options}
+    header["finished"] = _held_a_set(out, old_header)
+    records, todo, reused = _plan(out, sources, skipped, old_records, seed)
 
-    # Plan: reuse what an earlier run finished (renaming features if only the seed changed).
-    records: dict[str, dict[str, Any]] = {}
-    todo: list[tuple[Source, str, dict[str, Any]]] = []
-    reused = 0
-    for src in sources:
-        try:
-            st = src.path.stat()
-        except FileNotFoundError:
-            skipped.append((src.key, "file not found"))
-            continue
-        except OSError as exc:
-            skipped.append((src.key, f"cannot read ({exc.strerror or first_line(exc)})"))
-            continue
-        if not src.path.is_file():
-            skipped.append((src.key, "not a regular file"))
-            continue
-        name = feature_name(src.key, seed)
-        base = {"source": src.key, "speaker": src.speaker, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        old = old_records.get(src.key)
-        if old is not None and old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns:
-            if "skip" in old:
-                records[src.key] = {**base, "skip": old["skip"]}
-                reused += 1
-                continue
-            if _reuse_feature(out, old, name):
-                records[src.key] = {**base, "feature": name, "mel_len": old["mel_len"], "bytes": old["bytes"]}
-                reused += 1
-                continue
-        todo.append((src, name, base))
-
-    old_index = {name: _read_text(out / name) for name in INDEX_NAMES}  # to tell the user if it changes
+    # To tell the user if the index changes, and to put it back if this run ends before it writes its own.
+    old_index = {name: _read_text(out / name) for name in (*INDEX_NAMES, STATE_NAME)}
     for index_name in INDEX_NAMES:  # the old index no longer describes the folder until rewritten
         with contextlib.suppress(FileNotFoundError):
             (out / index_name).unlink()
     _write_atomic(state_path, _state_text(header, list(records.values())))
-
-    with open(state_path, "a", encoding="utf-8") as log:
-        _process(todo, out, workers, progress, source_path, records, log)
-
-    for key, rec in records.items():
-        if "skip" in rec:
-            skipped.append((key, rec["skip"]))
-    skipped.sort()
+    try:
+        with open(state_path, "a", encoding="utf-8") as log:
+            _process(todo, out, workers, progress, source_path, records, log)
+        for key, rec in records.items():
+            if "skip" in rec:
+                skipped.append((key, rec["skip"]))
+        skipped.sort()
+        usable, kept = _speakers(source_path, sources, records, skipped, min_utterances)
+    except BaseException:  # refused, stopped or a full disk: the folder keeps the set it held, if it can
+        _restore_index(out, old_index, {name for _, name, _ in todo})
+        _prune(out, None)
+        raise
+    header["finished"] = True  # the index is written next (the records appended so far, compacted)
     _write_atomic(state_path, _state_text(header, list(records.values())))
 
-    # Speakers, ids and the test split.
-    usable: dict[str, list[dict[str, Any]]] = {}
-    for src in sources:
-        usable.setdefault(src.speaker, [])
-        found = records.get(src.key)
-        if found is not None and "feature" in found:
-            usable[src.speaker].append(found)
-    kept = sorted(s for s, recs in usable.items() if len(recs) >= min_utterances)
     dropped = sorted((s, len(recs)) for s, recs in usable.items() if len(recs) < min_utterances)
     expected = {rec["feature"] for recs in usable.values() for rec in recs}
-    if not kept:
-        _prune(out, expected)
-        raise UserError(
-            f"{source_path}: no speaker has {min_utterances} usable utterances "
-            f"({len(sources)} files listed, {len(skipped)} skipped"
-            + (f", e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else "")
-            + "); nothing to write"
-        )
-    if len(kept) == 1:
-        _prune(out, expected)
-        raise UserError(_one_speaker(source_path, kept[0], f"has {min_utterances} usable utterances"))
     order = np.random.default_rng(seed).permutation(len(kept))
     speaker2id = {name: int(order[i]) for i, name in enumerate(kept)}
 
@@ -1009,6 +978,94 @@ def _prepare_locked(
     )
 
 
+def _plan(
+    out: Path,
+    sources: list[Source],
+    skipped: list[tuple[str, str]],
+    old_records: dict[str, dict[str, Any]],
+    seed: int,
+) -> tuple[dict[str, dict[str, Any]], list[Job], int]:
+    """What an earlier run finished and this one reuses (features renamed if only the seed changed),
+    and the files left to decode; a source that cannot be read is added to ``skipped``."""
+    records: dict[str, dict[str, Any]] = {}
+    todo: list[Job] = []
+    reused = 0
+    for src in sources:
+        try:
+            st = src.path.stat()
+        except FileNotFoundError:
+            skipped.append((src.key, "file not found"))
+            continue
+        except OSError as exc:
+            skipped.append((src.key, f"cannot read ({exc.strerror or first_line(exc)})"))
+            continue
+        if not src.path.is_file():
+            skipped.append((src.key, "not a regular file"))
+            continue
+        name = feature_name(src.key, seed)
+        base = {"source": src.key, "speaker": src.speaker, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        old = old_records.get(src.key)
+        if old is not None and old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns:
+            if "skip" in old:
+                records[src.key] = {**base, "skip": old["skip"]}
+                reused += 1
+                continue
+            if _reuse_feature(out, old, name):
+                records[src.key] = {**base, "feature": name, "mel_len": old["mel_len"], "bytes": old["bytes"]}
+                reused += 1
+                continue
+        todo.append((src, name, base))
+    return records, todo, reused
+
+
+def _speakers(
+    source_path: Path,
+    sources: list[Source],
+    records: dict[str, dict[str, Any]],
+    skipped: list[tuple[str, str]],
+    min_utterances: int,
+) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
+    """Each speaker's usable utterances, and the speakers kept (sorted); refuses a set of fewer than two."""
+    usable: dict[str, list[dict[str, Any]]] = {}
+    for src in sources:
+        usable.setdefault(src.speaker, [])
+        found = records.get(src.key)
+        if found is not None and "feature" in found:
+            usable[src.speaker].append(found)
+    kept = sorted(s for s, recs in usable.items() if len(recs) >= min_utterances)
+    if not kept:
+        raise UserError(
+            f"{source_path}: no speaker has {min_utterances} usable utterances "
+            f"({len(sources)} files listed, {len(skipped)} skipped"
+            + (f", e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else "")
+            + "); nothing was written"
+        )
+    if len(kept) == 1:
+        raise UserError(_one_speaker(source_path, kept[0], f"has {min_utterances} usable utterances"))
+    return usable, kept
+
+
+def _restore_index(out: Path, old_index: dict[str, str | None], rewritten: set[str]) -> None:
+    """Put back the index and state file a run replaced and then did not finish (refused, stopped, a
+    full disk), when every feature file the index names is still there and none was due to be written
+    again: a failed re-run had left a usable set without its index, and pruned its features."""
+    texts = {name: text for name, text in old_index.items() if text is not None}
+    try:
+        named = {
+            entry["feature_path"]
+            for entries in json.loads(texts["metadata.json"])["speakers"].values()
+            for entry in entries
+        }
+        named |= {entry["feature_path"] for entry in json.loads(texts["testdata.json"])["utterances"]}
+    except (KeyError, TypeError, ValueError):  # none, or not one this module wrote
+        return
+    if named & rewritten or not all((out / name).is_file() for name in named):
+        return
+    for name, text in texts.items():
+        with contextlib.suppress(OSError):
+            _write_atomic(out / name, text)
+
+
 def _read_text(path: Path) -> str | None:
     """``path``'s text, or None when it is missing or unreadable (a first or interrupted run)."""
     try:
@@ -1065,10 +1122,11 @@ def _process(
     _run(todo, out, workers, progress, f"prepare {source_path.name or source_path}", on_result)
 
 
-def _prune(out: Path, expected: set[str]) -> None:
-    """Remove feature files no current source produces (a removed file, an old seed) and temp files."""
+def _prune(out: Path, expected: set[str] | None) -> None:
+    """Remove temp files and feature files no current source produces (a removed file, an old seed);
+    ``expected`` None: temp files only."""
     for name in os.listdir(out):
-        stale = FEATURE_RE.match(name) is not None and name not in expected
+        stale = expected is not None and FEATURE_RE.match(name) is not None and name not in expected
         if stale or name.startswith(TEMP_PREFIX):
             with contextlib.suppress(OSError):
                 (out / name).unlink()

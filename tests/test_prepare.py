@@ -497,6 +497,64 @@ def test_resume_after_changes_kills_and_seed_change(tmp_path: Path) -> None:
     read_layout(out)
 
 
+def test_another_audio_dir_needs_force_and_a_refused_rerun_keeps_the_set(tmp_path: Path) -> None:
+    """Another AUDIO_DIR replaced a finished set with one yellow note. With --force and only unreadable
+    files it was refused, but had removed the set's index and pruned its features: nothing was left."""
+    audio, other, out = tmp_path / "audio", tmp_path / "other", tmp_path / "out"
+    small_corpus(audio)
+    prepare(audio, out, progress=False)
+    before = index_bytes(out)
+    features = {p.name: p.read_bytes() for p in out.glob("uttr-*.pt")}
+    for speaker in ("x", "y"):
+        (other / speaker).mkdir(parents=True)
+        (other / speaker / "0.wav").write_bytes(np.random.default_rng(0).bytes(3000))
+    with pytest.raises(
+        UserError, match=rf"\(AUDIO_DIR {re.escape(str(audio))} -> {re.escape(str(other))}\);"
+    ):
+        prepare(other, out, progress=False)
+    assert index_bytes(out) == before
+    with pytest.raises(UserError, match="no speaker has 2 usable utterances .*nothing was written"):
+        prepare(other, out, progress=False, force=True)
+    assert index_bytes(out) == before  # the index and the state file put back
+    assert {p.name: p.read_bytes() for p in out.glob("uttr-*.pt")} == features
+    again = prepare(audio, out, progress=False)  # the same source as before: no --force needed
+    assert (again.processed, again.reused, again.index_changed) == (0, 8, False)
+
+
+def test_a_stopped_rerun_puts_the_index_back_or_remembers_the_set_it_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C during a re-run left a finished set without its index (train: "mapping.json: file not
+    found"), and the next run, seeing no index, took another --seed without --force."""
+    import search.prepare as prepare_module
+
+    audio, out = tmp_path / "audio", tmp_path / "out"
+    small_corpus(audio)
+    prepare(audio, out, progress=False)
+    before = index_bytes(out)
+    shutil.copy(audio / "spk0" / "0.wav", audio / "spk0" / "9.wav")  # one new file to decode
+
+    def stopped(*args: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_module, "_process", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(audio, out, progress=False)
+    assert index_bytes(out) == before  # no feature it names was due to be written again: put back
+    for wav in audio.glob("*/*.wav"):
+        os.utime(wav, ns=(1, 1))  # every file changed: each feature would be computed again
+    with pytest.raises(KeyboardInterrupt):
+        prepare(audio, out, progress=False)
+    assert not (out / "metadata.json").exists()  # the old index no longer describes the features
+    monkeypatch.undo()
+    with pytest.raises(UserError, match=r"other options \(--seed 0 -> 3\);.*--force"):
+        prepare(audio, out, seed=3, progress=False)
+    assert not (out / "metadata.json").exists()
+    report = prepare(audio, out, progress=False)
+    assert report.processed == 9 and report.train + report.test == 9
+    read_layout(out)
+
+
 def test_a_set_made_by_an_earlier_recipe_is_recomputed_only_with_force(tmp_path: Path) -> None:
     audio, out = tmp_path / "audio", tmp_path / "out"
     small_corpus(audio)
@@ -528,11 +586,11 @@ def test_a_refused_first_run_leaves_no_folder_behind(tmp_path: Path) -> None:
     listing = tmp_path / "list.csv"
     listing.write_text("path,speaker\nmissing-a.wav,a\nmissing-b.wav,b\n")
     out = tmp_path / "out"
-    with pytest.raises(UserError, match="nothing to write"):
+    with pytest.raises(UserError, match="nothing was written"):
         prepare(listing, out, progress=False)
     assert not out.exists()
     out.mkdir()  # a folder the user made is theirs: kept
-    with pytest.raises(UserError, match="nothing to write"):
+    with pytest.raises(UserError, match="nothing was written"):
         prepare(listing, out, progress=False)
     assert out.is_dir()
 
