@@ -357,11 +357,25 @@ def _walk(root: Path, exclude: Path | None) -> tuple[list[Source], list[tuple[st
                 continue
             path = here / name
             key = _relative_key(path, root)
+            if not _is_utf8(key):  # its name would be the speaker's, in JSON and the CSV: UTF-8 only
+                shown = key.encode("utf-8", "backslashreplace").decode()
+                skipped.append((shown, "its path is not valid UTF-8 (an old encoding?); rename it"))
+                continue
             if "/" not in key:
                 skipped.append((key, "not inside a speaker folder (expected AUDIO_DIR/<speaker>/.../file)"))
                 continue
             sources.append(Source(key, path, key.split("/", 1)[0]))
     return _without_links_to_sources(sources, skipped), skipped, others
+
+
+def _is_utf8(text: str) -> bool:
+    """False for a name the file system gave as bytes that are not UTF-8 (Python holds them as
+    surrogates, which no UTF-8 file can store: prepare stopped with a traceback on one)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _without_links_to_sources(sources: list[Source], skipped: list[tuple[str, str]]) -> list[Source]:

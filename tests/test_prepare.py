@@ -606,6 +606,25 @@ def test_audio_in_a_format_it_cannot_read_is_listed_not_silently_left_out(tmp_pa
     assert report.train + report.test == 8
 
 
+def test_a_name_that_is_not_utf8_is_listed_not_a_traceback(tmp_path: Path) -> None:
+    """A speaker folder named in Latin-1 (bytes no UTF-8 file can hold) stopped prepare with a
+    UnicodeEncodeError traceback."""
+    from search.cli import main
+
+    audio, out = tmp_path / "audio", tmp_path / "out"
+    small_corpus(audio, speakers=3, per=2)
+    latin = os.fsencode(audio) + b"/J\xf6rg"
+    os.rename(os.fsencode(audio / "spk2"), latin)
+    assert main(["prepare", str(audio), "--out", str(out), "--quiet", "--workers", "1"]) == 0
+    mapping = json.loads((out / "mapping.json").read_text(encoding="utf-8"))
+    assert sorted(mapping["speaker2id"]) == ["spk0", "spk1"]
+    report = prepare(audio, out, progress=False)
+    assert [reason for _, reason in report.skipped] == [
+        "its path is not valid UTF-8 (an old encoding?); rename it"
+    ] * 2
+    assert [key for key, _ in report.skipped] == ["J\\udcf6rg/0.wav", "J\\udcf6rg/1.wav"]
+
+
 def test_out_inside_the_audio_folder_and_a_busy_lock(tmp_path: Path) -> None:
     audio = tmp_path / "audio"
     small_corpus(audio, speakers=2, per=2)
