@@ -28,6 +28,8 @@ import torch
 from search.errors import UserError, load_failure, shown
 from search.files import studies_root
 
+PREPARE_STATE = "prepare-state.jsonl"  # search.prepare's record, in a set it writes (its index comes last)
+
 PAD_VALUE = -20.0
 FEATURE_NAME = re.compile(r"^[A-Za-z0-9._-]+\.pt$")
 CACHE_VERSION = 1
@@ -60,6 +62,11 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
+        if (path.parent / PREPARE_STATE).is_file():
+            raise UserError(
+                f"{path.parent}: 'prepare' has not finished this set (it writes {path.name} last); run the "
+                "same prepare command again to finish it"
+            ) from None
         raise UserError(f"{path}: file not found (is --data the HW4 'Dataset' folder?)") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read ({exc})") from None
@@ -411,7 +418,11 @@ def make_split(data: PackedData, ratio: float = 0.1, seed: int = 0) -> Split:
         raise UserError(
             f"{data.root}: no speaker has 2 or more labelled utterances, so none can be held out to "
             "validate on; give each speaker more utterances"
-            + (" (prepare: a smaller --test-per-speaker, or 0)" if held_out else "")
+            + (
+                " (or prepare it with fewer test utterances: --test-per-speaker 0 keeps them all)"
+                if held_out
+                else ""
+            )
         )
     valid = np.sort(np.concatenate(valid_parts))
     train = np.setdiff1d(labelled, valid)

@@ -2,7 +2,8 @@
 
 Input: ``AUDIO_DIR/<speaker>/[<session>/...]<utt>.wav|.flac`` (VoxCeleb style; the speaker is the first
 folder under AUDIO_DIR) or a CSV file list with the header ``path,speaker`` (relative paths are resolved
-against the CSV's folder). Any sample rate, mono or multi-channel, anything libsndfile reads.
+against the CSV's folder). WAV or FLAC files of any sample rate and sample format, mono or
+multi-channel; another format is listed as skipped with the command that converts it.
 
 Feature recipe, the HW4 set's ``Wav2Mel`` (sox effects ``channels 1``, ``rate 16000``, ``norm -3``,
 ``silence``, then a log-mel spectrogram) rebuilt without sox:
@@ -57,6 +58,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from search.data import PREPARE_STATE
 from search.errors import UserError, first_line
 
 # --------------------------------------------------------------------------------------------------
@@ -79,9 +81,15 @@ MAX_RESAMPLE_KERNEL = 50_000_000  # floats; odd rates like 16001 Hz would need g
 RECIPE = "v2 mono/16000/norm-3/sox-silence-1-0.1-1%-(-1)-0.1-1%/mel400-160-50-40/log+1e-9/min0.5s"
 
 AUDIO_SUFFIXES = (".wav", ".flac")
-OTHER_AUDIO_SUFFIXES = (".m4a", ".mp3", ".aac", ".ogg", ".opus", ".mp4", ".wma")
+OTHER_AUDIO_SUFFIXES = (
+    *(".m4a", ".mp3", ".aac", ".ogg", ".opus", ".mp4", ".wma", ".webm", ".amr"),
+    *(".aif", ".aiff", ".au", ".caf", ".w64", ".wv", ".sph"),
+)
+CONVERT = "convert it, e.g. ffmpeg -i IN -ac 1 -ar 16000 OUT.wav"
+# The first bytes of what is read: RIFF/RIFX/RF64/BW64 ... WAVE (WAV), fLaC (FLAC, maybe after an ID3 tag).
+WAV_MAGIC = (b"RIFF", b"RIFX", b"RF64", b"BW64")
 
-STATE_NAME = "prepare-state.jsonl"
+STATE_NAME = PREPARE_STATE
 STATE_VERSION = 1
 LOCK_NAME = ".prepare.lock"
 TEMP_PREFIX = ".prepare-tmp-"
@@ -101,6 +109,7 @@ def read_audio(path: Path) -> tuple[np.ndarray, int]:
         raise BadAudio(f"cannot read ({exc.strerror or first_line(exc)})") from None
     if size == 0:
         raise BadAudio("empty file (0 bytes)")
+    _check_header(path)
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as exc:  # libsndfile, OSError, header errors: all mean "not audio we can read"
@@ -111,6 +120,20 @@ def read_audio(path: Path) -> tuple[np.ndarray, int]:
     if not np.isfinite(data).all():
         raise BadAudio("holds NaN or infinite samples")
     return data.mean(axis=1, dtype=np.float32), int(rate)
+
+
+def _check_header(path: Path) -> None:
+    """Refuse a file that is neither WAV nor FLAC inside before libsndfile tries every decoder it has on
+    it: random bytes named .wav got "File does not exist or is not a regular file", and its MP3
+    decoder's warnings on stderr."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(12)
+    except OSError as exc:
+        raise BadAudio(f"cannot read ({exc.strerror or first_line(exc)})") from None
+    if (head[:4] in WAV_MAGIC and head[8:12] == b"WAVE") or head[:4] == b"fLaC" or head[:3] == b"ID3":
+        return
+    raise BadAudio(f"not a WAV or FLAC file inside (corrupt, or another format under this name); {CONVERT}")
 
 
 def resample(wave: torch.Tensor, rate: int) -> torch.Tensor:
@@ -350,9 +373,7 @@ def _walk(root: Path, exclude: Path | None) -> tuple[list[Source], list[tuple[st
             if suffix not in AUDIO_SUFFIXES:
                 if suffix in OTHER_AUDIO_SUFFIXES:  # audio it cannot read: listed, not silently left out
                     others[suffix] = others.get(suffix, 0) + 1
-                    reason = (
-                        f"{suffix} is not read (only .wav and .flac); convert it, e.g. ffmpeg -ac 1 -ar 16000"
-                    )
+                    reason = f"{suffix} is not read (only .wav and .flac); {CONVERT}"
                     skipped.append((_relative_key(here / name, root), reason))
                 continue
             path = here / name
@@ -1047,16 +1068,22 @@ def _speakers(
         if found is not None and "feature" in found:
             usable[src.speaker].append(found)
     kept = sorted(s for s, recs in usable.items() if len(recs) >= min_utterances)
+    if len(kept) >= 2:
+        return usable, kept
+    n_usable = sum(len(recs) for recs in usable.values())
+    keys = {src.key for src in sources}
+    bad = [(key, why) for key, why in skipped if key in keys]  # not the other formats listing skipped
+    example = f"; e.g. {bad[0][0]}: {bad[0][1]}" if bad else ""
     if not kept:
         raise UserError(
-            f"{source_path}: no speaker has {min_utterances} usable utterances "
-            f"({len(sources)} files listed, {len(skipped)} skipped"
-            + (f", e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else "")
-            + "); nothing was written"
+            f"{source_path}: no speaker has {min_utterances} usable utterances ({n_usable} of "
+            f"{len(sources)} .wav/.flac files usable{example}); nothing was written"
         )
-    if len(kept) == 1:
-        raise UserError(_one_speaker(source_path, kept[0], f"has {min_utterances} usable utterances"))
-    return usable, kept
+    raise UserError(  # prepare() refused a list of one speaker: the others had too few usable files
+        f"{source_path}: only one speaker ('{kept[0]}') has {min_utterances} usable utterances, and speaker "
+        f"identification needs two; {len(usable) - 1} other speaker(s) had too few usable files ({n_usable} "
+        f"of {len(sources)} files usable{example}); nothing was written"
+    )
 
 
 def _restore_index(out: Path, old_index: dict[str, str | None], rewritten: set[str]) -> None:

@@ -347,7 +347,7 @@ def test_bad_files_are_listed_and_the_run_succeeds(prepared: Prepared) -> None:
         "stray.wav",
     }
     assert "empty" in reasons["id00012/sessA/empty.wav"]
-    assert "not readable audio" in reasons["id00027/notes.wav"]
+    assert "not a WAV or FLAC file inside" in reasons["id00027/notes.wav"]
     assert "silent" in reasons["id00031/sessA/silent.wav"]
     assert "too short" in reasons["id00045/sessB/click.wav"]
     assert "speaker folder" in reasons["stray.wav"]
@@ -357,6 +357,54 @@ def test_bad_files_are_listed_and_the_run_succeeds(prepared: Prepared) -> None:
     console.print(report.render())
     text = console.export_text()
     assert "skipped files" in text and "notes.wav" in text and "id00099 (1)" in text
+
+
+def test_a_file_that_is_not_wav_or_flac_inside_is_named_so_before_libsndfile_tries_it(tmp_path: Path) -> None:
+    """Random bytes named .wav were "not readable audio (File does not exist or is not a regular file
+    (possibly a pipe?).)", with libsndfile's MP3 decoder's warnings on stderr."""
+    from search.prepare import BadAudio, read_audio
+
+    noise = tmp_path / "noise.wav"
+    noise.write_bytes(np.random.default_rng(0).bytes(3000))
+    with pytest.raises(
+        BadAudio, match=r"not a WAV or FLAC file inside .*ffmpeg -i IN -ac 1 -ar 16000 OUT.wav"
+    ):
+        read_audio(noise)
+    clip = 0.5 * voice(150.0, (700, 1900), 0.5, 16000, np.random.default_rng(1))
+    flac, cut = tmp_path / "named.wav", tmp_path / "cut.wav"
+    write_clip(flac, clip, 16000, 1, "FLAC")  # FLAC inside, named .wav: read as what it is
+    assert read_audio(flac)[1] == 16000
+    write_clip(cut, clip, 16000, 1, "WAV")
+    cut.write_bytes(cut.read_bytes()[:30])  # a WAV header cut short: libsndfile's own reason
+    with pytest.raises(BadAudio, match=r"^not readable audio \("):
+        read_audio(cut)
+
+
+def test_one_speaker_left_when_the_others_files_are_bad_names_the_files_not_the_layout(
+    tmp_path: Path,
+) -> None:
+    audio = tmp_path / "audio"
+    small_corpus(audio)
+    for wav in (audio / "spk1").iterdir():
+        wav.write_bytes(b"not audio")
+    with pytest.raises(UserError) as refused:
+        prepare(audio, tmp_path / "out", progress=False)
+    said = str(refused.value)
+    assert "only one speaker ('spk0') has 2 usable utterances" in said and "1 other speaker(s)" in said
+    assert "4 of 8 files usable; e.g. spk1/0.wav: not a WAV or FLAC file inside" in said
+    assert "point it at the folder" not in said
+
+
+def test_an_unfinished_prepare_folder_says_so_when_opened(tmp_path: Path) -> None:
+    from search.data import open_data
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / STATE_NAME).write_text("{}\n")
+    with pytest.raises(
+        UserError, match=r"'prepare' has not finished this set .*run the same prepare command"
+    ):
+        open_data(out, cache_root=tmp_path / "cache", progress=False)
 
 
 def test_rerun_skips_done_files_and_is_deterministic(
