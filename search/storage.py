@@ -207,7 +207,7 @@ def mask_url(text: str, url: str | None = None) -> str:
 
 def check_storage_url(url: str) -> str:
     """Check a storage URL's form (no connection yet) and return it normalised for SQLAlchemy."""
-    if not re.match(r"^(sqlite|postgresql|postgresql\+psycopg|postgres|mysql(\+\w+)?)://", url):
+    if not re.match(r"^(sqlite|postgresql(\+\w+)?|postgres|mysql(\+\w+)?)://", url):
         raise UserError(
             f"--storage '{mask_url(url)}': expected sqlite:///path/to/file.db or postgresql://user@host/db"
         )
@@ -226,7 +226,48 @@ def check_storage_url(url: str) -> str:
                 f"--storage {mask_url(url)}: its MySQL driver is not installed ({exc}); install one "
                 "(pip install pymysql, with mysql+pymysql://) or use sqlite:/// or postgresql://"
             ) from None
+    if url.startswith("postgresql"):
+        # psycopg (3) is a requirement, but an install can lack it, and Optuna's docs write
+        # postgresql+psycopg2://: a missing driver was "cannot connect ... check the host".
+        try:
+            sqlalchemy.engine.make_url(url).get_dialect().import_dbapi()
+        except Exception as exc:  # noqa: BLE001 - ImportError, or NoSuchModuleError for an unknown driver
+            raise UserError(
+                f"--storage {mask_url(url)}: its PostgreSQL driver is not installed "
+                f"({first_line(exc, 120)}); write the URL as postgresql://... (psycopg 3, which this "
+                "package installs: pip install 'psycopg[binary]' if it is missing)"
+            ) from None
     return url
+
+
+def check_server(url: str, timeout: int = 10) -> None:
+    """Connect once to a database server (SQLite: nothing to do) and refuse it in one line if it does
+    not answer. Why: run opens its storage after the data set is packed (minutes for HW4), and a wrong
+    host or database name was said only then."""
+    given, url = url, check_storage_url(url)
+    if url.startswith("sqlite"):
+        return
+    try:
+        engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": timeout})
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as exc:  # noqa: BLE001 - sqlalchemy/driver errors come in many types
+        raise UserError(_connect_failure(given, url, exc)) from None
+
+
+def _connect_failure(given: str, url: str, exc: BaseException) -> str:
+    """The line that says a storage could not be opened: the URL as given, masked, and what to check."""
+    first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
+    advice = (
+        "check the host, port, user and database name, and that the server is running"
+        if not url.startswith("sqlite")
+        else "check the file and its folder's permissions"
+    )
+    if any(c in _password(given) for c in "@/:"):
+        # Unescaped, they split the URL elsewhere: the driver tried another host or database.
+        advice += "; in the URL's password write @ as %40, / as %2F and : as %3A"
+    return f"--storage {mask_url(given)}: cannot connect ({mask_url(first, given)[:200]}); {advice}"
 
 
 def is_transient_db_error(exc: BaseException) -> bool:
@@ -372,18 +413,7 @@ def open_storage(
             if attempt < SCHEMA_ATTEMPTS and (_is_schema_race(exc) or is_transient_db_error(exc)):
                 time.sleep(0.25 * attempt)
                 continue
-            first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
-            advice = (
-                "check the host, port, user and database name, and that the server is running"
-                if not url.startswith("sqlite")
-                else "check the file and its folder's permissions"
-            )
-            if any(c in _password(given) for c in "@/:"):
-                # Unescaped, they split the URL elsewhere: the driver tried another host or database.
-                advice += "; in the URL's password write @ as %40, / as %2F and : as %3A"
-            raise UserError(
-                f"--storage {mask_url(given)}: cannot connect ({mask_url(first, given)[:200]}); {advice}"
-            ) from None
+            raise UserError(_connect_failure(given, url, exc)) from None
     raise AssertionError("unreachable")
 
 

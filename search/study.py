@@ -308,6 +308,7 @@ def _run(
 ) -> Counts:
     from search.space import load_space
     from search.storage import (
+        check_server,
         check_storage_url,
         check_study_name,
         default_storage_url,
@@ -326,6 +327,7 @@ def _run(
     if done is not None:
         (on_nothing or _log)(nothing_to_do(name, done.finished, opts.trials))
         return done
+    check_server(url)  # a server that does not answer: said now, not after the data set is packed
     for note in space.notes:  # before any trial: what may fail them
         _log(f"note: {note}")
     start_worker_server()  # it imports torch for the workers while the driver does so and opens the data

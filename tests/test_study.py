@@ -1042,6 +1042,35 @@ def test_wrong_storage_url_and_unknown_study(tmp_path: Path) -> None:
         assert "secret" not in str(exc)
 
 
+def test_a_server_that_does_not_answer_is_said_before_the_data_set_is_opened(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A wrong PostgreSQL host or database was said only after run had packed the data set (minutes for
+    HW4); here the data folder does not exist either, and the storage is what run names."""
+    space = write_space(tmp_path / "space.yaml")
+    missing = tmp_path / "no-such-data"
+    argv = ["run", "--space", str(space), "--trials", "1", "--data", str(missing)]
+    code = main([*argv, "--storage", "postgresql://nobody:secret@127.0.0.1:1/none"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--storage postgresql://nobody:***@127.0.0.1:1/none: cannot connect" in err, err
+    assert "no-such-data" not in err and "secret" not in err
+
+
+def test_a_postgresql_url_whose_driver_is_missing_says_so() -> None:
+    """postgresql+psycopg2:// (Optuna's docs write it) was "expected sqlite:///... or postgresql://"; a
+    missing driver was "cannot connect ...; check the host, port, user and database name"."""
+    with pytest.raises(
+        UserError, match=r"^--storage postgresql\+nosuchdriver://u:\*\*\*@h/db: its PostgreSQL driver is not"
+    ):
+        check_storage_url("postgresql+nosuchdriver://u:pw12@h/db")
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError:
+        with pytest.raises(UserError, match=r"driver is not installed .*write the URL as postgresql://"):
+            check_storage_url("postgresql+psycopg2://u@h/db")
+    assert check_storage_url("postgres://u@h/db") == "postgresql+psycopg://u@h/db"
+
+
 def test_a_sqlite_url_to_a_folder_or_a_file_that_is_not_a_database_says_what_to_do(tmp_path: Path) -> None:
     """status said "<folder> does not exist" and run "unable to open database file" for a folder; a
     corrupt study.db gave SQLite's words alone. The file is never written to."""
