@@ -24,6 +24,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_for_exit
@@ -34,6 +35,7 @@ import optuna
 from optuna.trial import TrialState
 
 from search.errors import UserError
+from search.files import atomic_write
 from search.states import clear_state_lock, serialize_state_changes, state_lock
 from search.storage import GRACE_BEATS, STORAGE_PATIENCE, StorageWait, db_error_text
 from search.trials import Counts, count_trials
@@ -441,6 +443,7 @@ def _record_identity(
         },
         opts.allow_changed,
     )
+    _check_study_folder(study, home, fresh, opts.allow_changed)
     if "space_digest" in changes and not fresh:
         check_space_fits_study(study, space)
     if not fresh and "fingerprint" in changes:  # --allow-changed on another data set
@@ -455,6 +458,42 @@ def _record_identity(
         for params in space.enqueue:
             study.enqueue_trial(params, skip_if_exists=True)
     return steps
+
+
+FOLDER_MARK = ".study-mark"  # in the study's folder: the study's random id (user attr "folder_mark")
+
+
+def _check_study_folder(study: optuna.Study, home: Path, fresh: bool, allow_changed: bool) -> None:
+    """Refuse a run whose studies folder is not the one the study's earlier runs kept checkpoints in.
+
+    Why: a second machine on the same PostgreSQL study that did not mount the shared studies folder
+    made its own, trained its trials there and ended well; export-top on the first machine then found
+    their checkpoints missing. The study records a random mark, and its folder holds the same mark.
+    ``allow_changed`` adopts this folder (its checkpoints lost, say); a study from before the mark
+    gets one now.
+    """
+    mark_file = home / FOLDER_MARK
+    recorded = None if fresh else study.user_attrs.get("folder_mark")
+    try:
+        found: str | None = mark_file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        found = None
+    if recorded is not None and found == recorded:
+        return
+    if recorded is not None and not allow_changed:
+        what = "has no" if found is None else "has another study's"
+        raise UserError(
+            f"{home}: {what} {FOLDER_MARK}, so it is not the folder study '{study.study_name}' keeps its "
+            "checkpoints in: on another machine, mount the shared studies folder at the same path (or "
+            "set SPKID_SEARCH_STUDIES to it), or export-top will not find this machine's checkpoints; "
+            "if that folder is lost, pass --allow-changed to go on in this one"
+        )
+    mark = recorded or uuid.uuid4().hex
+    home.mkdir(parents=True, exist_ok=True)
+    with atomic_write(mark_file, text=True) as fh:
+        fh.write(mark + "\n")
+    if recorded is None:
+        study.set_user_attr("folder_mark", mark)
 
 
 def _check_ended(

@@ -1042,6 +1042,33 @@ def test_wrong_storage_url_and_unknown_study(tmp_path: Path) -> None:
         assert "secret" not in str(exc)
 
 
+def test_a_run_whose_studies_folder_is_not_the_studys_is_refused(
+    tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A second machine on a shared database that had not mounted the shared studies folder trained its
+    trials into a folder of its own and ended well; export-top elsewhere then missed their checkpoints."""
+    space = str(write_space(tmp_path / "space.yaml"))
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    argv = ["run", "--space", space, "--storage", url, "--study", "unit", "--data", str(tiny_dir), "--quiet"]
+    monkeypatch.setenv("SPKID_SEARCH_STUDIES", str(tmp_path / "first"))
+    assert main([*argv, "--trials", "1"]) == 0
+    mark = (tmp_path / "first" / "unit" / ".study-mark").read_text().strip()
+    assert (
+        len(mark) == 32
+        and optuna.load_study(study_name="unit", storage=url).user_attrs["folder_mark"] == mark
+    )
+    assert main([*argv, "--trials", "2"]) == 0  # the same folder: goes on
+    capsys.readouterr()
+    monkeypatch.setenv("SPKID_SEARCH_STUDIES", str(tmp_path / "second"))  # as a machine without the mount
+    assert main([*argv, "--trials", "3"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "has no .study-mark, so it is not the folder study 'unit' keeps its checkpoints in" in err, err
+    assert "--allow-changed" in err and len(optuna.load_study(study_name="unit", storage=url).trials) == 2
+    assert not (tmp_path / "second" / "unit" / "artifacts").exists()
+    assert main([*argv, "--trials", "3", "--allow-changed"]) == 0  # adopts this folder
+    assert (tmp_path / "second" / "unit" / ".study-mark").read_text().strip() == mark
+
+
 def test_a_server_that_does_not_answer_is_said_before_the_data_set_is_opened(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
