@@ -727,25 +727,28 @@ def stops_deferred() -> Iterator[None]:
 
 
 class RestartBudget:
-    """Restarts of killed workers allowed: ``limit`` in a row while no trial finishes.
+    """Restarts of killed workers allowed: ``limit`` in a row while no trial ends.
 
     Why in a row, not per run: a study left for days on one GPU meets an occasional OOM kill between
     hundreds of good trials, and five of them over a week ended the run. A crash loop, where every
-    worker dies before any trial finishes, is still stopped after ``limit``.
+    worker dies before any trial ends, is still stopped after ``limit``. A trial ends when it finishes
+    or fails for good: a config killed on each of its retries (too big for the host's memory) spent
+    four restarts, and the next such config then ended an unattended run.
     """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0  # restarts in all, for the closing line
         self.in_a_row = 0
-        self._finished: int | None = None  # finished trials at the last restart
+        self._ended: int | None = None  # ended trials at the last restart
 
-    def allow(self, finished: int | None) -> bool:
-        """Whether to restart a worker now; ``finished``: the study's finished trials (None: unknown)."""
-        if finished is not None and self._finished is not None and finished > self._finished:
-            self.in_a_row = 0  # trials finished since the last restart: not a loop
-        if finished is not None:
-            self._finished = finished
+    def allow(self, ended: int | None) -> bool:
+        """Whether to restart a worker now; ``ended``: the study's finished trials and those failed for
+        good (None: unknown)."""
+        if ended is not None and self._ended is not None and ended > self._ended:
+            self.in_a_row = 0  # trials ended since the last restart: not a loop
+        if ended is not None:
+            self._ended = ended
         if self.in_a_row >= self.limit:
             return False
         self.in_a_row += 1
@@ -774,9 +777,9 @@ def _supervise(
     procs: dict[str, Any] = {}
     exits: dict[str, int | None] = {}
 
-    def finished_now() -> int | None:
+    def counts_now() -> Counts | None:
         try:
-            return count_trials(study.get_trials(deepcopy=False)).finished
+            return count_trials(study.get_trials(deepcopy=False))
         except Exception as exc:
             if is_transient_db_error(exc):
                 return None
@@ -804,20 +807,21 @@ def _supervise(
                 killed = code is not None and code < 0 and -code not in (signal.SIGINT, signal.SIGTERM)
                 if killed:
                     _fail_killed(study, status_dir, s, code, proc.pid)
-                    done = finished_now()
-                    if (done is None or done < opts.trials) and restarts.allow(done):
+                    now = counts_now()
+                    short = now is None or now.finished < opts.trials
+                    if short and restarts.allow(None if now is None else now.ended):
                         _log(
                             f"worker {s.worker} ({s.device}) {_exit_text(code)}; restarting it "
                             f"({restarts.in_a_row} of at most {restarts.limit} restarts in a row without a "
-                            "finished trial); its trial is retried from its last checkpoint (from step 0 if "
+                            "trial ending); its trial is retried from its last checkpoint (from step 0 if "
                             "it had none yet)"
                         )
                         start(s)
                         continue
-                    if done is None or done < opts.trials:
+                    if short:
                         _log(
                             f"worker {s.worker} {_exit_text(code)}; restart limit spent "
-                            f"({restarts.limit} in a row without a finished trial)"
+                            f"({restarts.limit} in a row without a trial ending)"
                         )
                 exits[s.worker] = code
             if on_update is not None and len(exits) < len(specs):

@@ -31,6 +31,11 @@ class Counts:
         return self.complete + self.pruned
 
     @property
+    def ended(self) -> int:
+        """Trials that will not run again: finished, or failed for good (not queued again)."""
+        return self.finished + self.failed
+
+    @property
     def holding(self) -> int:
         """Trials that will end finished unless they fail: the budget they already claim."""
         return self.finished + self.running + self.waiting

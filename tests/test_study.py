@@ -468,6 +468,31 @@ def test_killed_workers_restart_while_trials_finish_and_a_crash_loop_stops() -> 
     assert [unknown.allow(None), unknown.allow(None)] == [True, False]
 
 
+def test_a_config_killed_on_every_retry_does_not_spend_the_next_configs_restarts() -> None:
+    """A trial that fails for good once its retries are spent has ended: the next config's kills start a
+    new count. Counted by finished trials alone, one such config spent four of five restarts and the
+    next one ended an unattended run ("restart limit spent", 0 of 3 trials)."""
+    from optuna.trial import create_trial
+
+    study = optuna.create_study()
+    budget = study_module.RestartBudget(4)
+
+    def killed(number: int, retry_of: int | None) -> bool:
+        """Trial ``number`` killed (FAIL), its worker restart asked for."""
+        system = {} if retry_of is None else {"retry_history": [retry_of]}
+        study.add_trial(create_trial(state=TrialState.FAIL, system_attrs=system))
+        assert study.trials[-1].number == number
+        return budget.allow(count_trials(study.get_trials(deepcopy=False)).ended)
+
+    # The first config: trial 0 killed, retried as 1, 2, 3 (each killed too); 3 is not retried again.
+    assert [killed(0, None), killed(1, 0), killed(2, 1), killed(3, 2)] == [True] * 4
+    assert budget.in_a_row == 4
+    counts = count_trials(study.get_trials(deepcopy=False))
+    assert (counts.retried, counts.failed, counts.ended) == (3, 1, 1)
+    assert killed(4, None)  # the next config's first kill: trial 3 had ended, so a new count
+    assert budget.in_a_row == 1
+
+
 def test_sigkill_worker_trial_is_retried_and_resumed(tmp_path: Path, tiny_dir: Path) -> None:
     space = write_space(tmp_path / "unit.yaml", steps=400, valid_steps=50)
     data = yaml.safe_load(space.read_text())
