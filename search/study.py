@@ -369,6 +369,7 @@ def _run(
             (on_nothing or _log)(nothing_to_do(name, held.finished, opts.trials))
             return held
         steps = _record_identity(study, space, data, split, home, opts, fresh)
+    _sweep_leftovers(study, home)
     status_dir = _status_dir(home)
     threads = max(1, (os.cpu_count() or 1) // len(devices)) if devices[0] == "cpu" else 2
     specs = [
@@ -458,6 +459,34 @@ def _record_identity(
         for params in space.enqueue:
             study.enqueue_trial(params, skip_if_exists=True)
     return steps
+
+
+TEMP_AGE_S = 3600  # a checkpoint's temp file untouched this long has lost its writer
+
+
+def _sweep_leftovers(study: optuna.Study, home: Path) -> None:
+    """Remove what killed workers left behind: the folders of trials that will not run again, and temp
+    files no writer has touched for an hour.
+
+    Why: a worker only empties its trial's folder itself. A trial killed on each of its retries (a
+    config too big for the host's memory) failed for good with its ``last.pt`` and ``best.pt`` kept, and
+    a worker killed while writing a checkpoint left its temp file, both for the life of the study: up to
+    hundreds of MB each for the boss space, over a run of days.
+    """
+    from search.trials import ended_roots
+
+    trials_dir = home / "trials"
+    if trials_dir.is_dir():
+        with state_lock():  # a trial's FAIL and its retry's queueing are one step under it
+            ended = ended_roots(study.get_trials(deepcopy=False))
+        for folder in trials_dir.iterdir():
+            if folder.name.isdigit() and int(folder.name) in ended:
+                shutil.rmtree(folder, ignore_errors=True)
+    cutoff = time.time() - TEMP_AGE_S
+    for tmp in [*home.glob("trials/*/.*.tmp"), *home.glob("artifacts/.*.tmp")]:
+        with contextlib.suppress(OSError):
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
 
 
 FOLDER_MARK = ".study-mark"  # in the study's folder: the study's random id (user attr "folder_mark")

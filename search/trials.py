@@ -94,6 +94,13 @@ def _root(t: FrozenTrial) -> int:
     return int(t.system_attrs.get("failed_trial", t.number))
 
 
+def ended_roots(trials: list[FrozenTrial]) -> set[int]:
+    """The original trials none of whose attempts is queued or running: nothing resumes from their
+    folder (``trials/<n>/``) again."""
+    alive = {_root(t) for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)}
+    return {_root(t) for t in trials} - alive
+
+
 def held_before(trials: list[FrozenTrial], number: int) -> int:
     """Budget claimed by the trials begun before new trial ``number``, counted per original trial.
 

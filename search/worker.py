@@ -510,11 +510,11 @@ CHECKPOINT_MIMETYPE = "application/octet-stream"
 
 
 def _discard_trial_folder(out_dir: Path) -> None:
-    """Remove the checkpoints of a trial finished for good (failed or pruned) and, if then empty, its
-    folder (best effort)."""
-    for name in ("last.pt", "best.pt"):
+    """Remove the checkpoints of a trial finished for good (failed or pruned), and the temp files of
+    earlier attempts killed while writing one, then the folder if that leaves it empty (best effort)."""
+    for path in [out_dir / "last.pt", out_dir / "best.pt", *out_dir.glob(".*.pt.*.tmp")]:
         with contextlib.suppress(OSError):
-            (out_dir / name).unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         out_dir.rmdir()
 

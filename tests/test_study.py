@@ -493,6 +493,40 @@ def test_a_config_killed_on_every_retry_does_not_spend_the_next_configs_restarts
     assert budget.in_a_row == 1
 
 
+def test_a_run_sweeps_the_folders_of_trials_that_will_not_run_again_and_old_temp_files(
+    tmp_path: Path,
+) -> None:
+    """A trial killed on each of its retries failed for good with its last.pt and best.pt kept, and a
+    worker killed while writing a checkpoint left its temp file: both stayed for the life of the study."""
+    from optuna.trial import create_trial
+
+    study = optuna.create_study()
+    study.add_trial(create_trial(state=TrialState.FAIL))  # 0: failed for good
+    running = study.ask()  # 1: running now (on another machine, say)
+    study.add_trial(
+        create_trial(state=TrialState.COMPLETE, value=0.5)
+    )  # 2: its worker died before it emptied
+    study.add_trial(create_trial(state=TrialState.FAIL))  # 3: failed, its retry (4) queued
+    study.enqueue_trial({}, user_attrs={})
+    study._storage.set_trial_system_attr(study.trials[4]._trial_id, "failed_trial", 3)
+    assert running.number == 1 and study.trials[4].state == TrialState.WAITING
+    home = tmp_path / "unit"
+    for n in range(4):
+        (home / "trials" / f"{n:05d}").mkdir(parents=True)
+        (home / "trials" / f"{n:05d}" / "last.pt").write_bytes(b"x")
+    (home / "artifacts").mkdir()
+    old, new = home / "artifacts" / ".abc.tmp", home / "trials" / "00001" / ".last.pt.xyz.tmp"
+    for tmp in (old, new, home / "trials" / "00003" / ".best.pt.q.tmp"):
+        tmp.write_bytes(b"partial")
+    hour_ago = time.time() - study_module.TEMP_AGE_S - 60
+    os.utime(old, (hour_ago, hour_ago))
+    os.utime(home / "trials" / "00003" / ".best.pt.q.tmp", (hour_ago, hour_ago))
+    study_module._sweep_leftovers(study, home)
+    assert sorted(p.name for p in (home / "trials").iterdir()) == ["00001", "00003"]
+    assert not old.exists() and new.exists()  # a temp file written a moment ago may have its writer
+    assert sorted(p.name for p in (home / "trials" / "00003").iterdir()) == ["last.pt"]
+
+
 def test_sigkill_worker_trial_is_retried_and_resumed(tmp_path: Path, tiny_dir: Path) -> None:
     space = write_space(tmp_path / "unit.yaml", steps=400, valid_steps=50)
     data = yaml.safe_load(space.read_text())

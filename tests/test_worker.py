@@ -268,3 +268,14 @@ def test_a_stop_while_a_trained_trial_is_recorded_waits_until_it_is(
     store = Path(study.user_attrs["artifact_dir"])
     for t in study.get_trials():
         assert (store / t.user_attrs["checkpoint_artifact"]).is_file()
+
+
+def test_discarding_a_trials_folder_removes_the_temp_files_of_killed_attempts(tmp_path: Path) -> None:
+    """An earlier attempt killed while writing a checkpoint left ``.last.pt.<random>.tmp``, so the
+    folder of the trial that then finished was never removed."""
+    folder = tmp_path / "trials" / "00007"
+    folder.mkdir(parents=True)
+    for name in ("last.pt", "best.pt", ".last.pt.k1d2.tmp", ".best.pt.9x.tmp"):
+        (folder / name).write_bytes(b"x")
+    worker_module._discard_trial_folder(folder)
+    assert not folder.exists()
