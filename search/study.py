@@ -483,7 +483,11 @@ def _sweep_leftovers(study: optuna.Study, home: Path) -> None:
             if folder.name.isdigit() and int(folder.name) in ended:
                 shutil.rmtree(folder, ignore_errors=True)
     cutoff = time.time() - TEMP_AGE_S
-    for tmp in [*home.glob("trials/*/.*.tmp"), *home.glob("artifacts/.*.tmp")]:
+    for tmp in [
+        *home.glob("trials/*/*/.*.tmp"),
+        *home.glob("trials/*/.*.tmp"),
+        *home.glob("artifacts/.*.tmp"),
+    ]:
         with contextlib.suppress(OSError):
             if tmp.stat().st_mtime < cutoff:
                 tmp.unlink()

@@ -14,6 +14,7 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import threading
 import time
@@ -334,7 +335,7 @@ class Lane:
         self.trial, self.out_dir = trial, None
         root = self._claim(trial)
         config = self._config(trial, root)
-        out_dir = self.out_dir = self.shared.trials_dir / f"{root:05d}"
+        out_dir = self.out_dir = attempt_folder(self.shared.trials_dir, root, trial.number)
         started = time.time()
         result, pruned = self._train(trial, config, out_dir)
         _STOP["deferred"] = True  # trained: a stop now waits until the result is recorded
@@ -509,14 +510,52 @@ class Lane:
 CHECKPOINT_MIMETYPE = "application/octet-stream"
 
 
+def attempt_folder(trials_dir: Path, root: int, number: int) -> Path:
+    """The folder trial ``number`` (an attempt at original trial ``root``) trains in, holding the newest
+    earlier attempt's ``last.pt`` and ``best.pt`` (hard links) to resume from.
+
+    Why a folder per attempt: an attempt failed as stale while its worker lived on (a machine cut off
+    from the database, a paused process) went on writing its checkpoints, into the folder its retry was
+    training in: the retry could upload the other's ``best.pt`` under its own accuracy. Each attempt
+    now writes only its own folder. A file written anew replaces its link, so the earlier attempt's
+    copy is never changed. ``trials/<root>/last.pt`` itself is the layout of earlier versions.
+    """
+    root_dir = trials_dir / f"{root:05d}"
+    out_dir = root_dir / f"{number:05d}"
+    if (out_dir / "last.pt").is_file():
+        return out_dir
+    earlier = sorted(
+        (
+            p
+            for p in root_dir.glob("[0-9]*")
+            if p.name.isdigit() and p != out_dir and (p / "last.pt").is_file()
+        ),
+        key=lambda p: int(p.name),
+    )
+    source = earlier[-1] if earlier else root_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if (source / "last.pt").is_file():
+        for name in ("best.pt", "last.pt"):  # last.pt last: it is what marks an attempt's folder as one
+            with contextlib.suppress(FileNotFoundError):
+                _link_or_copy(source / name, out_dir / name)
+    return out_dir
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """``target`` as a hard link to ``source``, else a copy put in place whole (never half a file)."""
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:  # a file system without hard links
+        tmp = target.with_name(f".{target.name}.copy.tmp")
+        shutil.copy2(source, tmp)
+        os.replace(tmp, target)
+
+
 def _discard_trial_folder(out_dir: Path) -> None:
-    """Remove the checkpoints of a trial finished for good (failed or pruned), and the temp files of
-    earlier attempts killed while writing one, then the folder if that leaves it empty (best effort)."""
-    for path in [out_dir / "last.pt", out_dir / "best.pt", *out_dir.glob(".*.pt.*.tmp")]:
-        with contextlib.suppress(OSError):
-            path.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        out_dir.rmdir()
+    """Remove the folder of every attempt at a trial finished for good (failed or pruned), with their
+    checkpoints and the temp files of attempts killed while writing one (best effort)."""
+    shutil.rmtree(out_dir.parent, ignore_errors=True)
 
 
 def _run_lanes(spec: WorkerSpec, lane: Callable[[WorkerSpec], int]) -> int:

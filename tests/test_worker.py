@@ -9,11 +9,13 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy
+import torch
 from optuna.trial import TrialState
 
 import search.states as states_module
 import search.study as study_module
 import search.worker as worker_module
+from search.infer import save_atomic
 from search.storage import default_storage_url
 from search.study import RunOptions, run
 from tests.studies import load, long_space, states, wait_for_step, write_space
@@ -197,7 +199,7 @@ def test_a_failed_trial_leaves_nothing_in_its_folder(
     def second_validation_fails(*args: object, **kwargs: object) -> object:
         calls.append(1)
         if len(calls) == 2:
-            assert any((tmp_path / "studies/unit/trials").glob("*/last.pt"))  # there was one to delete
+            assert any((tmp_path / "studies/unit/trials").glob("*/*/last.pt"))  # there was one to delete
             raise RuntimeError("boom")
         return real_predict(*args, **kwargs)  # type: ignore[arg-type]
 
@@ -233,7 +235,7 @@ def test_a_stop_right_after_training_keeps_the_resume_point(
             assert worker_module.worker_main(spec) == 130
     finally:
         signal.signal(signal.SIGTERM, handler)
-    assert [p.name for p in (tmp_path / "studies/unit/trials").glob("*/last.pt")] == ["last.pt"]
+    assert [p.name for p in (tmp_path / "studies/unit/trials").glob("*/*/last.pt")] == ["last.pt"]
     worker_module._STOP.update(requested=False, deferred=False)
     assert worker_module.worker_main(spec) == 0
     (retry,) = load().get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
@@ -270,12 +272,29 @@ def test_a_stop_while_a_trained_trial_is_recorded_waits_until_it_is(
         assert (store / t.user_attrs["checkpoint_artifact"]).is_file()
 
 
-def test_discarding_a_trials_folder_removes_the_temp_files_of_killed_attempts(tmp_path: Path) -> None:
-    """An earlier attempt killed while writing a checkpoint left ``.last.pt.<random>.tmp``, so the
-    folder of the trial that then finished was never removed."""
-    folder = tmp_path / "trials" / "00007"
-    folder.mkdir(parents=True)
-    for name in ("last.pt", "best.pt", ".last.pt.k1d2.tmp", ".best.pt.9x.tmp"):
-        (folder / name).write_bytes(b"x")
-    worker_module._discard_trial_folder(folder)
-    assert not folder.exists()
+def test_each_attempt_trains_in_its_own_folder_from_the_newest_earlier_one(tmp_path: Path) -> None:
+    """An attempt failed as stale while its worker lived on (cut off from the database, paused) went on
+    writing into the folder its retry trained in; it now writes only its own."""
+    trials = tmp_path / "trials"
+    first = worker_module.attempt_folder(trials, 3, 3)
+    assert first == trials / "00003" / "00003" and not any(first.iterdir())
+    (first / "best.pt").write_bytes(b"best of 3")
+    (first / "last.pt").write_bytes(b"last of 3")
+    retry = worker_module.attempt_folder(trials, 3, 9)
+    assert (retry / "last.pt").read_bytes() == b"last of 3" and (
+        retry / "best.pt"
+    ).read_bytes() == b"best of 3"
+    save_atomic({"step": 10}, retry / "last.pt")  # as train writes: a new file in place of the link
+    (first / "last.pt").write_bytes(b"the stale attempt writes on")  # into its own folder only
+    assert torch.load(retry / "last.pt", weights_only=True) == {"step": 10}
+    again = worker_module.attempt_folder(trials, 3, 12)  # from the newest attempt with a last.pt
+    assert torch.load(again / "last.pt", weights_only=True) == {"step": 10}
+    assert worker_module.attempt_folder(trials, 3, 12) == again  # its own, kept as it is
+    # The layout of earlier versions: trials/<root>/last.pt, resumed from when no attempt folder has one.
+    (trials / "00005").mkdir()
+    (trials / "00005" / "last.pt").write_bytes(b"old layout")
+    assert (worker_module.attempt_folder(trials, 5, 8) / "last.pt").read_bytes() == b"old layout"
+    # Discarding a trial finished for good removes every attempt's folder, temp files of killed ones too.
+    (first / ".last.pt.k1d2.tmp").write_bytes(b"x")
+    worker_module._discard_trial_folder(again)
+    assert not (trials / "00003").exists() and (trials / "00005").exists()

@@ -417,7 +417,8 @@ def test_broken_artifact_store_fails_one_trial_each_and_study_goes_on(
             assert any(fault.reason in r for r in reasons), (fault.reason, reasons)
         for t, reason in zip(failed, reasons, strict=True):
             assert "checkpoint could not be stored" in reason, reason
-            assert not (home / "trials" / f"{t.number:05d}" / "best.pt").exists()  # its folder was freed
+            root = int(t.system_attrs.get("failed_trial", t.number))
+            assert not (home / "trials" / f"{root:05d}").exists()  # its folder was freed
         check_store_holds_the_finished_checkpoints(study, store, tmp_path / "export")
     finally:
         for fault in reversed(faults):
@@ -485,7 +486,8 @@ def test_a_full_disk_stops_the_run_and_the_trials_it_cut_off_resume(
         assert not [t for t in trials if t.state == TrialState.FAIL and t not in cut]  # no other failure
         for t in cut:  # queued to resume, its checkpoints kept for it
             assert retry_of(trials, t.number) is not None
-            assert (home / "trials" / f"{t.number:05d}" / "last.pt").is_file()
+            root = int(t.system_attrs.get("failed_trial", t.number))
+            assert (home / "trials" / f"{root:05d}" / f"{t.number:05d}" / "last.pt").is_file()
         full.repair()
         again = cli(*argv)
         assert again.wait(timeout=120) == 0, again.output()
