@@ -927,9 +927,11 @@ def _fail_killed(
     }
     if not numbers:
         return []
-    reason = f"its worker {spec.worker} ({spec.device}) {_exit_text(code)}"
+    # The host too: every run's first worker is w0, and on several machines the reason must say whose
+    # dmesg to read.
+    reason = f"its worker {spec.worker} ({spec.device}) on {socket.gethostname()} {_exit_text(code)}"
     if code == -signal.SIGKILL:
-        reason += " (if no one sent it, likely the kernel's out-of-memory killer; see dmesg)"
+        reason += " (if no one sent it, likely the kernel's out-of-memory killer; see dmesg there)"
     try:
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         return [t.number for t in running if t.number in numbers and fail_and_retry(study, t, reason)]

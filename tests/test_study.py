@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import signal
 import socket
@@ -565,9 +566,9 @@ def test_sigkill_worker_trial_is_retried_and_resumed(tmp_path: Path, tiny_dir: P
     # check after another whole trial, then said "no reason recorded").
     complete = killed[0].datetime_complete
     assert complete is not None and complete.timestamp() - killed_at[0] < 20, (complete, killed_at)
-    assert (
-        "its worker w" in killed[0].user_attrs["fail_reason"]
-        and "SIGKILL" in killed[0].user_attrs["fail_reason"]
+    reason = killed[0].user_attrs["fail_reason"]
+    assert re.match(
+        rf"its worker w0 \(cpu\) on {re.escape(socket.gethostname())} was killed by SIGKILL", reason
     )
     retries = [
         t for t in study.get_trials(deepcopy=False) if t.system_attrs.get("failed_trial") == victim["trial"]
