@@ -354,14 +354,14 @@ def cmd_vote(args: argparse.Namespace) -> int:
     root = args.data if args.data is not None else export_data_root(manifest)
     from search.data import check_index, open_data  # torch: after the checks that need none
     from search.devices import resolve_device
-    from search.vote import render_vote, vote
+    from search.vote import export_speakers, render_vote, vote
 
     device = resolve_device(args.device)  # a wrong --device is refused before a data set is packed
     if args.data is not None:
         whose = f"the export's study '{manifest.study}'"
-        check_index(
-            args.data, manifest.data_index, whose, manifest.data_root, "pass the data folder it was run on"
-        )
+        fix = "pass the data folder it was run on, or a set of the same speakers (its mapping.json)"
+        speakers = export_speakers(args.export_dir, manifest)
+        check_index(args.data, manifest.data_index, whose, manifest.data_root, fix, speakers)
     if args.data is None and not args.quiet:
         console.print(f"No --data given: using the data set the export's study was run on, {root}")
     data = open_data(root, export_cache_root(manifest), progress=not args.quiet)
@@ -652,7 +652,11 @@ def build_parser() -> argparse.ArgumentParser:
         "and write Id,Category rows in testdata.json order.",
     )
     p.add_argument("export_dir", type=Path, metavar="EXPORT_DIR", help="folder written by export-top")
-    p.add_argument("--data", type=Path, help="HW4 data folder (default: the one the study trained on)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        help="HW4 data folder (default: the one the study trained on; or another set of the same speakers)",
+    )
     p.add_argument(
         "--out", type=Path, default=Path("submission.csv"), help="CSV to write (default submission.csv)"
     )
@@ -669,7 +673,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Id,Category rows in testdata.json order; reports validation and, with answers.csv, test accuracy.",
     )
     p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="a best.pt or an export's trial-N.pt")
-    p.add_argument("--data", type=Path, required=True, help="HW4 data folder the model was trained on")
+    p.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="HW4 data folder the model was trained on, or another set of the same speakers",
+    )
     p.add_argument("--out", type=Path, required=True, help="CSV to write, e.g. submission.csv")
     p.add_argument("--device", default="auto", help="auto (default: cuda if present), cpu, cuda, cuda:1 ...")
     p.add_argument("--force", action="store_true", help="replace an earlier submission CSV at --out")

@@ -218,11 +218,21 @@ def index_digest(root: Path) -> str:
     return _hash_of_json(read_layout(Path(root))).hexdigest()[:16]
 
 
-def check_index(root: Path, recorded: str | None, whose: str, was_at: str | None, fix: str) -> None:
+def check_index(
+    root: Path,
+    recorded: str | None,
+    whose: str,
+    was_at: str | None,
+    fix: str,
+    speakers: list[str] | None = None,
+) -> None:
     """Refuse ``--data root`` whose JSON index is not ``recorded`` (the digest a study or export keeps),
     before minutes of packing another set; nothing recorded (made before it was): the fingerprint,
-    after packing, decides."""
+    after packing, decides. ``speakers`` given: another set of those speakers, in that id order, is
+    accepted (what vote and predict can score)."""
     if recorded and index_digest(root) != recorded:
+        if speakers is not None and read_layout(Path(root)).speakers == list(speakers):
+            return
         raise UserError(
             f"--data {root}: not the data set {whose} was run on (its mapping, metadata or test list differ "
             f"from those of {was_at or '?'}); {fix}"

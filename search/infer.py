@@ -160,20 +160,37 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 def check_compatible(ckpt: dict[str, Any], path: Path, data: PackedData) -> None:
-    """Refuse a checkpoint trained on another data set (its class ids would mean other speakers)."""
-    fp = ckpt.get("fingerprint")
-    if fp is not None and fp != data.fingerprint:
-        raise UserError(
-            f"{path}: trained on data set {fp}, but --data {data.root} is {data.fingerprint}; "
-            "pass the data folder the model was trained on"
-        )
+    """Refuse a checkpoint whose class ids would mean other speakers on ``data``, or that expects other
+    features. Another data set of the same speakers (new recordings of them) is fine: see
+    :func:`unseen_split`."""
     if int(ckpt["n_mels"]) != data.n_mels:
         raise UserError(f"{path}: expects {ckpt['n_mels']} mel bins, --data {data.root} has {data.n_mels}")
     if list(ckpt["speakers"]) != list(data.speakers):
+        fp = ckpt.get("fingerprint")
+        other = f"trained on data set {fp}, " if fp not in (None, data.fingerprint) else ""
         raise UserError(
-            f"{path}: its speaker list differs from {data.root}/mapping.json; "
-            "pass the data folder the model was trained on"
+            f"{path}: {other}its speaker list differs from {data.root}/mapping.json; pass the data folder "
+            "the model was trained on, or one of the same speakers"
         )
+
+
+UNSEEN_VALID = 5000  # labelled utterances of another set of the same speakers that validate (at most)
+
+
+def unseen_split(data: PackedData) -> Split:
+    """The validation split on another data set of the models' speakers: its labelled utterances (up to
+    ``UNSEEN_VALID``, a seeded sample), which no model trained on, so they measure and calibrate as a
+    study's own validation split does."""
+    labelled = data.labelled
+    if len(labelled) > UNSEEN_VALID:
+        labelled = np.sort(np.random.default_rng(0).choice(labelled, UNSEEN_VALID, replace=False))
+    return Split(
+        train=np.zeros(0, dtype=np.int64),
+        valid=labelled,
+        ratio=1.0,
+        seed=0,
+        split_id=f"unseen-{data.fingerprint}",
+    )
 
 
 def checkpoint_logits(

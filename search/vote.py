@@ -2,7 +2,8 @@
 
 Everything an export folder claims is checked before any model runs: each member file must stay inside
 the folder and match its manifest sha256 (so a tampered or half-copied checkpoint is never unpickled),
-and the data set must be the one the study trained on. Members are loaded one at a time with
+and the data set must be the one the study trained on, or another of the same speakers (new
+recordings of them), whose labelled utterances then validate. Members are loaded one at a time with
 ``weights_only`` and run on whole utterances with :func:`search.infer.predict_logits`; their outputs
 are calibrated and combined by :mod:`search.ensemble` (soft, hard or weighted).
 
@@ -27,8 +28,15 @@ from search.data import FeatureStore, PackedData, Split, make_split
 from search.ensemble import check_method, combine, fit_temperature, method_weights, softmax
 from search.errors import UserError
 from search.files import sha256_file
-from search.infer import accuracy, check_compatible, checkpoint_logits, read_checkpoint, rebuild_split
-from search.manifest import MANIFEST_NAME, read_manifest, verify_members
+from search.infer import (
+    accuracy,
+    check_compatible,
+    checkpoint_logits,
+    read_checkpoint,
+    rebuild_split,
+    unseen_split,
+)
+from search.manifest import MANIFEST_NAME, Manifest, read_manifest, verify_members
 from search.submission import ANSWERS_NAME, check_out, read_answers, write_submission
 
 
@@ -186,14 +194,14 @@ def vote(
     manifest = read_manifest(export_dir)
     check_out(out, force, (export_dir, data.root))
     paths = verify_members(export_dir, manifest)
-    if manifest.fingerprint != data.fingerprint:
-        raise UserError(
-            f"{manifest.path}: export was made for data set {manifest.fingerprint}, but --data {data.root} "
-            f"is {data.fingerprint}; pass the data folder the study '{manifest.study}' was trained on"
+    note = ""
+    if manifest.fingerprint == data.fingerprint:
+        split = rebuild_split(
+            data, manifest.split_ratio, manifest.split_seed, manifest.split_id, str(manifest.path)
         )
-    split = rebuild_split(
-        data, manifest.split_ratio, manifest.split_seed, manifest.split_id, str(manifest.path)
-    )
+    else:  # new recordings of the same speakers, say (checked per member below)
+        split = unseen_split(data)
+        note = _unseen_note(data, split, f"the export's study '{manifest.study}'")
     members = [
         _Member(path, m.file, m.trial, m.weight) for path, m in zip(paths, manifest.members, strict=True)
     ]
@@ -201,14 +209,36 @@ def vote(
         # Read every member once up front, so a corrupt one fails before minutes of inference; they are
         # read again one at a time while scoring, so memory holds a single checkpoint at a time.
         ckpt = read_checkpoint(member.path)
+        if manifest.fingerprint != data.fingerprint and list(ckpt["speakers"]) != list(data.speakers):
+            raise UserError(
+                f"{manifest.path}: export was made for data set {manifest.fingerprint}, and --data "
+                f"{data.root} ({data.fingerprint}) has other speakers (mapping.json); pass the data "
+                f"folder the study '{manifest.study}' was trained on, or a set of the same speakers"
+            )
         check_compatible(ckpt, member.path, data)
-        if ckpt.get("split_id") not in (None, manifest.split_id):
+        if ckpt.get("split_id") not in (None, manifest.split_id):  # (the study's split, on any data)
             raise UserError(
                 f"{member.path}: trained on validation split {ckpt.get('split_id')}, the manifest says "
                 f"{manifest.split_id}; the export mixes studies, re-export it"
             )
         del ckpt
-    return _score(members, data, split, out, method, device, force)
+    return _score(members, data, split, out, method, device, force, note=note)
+
+
+def export_speakers(export_dir: Path, manifest: Manifest) -> list[str]:
+    """The speakers an export's models tell apart, in class id order (its first member's)."""
+    paths = verify_members(Path(export_dir), manifest)  # inside the folder, as recorded: then unpickled
+    if not paths:
+        return []
+    return [str(name) for name in read_checkpoint(paths[0]).get("speakers", [])]
+
+
+def _unseen_note(data: PackedData, split: Split, whose: str) -> str:
+    return (
+        f"--data {data.root} is not the data set {whose} was trained on, but has its {data.n_speakers} "
+        f"speakers: its test utterances are predicted, and {len(split.valid):,} of its labelled ones, which "
+        "no model trained on, give the validation accuracy and calibration"
+    )
 
 
 def predict(
@@ -229,7 +259,10 @@ def predict(
     train_cfg = Config.from_dict(dict(ckpt["config"]), source=f"{checkpoint} (config)").train
     split: Split | None = make_split(data, train_cfg.valid_ratio, train_cfg.split_seed)
     note = ""
-    if split is not None and ckpt.get("split_id") not in (None, split.split_id):
+    if ckpt.get("fingerprint") not in (None, data.fingerprint):  # new recordings of its speakers, say
+        split = unseen_split(data)
+        note = _unseen_note(data, split, "the checkpoint")
+    elif split is not None and ckpt.get("split_id") not in (None, split.split_id):
         split = None
         note = "validation skipped: the checkpoint's config does not reproduce its validation split"
     member = _Member(checkpoint, checkpoint.name, _exported_trial(checkpoint), 1.0)

@@ -626,16 +626,71 @@ def test_predict_refuses_a_checkpoint_of_another_data_set(
 ) -> None:
     """Its class ids would name other speakers: another set, other mel bins or another speaker list."""
     ckpt = read_checkpoint(trained[0].checkpoint)
+    reversed_speakers = list(reversed(ckpt["speakers"]))
     for change, said in (
-        ({"fingerprint": "0123456789abcdef"}, "trained on data set 0123456789abcdef, but --data"),
+        (
+            {"fingerprint": "0123456789abcdef", "speakers": reversed_speakers},
+            "trained on data set 0123456789abcdef, its speaker list differs from",
+        ),
         ({"n_mels": 80}, "expects 80 mel bins, --data"),
-        ({"speakers": list(reversed(ckpt["speakers"]))}, "its speaker list differs from"),
+        ({"speakers": reversed_speakers}, "its speaker list differs from"),
     ):
         edited = tmp_path / f"edited-{next(iter(change))}.pt"
         torch.save({**ckpt, **change}, edited)
         with pytest.raises(UserError, match=said):
             predict(edited, data, tmp_path / "out.csv")
         assert not (tmp_path / "out.csv").exists()
+
+
+def _same_speakers_other_set(data: PackedData, tmp_path: Path) -> PackedData:
+    """Another data set of the same speakers: the set with its last four test utterances left out."""
+    root = tmp_path / "other"
+    shutil.copytree(data.root, root)
+    listing = json.loads((root / "testdata.json").read_text())
+    listing["utterances"] = listing["utterances"][:-4]
+    (root / "testdata.json").write_text(json.dumps(listing))
+    other = pack(root, tmp_path / "other-cache", progress=False)
+    assert other.fingerprint != data.fingerprint and other.speakers == data.speakers
+    return other
+
+
+def test_vote_and_predict_score_another_set_of_the_same_speakers(
+    exports: Exports,
+    trained: list[Trained],
+    data: PackedData,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """New recordings of the speakers a study learnt were refused as "not the data set it was trained
+    on"; only the class ids must mean the same speakers. Every labelled utterance of the other set
+    validates (none is the study's split there), and the test list is the other set's."""
+    from search.cli import main
+
+    other = _same_speakers_other_set(data, tmp_path)
+    result = vote(exports.top.out, other, tmp_path / "other.csv")
+    assert result.n_test == len(other.test) == len(data.test) - 4
+    assert result.n_valid == len(other.labelled) and result.valid_acc is not None
+    assert (
+        "is not the data set the export's study 'ev' was trained on, but has its 12 speakers" in result.note
+    )
+    with (tmp_path / "other.csv").open() as fh:
+        assert [row["Id"] for row in csv.DictReader(fh)] == [other.ids[int(i)] for i in other.test]
+    one = predict(trained[0].checkpoint, other, tmp_path / "one.csv")
+    assert (
+        one.n_valid == len(other.labelled) and "is not the data set the checkpoint was trained on" in one.note
+    )
+    # Through the command: the other set's JSON index differs from the export's, its speakers do not.
+    argv = [
+        "vote",
+        str(exports.top.out),
+        "--data",
+        str(other.root),
+        "--out",
+        str(tmp_path / "cli.csv"),
+        "--quiet",
+    ]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (tmp_path / "cli.csv").read_bytes() == (tmp_path / "other.csv").read_bytes()
 
 
 def test_soft_vote_against_best_member_recorded(exports: Exports, data: PackedData, tmp_path: Path) -> None:
