@@ -219,7 +219,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except WorkersStopped:
         console.print(
             "[yellow]Stopped: running trials were marked and will resume when you run the same command "
-            "again, from their last checkpoint (or from the start if they had not written one yet)."
+            "again (or at once, in another machine's run of the study), from their last checkpoint (or "
+            "from the start if they had not written one yet)."
         )
         raise
     except KeyboardInterrupt:

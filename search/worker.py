@@ -325,7 +325,7 @@ class Lane:
 
     def _still_ours(self, trial: optuna.Trial) -> bool:
         """True when the trial is still RUNNING in the storage: no one failed it as stale and queued a
-        retry meanwhile (which resumes from, and may already be training in, the same folder)."""
+        retry meanwhile (which starts from its checkpoints, in a folder of its own)."""
         try:
             return self.brief.call(self.study._storage.get_trial, trial._trial_id).state == TrialState.RUNNING
         except Exception:  # noqa: BLE001 - unsure: keep the folder
@@ -451,7 +451,9 @@ class Lane:
             # Best effort and brief: a failing write here (a busy SQLite file) must not swallow the stop.
             with contextlib.suppress(Exception):
                 self.brief.call(
-                    trial.set_user_attr, "fail_reason", f"{stop.reason}; retried when the study resumes"
+                    trial.set_user_attr,
+                    "fail_reason",
+                    f"{stop.reason}; retried by the next run of the study (here or on another machine)",
                 )
                 self.brief.call(trial.set_user_attr, "interrupted", True)
             # Held until the retry is queued (run's stop handler); Optuna writes the FAIL between.
