@@ -343,7 +343,8 @@ class Lane:
             "valid_acc": result.best_accuracy,
             "best_step": result.best_step,
             "parameters": result.parameters,
-            "steps_per_s": round(result.steps_per_s, 3),
+            # None when it trained no step (a retry of a trial trained to its end): 0.0 skewed rates.
+            "steps_per_s": round(result.steps_per_s, 3) if result.last_step > result.resumed_from else None,
             "step_mode": result.step_mode,
             "resumed_from_step": result.resumed_from,
             "wall_s": round(time.time() - started, 1),

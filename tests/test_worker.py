@@ -240,6 +240,7 @@ def test_a_stop_right_after_training_keeps_the_resume_point(
     assert worker_module.worker_main(spec) == 0
     (retry,) = load().get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
     assert retry.user_attrs["resumed_from_step"] == 100  # nothing left to train: recorded at once
+    assert retry.user_attrs["steps_per_s"] is None  # no step trained: no rate (it was 0.0)
     assert _left_in_trial_folders(tmp_path) == []
 
 
