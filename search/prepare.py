@@ -853,7 +853,7 @@ def _held_a_set(out: Path, old_header: dict[str, Any]) -> bool:
 
 def _check_same_options(out: Path, old_header: dict[str, Any], options: dict[str, Any]) -> None:
     """Refuse, before anything changes, a re-run whose options or source would give a finished set a
-    new index (another AUDIO_DIR replaced a whole set, said in one yellow note)."""
+    new index (another AUDIO_DIR had replaced a whole set with only a note)."""
     if not _held_a_set(out, old_header):
         return  # no finished set yet: an interrupted first run may go on with other options
     changed = [key for key, value in options.items() if key in old_header and old_header[key] != value]
@@ -863,9 +863,14 @@ def _check_same_options(out: Path, old_header: dict[str, Any], options: dict[str
             return "unset" if value is None else str(value)
 
         what = ", ".join(f"{INDEX_OPTIONS[k]} {shown(old_header[k])} -> {shown(options[k])}" for k in changed)
+        moved = (
+            " (the same audio at a new path gives the same set: --force then reuses every feature)"
+            if "source" in changed
+            else ""
+        )
         raise UserError(
             f"{out}: holds a set prepared with other options ({what}); studies made on it would refuse "
-            "the new one: pass --force to replace it, or choose another --out (nothing was changed)"
+            f"the new one: pass --force to replace it, or choose another --out (nothing was changed){moved}"
         )
 
 
@@ -906,10 +911,11 @@ def _prepare_locked(
 ) -> PrepareReport:
     state_path = out / STATE_NAME
     old_header, old_records = _read_state(state_path)
+    reusable = old_records
     if old_header.get("recipe") != RECIPE or old_header.get("prepare_state") != STATE_VERSION:
         if not force:
             _check_same_recipe(out, old_header)
-        old_records = {}  # features from another recipe cannot be reused
+        reusable = {}  # features from another recipe cannot be reused
     default_split = test_per_speaker is None and test_fraction is None
     options = {
         "seed": seed,
@@ -922,10 +928,10 @@ def _prepare_locked(
         _check_same_options(out, old_header, options)
     header = {"prepare_state": STATE_VERSION, "recipe": RECIPE, **options}
     header["finished"] = _held_a_set(out, old_header)
-    records, todo, reused = _plan(out, sources, skipped, old_records, seed)
+    records, todo, reused = _plan(out, sources, skipped, reusable, seed)
 
     # To tell the user if the index changes, and to put it back if this run ends before it writes its own.
-    old_index = {name: _read_text(out / name) for name in (*INDEX_NAMES, STATE_NAME)}
+    old_index = {name: _read_text(out / name) for name in INDEX_NAMES}
     for index_name in INDEX_NAMES:  # the old index no longer describes the folder until rewritten
         with contextlib.suppress(FileNotFoundError):
             (out / index_name).unlink()
@@ -939,7 +945,9 @@ def _prepare_locked(
         skipped.sort()
         usable, kept = _speakers(source_path, sources, records, skipped, min_utterances)
     except BaseException:  # refused, stopped or a full disk: the folder keeps the set it held, if it can
-        _restore_index(out, old_index, {name for _, name, _ in todo})
+        if _restore_index(out, old_index, {name for _, name, _ in todo}):
+            # The set it held, with what this run decoded so far (a re-run that adds files resumes).
+            _write_atomic(state_path, _state_text(old_header, list({**old_records, **records}.values())))
         _prune(out, None)
         raise
     header["finished"] = True  # the index is written next (the records appended so far, compacted)
@@ -1086,10 +1094,10 @@ def _speakers(
     )
 
 
-def _restore_index(out: Path, old_index: dict[str, str | None], rewritten: set[str]) -> None:
-    """Put back the index and state file a run replaced and then did not finish (refused, stopped, a
-    full disk), when every feature file the index names is still there and none was due to be written
-    again: a failed re-run had left a usable set without its index, and pruned its features."""
+def _restore_index(out: Path, old_index: dict[str, str | None], rewritten: set[str]) -> bool:
+    """Put back the index a run removed and then did not replace (refused, stopped, a full disk), when
+    every feature file it names is still there and none was due to be written again: a failed re-run
+    had left a usable set without its index, and pruned its features. Whether it was put back."""
     texts = {name: text for name, text in old_index.items() if text is not None}
     try:
         named = {
@@ -1099,12 +1107,15 @@ def _restore_index(out: Path, old_index: dict[str, str | None], rewritten: set[s
         }
         named |= {entry["feature_path"] for entry in json.loads(texts["testdata.json"])["utterances"]}
     except (KeyError, TypeError, ValueError):  # none, or not one this module wrote
-        return
+        return False
     if named & rewritten or not all((out / name).is_file() for name in named):
-        return
-    for name, text in texts.items():
-        with contextlib.suppress(OSError):
+        return False
+    try:
+        for name, text in texts.items():
             _write_atomic(out / name, text)
+    except OSError:  # a full disk, say: what stopped the run is what the user is told
+        return False
+    return True
 
 
 def _read_text(path: Path) -> str | None:

@@ -563,7 +563,8 @@ def test_another_audio_dir_needs_force_and_a_refused_rerun_keeps_the_set(tmp_pat
     assert index_bytes(out) == before
     with pytest.raises(UserError, match="no speaker has 2 usable utterances .*nothing was written"):
         prepare(other, out, progress=False, force=True)
-    assert index_bytes(out) == before  # the index and the state file put back
+    index_only = {k: v for k, v in before.items() if k != STATE_NAME}
+    assert {k: v for k, v in index_bytes(out).items() if k != STATE_NAME} == index_only  # put back
     assert {p.name: p.read_bytes() for p in out.glob("uttr-*.pt")} == features
     again = prepare(audio, out, progress=False)  # the same source as before: no --force needed
     assert (again.processed, again.reused, again.index_changed) == (0, 8, False)
@@ -580,15 +581,28 @@ def test_a_stopped_rerun_puts_the_index_back_or_remembers_the_set_it_held(
     small_corpus(audio)
     prepare(audio, out, progress=False)
     before = index_bytes(out)
-    shutil.copy(audio / "spk0" / "0.wav", audio / "spk0" / "9.wav")  # one new file to decode
+    for i in range(4):  # new files to decode
+        shutil.copy(audio / "spk0" / "0.wav", audio / "spk0" / f"new{i}.wav")
+    real_process = prepare_module._process
 
-    def stopped(*args: Any) -> None:
+    def stopped(todo: list[Any], *args: Any) -> None:
+        real_process(todo[:2], *args)  # two decoded, then Ctrl-C
         raise KeyboardInterrupt
 
     monkeypatch.setattr(prepare_module, "_process", stopped)
     with pytest.raises(KeyboardInterrupt):
         prepare(audio, out, progress=False)
-    assert index_bytes(out) == before  # no feature it names was due to be written again: put back
+    # No feature the index names was due to be written again: put back, the two new files recorded.
+    assert {k: v for k, v in index_bytes(out).items() if k != STATE_NAME} == {
+        k: v for k, v in before.items() if k != STATE_NAME
+    }
+    monkeypatch.undo()
+    resumed = prepare(audio, out, progress=False)
+    assert (resumed.processed, resumed.reused) == (2, 10)  # they were decoded once (the state kept them)
+    for i in range(4):
+        (audio / "spk0" / f"new{i}.wav").unlink()
+    prepare(audio, out, progress=False)  # back to the set it was
+    monkeypatch.setattr(prepare_module, "_process", stopped)
     for wav in audio.glob("*/*.wav"):
         os.utime(wav, ns=(1, 1))  # every file changed: each feature would be computed again
     with pytest.raises(KeyboardInterrupt):
@@ -599,7 +613,7 @@ def test_a_stopped_rerun_puts_the_index_back_or_remembers_the_set_it_held(
         prepare(audio, out, seed=3, progress=False)
     assert not (out / "metadata.json").exists()
     report = prepare(audio, out, progress=False)
-    assert report.processed == 9 and report.train + report.test == 9
+    assert (report.processed, report.reused) == (6, 2) and report.train + report.test == 8
     read_layout(out)
 
 
