@@ -316,6 +316,7 @@ def _run(
         default_storage_url,
         open_storage,
         study_dir,
+        study_home,
     )
 
     space = load_space(opts.space)
@@ -369,7 +370,7 @@ def _run(
             (on_nothing or _log)(nothing_to_do(name, held.finished, opts.trials))
             return held
         steps = _record_identity(study, space, data, split, home, opts, fresh)
-    _sweep_leftovers(study, home)
+    _sweep_leftovers(study, study_home(study))
     status_dir = _status_dir(home)
     threads = max(1, (os.cpu_count() or 1) // len(devices)) if devices[0] == "cpu" else 2
     specs = [
@@ -444,7 +445,7 @@ def _record_identity(
         },
         opts.allow_changed,
     )
-    _check_study_folder(study, home, fresh, opts.allow_changed)
+    changes.update(_check_study_folder(study, home, fresh, opts.allow_changed))
     if "space_digest" in changes and not fresh:
         check_space_fits_study(study, space)
     if not fresh and "fingerprint" in changes:  # --allow-changed on another data set
@@ -496,37 +497,48 @@ def _sweep_leftovers(study: optuna.Study, home: Path) -> None:
 FOLDER_MARK = ".study-mark"  # in the study's folder: the study's random id (user attr "folder_mark")
 
 
-def _check_study_folder(study: optuna.Study, home: Path, fresh: bool, allow_changed: bool) -> None:
-    """Refuse a run whose studies folder is not the one the study's earlier runs kept checkpoints in.
+def _check_study_folder(study: optuna.Study, home: Path, fresh: bool, allow_changed: bool) -> dict[str, str]:
+    """Refuse a run that does not see the folder the study keeps its checkpoints in; the attrs to
+    record when ``allow_changed`` moves it to this run's ``home``.
 
     Why: a second machine on the same PostgreSQL study that did not mount the shared studies folder
-    made its own, trained its trials there and ended well; export-top on the first machine then found
-    their checkpoints missing. The study records a random mark, and its folder holds the same mark.
-    ``allow_changed`` adopts this folder (its checkpoints lost, say); a study from before the mark
-    gets one now.
+    had its workers create the recorded folder locally, train their trials there and end well;
+    export-top on the first machine then found their checkpoints missing. The study records a random
+    mark, and its folder (as recorded by its first run: every worker writes there) holds the same mark.
+    A study from before the mark gets one now.
     """
-    mark_file = home / FOLDER_MARK
+    from search.storage import study_home
+
+    folder = home if fresh else study_home(study)
     recorded = None if fresh else study.user_attrs.get("folder_mark")
     try:
-        found: str | None = mark_file.read_text(encoding="utf-8").strip()
+        found: str | None = (folder / FOLDER_MARK).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError):
         found = None
     if recorded is not None and found == recorded:
-        return
-    if recorded is not None and not allow_changed:
-        what = "has no" if found is None else "has another study's"
-        raise UserError(
-            f"{home}: {what} {FOLDER_MARK}, so it is not the folder study '{study.study_name}' keeps its "
-            "checkpoints in: on another machine, mount the shared studies folder at the same path (or "
-            "set SPKID_SEARCH_STUDIES to it), or export-top will not find this machine's checkpoints; "
-            "if that folder is lost, pass --allow-changed to go on in this one"
-        )
+        return {}
+    moved: dict[str, str] = {}
+    if recorded is not None:
+        if not allow_changed:
+            what = "has no" if found is None else "has another study's"
+            raise UserError(
+                f"{folder}: {what} {FOLDER_MARK}, so this machine does not see the folder study "
+                f"'{study.study_name}' keeps its checkpoints in: mount the shared studies folder at "
+                f"{folder.parent} here, or export-top will not find this machine's checkpoints; if that "
+                f"folder is lost, pass --allow-changed to keep them in {home} from now on"
+            )
+        folder = home  # its checkpoints from now on, with the mark it records
+        moved = {
+            "artifact_dir": str((home / "artifacts").resolve()),
+            "trials_dir": str((home / "trials").resolve()),
+        }
     mark = recorded or uuid.uuid4().hex
-    home.mkdir(parents=True, exist_ok=True)
-    with atomic_write(mark_file, text=True) as fh:
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_write(folder / FOLDER_MARK, text=True) as fh:
         fh.write(mark + "\n")
     if recorded is None:
         study.set_user_attr("folder_mark", mark)
+    return moved
 
 
 def _check_ended(

@@ -1102,31 +1102,44 @@ def test_wrong_storage_url_and_unknown_study(tmp_path: Path) -> None:
         assert "secret" not in str(exc)
 
 
-def test_a_run_whose_studies_folder_is_not_the_studys_is_refused(
+def test_a_run_that_does_not_see_the_studys_folder_is_refused(
     tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A second machine on a shared database that had not mounted the shared studies folder trained its
-    trials into a folder of its own and ended well; export-top elsewhere then missed their checkpoints."""
+    """A second machine on a shared database that had not mounted the shared studies folder had its
+    workers create the recorded folder locally and train their trials there, and ended well; export-top
+    elsewhere then missed their checkpoints. The study's folder is the one its first run recorded."""
     space = str(write_space(tmp_path / "space.yaml"))
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     argv = ["run", "--space", space, "--storage", url, "--study", "unit", "--data", str(tiny_dir), "--quiet"]
-    monkeypatch.setenv("SPKID_SEARCH_STUDIES", str(tmp_path / "first"))
+
+    def artifacts(folder: Path) -> int:
+        return len([p for p in (folder / "unit" / "artifacts").glob("*") if not p.name.startswith(".")])
+
+    first, moved = tmp_path / "first", tmp_path / "moved"
+    monkeypatch.setenv("SPKID_SEARCH_STUDIES", str(first))
     assert main([*argv, "--trials", "1"]) == 0
-    mark = (tmp_path / "first" / "unit" / ".study-mark").read_text().strip()
+    mark = (first / "unit" / ".study-mark").read_text().strip()
     assert (
         len(mark) == 32
         and optuna.load_study(study_name="unit", storage=url).user_attrs["folder_mark"] == mark
     )
-    assert main([*argv, "--trials", "2"]) == 0  # the same folder: goes on
+    monkeypatch.delenv("SPKID_SEARCH_STUDIES")  # ./studies here, but the recorded folder is still seen
+    assert main([*argv, "--trials", "2"]) == 0
+    assert artifacts(first) == 2 and not (tmp_path / "studies" / "unit" / "artifacts").exists()
     capsys.readouterr()
-    monkeypatch.setenv("SPKID_SEARCH_STUDIES", str(tmp_path / "second"))  # as a machine without the mount
+    first.rename(moved)  # as a machine that mounts it elsewhere, or not at all
+    monkeypatch.setenv("SPKID_SEARCH_STUDIES", str(moved))
     assert main([*argv, "--trials", "3"]) == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert "has no .study-mark, so it is not the folder study 'unit' keeps its checkpoints in" in err, err
-    assert "--allow-changed" in err and len(optuna.load_study(study_name="unit", storage=url).trials) == 2
-    assert not (tmp_path / "second" / "unit" / "artifacts").exists()
-    assert main([*argv, "--trials", "3", "--allow-changed"]) == 0  # adopts this folder
-    assert (tmp_path / "second" / "unit" / ".study-mark").read_text().strip() == mark
+    assert f"{first}/unit: has no .study-mark, so this machine does not see the folder study 'unit'" in err, (
+        err
+    )
+    assert f"--allow-changed to keep them in {moved}/unit from now on" in err
+    assert len(optuna.load_study(study_name="unit", storage=url).trials) == 2 and not first.exists()
+    assert main([*argv, "--trials", "3", "--allow-changed"]) == 0
+    recorded = optuna.load_study(study_name="unit", storage=url).user_attrs
+    assert recorded["artifact_dir"] == str((moved / "unit" / "artifacts").resolve()) and artifacts(moved) == 3
+    assert not first.exists() and (moved / "unit" / ".study-mark").read_text().strip() == mark
 
 
 def test_a_server_that_does_not_answer_is_said_before_the_data_set_is_opened(
