@@ -533,9 +533,15 @@ def _check_study_folder(study: optuna.Study, home: Path, fresh: bool, allow_chan
             "trials_dir": str((home / "trials").resolve()),
         }
     mark = recorded or uuid.uuid4().hex
-    folder.mkdir(parents=True, exist_ok=True)
-    with atomic_write(folder / FOLDER_MARK, text=True) as fh:
-        fh.write(mark + "\n")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_write(folder / FOLDER_MARK, text=True) as fh:
+            fh.write(mark + "\n")
+    except OSError as exc:
+        raise UserError(
+            f"{folder}: cannot write the study's {FOLDER_MARK} ({exc.strerror or exc}); its checkpoints go "
+            "there: check the folder's permissions and free space"
+        ) from None
     if recorded is None:
         study.set_user_attr("folder_mark", mark)
     return moved
