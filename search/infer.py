@@ -7,7 +7,7 @@ checkpoint rebuilds its model alone and can be checked against the data it is as
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -177,11 +177,14 @@ def check_compatible(ckpt: dict[str, Any], path: Path, data: PackedData) -> None
 UNSEEN_VALID = 5000  # labelled utterances of another set of the same speakers that validate (at most)
 
 
-def unseen_split(data: PackedData) -> Split:
+def unseen_split(data: PackedData, seen: Collection[str] = ()) -> Split:
     """The validation split on another data set of the models' speakers: its labelled utterances (up to
-    ``UNSEEN_VALID``, a seeded sample), which no model trained on, so they measure and calibrate as a
-    study's own validation split does."""
+    ``UNSEEN_VALID``, a seeded sample) but those named in ``seen`` (the training set's, where it can be
+    read: a set prepared again from the same audio keeps its files' names), so they measure and
+    calibrate as a study's own validation split does."""
     labelled = data.labelled
+    if seen:
+        labelled = np.array([i for i in labelled if data.ids[int(i)] not in seen], dtype=np.int64)
     if len(labelled) > UNSEEN_VALID:
         labelled = np.sort(np.random.default_rng(0).choice(labelled, UNSEEN_VALID, replace=False))
     return Split(

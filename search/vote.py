@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from search.config import Config
-from search.data import FeatureStore, PackedData, Split, make_split
+from search.data import FeatureStore, PackedData, Split, make_split, read_layout
 from search.ensemble import check_method, combine, fit_temperature, method_weights, softmax
 from search.errors import UserError
 from search.files import sha256_file
@@ -200,8 +200,9 @@ def vote(
             data, manifest.split_ratio, manifest.split_seed, manifest.split_id, str(manifest.path)
         )
     else:  # new recordings of the same speakers, say (checked per member below)
-        split = unseen_split(data)
-        note = _unseen_note(data, split, f"the export's study '{manifest.study}'")
+        seen = _labelled_ids(manifest.data_root)
+        split = unseen_split(data, seen or ())
+        note = _unseen_note(data, split, f"the export's study '{manifest.study}'", seen is not None)
     members = [
         _Member(path, m.file, m.trial, m.weight) for path, m in zip(paths, manifest.members, strict=True)
     ]
@@ -233,11 +234,32 @@ def export_speakers(export_dir: Path, manifest: Manifest) -> list[str]:
     return [str(name) for name in read_checkpoint(paths[0]).get("speakers", [])]
 
 
-def _unseen_note(data: PackedData, split: Split, whose: str) -> str:
-    return (
+def _labelled_ids(root: str | None) -> set[str] | None:
+    """The names of a data set's labelled utterances; None when it cannot be read here."""
+    if root is None:
+        return None
+    try:
+        return {u.feature_path for u in read_layout(Path(root)).train}
+    except (UserError, OSError):
+        return None
+
+
+def _unseen_note(data: PackedData, split: Split, whose: str, checked: bool) -> str:
+    """What a vote on another set of the same speakers validated on, and how far to trust it."""
+    head = (
         f"--data {data.root} is not the data set {whose} was trained on, but has its {data.n_speakers} "
-        f"speakers: its test utterances are predicted, and {len(split.valid):,} of its labelled ones, which "
-        "no model trained on, give the validation accuracy and calibration"
+        "speakers: its test utterances are predicted"
+    )
+    if not len(split.valid):
+        return f"{head}; none of its labelled utterances is left to validate and calibrate on"
+    used = f"{len(split.valid):,} of its labelled utterances"
+    if checked:
+        return (
+            f"{head}, and {used} (none in the study's own set) give the validation accuracy and calibration"
+        )
+    return (
+        f"{head}, and {used} give the validation accuracy and calibration: a fair figure only if none of "
+        "them was in the set it was trained on (that set cannot be read here to leave them out)"
     )
 
 
@@ -257,14 +279,16 @@ def predict(
     if not isinstance(ckpt["config"], dict):
         raise UserError(f"{checkpoint}: its 'config' is not a mapping; not an spkid-search checkpoint")
     train_cfg = Config.from_dict(dict(ckpt["config"]), source=f"{checkpoint} (config)").train
-    split: Split | None = make_split(data, train_cfg.valid_ratio, train_cfg.split_seed)
     note = ""
+    split: Split | None
     if ckpt.get("fingerprint") not in (None, data.fingerprint):  # new recordings of its speakers, say
-        split = unseen_split(data)
-        note = _unseen_note(data, split, "the checkpoint")
-    elif split is not None and ckpt.get("split_id") not in (None, split.split_id):
-        split = None
-        note = "validation skipped: the checkpoint's config does not reproduce its validation split"
+        split = unseen_split(data)  # a checkpoint does not record where its training set is
+        note = _unseen_note(data, split, "the checkpoint", checked=False)
+    else:
+        split = make_split(data, train_cfg.valid_ratio, train_cfg.split_seed)
+        if ckpt.get("split_id") not in (None, split.split_id):
+            split = None
+            note = "validation skipped: the checkpoint's config does not reproduce its validation split"
     member = _Member(checkpoint, checkpoint.name, _exported_trial(checkpoint), 1.0)
     return _score([member], data, split, out, "soft", device, force, {checkpoint: ckpt}, note)
 
