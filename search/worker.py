@@ -551,7 +551,7 @@ def _link_or_copy(source: Path, target: Path) -> None:
         os.link(source, target)
     except OSError:  # a file system without hard links
         tmp = target.with_name(f".{target.name}.copy.tmp")
-        shutil.copy2(source, tmp)
+        shutil.copyfile(source, tmp)  # a fresh mtime: an hour-old temp file is swept as abandoned
         os.replace(tmp, target)
 
 
