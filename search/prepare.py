@@ -386,6 +386,13 @@ def _walk(root: Path, exclude: Path | None) -> tuple[list[Source], list[tuple[st
                 skipped.append((key, "not inside a speaker folder (expected AUDIO_DIR/<speaker>/.../file)"))
                 continue
             sources.append(Source(key, path, key.split("/", 1)[0]))
+    speakers = {src.key.split("/", 1)[0] for src in sources}
+    listed = {key.split("/", 1)[0] for key, _ in skipped}
+    with contextlib.suppress(OSError):
+        for entry in sorted(os.listdir(root)):  # a speaker folder with no audio: listed, not left out quietly
+            known = entry in speakers | listed or not _is_utf8(entry)  # (its files are listed, escaped)
+            if wanted(root, entry) and not known and (root / entry).is_dir():
+                skipped.append((entry + "/", "a folder with no .wav or .flac files in it"))
     return _without_links_to_sources(sources, skipped), skipped, others
 
 

@@ -662,8 +662,11 @@ def test_audio_in_a_format_it_cannot_read_is_listed_not_silently_left_out(tmp_pa
     small_corpus(audio)
     (audio / "spk0" / "extra.ogg").write_bytes(b"OggS")  # never decoded: only its name matters
     (audio / "spk1" / "notes.txt").write_text("not audio")  # not audio at all: ignored
+    (audio / "spk2" / "session").mkdir(parents=True)  # a speaker folder with no audio: listed
+    (audio / "spk2" / "session" / "readme.txt").write_text("later")
     report = prepare(audio, tmp_path / "out", progress=False)
-    assert [key for key, _ in report.skipped] == ["spk0/extra.ogg"]
+    assert [key for key, _ in report.skipped] == ["spk0/extra.ogg", "spk2/"]
+    assert report.skipped[1][1] == "a folder with no .wav or .flac files in it"
     assert ".ogg is not read (only .wav and .flac)" in report.skipped[0][1]
     assert report.train + report.test == 8
 
