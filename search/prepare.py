@@ -495,7 +495,7 @@ def discover(source: Path, exclude: Path | None = None) -> tuple[list[Source], l
                     f"{source}: found {found} files but no .wav or .flac; convert them first, e.g. "
                     "ffmpeg -i in.m4a -ac 1 -ar 16000 out.wav"
                 )
-            if skipped:
+            if any("/" not in key for key, _ in skipped):  # files right in AUDIO_DIR, none in a folder
                 raise UserError(
                     f"{source}: audio files lie directly in the folder; put each speaker's files in "
                     "AUDIO_DIR/<speaker>/ (the first folder names the speaker)"

@@ -734,6 +734,12 @@ def test_user_errors(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no .wav or .flac"):
         prepare(tmp_path / "empty", tmp_path / "out", progress=False)
+    (tmp_path / "empty" / "spk0").mkdir()  # speaker folders with nothing in them: not "files lie directly"
+    with pytest.raises(UserError, match="no .wav or .flac files found; expected AUDIO_DIR/<speaker>/"):
+        prepare(tmp_path / "empty", tmp_path / "out", progress=False)
+    (tmp_path / "empty" / "loose.wav").write_bytes(b"RIFF")
+    with pytest.raises(UserError, match="audio files lie directly in the folder"):
+        prepare(tmp_path / "empty", tmp_path / "out", progress=False)
     (tmp_path / "m4a/id1").mkdir(parents=True)
     (tmp_path / "m4a/id1/a.m4a").write_bytes(b"\0")
     with pytest.raises(UserError, match="convert them first"):
