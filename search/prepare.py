@@ -954,7 +954,8 @@ def _prepare_locked(
     except BaseException:  # refused, stopped or a full disk: the folder keeps the set it held, if it can
         if _restore_index(out, old_index, {name for _, name, _ in todo}):
             # The set it held, with what this run decoded so far (a re-run that adds files resumes).
-            _write_atomic(state_path, _state_text(old_header, list({**old_records, **records}.values())))
+            with contextlib.suppress(OSError):  # a full disk: what stopped the run is what is said
+                _write_atomic(state_path, _state_text(old_header, list({**old_records, **records}.values())))
         _prune(out, None)
         raise
     header["finished"] = True  # the index is written next (the records appended so far, compacted)
@@ -1134,16 +1135,22 @@ def _read_text(path: Path) -> str | None:
 
 
 def _reuse_feature(out: Path, old: dict[str, Any], name: str) -> bool:
-    """True when the recorded feature file is there intact (renamed to ``name`` if the seed changed)."""
+    """True when the recorded feature file is there intact (renamed to ``name`` if the seed changed).
+
+    Only the recorded file counts: a file already under ``name`` may hold an older decoding of the
+    source (a stopped run with another seed recorded new names, and the old-seed files stayed).
+    """
     nbytes, mel_len = old.get("bytes"), old.get("mel_len")
     if not isinstance(nbytes, int) or not isinstance(mel_len, int) or not isinstance(old.get("feature"), str):
         return False
     target = out / name
-    with contextlib.suppress(OSError):
-        if target.stat().st_size == nbytes:
-            return True
+    if old["feature"] == name:
+        try:
+            return target.stat().st_size == nbytes
+        except OSError:
+            return False
     previous = out / old["feature"]
-    if not FEATURE_RE.match(old["feature"]) or previous == target:
+    if not FEATURE_RE.match(old["feature"]):
         return False
     try:
         if previous.stat().st_size != nbytes:

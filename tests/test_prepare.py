@@ -27,6 +27,7 @@ from search.prepare import (
     PrepareReport,
     compute_features,
     feature_name,
+    features_from_file,
     normalise_peak,
     prepare,
     remove_silence,
@@ -615,6 +616,39 @@ def test_a_stopped_rerun_puts_the_index_back_or_remembers_the_set_it_held(
     report = prepare(audio, out, progress=False)
     assert (report.processed, report.reused) == (6, 2) and report.train + report.test == 8
     read_layout(out)
+
+
+def test_a_stopped_rerun_with_another_seed_never_leaves_a_stale_feature_for_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every source edited (same length), then a --force --seed 1 re-run stopped after two files: the
+    old index went back with the new-seed records, and the next seed-0 run took the old-seed files of
+    those two, still there and of the recorded size, for current: their features were the old audio's."""
+    import search.prepare as prepare_module
+
+    audio, out = tmp_path / "audio", tmp_path / "out"
+    small_corpus(audio)
+    prepare(audio, out, progress=False)
+    rng = np.random.default_rng(9)
+    for s in range(2):
+        for i in range(4):
+            x = 0.5 * voice(300.0 + 60 * s, (900, 2500), 0.8, 16000, rng)
+            write_clip(audio / f"spk{s}" / f"{i}.wav", padded(x, 16000, 0.2, 0.2, rng), 16000, 1, "WAV")
+    real_process = prepare_module._process
+
+    def stopped(todo: list[Any], *args: Any) -> None:
+        real_process(todo[:2], *args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_module, "_process", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(audio, out, seed=1, force=True, progress=False)
+    monkeypatch.undo()
+    assert (out / "metadata.json").exists()  # nothing it names was rewritten under its own names: put back
+    prepare(audio, out, progress=False)
+    for key in (f"spk{s}/{i}.wav" for s in range(2) for i in range(4)):
+        got = torch.load(out / feature_name(key, 0), weights_only=True)
+        assert torch.equal(got, features_from_file(audio / key)), key
 
 
 def test_a_set_made_by_an_earlier_recipe_is_recomputed_only_with_force(tmp_path: Path) -> None:
