@@ -13,6 +13,7 @@ disagree about how the CSV is written.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from search.config import Config
-from search.data import FeatureStore, PackedData, Split, make_split, read_layout
+from search.data import PREPARE_STATE, FeatureStore, PackedData, Split, make_split, read_layout
 from search.ensemble import check_method, combine, fit_temperature, method_weights, softmax
 from search.errors import UserError
 from search.files import sha256_file
@@ -200,7 +201,7 @@ def vote(
             data, manifest.split_ratio, manifest.split_seed, manifest.split_id, str(manifest.path)
         )
     else:  # new recordings of the same speakers, say (checked per member below)
-        seen = _labelled_ids(manifest.data_root)
+        seen = _also_in_set(manifest.data_root, data)
         split = unseen_split(data, seen or ())
         note = _unseen_note(data, split, f"the export's study '{manifest.study}'", seen is not None)
     members = [
@@ -234,14 +235,38 @@ def export_speakers(export_dir: Path, manifest: Manifest) -> list[str]:
     return [str(name) for name in read_checkpoint(paths[0]).get("speakers", [])]
 
 
-def _labelled_ids(root: str | None) -> set[str] | None:
-    """The names of a data set's labelled utterances; None when it cannot be read here."""
-    if root is None:
+def _also_in_set(root: str | None, data: PackedData) -> set[str] | None:
+    """The ids of ``data``'s labelled utterances that the labelled part of the set at ``root`` holds too;
+    None when that set cannot be read here, or is ``data``'s own folder (changed in place since).
+
+    An utterance is the same by its name, or for sets prepare wrote by its source file (path, size and
+    time, from prepare-state.jsonl): the same audio prepared with another --seed gets other names.
+    """
+    if root is None or Path(root).resolve() == Path(data.root).resolve():
         return None
     try:
-        return {u.feature_path for u in read_layout(Path(root)).train}
+        names = [u.feature_path for u in read_layout(Path(root)).train]
     except (UserError, OSError):
         return None
+    theirs, ours = _sources(Path(root)), _sources(Path(data.root))
+    seen = {theirs.get(name, name) for name in names}
+    ids = (data.ids[int(i)] for i in data.labelled)
+    return {name for name in ids if ours.get(name, name) in seen}
+
+
+def _sources(root: Path) -> dict[str, str]:
+    """Feature name -> its source file (path, size, time) in a set prepare wrote; {} for another set."""
+    found: dict[str, str] = {}
+    try:
+        with open(root / PREPARE_STATE, encoding="utf-8") as fh:
+            for line in fh:
+                with contextlib.suppress(ValueError, TypeError, KeyError):
+                    rec = json.loads(line)
+                    if "feature" in rec:
+                        found[str(rec["feature"])] = f"{rec['source']}\0{rec['size']}\0{rec['mtime_ns']}"
+    except (OSError, UnicodeDecodeError):
+        return {}
+    return found
 
 
 def _unseen_note(data: PackedData, split: Split, whose: str, checked: bool) -> str:
@@ -259,7 +284,8 @@ def _unseen_note(data: PackedData, split: Split, whose: str, checked: bool) -> s
         )
     return (
         f"{head}, and {used} give the validation accuracy and calibration: a fair figure only if none of "
-        "them was in the set it was trained on (that set cannot be read here to leave them out)"
+        "them was in the set it was trained on (that set is not here to compare with, or was changed in "
+        "place)"
     )
 
 

@@ -703,6 +703,27 @@ def test_vote_and_predict_score_another_set_of_the_same_speakers(
     assert (tmp_path / "cli.csv").read_bytes() == (tmp_path / "other.csv").read_bytes()
 
 
+def test_the_same_audio_prepared_with_another_seed_is_known_as_the_studys_own(tmp_path: Path) -> None:
+    """Names are a hash of the seed and the source path, so the same audio prepared with --seed 1 shared
+    no name with the study's seed-0 set: all of it validated, trained on or not. prepare's records (the
+    source's path, size and time) tell; a new recording under an old file name does not match."""
+    from search.prepare import prepare
+    from search.vote import _also_in_set
+    from tests.test_prepare import small_corpus
+
+    audio = tmp_path / "audio"
+    small_corpus(audio, speakers=2, per=4)
+    prepare(audio, tmp_path / "study-set", test_per_speaker=0, progress=False)
+    shutil.copy(audio / "spk0" / "0.wav", audio / "spk0" / "new.wav")  # a new recording
+    prepare(audio, tmp_path / "again", test_per_speaker=0, seed=1, progress=False)
+    again = pack(tmp_path / "again", tmp_path / "cache", progress=False)
+    names = {again.ids[int(i)]: i for i in again.labelled}
+    seen = _also_in_set(str(tmp_path / "study-set"), again)
+    assert seen is not None and len(seen) == 8 and len(names) == 9  # all but the new one
+    assert _also_in_set(str(again.root), again) is None  # its own folder: cannot tell what it held
+    assert _also_in_set(str(tmp_path / "gone"), again) is None
+
+
 def test_soft_vote_against_best_member_recorded(exports: Exports, data: PackedData, tmp_path: Path) -> None:
     """Soft voting is not guaranteed to beat its best member; record it, assert only it is sane."""
     result = vote(exports.top.out, data, tmp_path / "s.csv")
