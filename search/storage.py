@@ -247,18 +247,16 @@ def check_server(url: str, timeout: int = 10) -> None:
     given, url = url, check_storage_url(url)
     if url.startswith("sqlite"):
         return
-    for attempt in range(1, SCHEMA_ATTEMPTS + 1):
-        try:
-            engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": timeout})
-            with engine.connect():
-                pass
-            engine.dispose()
-            return
-        except Exception as exc:  # noqa: BLE001 - sqlalchemy/driver errors come in many types
-            if attempt < SCHEMA_ATTEMPTS and is_transient_db_error(exc):  # a blip, as open_storage waits out
-                time.sleep(0.25 * attempt)
-                continue
-            raise UserError(_connect_failure(given, url, exc)) from None
+    # One attempt: a wrong password, database or host is what this is for, and the driver reports
+    # each as an OperationalError, as it does a blip (retrying those took seconds on every typo).
+    engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": timeout})
+    try:
+        with engine.connect():
+            pass
+    except Exception as exc:  # noqa: BLE001 - sqlalchemy/driver errors come in many types
+        raise UserError(_connect_failure(given, url, exc)) from None
+    finally:
+        engine.dispose()
 
 
 def _connect_failure(given: str, url: str, exc: BaseException) -> str:

@@ -404,7 +404,7 @@ def _run(
     counts = wait.call(lambda: count_trials(study.get_trials(deepcopy=False)))
     if on_update is not None:  # the display's last frame shows how the run ended, not its last poll
         on_update(study, counts, read_status(status_dir))
-    _check_ended(study.study_name, opts, counts, exits, respawns, status_dir, home)
+    _check_ended(study.study_name, opts, counts, exits, respawns, status_dir, study_home(study))
     return counts
 
 
@@ -505,10 +505,11 @@ def _check_study_folder(study: optuna.Study, home: Path, fresh: bool, allow_chan
     had its workers create the recorded folder locally, train their trials there and end well;
     export-top on the first machine then found their checkpoints missing. The study records a random
     mark, and its folder (as recorded by its first run: every worker writes there) holds the same mark.
-    A study from before the mark gets one now.
+    A study from before the mark gets one now, where its folder is.
     """
     from search.storage import study_home
 
+    name = study.study_name
     folder = home if fresh else study_home(study)
     recorded = None if fresh else study.user_attrs.get("folder_mark")
     try:
@@ -517,17 +518,32 @@ def _check_study_folder(study: optuna.Study, home: Path, fresh: bool, allow_chan
         found = None
     if recorded is not None and found == recorded:
         return {}
+    if (
+        found is not None
+        and found != recorded
+        and (fresh or recorded is not None)
+        and _holds_checkpoints(folder)
+    ):
+        raise UserError(
+            f"{folder}: holds the checkpoints of another study named '{name}' (its {FOLDER_MARK} is not "
+            "this one's: a study of another storage, or one whose database was deleted): use another "
+            "--study name, or move that folder away"
+        )
     moved: dict[str, str] = {}
-    if recorded is not None:
+    if not fresh and found is None and (recorded is not None or not folder.is_dir()):
         if not allow_changed:
-            what = "has no" if found is None else "has another study's"
             raise UserError(
-                f"{folder}: {what} {FOLDER_MARK}, so this machine does not see the folder study "
-                f"'{study.study_name}' keeps its checkpoints in: mount the shared studies folder at "
-                f"{folder.parent} here, or export-top will not find this machine's checkpoints; if that "
-                f"folder is lost, pass --allow-changed to keep them in {home} from now on"
+                f"{folder}: {'has no ' + FOLDER_MARK if folder.is_dir() else 'not found'}, so this machine "
+                f"does not see the folder study '{name}' keeps its checkpoints in: mount the shared studies "
+                f"folder at {folder.parent} here, or export-top will not find this machine's checkpoints; "
+                f"if that folder is lost, pass --allow-changed to keep them in {home} from now on"
             )
-        folder = home  # its checkpoints from now on, with the mark it records
+        if folder.resolve() != home.resolve():
+            _log(
+                f"note: study '{name}' keeps its checkpoints in {home} from now on ({folder} is not seen "
+                "here); runs on other machines must see that folder at the same path"
+            )
+        folder = home
         moved = {
             "artifact_dir": str((home / "artifacts").resolve()),
             "trials_dir": str((home / "trials").resolve()),
@@ -545,6 +561,16 @@ def _check_study_folder(study: optuna.Study, home: Path, fresh: bool, allow_chan
     if recorded is None:
         study.set_user_attr("folder_mark", mark)
     return moved
+
+
+def _holds_checkpoints(folder: Path) -> bool:
+    """Whether a study folder holds a checkpoint or a trial's folder (a leftover empty folder does not)."""
+    return any(
+        not entry.name.startswith(".")
+        for sub in ("artifacts", "trials")
+        if (folder / sub).is_dir()
+        for entry in (folder / sub).iterdir()
+    )
 
 
 def _check_ended(

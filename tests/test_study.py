@@ -1131,15 +1131,42 @@ def test_a_run_that_does_not_see_the_studys_folder_is_refused(
     monkeypatch.setenv("SPKID_SEARCH_STUDIES", str(moved))
     assert main([*argv, "--trials", "3"]) == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert f"{first}/unit: has no .study-mark, so this machine does not see the folder study 'unit'" in err, (
-        err
-    )
+    assert f"{first}/unit: not found, so this machine does not see the folder study 'unit'" in err, err
     assert f"--allow-changed to keep them in {moved}/unit from now on" in err
     assert len(optuna.load_study(study_name="unit", storage=url).trials) == 2 and not first.exists()
+    (first / "unit").mkdir(parents=True)  # the recorded path made here, locally (as workers once did)
+    assert main([*argv, "--trials", "3"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{first}/unit: has no .study-mark, so this machine does not see the folder" in err, err
+    shutil.rmtree(first)
     assert main([*argv, "--trials", "3", "--allow-changed"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert (
+        f"note: study 'unit' keeps its checkpoints in {moved}/unit from now on ({first}/unit is not seen"
+        in err
+    )
     recorded = optuna.load_study(study_name="unit", storage=url).user_attrs
     assert recorded["artifact_dir"] == str((moved / "unit" / "artifacts").resolve()) and artifacts(moved) == 3
     assert not first.exists() and (moved / "unit" / ".study-mark").read_text().strip() == mark
+
+
+def test_a_new_study_in_a_folder_holding_another_studys_checkpoints_is_refused(
+    tmp_path: Path, tiny_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two storages with a study of one name shared studies/<name>: the second overwrote the first's mark
+    and their trials' folders collided. A leftover folder with no checkpoint in it is taken over."""
+    space = str(write_space(tmp_path / "space.yaml"))
+    argv = ["run", "--space", space, "--study", "unit", "--trials", "1", "--data", str(tiny_dir), "--quiet"]
+    assert main([*argv, "--storage", f"sqlite:///{tmp_path / 'one.db'}"]) == 0
+    mark = (tmp_path / "studies" / "unit" / ".study-mark").read_text()
+    capsys.readouterr()
+    assert main([*argv, "--storage", f"sqlite:///{tmp_path / 'two.db'}"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "holds the checkpoints of another study named 'unit'" in err, err
+    assert (tmp_path / "studies" / "unit" / ".study-mark").read_text() == mark
+    shutil.rmtree(tmp_path / "studies" / "unit" / "artifacts")  # nothing of it left but the mark
+    assert main([*argv, "--storage", f"sqlite:///{tmp_path / 'two.db'}"]) == 0
+    assert (tmp_path / "studies" / "unit" / ".study-mark").read_text() != mark
 
 
 def test_a_server_that_does_not_answer_is_said_before_the_data_set_is_opened(
