@@ -207,6 +207,7 @@ def mask_url(text: str, url: str | None = None) -> str:
 
 def check_storage_url(url: str) -> str:
     """Check a storage URL's form (no connection yet) and return it normalised for SQLAlchemy."""
+    given = url
     if not re.match(r"^(sqlite|postgresql(\+\w+)?|postgres|mysql(\+\w+)?)://", url):
         raise UserError(
             f"--storage '{mask_url(url)}': expected sqlite:///path/to/file.db or postgresql://user@host/db"
@@ -227,13 +228,21 @@ def check_storage_url(url: str) -> str:
                 "(pip install pymysql, with mysql+pymysql://) or use sqlite:/// or postgresql://"
             ) from None
     if url.startswith("postgresql"):
+        try:
+            parsed = sqlalchemy.engine.make_url(url)
+            parsed.port  # noqa: B018 - parsed on first use: a port that is not a number raises here
+        except Exception as exc:  # noqa: BLE001 - ArgumentError, ValueError
+            raise UserError(
+                f"--storage {mask_url(given)}: not a valid URL ({first_line(exc, 120)}); expected "
+                "postgresql://user[:password]@host[:port]/database"
+            ) from None
         # psycopg (3) is a requirement, but an install can lack it, and Optuna's docs write
         # postgresql+psycopg2://: a missing driver was "cannot connect ... check the host".
         try:
-            sqlalchemy.engine.make_url(url).get_dialect().import_dbapi()
+            parsed.get_dialect().import_dbapi()
         except Exception as exc:  # noqa: BLE001 - ImportError, or NoSuchModuleError for an unknown driver
             raise UserError(
-                f"--storage {mask_url(url)}: its PostgreSQL driver is not installed "
+                f"--storage {mask_url(given)}: its PostgreSQL driver is not installed "
                 f"({first_line(exc, 120)}); write the URL as postgresql://... (psycopg 3, which this "
                 "package installs: pip install 'psycopg[binary]' if it is missing)"
             ) from None

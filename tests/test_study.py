@@ -1196,6 +1196,12 @@ def test_a_postgresql_url_whose_driver_is_missing_says_so() -> None:
         with pytest.raises(UserError, match=r"driver is not installed .*write the URL as postgresql://"):
             check_storage_url("postgresql+psycopg2://u@h/db")
     assert check_storage_url("postgres://u@h/db") == "postgresql+psycopg://u@h/db"
+    # A URL SQLAlchemy cannot parse is not a missing driver (the first version said it was).
+    for url, bad in (("postgresql://u:pw12@h:abc/db", "'abc'"), ("postgresql://u@[::1/db", "':1'")):
+        with pytest.raises(
+            UserError, match=rf"^--storage postgresql://u.*: not a valid URL \(.*{bad}\); expected"
+        ):
+            check_storage_url(url)
 
 
 def test_a_sqlite_url_to_a_folder_or_a_file_that_is_not_a_database_says_what_to_do(tmp_path: Path) -> None:
