@@ -577,10 +577,14 @@ class AtomicArtifactStore(FileSystemArtifactStore):
 
 
 def study_home(study: optuna.Study) -> Path:
-    """The study's folder: where its first run put the artifacts (recorded as an absolute path), so
-    exports and caches land beside the study from any working folder; studies/<study> before that."""
-    recorded = study.user_attrs.get("artifact_dir")
-    return Path(recorded).parent if recorded else study_dir(study.study_name)
+    """The study's folder, as its first run recorded it (an absolute path), so exports and caches land
+    beside the study from any working folder; for a study from before that was recorded, the folder
+    its artifacts are in (their link's target, where artifacts/ is a link to another disk); before
+    either, studies/<study>."""
+    home, artifacts = study.user_attrs.get("home_dir"), study.user_attrs.get("artifact_dir")
+    if home:
+        return Path(home)
+    return Path(artifacts).parent if artifacts else study_dir(study.study_name)
 
 
 def artifact_dir(study: optuna.Study) -> Path:

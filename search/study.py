@@ -310,6 +310,7 @@ def _run(
 ) -> Counts:
     from search.space import load_space
     from search.storage import (
+        artifact_dir,
         check_server,
         check_storage_url,
         check_study_name,
@@ -370,7 +371,8 @@ def _run(
             (on_nothing or _log)(nothing_to_do(name, held.finished, opts.trials))
             return held
         steps = _record_identity(study, space, data, split, home, opts, fresh)
-    _sweep_leftovers(study, study_home(study))
+    trials_dir = Path(study.user_attrs.get("trials_dir") or study_home(study) / "trials")
+    _sweep_leftovers(study, trials_dir, artifact_dir(study))
     status_dir = _status_dir(home)
     threads = max(1, (os.cpu_count() or 1) // len(devices)) if devices[0] == "cpu" else 2
     specs = [
@@ -438,6 +440,7 @@ def _record_identity(
             "space_path": str(Path(space.path).resolve()),
             "space_name": space.name,
             "data_root": str(Path(data.root).resolve()),
+            "home_dir": str(home.resolve()),
             "artifact_dir": str((home / "artifacts").resolve()),
             "trials_dir": str((home / "trials").resolve()),
             "steps_override": steps,
@@ -465,7 +468,7 @@ def _record_identity(
 TEMP_AGE_S = 3600  # a checkpoint's temp file untouched this long has lost its writer
 
 
-def _sweep_leftovers(study: optuna.Study, home: Path) -> None:
+def _sweep_leftovers(study: optuna.Study, trials_dir: Path, artifacts: Path) -> None:
     """Remove what killed workers left behind: the folders of trials that will not run again, and temp
     files no writer has touched for an hour.
 
@@ -476,7 +479,6 @@ def _sweep_leftovers(study: optuna.Study, home: Path) -> None:
     """
     from search.trials import ended_roots
 
-    trials_dir = home / "trials"
     if trials_dir.is_dir():
         with state_lock():  # a trial's FAIL and its retry's queueing are one step under it
             ended = ended_roots(study.get_trials(deepcopy=False))
@@ -485,9 +487,9 @@ def _sweep_leftovers(study: optuna.Study, home: Path) -> None:
                 shutil.rmtree(folder, ignore_errors=True)
     cutoff = time.time() - TEMP_AGE_S
     for tmp in [
-        *home.glob("trials/*/*/.*.tmp"),
-        *home.glob("trials/*/.*.tmp"),
-        *home.glob("artifacts/.*.tmp"),
+        *trials_dir.glob("*/*/.*.tmp"),
+        *trials_dir.glob("*/.*.tmp"),
+        *artifacts.glob(".*.tmp"),
     ]:
         with contextlib.suppress(OSError):
             if tmp.stat().st_mtime < cutoff:
@@ -545,6 +547,7 @@ def _check_study_folder(study: optuna.Study, home: Path, fresh: bool, allow_chan
             )
         folder = home
         moved = {
+            "home_dir": str(home.resolve()),
             "artifact_dir": str((home / "artifacts").resolve()),
             "trials_dir": str((home / "trials").resolve()),
         }

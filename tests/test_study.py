@@ -522,7 +522,7 @@ def test_a_run_sweeps_the_folders_of_trials_that_will_not_run_again_and_old_temp
     hour_ago = time.time() - study_module.TEMP_AGE_S - 60
     os.utime(old, (hour_ago, hour_ago))
     os.utime(home / "trials" / "00003" / ".best.pt.q.tmp", (hour_ago, hour_ago))
-    study_module._sweep_leftovers(study, home)
+    study_module._sweep_leftovers(study, home / "trials", home / "artifacts")
     assert sorted(p.name for p in (home / "trials").iterdir()) == ["00001", "00003"]
     assert not old.exists() and new.exists()  # a temp file written a moment ago may have its writer
     assert sorted(p.name for p in (home / "trials" / "00003").iterdir()) == ["last.pt"]
