@@ -249,9 +249,9 @@ def _also_in_set(root: str | None, data: PackedData) -> set[str] | None:
     except (UserError, OSError):
         return None
     theirs, ours = _sources(Path(root)), _sources(Path(data.root))
-    seen = {theirs.get(name, name) for name in names}
+    seen_names, seen_sources = set(names), {theirs[name] for name in names if name in theirs}
     ids = (data.ids[int(i)] for i in data.labelled)
-    return {name for name in ids if ours.get(name, name) in seen}
+    return {name for name in ids if name in seen_names or ours.get(name) in seen_sources}
 
 
 def _sources(root: Path) -> dict[str, str]:

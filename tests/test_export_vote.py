@@ -721,6 +721,12 @@ def test_the_same_audio_prepared_with_another_seed_is_known_as_the_studys_own(tm
     seen = _also_in_set(str(tmp_path / "study-set"), again)
     assert seen is not None and len(seen) == 8 and len(names) == 9  # all but the new one
     assert _also_in_set(str(again.root), again) is None  # its own folder: cannot tell what it held
+    # The same audio copied (new file times) and prepared with the same seed: known by name.
+    copied = tmp_path / "copied"
+    shutil.copytree(audio, copied, copy_function=shutil.copyfile)
+    prepare(copied, tmp_path / "same-seed", test_per_speaker=0, progress=False)
+    same_seed = pack(tmp_path / "same-seed", tmp_path / "cache", progress=False)
+    assert len(_also_in_set(str(tmp_path / "study-set"), same_seed) or ()) == 8
     assert _also_in_set(str(tmp_path / "gone"), again) is None
 
 
