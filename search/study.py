@@ -518,39 +518,48 @@ def _check_study_folder(study: optuna.Study, home: Path, fresh: bool, allow_chan
         found: str | None = (folder / FOLDER_MARK).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError):
         found = None
+    if fresh:
+        if found is not None and _holds_checkpoints(folder):
+            raise UserError(
+                f"{folder}: holds the checkpoints of another study named '{name}' (its {FOLDER_MARK} is "
+                "not this one's: a study of another storage, or one whose database was deleted): use "
+                "another --study name, or move that folder away"
+            )
+        _write_mark(study, folder, None)  # a leftover folder with nothing in it is this study's now
+        return {}
     if recorded is not None and found == recorded:
         return {}
-    if (
-        found is not None
-        and found != recorded
-        and (fresh or recorded is not None)
-        and _holds_checkpoints(folder)
-    ):
-        raise UserError(
-            f"{folder}: holds the checkpoints of another study named '{name}' (its {FOLDER_MARK} is not "
-            "this one's: a study of another storage, or one whose database was deleted): use another "
-            "--study name, or move that folder away"
+    if recorded is None and found is None and (folder.is_dir() or folder.resolve() == home.resolve()):
+        _write_mark(study, folder, None)  # a study from before the mark (its folder made now if need be)
+        return {}
+    if not allow_changed:  # not seen here, or another study's
+        what = (
+            f"has another study's {FOLDER_MARK} (another storage's study of this name?)"
+            if found is not None
+            else f"has no {FOLDER_MARK}, so this machine does not see the folder"
+            if folder.is_dir()
+            else "not found, so this machine does not see the folder"
         )
-    moved: dict[str, str] = {}
-    if not fresh and found is None and (recorded is not None or not folder.is_dir()):
-        if not allow_changed:
-            raise UserError(
-                f"{folder}: {'has no ' + FOLDER_MARK if folder.is_dir() else 'not found'}, so this machine "
-                f"does not see the folder study '{name}' keeps its checkpoints in: mount the shared studies "
-                f"folder at {folder.parent} here, or export-top will not find this machine's checkpoints; "
-                f"if that folder is lost, pass --allow-changed to keep them in {home} from now on"
-            )
-        if folder.resolve() != home.resolve():
-            _log(
-                f"note: study '{name}' keeps its checkpoints in {home} from now on ({folder} is not seen "
-                "here); runs on other machines must see that folder at the same path"
-            )
-        folder = home
-        moved = {
-            "home_dir": str(home.resolve()),
-            "artifact_dir": str((home / "artifacts").resolve()),
-            "trials_dir": str((home / "trials").resolve()),
-        }
+        raise UserError(
+            f"{folder}: {what} study '{name}' keeps its checkpoints in: mount the shared studies folder at "
+            f"{folder.parent} here, or export-top will not find this machine's checkpoints; if that folder "
+            f"is lost, pass --allow-changed to keep them in {home} from now on"
+        )
+    if folder.resolve() != home.resolve():
+        _log(
+            f"note: study '{name}' keeps its checkpoints in {home} from now on ({folder} is not seen here); "
+            "runs on other machines must see that folder at the same path"
+        )
+    _write_mark(study, home, recorded)
+    return {
+        "home_dir": str(home.resolve()),
+        "artifact_dir": str((home / "artifacts").resolve()),
+        "trials_dir": str((home / "trials").resolve()),
+    }
+
+
+def _write_mark(study: optuna.Study, folder: Path, recorded: str | None) -> None:
+    """Write the study's mark (a new one, then recorded, when it has none) into ``folder``."""
     mark = recorded or uuid.uuid4().hex
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -563,7 +572,6 @@ def _check_study_folder(study: optuna.Study, home: Path, fresh: bool, allow_chan
         ) from None
     if recorded is None:
         study.set_user_attr("folder_mark", mark)
-    return moved
 
 
 def _holds_checkpoints(folder: Path) -> bool:

@@ -1169,6 +1169,36 @@ def test_a_new_study_in_a_folder_holding_another_studys_checkpoints_is_refused(
     assert (tmp_path / "studies" / "unit" / ".study-mark").read_text() != mark
 
 
+def test_a_resume_whose_folder_holds_another_studys_mark_or_none_yet(
+    tmp_path: Path, tiny_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A resume whose folder another storage's study of its name took over is refused, and may move with
+    --allow-changed (it was refused with advice for a new study); a study from before the mark whose
+    folder was never made here (its first run stopped before any trial) gets it made, not refused."""
+    space = str(write_space(tmp_path / "space.yaml"))
+    url = f"sqlite:///{tmp_path / 'one.db'}"
+    argv = ["run", "--space", space, "--study", "unit", "--data", str(tiny_dir), "--quiet", "--storage", url]
+    assert main([*argv, "--trials", "1"]) == 0
+    mark_file = tmp_path / "studies" / "unit" / ".study-mark"
+    mark_file.write_text("0" * 32 + "\n")  # as another study of this name once wrote over it
+    capsys.readouterr()
+    assert main([*argv, "--trials", "2"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "unit: has another study's .study-mark (another storage's study of this name?)" in err, err
+    assert "pass --allow-changed to keep them in" in err
+    assert main([*argv, "--trials", "2", "--allow-changed"]) == 0
+    study = optuna.load_study(study_name="unit", storage=url)
+    assert mark_file.read_text().strip() == study.user_attrs["folder_mark"]
+    study.set_user_attr("folder_mark", None)  # a study from before the mark...
+    shutil.rmtree(tmp_path / "studies")  # ...whose folder is not here (it never was, say)
+    assert main([*argv, "--trials", "2"]) == 0  # nothing to do, and nothing refused
+    assert main([*argv, "--trials", "3"]) == 0
+    assert (
+        mark_file.read_text().strip()
+        == optuna.load_study(study_name="unit", storage=url).user_attrs["folder_mark"]
+    )
+
+
 def test_a_server_that_does_not_answer_is_said_before_the_data_set_is_opened(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
