@@ -1037,36 +1037,56 @@ def _plan(
     seed: int,
 ) -> tuple[dict[str, dict[str, Any]], list[Job], int]:
     """What an earlier run finished and this one reuses (features renamed if only the seed changed),
-    and the files left to decode; a source that cannot be read is added to ``skipped``."""
+    and the files left to decode; a source that cannot be read is added to ``skipped``.
+
+    A renamed feature's record is appended to the state file at once: stopped before the state was
+    rewritten, the next run found the recorded files gone and decoded the whole set again.
+    """
     records: dict[str, dict[str, Any]] = {}
     todo: list[Job] = []
     reused = 0
-    for src in sources:
-        try:
-            st = src.path.stat()
-        except FileNotFoundError:
-            skipped.append((src.key, "file not found"))
-            continue
-        except OSError as exc:
-            skipped.append((src.key, f"cannot read ({exc.strerror or first_line(exc)})"))
-            continue
-        if not src.path.is_file():
-            skipped.append((src.key, "not a regular file"))
-            continue
-        name = feature_name(src.key, seed)
-        base = {"source": src.key, "speaker": src.speaker, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        old = old_records.get(src.key)
-        if old is not None and old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns:
-            if "skip" in old:
-                records[src.key] = {**base, "skip": old["skip"]}
-                reused += 1
+    with contextlib.ExitStack() as stack:
+        log: IO[str] | None = None
+        for src in sources:
+            planned = _plan_one(out, src, skipped, old_records.get(src.key), seed)
+            if planned is None:
                 continue
-            if _reuse_feature(out, old, name):
-                records[src.key] = {**base, "feature": name, "mel_len": old["mel_len"], "bytes": old["bytes"]}
+            if isinstance(planned, dict):
+                records[src.key] = planned
                 reused += 1
-                continue
-        todo.append((src, name, base))
+                old = old_records[src.key]
+                if "feature" in planned and old.get("feature") != planned["feature"]:
+                    log = log or stack.enter_context(open(out / STATE_NAME, "a", encoding="utf-8"))
+                    log.write(json.dumps(planned, sort_keys=True, ensure_ascii=False) + "\n")
+                    log.flush()
+            else:
+                todo.append(planned)
     return records, todo, reused
+
+
+def _plan_one(
+    out: Path, src: Source, skipped: list[tuple[str, str]], old: dict[str, Any] | None, seed: int
+) -> dict[str, Any] | Job | None:
+    """One source's plan: its reused record, its job, or None (skipped, and said why)."""
+    try:
+        st = src.path.stat()
+    except FileNotFoundError:
+        skipped.append((src.key, "file not found"))
+        return None
+    except OSError as exc:
+        skipped.append((src.key, f"cannot read ({exc.strerror or first_line(exc)})"))
+        return None
+    if not src.path.is_file():
+        skipped.append((src.key, "not a regular file"))
+        return None
+    name = feature_name(src.key, seed)
+    base = {"source": src.key, "speaker": src.speaker, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if old is not None and old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns:
+        if "skip" in old:
+            return {**base, "skip": old["skip"]}
+        if _reuse_feature(out, old, name):
+            return {**base, "feature": name, "mel_len": old["mel_len"], "bytes": old["bytes"]}
+    return (src, name, base)
 
 
 def _speakers(

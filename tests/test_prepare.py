@@ -651,6 +651,31 @@ def test_a_stopped_rerun_with_another_seed_never_leaves_a_stale_feature_for_the_
         assert torch.equal(got, features_from_file(audio / key)), key
 
 
+def test_a_seed_change_stopped_after_its_renames_decodes_nothing_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Features are renamed for a new --seed before the state file is rewritten; a stop in between left
+    records naming files that were gone, and the next run decoded the whole set again."""
+    import search.prepare as prepare_module
+
+    audio, out = tmp_path / "audio", tmp_path / "out"
+    small_corpus(audio)
+    prepare(audio, out, progress=False)
+    real_plan = prepare_module._plan
+
+    def plan_then_stop(*args: Any) -> Any:
+        real_plan(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_module, "_plan", plan_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(audio, out, seed=1, force=True, progress=False)
+    monkeypatch.undo()
+    again = prepare(audio, out, seed=1, force=True, progress=False)
+    assert (again.processed, again.reused) == (0, 8)
+    assert {p.name for p in out.glob("uttr-*.pt")} == {feature_name(k, 1) for k in records(out)}
+
+
 def test_a_set_made_by_an_earlier_recipe_is_recomputed_only_with_force(tmp_path: Path) -> None:
     audio, out = tmp_path / "audio", tmp_path / "out"
     small_corpus(audio)
