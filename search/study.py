@@ -519,11 +519,11 @@ def _check_study_folder(study: optuna.Study, home: Path, fresh: bool, allow_chan
     except (OSError, UnicodeDecodeError):
         found = None
     if fresh:
-        if found is not None and _holds_checkpoints(folder):
+        if _holds_checkpoints(folder):  # a new trial 0 would even resume from the other's trials/00000
             raise UserError(
-                f"{folder}: holds the checkpoints of another study named '{name}' (its {FOLDER_MARK} is "
-                "not this one's: a study of another storage, or one whose database was deleted): use "
-                "another --study name, or move that folder away"
+                f"{folder}: holds the checkpoints of another study named '{name}' (a study of another "
+                "storage, or one whose database was deleted): use another --study name, or move that "
+                "folder away"
             )
         _write_mark(study, folder, None)  # a leftover folder with nothing in it is this study's now
         return {}

@@ -1164,7 +1164,10 @@ def test_a_new_study_in_a_folder_holding_another_studys_checkpoints_is_refused(
     err = " ".join(capsys.readouterr().err.split())
     assert "holds the checkpoints of another study named 'unit'" in err, err
     assert (tmp_path / "studies" / "unit" / ".study-mark").read_text() == mark
-    shutil.rmtree(tmp_path / "studies" / "unit" / "artifacts")  # nothing of it left but the mark
+    (tmp_path / "studies" / "unit" / ".study-mark").unlink()  # a study from before the mark: the same
+    assert main([*argv, "--storage", f"sqlite:///{tmp_path / 'two.db'}"]) == 2
+    assert "holds the checkpoints of another study named 'unit'" in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "studies" / "unit" / "artifacts")  # nothing of it left
     assert main([*argv, "--storage", f"sqlite:///{tmp_path / 'two.db'}"]) == 0
     assert (tmp_path / "studies" / "unit" / ".study-mark").read_text() != mark
 
