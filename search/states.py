@@ -12,20 +12,23 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
 from search.storage import MAX_RETRY, open_storage, sqlite_file
-from search.trials import held_before
+from search.trials import TrialLike, held_before
 
 Release = Callable[[], None]
 
@@ -168,12 +171,44 @@ def limit_new_trials(storage: Any, budget: int) -> None:
         if template_trial is not None:
             return original(study_id, template_trial)
         with state_lock():
-            trials = storage.get_all_trials(study_id, deepcopy=False)
+            trials = trial_rows(storage, study_id)
             if held_before(trials, len(trials)) >= budget:  # the new trial would be number len(trials)
                 raise BudgetHeld(f"the study already holds {budget} trials")
             return original(study_id)
 
     storage._create_new_trial = create_new_trial
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    number: int
+    state: TrialState
+    system_attrs: dict[str, Any]
+
+
+_ROWS = sqlalchemy.text(
+    "SELECT t.number, t.state, a.value_json FROM trials t LEFT OUTER JOIN trial_system_attributes a "
+    "ON a.trial_id = t.trial_id AND a.key = 'failed_trial' WHERE t.study_id = :study_id ORDER BY t.number"
+)
+
+
+def trial_rows(storage: Any, study_id: int) -> Sequence[TrialLike]:
+    """Each trial's number, state and original, what the budget's count reads, in one query.
+
+    Why: every new trial is counted under the state lock, and reading the trials whole (their params,
+    attributes and intermediate values) took 0.9 s at 1,000 trials on the dev VM, against 2 ms for
+    this query; every other worker waits on the lock meanwhile. A schema it does not know (another
+    Optuna) falls back to the whole read.
+    """
+    try:
+        with storage.engine.connect() as connection:
+            rows = connection.execute(_ROWS, {"study_id": study_id}).all()
+        return [
+            TrialRow(int(n), TrialState[str(s)], {} if v is None else {"failed_trial": json.loads(v)})
+            for n, s, v in rows
+        ]
+    except (sqlalchemy.exc.SQLAlchemyError, KeyError, ValueError, TypeError, AttributeError):
+        return storage.get_all_trials(study_id, deepcopy=False)
 
 
 def locked_fail_stale_trials(study: optuna.Study) -> None:

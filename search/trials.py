@@ -8,8 +8,9 @@ the budget: ``system_attrs["failed_trial"]`` names the original, ``retry_history
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from optuna.trial import FrozenTrial, TrialState
 
@@ -90,7 +91,18 @@ def real_failures(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     ]
 
 
-def _root(t: FrozenTrial) -> int:
+class TrialLike(Protocol):
+    """What the budget's count reads of a trial: a FrozenTrial, or a row of :func:`states.trial_rows`."""
+
+    @property
+    def number(self) -> int: ...
+    @property
+    def state(self) -> TrialState: ...
+    @property
+    def system_attrs(self) -> dict[str, Any]: ...
+
+
+def _root(t: TrialLike) -> int:
     return int(t.system_attrs.get("failed_trial", t.number))
 
 
@@ -101,7 +113,7 @@ def ended_roots(trials: list[FrozenTrial]) -> set[int]:
     return {_root(t) for t in trials} - alive
 
 
-def held_before(trials: list[FrozenTrial], number: int) -> int:
+def held_before(trials: Sequence[TrialLike], number: int) -> int:
     """Budget claimed by the trials begun before new trial ``number``, counted per original trial.
 
     A retry holds its original's place, whatever its own number: a retry queued (with a higher number)

@@ -113,3 +113,37 @@ def test_a_new_trial_is_created_only_while_the_budget_has_room(
     assert study.ask().number == 3  # ... nor is taking one from the queue
     with pytest.raises(states_module.BudgetHeld):
         study.ask()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_the_budgets_rows_are_the_trials_the_whole_read_gives(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The count under the state lock reads each trial's number, state and original in one query (the
+    whole read took 0.9 s at 1,000 trials): the same rows, and the same count, as the whole read."""
+    from optuna.trial import create_trial
+
+    from search.trials import held_before
+
+    url = (
+        f"sqlite:///{tmp_path / 'rows.db'}" if backend == "sqlite" else request.getfixturevalue("pg_database")
+    )
+    storage = open_storage(url)
+    study = optuna.create_study(storage=storage, study_name="rows")
+    study.add_trial(create_trial(state=TrialState.COMPLETE, value=0.5, user_attrs={"x": 1}))
+    study.add_trial(create_trial(state=TrialState.FAIL, system_attrs={"retry_history": [7]}))
+    study.add_trial(create_trial(state=TrialState.PRUNED, value=0.1, system_attrs={"failed_trial": 1}))
+    study.enqueue_trial({})
+    study._storage.set_trial_system_attr(study.trials[-1]._trial_id, "failed_trial", 1)
+    study.ask()  # a running one (takes the queued retry of 1)
+    study.ask()  # and a new one
+    sid = storage.get_study_id_from_name("rows")
+    whole = storage.get_all_trials(sid, deepcopy=False)
+    rows = states_module.trial_rows(storage, sid)
+    assert [(r.number, r.state, r.system_attrs.get("failed_trial")) for r in rows] == [
+        (t.number, t.state, t.system_attrs.get("failed_trial")) for t in whole
+    ]
+    assert {type(r).__name__ for r in rows} == {"TrialRow"}  # the query, not its fallback
+    assert [r.state for r in rows].count(TrialState.RUNNING) == 2
+    for n in range(len(whole) + 1):
+        assert held_before(rows, n) == held_before(whole, n)
