@@ -491,7 +491,10 @@ def _train(
         step += 1
 
         is_valid = step % t.valid_steps == 0 or step == t.steps
-        if step % log_every == 0 or is_valid:
+        # A checkpoint step is a report step too: inside this block only, checkpoint_steps 30 with the
+        # default log_every 50 saved every 150 steps.
+        is_checkpoint = bool(t.checkpoint_steps) and step % t.checkpoint_steps == 0
+        if step % log_every == 0 or is_valid or is_checkpoint:
             mean_loss = float(loss_sum) / loss_count  # the only host sync, once per log interval
             if not math.isfinite(mean_loss):
                 raise TrainingDiverged(
@@ -508,7 +511,7 @@ def _train(
             if is_valid:
                 metrics["valid_acc"] = validate(step)
                 metrics["best_acc"] = best_acc
-            if t.checkpoint_steps and (step % t.checkpoint_steps == 0 or is_valid):
+            if t.checkpoint_steps and (is_checkpoint or is_valid):
                 save_last(step)
             if report is not None:
                 with clock("report"):

@@ -94,6 +94,21 @@ def test_a_run_resumed_from_before_its_first_validation_and_stopped_still_valida
     assert second.best_accuracy >= 0 and second.best_step == 10
 
 
+def test_last_pt_is_written_at_every_checkpoint_step_whatever_log_every(
+    fake_data: PackedData, tmp_path: Path
+) -> None:
+    """The save sat inside the report block: checkpoint_steps 30 with log_every 50 saved at 150 only."""
+    config = Config.from_dict({**SMALL, "steps": 120, "valid_steps": 1000, "checkpoint_steps": 30})
+    saved: list[int] = []
+
+    def report(step: int, metrics: dict[str, float]) -> None:
+        if (tmp_path / "last.pt").exists():
+            saved.append(int(torch.load(tmp_path / "last.pt", weights_only=True)["step"]))
+
+    train(config, fake_data, "cpu", report=report, out_dir=tmp_path, log_every=50, keep_last=True)
+    assert sorted(set(saved)) == [30, 60, 90, 120]
+
+
 def test_report_stop_ends_training(fake_data: PackedData) -> None:
     config = Config.from_dict({**SMALL, "steps": 1000, "valid_steps": 20})
     result = train(config, fake_data, "cpu", report=lambda s, m: "stop" if "valid_acc" in m else None)
