@@ -28,7 +28,7 @@ from search.files import atomic_write, studies_root
 
 STORAGE_PATIENCE = 300.0  # seconds a worker waits for an unreachable storage before it gives up
 GRACE_BEATS = 3  # heartbeats a running trial may miss before it counts as stale (default grace period)
-MAX_RETRY = 3  # retries of one trial that a stale or stopped run may queue
+MAX_RETRY = 3  # retries of one trial after kills or lost heartbeats (stops and outages do not count)
 SCHEMA_ATTEMPTS = 4  # opening a new database that other processes create at the same moment
 STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 T = TypeVar("T")

@@ -902,7 +902,7 @@ def _supervise(
                             f"worker {s.worker} ({s.device}) {_exit_text(code)}; restarting it "
                             f"({restarts.in_a_row} of at most {restarts.limit} restarts in a row without a "
                             "trial ending); its trial is retried from its last checkpoint (from step 0 if "
-                            "it had none yet)"
+                            "it had none yet; a trial whose attempts were killed 4 times is not: see status)"
                         )
                         start(s)
                         continue

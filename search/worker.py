@@ -497,10 +497,11 @@ class Lane:
         checkpoint.unlink()  # the store holds it; the folder goes once the result is recorded (_run_trial)
 
     def _requeue(self, trial: optuna.Trial) -> None:
-        """Queue a trial that a storage outage failed, like a killed one, to resume from last.pt."""
+        """Queue a trial that a storage outage or a full disk cut off to resume from last.pt (not a kill:
+        no limit)."""
         frozen = self.wait.call(self.study._storage.get_trial, trial._trial_id)
         if frozen.state == TrialState.FAIL:
-            self.wait.call(queue_retry, self.study, frozen)
+            self.wait.call(queue_retry, self.study, frozen, None)
 
     def _finished_elsewhere(self) -> bool:
         """True when the trial in hand was ended by someone else (failed as stale during an outage)."""

@@ -147,3 +147,36 @@ def test_the_budgets_rows_are_the_trials_the_whole_read_gives(
     assert [r.state for r in rows].count(TrialState.RUNNING) == 2
     for n in range(len(whole) + 1):
         assert held_before(rows, n) == held_before(whole, n)
+
+
+def test_stops_do_not_spend_a_trials_retries_and_one_killed_too_often_goes_with_its_folder(
+    tmp_path: Path,
+) -> None:
+    """Three Ctrl-Cs used up a trial's three retries, and one kill of its fourth attempt then dropped it
+    at step 5,400 of 6,000. Only kills (and lost heartbeats) count; past the limit its folder goes."""
+    from optuna.trial import create_trial
+
+    from search.storage import MAX_RETRY
+
+    def study_of(stopped: list[bool], name: str) -> optuna.Study:
+        """A study whose trial 0 ran as these attempts (stopped or killed), all FAIL."""
+        study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / name}.db"), study_name=name)
+        study.set_user_attr("trials_dir", str(tmp_path / name))
+        (tmp_path / name / "00000" / "00000").mkdir(parents=True)
+        for number, interrupted in enumerate(stopped):
+            system = {} if number == 0 else {"failed_trial": 0, "retry_history": list(range(number))}
+            user = {"interrupted": True} if interrupted else {}
+            study.add_trial(create_trial(state=TrialState.FAIL, user_attrs=user, system_attrs=system))
+        return study
+
+    stopped_thrice = study_of([True, True, True, False], "stopped")
+    assert states_module.kills(stopped_thrice.trials, stopped_thrice.trials[-1]) == 1
+    states_module.queue_retry(stopped_thrice, stopped_thrice.trials[-1])
+    (retry,) = stopped_thrice.get_trials(states=(TrialState.WAITING,))
+    assert retry.system_attrs["retry_history"] == [0, 1, 2, 3] and (tmp_path / "stopped" / "00000").exists()
+    killed = study_of([False] * (MAX_RETRY + 1), "killed")
+    assert states_module.kills(killed.trials, killed.trials[-1]) == MAX_RETRY + 1
+    states_module.queue_retry(killed, killed.trials[-1])
+    assert (
+        not killed.get_trials(states=(TrialState.WAITING,)) and not (tmp_path / "killed" / "00000").exists()
+    )
