@@ -58,6 +58,30 @@ class HW4Layout:
     test: list[Utterance]
 
 
+def read_prepare_state(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """A ``prepare-state.jsonl``'s header and latest record per source (its path relative to the audio
+    folder); a torn last line (killed run) is ignored. Read by prepare to resume, and by vote to know an
+    utterance by its source file."""
+    header: dict[str, Any] = {}
+    records: dict[str, dict[str, Any]] = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return header, records
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(entry, dict):
+            continue
+        if "prepare_state" in entry:
+            header = entry
+        elif isinstance(entry.get("source"), str):
+            records[entry["source"]] = entry
+    return header, records
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))

@@ -58,7 +58,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from search.data import PREPARE_STATE
+from search.data import PREPARE_STATE, read_prepare_state
 from search.errors import UserError, first_line
 
 # --------------------------------------------------------------------------------------------------
@@ -534,28 +534,6 @@ def check_out(out: Path) -> None:
     raise UserError(f"{out}: folder is not empty ({shown}); pass a new or empty --out folder")
 
 
-def _read_state(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """The header and the latest record per source; a torn last line (killed run) is ignored."""
-    header: dict[str, Any] = {}
-    records: dict[str, dict[str, Any]] = {}
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
-        return header, records
-    for line in lines:
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(entry, dict):
-            continue
-        if "prepare_state" in entry:
-            header = entry
-        elif isinstance(entry.get("source"), str):
-            records[entry["source"]] = entry
-    return header, records
-
-
 def _write_atomic(path: Path, text: str) -> None:
     """Through a temp file named as prepare's own (a folder holding only those is still prepare's), removed
     if the write fails."""
@@ -917,7 +895,7 @@ def _prepare_locked(
     force: bool,
 ) -> PrepareReport:
     state_path = out / STATE_NAME
-    old_header, old_records = _read_state(state_path)
+    old_header, old_records = read_prepare_state(state_path)
     reusable = old_records
     if old_header.get("recipe") != RECIPE or old_header.get("prepare_state") != STATE_VERSION:
         if not force:

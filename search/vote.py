@@ -13,7 +13,6 @@ disagree about how the CSV is written.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 from collections.abc import Sequence
@@ -25,7 +24,15 @@ import numpy as np
 import torch
 
 from search.config import Config
-from search.data import PREPARE_STATE, FeatureStore, PackedData, Split, make_split, read_layout
+from search.data import (
+    PREPARE_STATE,
+    FeatureStore,
+    PackedData,
+    Split,
+    make_split,
+    read_layout,
+    read_prepare_state,
+)
 from search.ensemble import check_method, combine, fit_temperature, method_weights, softmax
 from search.errors import UserError
 from search.files import sha256_file
@@ -256,17 +263,12 @@ def _also_in_set(root: str | None, data: PackedData) -> set[str] | None:
 
 def _sources(root: Path) -> dict[str, str]:
     """Feature name -> its source file (path, size, time) in a set prepare wrote; {} for another set."""
-    found: dict[str, str] = {}
-    try:
-        with open(root / PREPARE_STATE, encoding="utf-8") as fh:
-            for line in fh:
-                with contextlib.suppress(ValueError, TypeError, KeyError):
-                    rec = json.loads(line)
-                    if "feature" in rec:
-                        found[str(rec["feature"])] = f"{rec['source']}\0{rec['size']}\0{rec['mtime_ns']}"
-    except (OSError, UnicodeDecodeError):
-        return {}
-    return found
+    _, records = read_prepare_state(root / PREPARE_STATE)
+    return {
+        rec["feature"]: f"{key}\0{rec.get('size')}\0{rec.get('mtime_ns')}"
+        for key, rec in records.items()
+        if isinstance(rec.get("feature"), str)
+    }
 
 
 def _unseen_note(data: PackedData, split: Split, whose: str, checked: bool) -> str:
