@@ -361,8 +361,14 @@ def cmd_vote(args: argparse.Namespace) -> int:
     if args.data is not None:
         whose = f"the export's study '{manifest.study}'"
         fix = "pass the data folder it was run on, or a set of the same speakers (its mapping.json)"
-        speakers = export_speakers(args.export_dir, manifest)
-        check_index(args.data, manifest.data_index, whose, manifest.data_root, fix, speakers)
+        check_index(  # the export's speakers (its members hashed, one read) only for another set
+            args.data,
+            manifest.data_index,
+            whose,
+            manifest.data_root,
+            fix,
+            lambda: export_speakers(args.export_dir, manifest),
+        )
     if args.data is None and not args.quiet:
         console.print(f"No --data given: using the data set the export's study was run on, {root}")
     data = open_data(root, export_cache_root(manifest), progress=not args.quiet)

@@ -17,7 +17,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -248,14 +248,14 @@ def check_index(
     whose: str,
     was_at: str | None,
     fix: str,
-    speakers: list[str] | None = None,
+    speakers: Callable[[], list[str]] | None = None,
 ) -> None:
     """Refuse ``--data root`` whose JSON index is not ``recorded`` (the digest a study or export keeps),
     before minutes of packing another set; nothing recorded (made before it was): the fingerprint,
-    after packing, decides. ``speakers`` given: another set of those speakers, in that id order, is
-    accepted (what vote and predict can score)."""
+    after packing, decides. ``speakers`` given: another set of the speakers it returns, in that id
+    order, is accepted (what vote and predict can score); asked only then (it reads a checkpoint)."""
     if recorded and index_digest(root) != recorded:
-        if speakers is not None and read_layout(Path(root)).speakers == list(speakers):
+        if speakers is not None and read_layout(Path(root)).speakers == speakers():
             return
         raise UserError(
             f"--data {root}: not the data set {whose} was run on (its mapping, metadata or test list differ "
