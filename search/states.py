@@ -29,7 +29,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
 from search.storage import MAX_RETRY, open_storage, sqlite_file
-from search.trials import TrialLike, held_before
+from search.trials import TrialLike, held_before, root_of
 
 Release = Callable[[], None]
 
@@ -256,7 +256,7 @@ def _discard_folder(study: optuna.Study, trial: FrozenTrial) -> None:
     """Remove the folders of a trial that will not run again (its retries spent): best effort."""
     trials_dir = study.user_attrs.get("trials_dir")
     if trials_dir:
-        root = int(trial.system_attrs.get("failed_trial", trial.number))
+        root = root_of(trial)
         shutil.rmtree(Path(trials_dir) / f"{root:05d}", ignore_errors=True)
 
 

@@ -102,15 +102,16 @@ class TrialLike(Protocol):
     def system_attrs(self) -> dict[str, Any]: ...
 
 
-def _root(t: TrialLike) -> int:
+def root_of(t: TrialLike) -> int:
+    """The original trial a trial is an attempt at (itself, unless it is a retry)."""
     return int(t.system_attrs.get("failed_trial", t.number))
 
 
 def ended_roots(trials: list[FrozenTrial]) -> set[int]:
     """The original trials none of whose attempts is queued or running: nothing resumes from their
     folder (``trials/<n>/``) again."""
-    alive = {_root(t) for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)}
-    return {_root(t) for t in trials} - alive
+    alive = {root_of(t) for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)}
+    return {root_of(t) for t in trials} - alive
 
 
 def held_before(trials: Sequence[TrialLike], number: int) -> int:
@@ -121,7 +122,7 @@ def held_before(trials: Sequence[TrialLike], number: int) -> int:
     """
     holds: dict[int, bool] = {}
     for t in trials:
-        root = _root(t)
+        root = root_of(t)
         if t.number == number or root >= number:
             continue
         live = t.state in FINISHED or t.state in (TrialState.RUNNING, TrialState.WAITING)
@@ -133,7 +134,7 @@ def retry_is_redundant(trials: list[FrozenTrial], number: int, root: int) -> boo
     """True when retry ``number`` of trial ``root`` must not run: the original (or another retry of it)
     finished, or an earlier retry of it is queued or running. Only one trial per original may finish."""
     for t in trials:
-        if t.number == number or _root(t) != root:
+        if t.number == number or root_of(t) != root:
             continue
         if t.state in FINISHED:
             return True
