@@ -60,6 +60,7 @@ from rich.text import Text
 
 from search.data import PREPARE_STATE, read_prepare_state
 from search.errors import UserError, first_line
+from search.stops import stops_deferred
 
 # --------------------------------------------------------------------------------------------------
 # The recipe
@@ -723,11 +724,13 @@ def _run(
         try:
             # The workers start as the jobs are submitted. Started with SIGINT blocked, they inherit the
             # block, so a Ctrl-C while they import torch (before _init_worker runs) does not print a
-            # traceback from each; here it waits until they have started, then stops the queue.
+            # traceback from each; here it waits until they have started (held back in Python too: the
+            # mask covers this thread only), then stops the queue.
             mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             try:
-                for job in todo:
-                    futures[pool.submit(extract, str(job[0].path), str(out), job[1])] = job
+                with stops_deferred():
+                    for job in todo:
+                        futures[pool.submit(extract, str(job[0].path), str(out), job[1])] = job
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             for fut in as_completed(futures):

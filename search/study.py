@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_for_exit
 from pathlib import Path
@@ -37,6 +37,7 @@ from optuna.trial import TrialState
 from search.errors import UserError
 from search.files import atomic_write
 from search.states import clear_state_lock, serialize_state_changes, state_lock
+from search.stops import stops_deferred
 from search.storage import GRACE_BEATS, STORAGE_PATIENCE, StorageWait, db_error_text
 from search.trials import Counts, count_trials
 from search.worker import DISK_FULL_EXIT, WorkerSpec, read_status, worker_process
@@ -788,30 +789,6 @@ def in_environment(env: dict[str, str], target: Callable[..., None], *args: Any)
     os.environ.clear()
     os.environ.update(env)
     target(*args)
-
-
-@contextlib.contextmanager
-def stops_deferred() -> Iterator[None]:
-    """Ctrl-C or SIGTERM that comes inside is delivered as it ends, not where it lands.
-
-    Why: ``Process.start()`` waits for the fork server to send the new worker's pid (seconds while the
-    server is still importing torch); a stop there interrupted it after the worker had been forked, so
-    the driver neither knew nor stopped that worker and ended in an AssertionError traceback. Only the
-    main thread can set signal handlers; elsewhere this does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    came: list[int] = []
-    stops = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.signal(sig, lambda signum, frame: came.append(signum)) for sig in stops}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)  # None: set outside Python
-        for signum in dict.fromkeys(came):
-            signal.raise_signal(signum)  # handled as if it came now: KeyboardInterrupt, or whatever was set
 
 
 class RestartBudget:
