@@ -405,6 +405,9 @@ def _run(
         raise UserError(str(errors[0]))
     wait = StorageWait(url, opts.storage_patience, on_wait=outage.lost)
     counts = wait.call(lambda: count_trials(study.get_trials(deepcopy=False)))
+    # Again now: a finished study is not run again, so what this run's killed workers left (a trial
+    # killed on each of its retries keeps its checkpoints) would stay for the life of the study.
+    wait.call(lambda: _sweep_leftovers(study, trials_dir, artifact_dir(study)))
     if on_update is not None:  # the display's last frame shows how the run ended, not its last poll
         on_update(study, counts, read_status(status_dir))
     _check_ended(study.study_name, opts, counts, exits, respawns, status_dir, study_home(study))

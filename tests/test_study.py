@@ -528,6 +528,34 @@ def test_a_run_sweeps_the_folders_of_trials_that_will_not_run_again_and_old_temp
     assert sorted(p.name for p in (home / "trials" / "00003").iterdir()) == ["last.pt"]
 
 
+def test_a_run_sweeps_again_once_its_workers_end(
+    tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished study is not run again, so what its last run's killed workers left stayed for good."""
+    from optuna.trial import create_trial
+
+    left: list[Path] = []
+
+    def supervise(specs: object, study: optuna.Study, *rest: object) -> tuple[dict[str, int | None], int]:
+        # What the workers left: a trial killed on each of its retries, failed for good with its
+        # checkpoints kept, then the two trials that met the budget.
+        study.add_trial(create_trial(state=TrialState.FAIL))
+        number = study.trials[-1].number
+        folder = Path(study.user_attrs["trials_dir"]) / f"{number:05d}" / f"{number:05d}"
+        folder.mkdir(parents=True)
+        (folder / "last.pt").write_bytes(b"x")
+        left.append(folder)
+        for value in (0.5, 0.6):
+            study.add_trial(create_trial(state=TrialState.COMPLETE, value=value))
+        return {"w0": 0}, 0
+
+    monkeypatch.setattr(study_module, "_supervise", supervise)
+    space = write_space(tmp_path / "unit.yaml")
+    counts = run(RunOptions(space=str(space), trials=2, data=tiny_dir, display=False))
+    assert counts.finished == 2 and left and left[0].parent.parent.is_dir()
+    assert not left[0].parent.exists()
+
+
 def test_sigkill_worker_trial_is_retried_and_resumed(tmp_path: Path, tiny_dir: Path) -> None:
     space = write_space(tmp_path / "unit.yaml", steps=400, valid_steps=50)
     data = yaml.safe_load(space.read_text())
