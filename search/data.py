@@ -557,6 +557,23 @@ class FeatureStore:
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+def restore_generator(generator: torch.Generator, state: torch.Tensor, seed: int, step: int) -> bool:
+    """Set ``generator`` to a saved ``state``, or, where that state is another device's, seed it anew
+    from ``seed`` and ``step``; whether the saved stream goes on.
+
+    Why: a generator's state is its device's (CUDA: 16 bytes of seed and offset; CPU: 5,056 of
+    Mersenne Twister), so a trial killed on a GPU and retried on a CPU worker (or on a GPU whose set
+    stayed in host memory) failed for good and lost its training. A fresh stream is a statistically
+    equal continuation, as a resumed run on CUDA already is (see ``search.train._rng_state``); the step
+    in its seed keeps it off the stream the trial began with.
+    """
+    if state.dtype == torch.uint8 and state.numel() == generator.get_state().numel():
+        generator.set_state(state)
+        return True
+    generator.manual_seed(hash((seed, step)) & (2**63 - 1))
+    return False
+
+
 class CropSampler:
     """Random fixed-length crops of training utterances (shorter ones kept whole, padded, with lengths)."""
 
@@ -570,6 +587,7 @@ class CropSampler:
         self._host_indices = np.asarray(indices, dtype=np.int64)
         self.batch_size = batch_size
         self.segment_len = segment_len
+        self.seed = seed
         self.generator = torch.Generator(device=store.home)
         self.generator.manual_seed(seed)
         self._ahead: Batch | None = None
@@ -579,8 +597,10 @@ class CropSampler:
         """RNG state as of the last batch handed out (a prefetched batch is drawn again on resume)."""
         return self._before_ahead if self._ahead is not None else self.generator.get_state()
 
-    def set_state(self, state: torch.Tensor) -> None:
-        self.generator.set_state(state)
+    def set_state(self, state: torch.Tensor, step: int) -> None:
+        """Continue from ``state`` (saved at ``step``), or from a seed of its own where it does not fit
+        (see :func:`restore_generator`)."""
+        restore_generator(self.generator, state, self.seed, step)
         self._ahead = None
 
     def _draw(self) -> Batch:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from search.config import Config
-from search.data import CropSampler, FeatureStore, PackedData, Split, make_split
+from search.data import CropSampler, FeatureStore, PackedData, Split, make_split, restore_generator
 from search.errors import UserError, first_line
 from search.infer import UnreadableCheckpoint, accuracy, predict_logits, read_checkpoint, save_atomic
 from search.model import SpeakerNet, build_model, count_parameters
@@ -320,12 +320,17 @@ def _rng_state(aug_gen: torch.Generator, device: torch.device) -> dict[str, torc
 
 
 def _set_rng_state(
-    state: dict[str, torch.Tensor] | None, aug_gen: torch.Generator, device: torch.device
+    state: dict[str, torch.Tensor] | None,
+    aug_gen: torch.Generator,
+    device: torch.device,
+    seed: int,
+    step: int,
 ) -> None:
-    """Continue the streams :func:`_rng_state` saved (a last.pt from before they were saved has none)."""
+    """Continue the streams :func:`_rng_state` saved (a last.pt from before they were saved has none;
+    one saved on another kind of device gets fresh streams, see :func:`search.data.restore_generator`)."""
     if not state:
         return
-    aug_gen.set_state(state["augment"])
+    restore_generator(aug_gen, state["augment"], seed, step)
     if device.type == "cpu" and "torch" in state:
         torch.set_rng_state(state["torch"])
 
@@ -423,10 +428,10 @@ def _train(
             optimizer.load_state_dict(state["optimizer"])
             lr_in_tensor(optimizer, device, graphed)
             scheduler.load_state_dict(state["scheduler"])
-            sampler.set_state(state["sampler"])
-            _set_rng_state(state.get("rng"), aug_gen, device)
-            best_acc, best_step = float(state["best_accuracy"]), int(state["best_step"])
             start_step = int(state["step"])
+            sampler.set_state(state["sampler"], start_step)
+            _set_rng_state(state.get("rng"), aug_gen, device, t.seed + 1, start_step)
+            best_acc, best_step = float(state["best_accuracy"]), int(state["best_step"])
 
     def validate(step: int) -> float:
         nonlocal best_acc, best_step

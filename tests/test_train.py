@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from search.config import Config
-from search.data import FeatureStore, PackedData, make_split
+from search.data import FeatureStore, PackedData, make_split, restore_generator
 from search.infer import accuracy, load_model, predict_logits, save_atomic
 from search.train import CaptureGate, TrainingDiverged, lr_factor, lr_in_tensor, spec_augment, train
 
@@ -170,6 +170,37 @@ def test_resume_from_last_checkpoint(fake_data: PackedData, tmp_path: Path) -> N
     resumed = train(config, fake_data, "cpu", out_dir=tmp_path / "part")
     assert resumed.resumed_from == 50
     assert resumed.best_accuracy == pytest.approx(full.best_accuracy)
+
+
+def test_a_checkpoint_with_another_devices_random_streams_resumes_with_fresh_ones(
+    fake_data: PackedData, tmp_path: Path
+) -> None:
+    """A GPU run's last.pt holds CUDA generator states (16 bytes); a retry on a CPU worker (or on a GPU
+    whose set stayed in host memory) raised on them, and the trial failed for good, its folder gone."""
+    config = Config.from_dict(RESUMABLE)
+    last = interrupt_at(config, fake_data, tmp_path, 50)
+    state = torch.load(last, weights_only=True)
+    cuda_state = torch.zeros(16, dtype=torch.uint8)  # what a CUDA generator's get_state() holds
+    state["sampler"], state["rng"]["augment"] = cuda_state, cuda_state.clone()
+    save_atomic(state, last)
+    result = train(config, fake_data, "cpu", out_dir=tmp_path)
+    assert result.resumed_from == 50 and result.last_step == config.train.steps and not result.stopped_early
+
+
+def test_restore_generator_goes_on_where_it_can_and_seeds_anew_where_it_cannot() -> None:
+    def draws(g: torch.Generator) -> list[float]:
+        return torch.rand(4, generator=g).tolist()
+
+    saved = torch.Generator().manual_seed(3)
+    draws(saved)
+    expected = draws(torch.Generator().set_state(saved.get_state()))
+    g = torch.Generator()
+    assert restore_generator(g, saved.get_state(), seed=1, step=50) and draws(g) == expected
+    other = torch.zeros(16, dtype=torch.uint8)
+    fresh = [torch.Generator(), torch.Generator()]
+    assert not any(restore_generator(f, other, seed=1, step=50) for f in fresh)
+    assert draws(fresh[0]) == draws(fresh[1])  # the same seed and step: the same stream
+    assert draws(fresh[0]) != draws(torch.Generator().manual_seed(1))  # not the trial's first one
 
 
 @pytest.mark.parametrize("noise", [{"dropout": 0.2}, {"spec_time_masks": 2, "spec_freq_masks": 2}])
