@@ -43,12 +43,13 @@ def best_table(study: optuna.Study, top: int = 10, width: int | None = None) -> 
     if wide:
         table.add_column("searched values", justify="left", min_width=30, ratio=1)
     below: list[Text] = []
-    rows = summary_rows(study.get_trials(deepcopy=False), study.user_attrs.get("fingerprint"), top)
+    rows = summary_rows(study.get_trials(deepcopy=False), study.user_attrs, top)
     if not rows:
         table.caption = "no finished trial yet"
     elif any(row["other_data"] for row in rows):
         table.caption = (
-            "* trained on an earlier data set of this study (run --allow-changed): export-top leaves it out"
+            "* trained on an earlier data set or split of this study (run --allow-changed): "
+            "export-top leaves it out"
         )
     for row in rows:
         values = _values(row["params"])

@@ -87,11 +87,11 @@ class ExportResult:
 def usable_trials(study: optuna.Study, include_pruned: bool = False) -> list[FrozenTrial]:
     """Finished trials with a checkpoint and an accuracy, best first (ties: lower trial number).
 
-    Trials trained on another data set than the study's current one (it changed under
+    Trials trained on another data set or split than the study's current ones (changed under
     ``run --allow-changed``) are left out: their models cannot be validated or voted on this one.
     """
     states = (TrialState.COMPLETE, TrialState.PRUNED) if include_pruned else (TrialState.COMPLETE,)
-    current = study.user_attrs.get("fingerprint")
+    current = study.user_attrs
     trials = [
         t
         for t in study.get_trials(deepcopy=False, states=states)
@@ -371,9 +371,8 @@ def export_top(
     # greedy's K caps the distinct members: fewer trials than K still make an ensemble (of them all at most)
     if len(trials) < (1 if strategy == "greedy" else k):
         which = "COMPLETE or PRUNED" if include_pruned else "COMPLETE"
-        current = study.user_attrs.get("fingerprint")
-        if any(on_other_data(t, current) for t in study.get_trials(deepcopy=False)):
-            which += ", trained on the study's current data set,"
+        if any(on_other_data(t, study.user_attrs) for t in study.get_trials(deepcopy=False)):
+            which += ", trained on the study's current data set and split,"
         ways = ([] if strategy == "greedy" else ["lower K"]) + (
             [] if include_pruned else ["pass --include-pruned"]
         )

@@ -8,7 +8,7 @@ the budget: ``system_attrs["failed_trial"]`` names the original, ``retry_history
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -46,10 +46,25 @@ def is_skipped(t: FrozenTrial) -> bool:
     return bool(t.user_attrs.get("skipped"))
 
 
-def on_other_data(trial: FrozenTrial, fingerprint: str | None) -> bool:
-    """Whether ``trial`` trained on another data set than ``fingerprint`` (the study's current one, which
-    ``run --allow-changed`` may have replaced); a trial that recorded none counts as trained on it."""
-    return trial.user_attrs.get("fingerprint", fingerprint) != fingerprint
+def on_other_data(trial: FrozenTrial, study_attrs: Mapping[str, Any]) -> bool:
+    """Whether ``trial`` trained on another data set or train/valid split than the study's current ones
+    (``run --allow-changed`` may have replaced either); what a trial did not record counts as the study's.
+
+    Why the split too: a trial of another split trained on some of the current validation utterances,
+    so its accuracy and its validation logits (temperature, greedy selection) would be in-sample.
+    Trials from before they recorded their ``split_id`` are judged by their config's ratio and seed.
+    """
+    fingerprint = study_attrs.get("fingerprint")
+    if trial.user_attrs.get("fingerprint", fingerprint) != fingerprint:
+        return True
+    recorded = trial.user_attrs.get("split_id")
+    if recorded is not None:
+        return bool(recorded != study_attrs.get("split_id", recorded))
+    config = trial.user_attrs.get("config") or {}
+    return any(
+        key in config and key in study_attrs and config[key] != study_attrs[key]
+        for key in ("valid_ratio", "split_seed")
+    )
 
 
 def count_trials(trials: list[FrozenTrial]) -> Counts:
@@ -154,9 +169,9 @@ def best_first(t: FrozenTrial) -> tuple[float, int]:
     return (-(trial_accuracy(t) or 0.0), t.number)
 
 
-def summary_rows(trials: list[FrozenTrial], fingerprint: str | None, top: int) -> list[dict[str, Any]]:
-    """The best ``top`` finished trials, best first, as plain dicts (for status tables); ``fingerprint``:
-    the study's current data set, to mark trials trained on an earlier one."""
+def summary_rows(trials: list[FrozenTrial], study_attrs: Mapping[str, Any], top: int) -> list[dict[str, Any]]:
+    """The best ``top`` finished trials, best first, as plain dicts (for status tables); ``study_attrs``:
+    the study's user attrs, to mark trials trained on an earlier data set or split."""
     done = sorted((t for t in trials if t.state in FINISHED), key=best_first)
     return [
         {
@@ -168,8 +183,9 @@ def summary_rows(trials: list[FrozenTrial], fingerprint: str | None, top: int) -
             "steps_per_s": t.user_attrs.get("steps_per_s"),
             "device": t.user_attrs.get("device"),
             "params": dict(t.params),
-            # Trained on an earlier data set (run --allow-changed since): not comparable, not exported.
-            "other_data": on_other_data(t, fingerprint),
+            # Trained on an earlier data set or split (run --allow-changed since): not comparable, not
+            # exported.
+            "other_data": on_other_data(t, study_attrs),
         }
         for t in done[:top]
     ]

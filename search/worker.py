@@ -406,6 +406,7 @@ class Lane:
             "device": self.spec.device,
             "worker": self.spec.worker,
             "fingerprint": self.shared.data.fingerprint,  # export-top leaves out trials of another set
+            "split_id": self.shared.split.split_id,  # or of another split of it
         }
         for name, setting in settings.items():
             self.wait.call(trial.set_user_attr, name, setting)

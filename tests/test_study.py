@@ -135,6 +135,7 @@ def test_allow_changed_data_goes_on_with_the_new_set_and_exports_only_its_trials
         t.number for t in study.get_trials() if t.user_attrs["fingerprint"] == study.user_attrs["fingerprint"]
     ]
     assert on_fake == [1, 2, 3]
+    assert {t.user_attrs["split_id"] for t in study.get_trials()[1:]} == {study.user_attrs["split_id"]}
     result = export_top(study, 3, out=tmp_path / "export")
     assert sorted(m.trial for m in result.members) == on_fake
     with pytest.raises(UserError, match="only 3 usable trial.*trained on the study's current data set"):
@@ -144,6 +145,26 @@ def test_allow_changed_data_goes_on_with_the_new_set_and_exports_only_its_trials
     assert main(["status", "--study", "unit"]) == 0
     rows = {line.split()[1]: line for line in capsys.readouterr().out.splitlines() if line.startswith("│")}
     assert "COMPLETE*" in rows["0"] and all("COMPLETE*" not in rows[str(n)] for n in on_fake)
+
+
+def test_allow_changed_split_exports_only_the_trials_of_the_new_split(tmp_path: Path, tiny_dir: Path) -> None:
+    """A trial of the earlier split trained on some of the new validation utterances: export-top ranked
+    it beside the others (its figures in-sample), and vote then refused the export as mixing studies."""
+    from search.export import export_top
+
+    run(
+        RunOptions(
+            space=str(write_space(tmp_path / "a.yaml", steps=20)), trials=1, data=tiny_dir, display=False
+        )
+    )
+    other = str(write_space(tmp_path / "b.yaml", steps=20, split_seed=7))
+    with pytest.raises(UserError, match="train/valid split"):
+        run(RunOptions(space=other, trials=2, data=tiny_dir, study="unit", display=False))
+    run(RunOptions(space=other, trials=2, data=tiny_dir, study="unit", allow_changed=True, display=False))
+    study = load()
+    assert [m.trial for m in export_top(study, 1, out=tmp_path / "one").members] == [1]
+    with pytest.raises(UserError, match="only 1 usable trial.*current data set and split"):
+        export_top(study, 2, out=tmp_path / "two")
 
 
 def test_allow_changed_space_with_other_choices_is_refused_before_any_trial(

@@ -31,14 +31,22 @@ def test_budget_counts_each_original_once_and_retries_hold_its_place() -> None:
     assert retry_is_redundant([make(1, TrialState.COMPLETE), *trials[2:]], 3, 1)
 
 
-def test_a_trial_is_on_other_data_only_when_it_recorded_another_fingerprint() -> None:
-    def trial(fingerprint: str | None) -> optuna.trial.FrozenTrial:
-        attrs = {} if fingerprint is None else {"fingerprint": fingerprint}
+def test_a_trial_is_on_other_data_when_it_recorded_another_data_set_or_split() -> None:
+    """A trial of another split (run --allow-changed with another split_seed) trained on some of the
+    current validation utterances: export-top ranked it beside the others and vote then refused it."""
+
+    def trial(**attrs: object) -> optuna.trial.FrozenTrial:
         return optuna.trial.create_trial(state=TrialState.COMPLETE, value=1.0, user_attrs=attrs)
 
-    assert on_other_data(trial("old"), "new")
-    assert not on_other_data(trial("new"), "new")
-    assert not on_other_data(trial(None), "new")  # from before trials recorded their data set
+    study = {"fingerprint": "new", "split_id": "s2", "valid_ratio": 0.1, "split_seed": 7}
+    assert on_other_data(trial(fingerprint="old"), study)
+    assert on_other_data(trial(fingerprint="new", split_id="s1"), study)
+    assert not on_other_data(trial(fingerprint="new", split_id="s2"), study)
+    assert not on_other_data(trial(), study)  # from before trials recorded their data set
+    # From before trials recorded their split: their config's ratio and seed tell.
+    assert on_other_data(trial(fingerprint="new", config={"valid_ratio": 0.1, "split_seed": 0}), study)
+    assert not on_other_data(trial(fingerprint="new", config={"valid_ratio": 0.1, "split_seed": 7}), study)
+    assert not on_other_data(trial(fingerprint="new", split_id="s1"), {"fingerprint": "new"})
 
 
 def test_status_and_export_rank_trials_alike_and_a_non_finite_accuracy_last() -> None:
@@ -49,5 +57,5 @@ def test_status_and_export_rank_trials_alike_and_a_non_finite_accuracy_last() ->
         t.number = number
         trials.append(t)
     assert [trial_accuracy(t) for t in trials] == [0.5, None, 0.9, 0.5]
-    rows = summary_rows(trials, None, top=10)
+    rows = summary_rows(trials, {}, top=10)
     assert [r["number"] for r in rows] == [2, 0, 3, 1] and rows[-1]["valid_acc"] is None
