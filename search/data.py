@@ -173,6 +173,9 @@ def read_layout(root: Path) -> HW4Layout:
 _LISTED = "metadata.json (or testdata.json) lists it: restore it, or delete its entry there"
 
 
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504: the packed cache's dtype
+
+
 def load_feature(path: Path, n_mels: int, mel_len: int | None = None) -> torch.Tensor:
     """Load one ``uttr-*.pt`` safely (weights_only) and check it is a (mel_len, n_mels) float tensor."""
     try:
@@ -201,6 +204,16 @@ def load_feature(path: Path, n_mels: int, mel_len: int | None = None) -> torch.T
         )
     if not torch.isfinite(tensor).all():
         raise UserError(f"{path}: tensor holds NaN or infinite values")
+    peak = float(tensor.detach().abs().max()) if tensor.numel() else 0.0
+    if peak > FLOAT16_MAX:
+        # The cache holds float16: such a value became inf there, and the model's logits NaN (a
+        # prediction of the first speaker, silently, or a trial "diverged").
+        raise UserError(
+            f"{path}: holds {peak:.6g}, beyond float16's range (+-{FLOAT16_MAX:g}) that the packed cache "
+            "keeps; store log-mel features (as HW4's), not linear power or amplitude"
+        )
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds every value exactly
+        tensor = tensor.float()
     return tensor.detach()  # a feature saved while it required grad is data like any other
 
 

@@ -179,6 +179,25 @@ def test_features_saved_in_any_float_form_pack_to_the_same_set(hw4: Path) -> Non
     np.testing.assert_array_equal(np.asarray(again.features), np.asarray(plain.features))
 
 
+def test_values_beyond_float16_are_refused_and_bfloat16_packs(hw4: Path) -> None:
+    """The cache holds float16: a value past 65504 (linear power, not log-mel) became inf there, and the
+    model's NaN logits predicted the first speaker without a word. bfloat16 (no numpy dtype) raised."""
+    first, second = [
+        u["feature_path"]
+        for u in next(iter(json.loads((hw4 / "metadata.json").read_text())["speakers"].values()))[:2]
+    ]
+    tensor = torch.load(hw4 / first, weights_only=True)
+    torch.save(tensor.bfloat16(), hw4 / first)
+    packed = pack(hw4, hw4.parent / "cache", progress=False)
+    expected = tensor.bfloat16().float().numpy()
+    np.testing.assert_allclose(packed.utterance(packed.ids.index(first)), expected, rtol=1e-3, atol=1e-3)
+    loud = torch.load(hw4 / second, weights_only=True)
+    loud[0, 0] = 70000.0
+    torch.save(loud, hw4 / second)
+    with pytest.raises(UserError, match=f"{second}: holds 70000, beyond float16's range .* log-mel"):
+        pack(hw4, hw4.parent / "cache", progress=False)
+
+
 def _copy_with_new_times(src: Path, dst: Path) -> Path:
     """A copy as scp, cp -r or a cloud download makes it: same bytes, every file with another mtime."""
     shutil.copytree(src, dst, copy_function=shutil.copyfile)
