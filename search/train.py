@@ -271,6 +271,27 @@ def _resumes(state: dict[str, Any], config: Config, data: PackedData) -> bool:
     return _same_config(state["config"], config) and state.get("fingerprint") == data.fingerprint
 
 
+def _newer_best(
+    best_path: Path, best_acc: float, best_step: int, config: Config, data: PackedData
+) -> tuple[float, int]:
+    """The best accuracy and step to resume with: ``best.pt``'s where it was written after the
+    ``last.pt`` that recorded ``best_acc`` at ``best_step``, else those.
+
+    Why: a run killed between the two writes of one validation kept the newer ``best.pt``. On a GPU
+    the resumed run's validation at that step is not bitwise the same and may fall short of it, so
+    ``best.pt`` stayed while the run reported last.pt's older accuracy: a trial's recorded figure and
+    its uploaded checkpoint disagreed.
+    """
+    try:
+        best = read_checkpoint(best_path)
+    except UnreadableCheckpoint:  # none yet, or not this run's: the validations to come write it
+        return best_acc, best_step
+    acc, step = (best.get("metrics") or {}).get("valid_acc"), best.get("step")
+    if not _resumes(best, config, data) or not isinstance(acc, float) or not isinstance(step, int):
+        return best_acc, best_step
+    return (acc, step) if step > best_step and acc > best_acc else (best_acc, best_step)
+
+
 def start_step(out_dir: Path, config: Config, data: PackedData, force: bool) -> int:
     """The step ``spkid-search train`` into ``out_dir`` starts from: its interrupted run's, or 0 (with
     ``force``, whose earlier files are removed: it starts over, as asked). A ``last.pt`` that cannot be
@@ -432,6 +453,8 @@ def _train(
             sampler.set_state(state["sampler"], start_step)
             _set_rng_state(state.get("rng"), aug_gen, device, t.seed + 1, start_step)
             best_acc, best_step = float(state["best_accuracy"]), int(state["best_step"])
+            if best_path is not None:
+                best_acc, best_step = _newer_best(best_path, best_acc, best_step, config, data)
 
     def validate(step: int) -> float:
         nonlocal best_acc, best_step

@@ -187,6 +187,29 @@ def test_a_checkpoint_with_another_devices_random_streams_resumes_with_fresh_one
     assert result.resumed_from == 50 and result.last_step == config.train.steps and not result.stopped_early
 
 
+def test_a_best_checkpoint_newer_than_last_is_the_resumed_runs_best(
+    fake_data: PackedData, tmp_path: Path
+) -> None:
+    """A run killed between the best.pt and last.pt writes of one validation kept the newer best.pt; on a
+    GPU the resumed run's validation at that step may fall short of it, and the trial then reported
+    last.pt's older accuracy beside that best.pt (its recorded figure and its checkpoint disagreed)."""
+    config = Config.from_dict(RESUMABLE)
+    last = interrupt_at(config, fake_data, tmp_path, 50)
+    state = torch.load(last, weights_only=True)
+    assert state["best_step"] <= 50
+    best = {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "sampler", "rng")}
+    # As the killed run wrote it at step 75 (its own accuracy; 2.0: no real validation can beat it).
+    save_atomic({**best, "step": 75, "metrics": {"valid_acc": 2.0, "parameters": 1}}, tmp_path / "best.pt")
+    result = train(config, fake_data, "cpu", out_dir=tmp_path)
+    assert (result.resumed_from, result.best_accuracy, result.best_step) == (50, 2.0, 75)
+    # One of another run (another seed) is not this run's: it is replaced, its figure not taken.
+    other = Config.from_dict({**RESUMABLE, "seed": 9})
+    last = interrupt_at(other, fake_data, tmp_path / "b", 50)
+    save_atomic({**best, "step": 75, "metrics": {"valid_acc": 2.0, "parameters": 1}}, tmp_path / "b/best.pt")
+    result = train(other, fake_data, "cpu", out_dir=tmp_path / "b")
+    assert result.resumed_from == 50 and result.best_accuracy <= 1.0
+
+
 def test_restore_generator_goes_on_where_it_can_and_seeds_anew_where_it_cannot() -> None:
     def draws(g: torch.Generator) -> list[float]:
         return torch.rand(4, generator=g).tolist()
