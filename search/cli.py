@@ -176,6 +176,8 @@ def _gpu_list(text: str) -> list[int]:
         gpus = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected GPU indices like 0,1 - got '{text}'") from None
+    if not gpus:  # "" or ",": ran on the CPU without a word
+        raise argparse.ArgumentTypeError(f"expected GPU indices like 0,1 - got '{text}' (none)")
     if any(g < 0 for g in gpus):
         raise argparse.ArgumentTypeError(f"GPU indices must be >= 0, got '{text}'")
     return gpus
@@ -330,6 +332,11 @@ def cmd_export_top(args: argparse.Namespace) -> int:
         check_data_folder(study, args.data)  # another set is refused before minutes of packing it
     cache = study_cache_root(study)
     data = open_data(args.data, cache, progress=not args.quiet) if args.data is not None else None
+    recorded = study.user_attrs.get("data_root")
+    if args.data is None and not args.quiet and recorded and (Path(recorded) / "testdata.json").is_file():
+        console.print(
+            f"No --data given: using the data set study '{study.study_name}' was run on, {recorded}"
+        )
     result = export_top(
         study,
         args.k,
@@ -482,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--test-fraction",
         type=_fraction,
         metavar="F",
-        help="held-out fraction of each speaker's utterances instead (at least 1)",
+        help="held-out fraction of each speaker's utterances instead (0 < F < 1; at least 1 utterance each)",
     )
     p.add_argument(
         "--workers",
@@ -597,7 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="show a study's best trials and counts",
         description="Print a table of the best finished trials and the trial counts.",
     )
-    p.add_argument("--study", help="study name (optional when there is only one)")
+    p.add_argument(
+        "--study", help="study name (optional when ./studies, or $SPKID_SEARCH_STUDIES, holds only one)"
+    )
     p.add_argument("--storage", help="storage URL (default sqlite:///studies/<study>/study.db)")
     p.add_argument("--top", type=_positive, default=10, help="rows to show (default 10)")
     p.set_defaults(func=cmd_status)
@@ -608,7 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve optuna-dashboard for the study's storage and artifact store "
         "(checkpoints), bound to 127.0.0.1 unless --host says otherwise.",
     )
-    p.add_argument("--study", help="study name (optional when there is only one)")
+    p.add_argument(
+        "--study", help="study name (optional when ./studies, or $SPKID_SEARCH_STUDIES, holds only one)"
+    )
     p.add_argument("--storage", help="storage URL (default sqlite:///studies/<study>/study.db)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=_positive, default=8080, help="port (default 8080)")
@@ -623,7 +634,9 @@ def build_parser() -> argparse.ArgumentParser:
         "ensemble selection on the study's validation split (K caps the distinct members).",
     )
     p.add_argument("k", type=_positive, metavar="K", help="number of members (greedy: at most K distinct)")
-    p.add_argument("--study", help="study name (optional when there is only one)")
+    p.add_argument(
+        "--study", help="study name (optional when ./studies, or $SPKID_SEARCH_STUDIES, holds only one)"
+    )
     p.add_argument("--storage", help="storage URL (default sqlite:///studies/<study>/study.db)")
     p.add_argument(
         "--out",

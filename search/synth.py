@@ -752,7 +752,13 @@ def _write_features(world: _World, workers: int, progress: bool) -> None:
 
 def default_synth_preset() -> str:
     """The generated set used when no --data is given (``$SPKID_SEARCH_SYNTH_PRESET``, default small)."""
-    return os.environ.get("SPKID_SEARCH_SYNTH_PRESET", "small")
+    preset = os.environ.get("SPKID_SEARCH_SYNTH_PRESET", "small")
+    if preset not in PRESETS:  # said before "generating the synthetic 'huge' set", naming the variable
+        raise UserError(
+            f"SPKID_SEARCH_SYNTH_PRESET={preset}: unknown synth preset (choose one of: "
+            f"{', '.join(PRESETS)}), or unset it for 'small'"
+        )
+    return preset
 
 
 def default_data_dir() -> Path:

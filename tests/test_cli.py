@@ -110,6 +110,27 @@ def test_user_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
         )
 
 
+def test_an_empty_gpu_list_or_an_unknown_synth_preset_is_refused_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--gpus "," ran on the CPU without a word; SPKID_SEARCH_SYNTH_PRESET=huge said only "unknown synth
+    preset", after "generating the synthetic 'huge' set"."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--space", "smoke", "--trials", "1", "--gpus", ","])
+    assert (
+        exit_.value.code == 2 and "argument --gpus: expected GPU indices like 0,1" in capsys.readouterr().err
+    )
+    monkeypatch.setenv("SPKID_SEARCH_SYNTH_PRESET", "huge")
+    assert main(["train", "--config", "simple", "--steps", "5", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "spkid-search train: error: SPKID_SEARCH_SYNTH_PRESET=huge: unknown synth preset (choose one of: "
+        "tiny, small, hw4), or unset it for 'small'"
+    ], err
+    assert not (tmp_path / "studies").exists()
+
+
 _WITHOUT_TORCH = """
 import json, sys
 from search.cli import main

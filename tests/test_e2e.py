@@ -76,7 +76,10 @@ def test_run_export_vote_round_trip(
     assert f"--data {fake_dir}: not the data set study 'smoke' was run on" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "studies" / "cache").iterdir()) == caches
     assert main(["export-top", "1", "--storage", url, "--data", data, "--quiet"]) == 0
-    assert main(["export-top", "1", "--storage", url, "--strategy", "greedy", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["export-top", "1", "--storage", url, "--strategy", "greedy"]) == 0
+    said = " ".join(capsys.readouterr().err.split())  # it says which set it validated on, as vote does
+    assert f"No --data given: using the data set study 'smoke' was run on, {Path(data).resolve()}" in said
     home = tmp_path / "studies" / "smoke"
     assert json.loads((home / "export" / "top1" / "manifest.json").read_text())["members"]
     assert json.loads((home / "export" / "greedy1" / "manifest.json").read_text())["members"]

@@ -643,7 +643,7 @@ def _ctrl_c_once(proc: subprocess.Popen[str], ready: Callable[[], object]) -> st
 
 def test_ctrl_c_stops_cleanly_and_resumes(tmp_path: Path, tiny_dir: Path) -> None:
     space = long_space(tmp_path)
-    args = ("run", "--space", str(space), "--trials", "2", "--data", str(tiny_dir), "--quiet")
+    args = ("run", "--space", str(space), "--trials", "1", "--data", str(tiny_dir), "--quiet")
     status = tmp_path / "studies/unit/workers" / socket.gethostname()
     out = _ctrl_c_once(_cli(*args, cwd=tmp_path), lambda: wait_for_step(status, 120, timeout=120))
     assert "Stopped: running trials were marked and will resume" in " ".join(out.split()), out
@@ -655,8 +655,7 @@ def test_ctrl_c_stops_cleanly_and_resumes(tmp_path: Path, tiny_dir: Path) -> Non
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
     done = load().get_trials(states=(TrialState.COMPLETE,))
-    assert len(done) == 2
-    assert any(t.user_attrs["resumed_from_step"] >= 100 for t in done)
+    assert len(done) == 1 and done[0].user_attrs["resumed_from_step"] >= 100
     # The retry inherits its original's attrs; the ones that described the stop are cleared.
     assert not any(t.user_attrs.get("interrupted") or t.user_attrs.get("fail_reason") for t in done)
 
