@@ -12,7 +12,8 @@
 # Caps (seconds) LANES_CAP, SMOKE_CAP, STEADY_CAP default to 230, 170, 130 (530 in all). Each stage's
 # output goes to $OUT/session-<stage>.log (default OUT: bench/out) and a summary to $OUT/session.json.
 # STAGES (default "lanes smoke steady") picks and orders them. DRY=1 runs them at toy sizes on the CPU
-# (the smoke space on a tiny set): a check of this script, not of a GPU.
+# (the smoke space on a tiny set; steady as gpu.sh's whole dry run, every section and check): a check of
+# this script and of the ones it runs, not of a GPU.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHON=${PYTHON:-python3}  # the stages' interpreter
@@ -65,7 +66,7 @@ for name in $stages; do
     smoke:0) stage smoke "${SMOKE_CAP:-170}" env TRIALS=4 STEPS=300 bash "$root/bench/gpu_smoke.sh" --per-gpu 4 ;;
     smoke:1) stage smoke "${SMOKE_CAP:-170}" env TRIALS=1 STEPS=10 PRESET=tiny SPACE=smoke bash "$root/bench/gpu_smoke.sh" --workers 1 ;;
     steady:0) stage steady "${STEADY_CAP:-130}" bash "$root/bench/gpu.sh" --threads-only --threads-k 1,4 ;;
-    steady:1) stage steady "${STEADY_CAP:-130}" bash "$root/bench/gpu.sh" --dry-run --threads-only --threads-k 1,2 ;;
+    steady:1) stage steady "${STEADY_CAP:-130}" bash "$root/bench/gpu.sh" --dry-run --processes ;;
   esac
 done
 {

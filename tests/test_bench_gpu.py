@@ -1,4 +1,4 @@
-"""The GPU benchmark script's CPU dry run: the script itself works end to end and writes its JSON."""
+"""The GPU benchmark scripts' CPU dry runs: each script works end to end and writes its JSON."""
 
 from __future__ import annotations
 
@@ -9,29 +9,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from search.train import PhaseClock
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_gpu_bench_dry_run_writes_results(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "gpu_bench.py"),
-            "--dry-run",
-            "--processes",
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads((tmp_path / "gpu.json").read_text())
+def _check_dry_run_results(result: dict[str, Any]) -> None:
+    """What bench/gpu_bench.py --dry-run --processes writes (gpu.json): every section, every check."""
     assert len(result["steps_per_s"]) == 6 and all(v > 0 for v in result["steps_per_s"].values())
     checks = result["checks"]
     assert checks["loss_falls"] and checks["padding_invariant"] and checks["bf16_fp32_agree"]
@@ -176,7 +162,8 @@ def test_gpu_session_runs_every_stage_under_its_own_cap(tmp_path: Path) -> None:
     # The smoke stage went from a generated set through run, export-top and vote to a submission.
     rows = (tmp_path / "smoke-submission.csv").read_text().splitlines()
     assert rows[0] == "Id,Category" and len(rows) > 1
-    assert json.loads((tmp_path / "gpu.json").read_text())["aggregate_over_one_trial"]["1"] == 1.0
+    # The steady stage ran gpu.sh's whole dry run (gpu_bench.py, from an install check to its JSON).
+    _check_dry_run_results(json.loads((tmp_path / "gpu.json").read_text()))
     assert (tmp_path / "session-lanes.log").exists() and "Traceback" not in (
         tmp_path / "session-lanes.log"
     ).read_text()
