@@ -1020,8 +1020,8 @@ except KeyboardInterrupt:
 
 
 def _lanes_run(tmp_path: Path, tiny_dir: Path, heartbeat: int) -> tuple[list[str], dict[str, str]]:
-    """Two 400-step trials, two lanes of one CPU worker (what --per-gpu 2 does on a GPU)."""
-    space = long_space(tmp_path)
+    """Two 250-step trials, two lanes of one CPU worker (what --per-gpu 2 does on a GPU)."""
+    space = long_space(tmp_path, steps=250)
     command = [sys.executable, "-c", _LANES_RUN, str(space), str(tiny_dir), str(heartbeat)]
     return command, {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
