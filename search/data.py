@@ -9,6 +9,7 @@ with vectorised indexing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -174,6 +175,7 @@ _LISTED = "metadata.json (or testdata.json) lists it: restore it, or delete its 
 
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504: the packed cache's dtype
+FLOAT16_OVERFLOW = 65520.0  # the least value float16 rounds to inf (below it, to 65504 at most)
 
 
 def load_feature(path: Path, n_mels: int, mel_len: int | None = None) -> torch.Tensor:
@@ -205,7 +207,7 @@ def load_feature(path: Path, n_mels: int, mel_len: int | None = None) -> torch.T
     if not torch.isfinite(tensor).all():
         raise UserError(f"{path}: tensor holds NaN or infinite values")
     peak = float(tensor.detach().abs().max()) if tensor.numel() else 0.0
-    if peak > FLOAT16_MAX:
+    if peak >= FLOAT16_OVERFLOW:
         # The cache holds float16: such a value became inf there, and the model's logits NaN (a
         # prediction of the first speaker, silently, or a trial "diverged").
         raise UserError(
@@ -327,9 +329,36 @@ def pack(root: Path, cache_root: Path | None = None, progress: bool = True) -> P
     key = cache_key(layout, index)
     cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
     target = cache_root / key
+    if (target / "index.npz").exists() and not _all_finite(target):
+        shutil.rmtree(target, ignore_errors=True)  # packed before values were checked: the file is named
     if not (target / "index.npz").exists():
         _build_cache(layout, key, target, progress)
     return dataclasses.replace(open_cache(target, layout.root), index_digest=digest)
+
+
+def _all_finite(cache_dir: Path) -> bool:
+    """Whether a cache holds only finite values; checked once, then recorded in its ``meta.json``.
+
+    Why: versions before the float16 range check packed a value past 65504 as inf, and a cache is
+    reused as long as its set's files are unchanged. Such a cache is packed again, which names the file.
+    """
+    meta_path = cache_dir / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("finite"):
+            return True
+        features = np.load(cache_dir / "features.npy", mmap_mode="r")
+    except (OSError, ValueError, TypeError, AttributeError):
+        return True  # open_cache says what is wrong with it
+    rows = max(1, (1 << 24) // max(1, features.shape[1]))  # 32 MB of float16 at a time
+    for start in range(0, features.shape[0], rows):
+        if not np.isfinite(features[start : start + rows]).all():
+            return False
+    with contextlib.suppress(OSError):  # a read-only cache is checked again next time
+        tmp = cache_dir / f".meta.json.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps({**meta, "finite": True}))
+        os.replace(tmp, meta_path)
+    return True
 
 
 def _build_cache(layout: HW4Layout, key: str, target: Path, progress: bool) -> None:
@@ -382,6 +411,7 @@ def _build_cache(layout: HW4Layout, key: str, target: Path, progress: bool) -> N
             "n_mels": layout.n_mels,
             "speakers": layout.speakers,
             "ids": [u.feature_path for u in utts],
+            "finite": True,  # every value checked as it was packed (load_feature)
         }
         (tmp / "meta.json").write_text(json.dumps(meta))
         # On disk before the folder is renamed into place: pack() trusts any cache folder it finds, so a

@@ -192,10 +192,33 @@ def test_values_beyond_float16_are_refused_and_bfloat16_packs(hw4: Path) -> None
     expected = tensor.bfloat16().float().numpy()
     np.testing.assert_allclose(packed.utterance(packed.ids.index(first)), expected, rtol=1e-3, atol=1e-3)
     loud = torch.load(hw4 / second, weights_only=True)
+    loud[0, 0] = 65519.0  # float16 rounds it to 65504: packed as such
+    torch.save(loud, hw4 / second)
+    pack(hw4, hw4.parent / "cache", progress=False)
     loud[0, 0] = 70000.0
     torch.save(loud, hw4 / second)
     with pytest.raises(UserError, match=f"{second}: holds 70000, beyond float16's range .* log-mel"):
         pack(hw4, hw4.parent / "cache", progress=False)
+
+
+def test_a_cache_packed_with_inf_before_the_range_check_is_packed_again(hw4: Path) -> None:
+    """A cache is reused while its set's files are unchanged: one that an earlier version packed with
+    inf (a value past float16's range) went on predicting the first speaker."""
+    packed = pack(hw4, hw4.parent / "cache", progress=False)
+    meta_path = packed.cache_dir / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta.pop("finite") is True  # checked as it was packed
+    meta_path.write_text(json.dumps(meta))  # as earlier versions wrote it
+    assert pack(hw4, hw4.parent / "cache", progress=False).cache_dir == packed.cache_dir
+    assert json.loads(meta_path.read_text())["finite"] is True  # checked once, then recorded
+    meta_path.write_text(json.dumps(meta))
+    features = np.load(packed.cache_dir / "features.npy", mmap_mode="r+")
+    features[3, 5] = np.inf
+    features.flush()
+    del features
+    again = pack(hw4, hw4.parent / "cache", progress=False)
+    assert again.cache_dir == packed.cache_dir and np.isfinite(np.asarray(again.features)).all()
+    assert again.fingerprint == packed.fingerprint  # packed again from the same files
 
 
 def _copy_with_new_times(src: Path, dst: Path) -> Path:
