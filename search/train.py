@@ -352,8 +352,11 @@ def _set_rng_state(
     if not state:
         return
     restore_generator(aug_gen, state["augment"], seed, step)
-    if device.type == "cpu" and "torch" in state:
-        torch.set_rng_state(state["torch"])
+    if device.type == "cpu":
+        if "torch" in state:
+            torch.set_rng_state(state["torch"])
+        else:  # a GPU run's last.pt: dropout would replay the trial's first draws (seeded at the start)
+            torch.manual_seed(hash((seed, step, 1)) & (2**63 - 1))
 
 
 def _checkpoint_meta(config: Config, data: PackedData, split: Split) -> dict[str, Any]:
