@@ -19,7 +19,15 @@ from rich.table import Table
 from rich.text import Text
 
 from search import progress
-from search.trials import FINISHED, Counts, is_skipped, real_failures, summary_rows
+from search.trials import (
+    FINISHED,
+    Counts,
+    current_best,
+    is_skipped,
+    real_failures,
+    summary_rows,
+    trial_accuracy,
+)
 
 
 def _fmt(value: Any, pattern: str = "{:.4f}") -> str:
@@ -262,11 +270,8 @@ class RunView:
         self.live.update(Group(table, footer))
 
     def _best(self, study: optuna.Study) -> str:
-        try:
-            best = study.best_trial
-            return f"best {best.value:.4f} (trial {best.number})"
-        except ValueError:
-            return "best -"
+        best = current_best(study.get_trials(deepcopy=False), study.user_attrs)
+        return "best -" if best is None else f"best {trial_accuracy(best):.4f} (trial {best.number})"
 
     def _rate(self, counts: Counts) -> str:
         hours = max(time.time() - self.started, 1e-6) / 3600

@@ -5,7 +5,14 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState
 
-from search.trials import held_before, on_other_data, retry_is_redundant, summary_rows, trial_accuracy
+from search.trials import (
+    current_best,
+    held_before,
+    on_other_data,
+    retry_is_redundant,
+    summary_rows,
+    trial_accuracy,
+)
 
 
 def test_budget_counts_each_original_once_and_retries_hold_its_place() -> None:
@@ -47,6 +54,30 @@ def test_a_trial_is_on_other_data_when_it_recorded_another_data_set_or_split() -
     assert on_other_data(trial(fingerprint="new", config={"valid_ratio": 0.1, "split_seed": 0}), study)
     assert not on_other_data(trial(fingerprint="new", config={"valid_ratio": 0.1, "split_seed": 7}), study)
     assert not on_other_data(trial(fingerprint="new", split_id="s1"), {"fingerprint": "new"})
+
+
+def test_the_run_displays_the_best_trial_of_the_current_data_set_and_split() -> None:
+    """The live footer took study.best_trial: a trial of an earlier split, its figure in-sample, led."""
+    study = {"fingerprint": "f", "split_id": "new"}
+    trials = []
+    for number, (state, acc, split) in enumerate(
+        [
+            (TrialState.COMPLETE, 0.99, "old"),
+            (TrialState.PRUNED, 0.95, "new"),
+            (TrialState.COMPLETE, 0.7, "new"),
+        ]
+    ):
+        t = optuna.trial.create_trial(
+            state=state,
+            value=acc,
+            intermediate_values={1: acc},
+            user_attrs={"valid_acc": acc, "split_id": split},
+        )
+        t.number = number
+        trials.append(t)
+    best = current_best(trials, study)
+    assert best is not None and best.number == 2
+    assert current_best(trials[:2], study) is None
 
 
 def test_status_and_export_rank_trials_alike_and_a_non_finite_accuracy_last() -> None:
