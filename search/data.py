@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -204,9 +205,11 @@ def load_feature(path: Path, n_mels: int, mel_len: int | None = None) -> torch.T
         raise UserError(
             f"{path}: tensor has {tensor.shape[0]} frames but the metadata says mel_len {mel_len}"
         )
-    if not torch.isfinite(tensor).all():
+    # One pass for both checks: the extremes are NaN if any value is, and infinite if any value is.
+    low, high = (float(v) for v in torch.aminmax(tensor.detach())) if tensor.numel() else (0.0, 0.0)
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise UserError(f"{path}: tensor holds NaN or infinite values")
-    peak = float(tensor.detach().abs().max()) if tensor.numel() else 0.0
+    peak = max(-low, high)
     if peak >= FLOAT16_OVERFLOW:
         # The cache holds float16: such a value became inf there, and the model's logits NaN (a
         # prediction of the first speaker, silently, or a trial "diverged").

@@ -199,6 +199,11 @@ def test_values_beyond_float16_are_refused_and_bfloat16_packs(hw4: Path) -> None
     torch.save(loud, hw4 / second)
     with pytest.raises(UserError, match=f"{second}: holds 70000, beyond float16's range .* log-mel"):
         pack(hw4, hw4.parent / "cache", progress=False)
+    for bad in (float("nan"), float("-inf")):
+        loud[0, 0] = bad
+        torch.save(loud, hw4 / second)
+        with pytest.raises(UserError, match=f"{second}: tensor holds NaN or infinite values"):
+            pack(hw4, hw4.parent / "cache", progress=False)
 
 
 def test_a_cache_packed_with_inf_before_the_range_check_is_packed_again(hw4: Path) -> None:
