@@ -348,15 +348,14 @@ def _set_rng_state(
     step: int,
 ) -> None:
     """Continue the streams :func:`_rng_state` saved (a last.pt from before they were saved has none;
-    one saved on another kind of device gets fresh streams, see :func:`search.data.restore_generator`)."""
+    one saved on another kind of device gets fresh streams, see :func:`search.data.restore_generator`).
+    ``seed`` is the trial's: SpecAugment's stream is seeded from ``seed + 1``, dropout's ``seed + 2``."""
     if not state:
         return
-    restore_generator(aug_gen, state["augment"], seed, step)
-    if device.type == "cpu":
-        if "torch" in state:
-            torch.set_rng_state(state["torch"])
-        else:  # a GPU run's last.pt: dropout would replay the trial's first draws (seeded at the start)
-            torch.manual_seed(hash((seed, step, 1)) & (2**63 - 1))
+    restore_generator(aug_gen, state["augment"], seed + 1, step)
+    if device.type == "cpu":  # a GPU run's last.pt has no CPU stream: dropout must not replay its first draws
+        no_state = torch.empty(0, dtype=torch.uint8)
+        restore_generator(torch.default_generator, state.get("torch", no_state), seed + 2, step)
 
 
 def _checkpoint_meta(config: Config, data: PackedData, split: Split) -> dict[str, Any]:
@@ -454,7 +453,7 @@ def _train(
             scheduler.load_state_dict(state["scheduler"])
             start_step = int(state["step"])
             sampler.set_state(state["sampler"], start_step)
-            _set_rng_state(state.get("rng"), aug_gen, device, t.seed + 1, start_step)
+            _set_rng_state(state.get("rng"), aug_gen, device, t.seed, start_step)
             best_acc, best_step = float(state["best_accuracy"]), int(state["best_step"])
             if best_path is not None:
                 best_acc, best_step = _newer_best(best_path, best_acc, best_step, config, data)
