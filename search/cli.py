@@ -323,7 +323,7 @@ def _bind_error(host: str, port: int, exc: OSError) -> str:
 
 def cmd_export_top(args: argparse.Namespace) -> int:
     from search.data import open_data
-    from search.export import check_data_folder, export_top, render_export, study_cache_root
+    from search.export import check_data_folder, export_top, render_export, study_cache_root, study_data_root
     from search.progress import console, output
     from search.storage import resolve
 
@@ -332,8 +332,8 @@ def cmd_export_top(args: argparse.Namespace) -> int:
         check_data_folder(study, args.data)  # another set is refused before minutes of packing it
     cache = study_cache_root(study)
     data = open_data(args.data, cache, progress=not args.quiet) if args.data is not None else None
-    recorded = study.user_attrs.get("data_root")
-    if args.data is None and not args.quiet and recorded and (Path(recorded) / "testdata.json").is_file():
+    recorded = study_data_root(study) if args.data is None else None
+    if recorded is not None and not args.quiet:
         console.print(
             f"No --data given: using the data set study '{study.study_name}' was run on, {recorded}"
         )

@@ -44,7 +44,7 @@ from search.files import atomic_write, check_can_create, install_folder, sha256_
 from search.infer import accuracy, checkpoint_logits, read_checkpoint, rebuild_split
 from search.manifest import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION
 from search.storage import artifact_dir, artifact_store, study_home
-from search.trials import best_first, on_other_data, trial_accuracy
+from search.trials import on_other_data, ranked, trial_accuracy
 
 STRATEGIES = ("top", "greedy")
 CACHE_FOLDER = "valid_logits"
@@ -91,15 +91,8 @@ def usable_trials(study: optuna.Study, include_pruned: bool = False) -> list[Fro
     ``run --allow-changed``) are left out: their models cannot be validated or voted on this one.
     """
     states = (TrialState.COMPLETE, TrialState.PRUNED) if include_pruned else (TrialState.COMPLETE,)
-    current = study.user_attrs
-    trials = [
-        t
-        for t in study.get_trials(deepcopy=False, states=states)
-        if t.user_attrs.get("checkpoint_artifact")
-        and trial_accuracy(t) is not None
-        and not on_other_data(t, current)
-    ]
-    return sorted(trials, key=best_first)
+    trials = ranked(study.get_trials(deepcopy=False, states=states), study.user_attrs, states)
+    return [t for t in trials if t.user_attrs.get("checkpoint_artifact")]
 
 
 def fetch_checkpoint(study: optuna.Study, trial: FrozenTrial, dest: Path) -> str:
@@ -273,17 +266,24 @@ def _study_split(study: optuna.Study, data: PackedData) -> Split:
     return rebuild_split(data, ratio, seed, str(attrs["split_id"]), f"study '{study.study_name}'")
 
 
+def study_data_root(study: optuna.Study) -> Path | None:
+    """The data folder the study recorded, where it is still there (None: not recorded, or gone)."""
+    root = study.user_attrs.get("data_root")
+    return Path(root) if root and (Path(root) / "testdata.json").is_file() else None
+
+
 def _open_study_data(study: optuna.Study, required: bool) -> PackedData | None:
     """The study's recorded data folder, packed; None (or, when ``required``, an error) if it is gone."""
-    root = study.user_attrs.get("data_root")
-    if not root or not (Path(root) / "testdata.json").is_file():
+    root = study_data_root(study)
+    if root is None:
         if not required:
             return None
+        recorded = study.user_attrs.get("data_root") or "not recorded"
         raise UserError(
             f"study '{study.study_name}': greedy selection needs the validation data, and the study's "
-            f"data folder ({root or 'not recorded'}) is not available; pass --data DIR"
+            f"data folder ({recorded}) is not available; pass --data DIR"
         )
-    return open_data(Path(root), study_cache_root(study), progress=False)
+    return open_data(root, study_cache_root(study), progress=False)
 
 
 def check_data_folder(study: optuna.Study, root: Path) -> None:

@@ -169,20 +169,30 @@ def best_first(t: FrozenTrial) -> tuple[float, int]:
     return (-(trial_accuracy(t) or 0.0), t.number)
 
 
-def current_best(trials: list[FrozenTrial], study_attrs: Mapping[str, Any]) -> FrozenTrial | None:
-    """The most accurate COMPLETE trial on the study's current data set and split (None: none yet).
+def ranked(
+    trials: list[FrozenTrial],
+    study_attrs: Mapping[str, Any],
+    states: Sequence[TrialState] = (TrialState.COMPLETE,),
+) -> list[FrozenTrial]:
+    """The trials in ``states`` with an accuracy, on the study's current data set and split, best first.
 
     Why not ``study.best_trial``: it ranks trials of an earlier data set or split (run --allow-changed)
     too, whose figures are in-sample on the current validation set.
     """
-    done = [
-        t
-        for t in trials
-        if t.state == TrialState.COMPLETE
-        and trial_accuracy(t) is not None
-        and not on_other_data(t, study_attrs)
-    ]
-    return min(done, key=best_first) if done else None
+    return sorted(
+        (
+            t
+            for t in trials
+            if t.state in states and trial_accuracy(t) is not None and not on_other_data(t, study_attrs)
+        ),
+        key=best_first,
+    )
+
+
+def current_best(trials: list[FrozenTrial], study_attrs: Mapping[str, Any]) -> FrozenTrial | None:
+    """The most accurate COMPLETE trial on the study's current data set and split (None: none yet)."""
+    best = ranked(trials, study_attrs)
+    return best[0] if best else None
 
 
 def summary_rows(trials: list[FrozenTrial], study_attrs: Mapping[str, Any], top: int) -> list[dict[str, Any]]:
