@@ -29,7 +29,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
 from search.storage import MAX_RETRY, open_storage, sqlite_file
-from search.trials import TrialLike, held_before, root_of
+from search.trials import FINISHED, TrialLike, count_trials, held_before, root_of
 
 Release = Callable[[], None]
 
@@ -243,6 +243,39 @@ def queue_retry(study: optuna.Study, frozen: FrozenTrial, max_retry: int | None 
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             callback = RetryHeartbeatStaleTrialCallback(max_retry=None)
         callback(study, frozen)
+
+
+def requeue_stopped(study: optuna.Study, budget: int) -> list[int]:
+    """Queue the retry of every stopped trial (Ctrl-C, SIGTERM, a dead driver) that has none, while the
+    study's finished, running and queued trials hold fewer than ``budget``; the numbers queued.
+
+    Why: a stopped worker queues its trial's retry itself, as a best effort on its way out (its storage
+    may not answer then, and it is killed if it takes too long). Once, in the SIGTERM-then-Ctrl-C
+    reliability test, a trial ended FAIL, "interrupted", with no retry: nothing would have resumed it,
+    it counted as a failure, and the next run's sweep would have deleted its checkpoints. The run
+    checks after its workers stop, and at its start (for a run killed outright, or another machine's).
+    Its place in the budget was free meanwhile: one taken by a new trial is not given twice.
+    """
+    with state_lock():  # a worker's FAIL and its own queueing are one step: none is half-way here
+        trials = study.get_trials(deepcopy=False)
+        retried = {t.system_attrs["retry_history"][-1] for t in trials if t.system_attrs.get("retry_history")}
+        alive = {root_of(t) for t in trials if t.state in (*FINISHED, TrialState.RUNNING, TrialState.WAITING)}
+        holding = count_trials(trials).holding
+        queued = []
+        for t in trials:
+            if holding >= budget:
+                break
+            if (
+                t.state == TrialState.FAIL
+                and t.user_attrs.get("interrupted")
+                and t.number not in retried
+                and root_of(t) not in alive
+            ):
+                queue_retry(study, t, None)  # stops are not kills: no limit
+                queued.append(t.number)
+                alive.add(root_of(t))
+                holding += 1
+    return queued
 
 
 def kills(trials: Sequence[FrozenTrial], trial: FrozenTrial) -> int:

@@ -36,7 +36,7 @@ from optuna.trial import TrialState
 
 from search.errors import UserError
 from search.files import atomic_write
-from search.states import clear_state_lock, serialize_state_changes, state_lock
+from search.states import clear_state_lock, requeue_stopped, serialize_state_changes, state_lock
 from search.stops import stops_deferred
 from search.storage import GRACE_BEATS, STORAGE_PATIENCE, StorageWait, db_error_text
 from search.trials import Counts, count_trials
@@ -373,6 +373,7 @@ def _run(
             return held
         steps = _record_identity(study, space, data, split, home, opts, fresh)
     trials_dir = Path(study.user_attrs.get("trials_dir") or study_home(study) / "trials")
+    requeue_stopped(study, opts.trials)  # before the sweep: a stopped trial's folder is its resume point
     _sweep_leftovers(study, trials_dir, artifact_dir(study))
     status_dir = _status_dir(home)
     threads = max(1, (os.cpu_count() or 1) // len(devices)) if devices[0] == "cpu" else 2
@@ -905,6 +906,10 @@ def _supervise(
                 wait_for_exit(running, 1.0)
     except KeyboardInterrupt:
         stop_workers(list(procs.values()))
+        # Each stopped worker queued its trial's retry; one it could not is queued here (or at the next
+        # run's start, when the storage does not answer now, or a second Ctrl-C cuts this short).
+        with contextlib.suppress(Exception, KeyboardInterrupt):
+            requeue_stopped(study, opts.trials)
         raise WorkersStopped() from None
     return exits, restarts.used
 

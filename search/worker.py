@@ -247,7 +247,8 @@ class Lane:
                     return DISK_FULL_EXIT
         except KeyboardInterrupt:
             if self.trial is not None:
-                # Best effort: a storage that stays down leaves the trial to go stale instead.
+                # Best effort: a storage that stays down leaves the trial to go stale instead, and a
+                # FAIL whose retry is not queued here is queued by the run (states.requeue_stopped).
                 with contextlib.suppress(Exception):
                     frozen = self.brief.call(self.study._storage.get_trial, self.trial._trial_id)
                     if frozen.state == TrialState.FAIL:

@@ -12,6 +12,7 @@ from optuna.trial import TrialState
 
 import search.states as states_module
 from search.storage import open_storage
+from search.trials import count_trials
 
 
 def test_stale_fail_racing_a_completing_trial_on_sqlite_cannot_both_win(
@@ -180,3 +181,43 @@ def test_stops_do_not_spend_a_trials_retries_and_one_killed_too_often_goes_with_
     assert (
         not killed.get_trials(states=(TrialState.WAITING,)) and not (tmp_path / "killed" / "00000").exists()
     )
+
+
+def test_a_stopped_trial_left_without_its_retry_is_queued_once_while_the_budget_has_room(
+    tmp_path: Path,
+) -> None:
+    """A stopped worker queues its trial's retry as a best effort; once none was queued, the trial was
+    lost (counted a failure, its checkpoints swept). The run queues what is missing, never twice."""
+    from optuna.trial import create_trial
+
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'lost.db'}"), study_name="lost")
+
+    def add(
+        state: TrialState, root: int | None = None, history: list[int] | None = None, **user: object
+    ) -> None:
+        system = {} if root is None else {"failed_trial": root, "retry_history": history or [root]}
+        value = 0.5 if state == TrialState.COMPLETE else None
+        study.add_trial(create_trial(state=state, value=value, user_attrs=user, system_attrs=system))
+
+    add(TrialState.FAIL, interrupted=True)  # 0: stopped, its retry lost
+    add(TrialState.FAIL, interrupted=True)  # 1: stopped, retried by 2
+    add(TrialState.WAITING, root=1)  # 2
+    add(TrialState.FAIL, fail_reason="bad config")  # 3: a real failure: not retried
+    add(TrialState.FAIL, interrupted=True)  # 4: stopped, retried by 5 and 6 (two machines at once)...
+    add(TrialState.FAIL, root=4, interrupted=True)  # 5: ...one stopped with no retry of its own,
+    add(TrialState.COMPLETE, root=4)  # 6: ...the other finished: trial 4 needs nothing more
+    add(TrialState.FAIL, interrupted=True)  # 7: stopped, its retry lost, but no room left for it
+    held = count_trials(study.get_trials()).holding
+    assert held == 2  # trials 2 and 6
+
+    assert states_module.requeue_stopped(study, budget=held + 1) == [0]
+    trials = study.get_trials()
+    assert trials[-1].state == TrialState.WAITING and trials[-1].system_attrs["retry_history"] == [0]
+    assert states_module.requeue_stopped(study, budget=held + 1) == []  # no room: 7 is not given 0's place
+    assert states_module.requeue_stopped(study, budget=held + 5) == [7]
+    assert states_module.requeue_stopped(study, budget=held + 5) == []  # never twice
+    assert [t.system_attrs["retry_history"] for t in study.get_trials(states=(TrialState.WAITING,))] == [
+        [1],
+        [0],
+        [7],
+    ]

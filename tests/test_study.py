@@ -577,6 +577,39 @@ def test_a_run_sweeps_again_once_its_workers_end(
     assert not left[0].parent.exists()
 
 
+def test_a_stopped_trial_left_without_its_retry_is_resumed_by_the_run(
+    tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stopped worker queues its trial's retry as a best effort on its way out; once none was queued
+    (seen in the SIGTERM-then-Ctrl-C reliability test), the trial was lost. A run queues it at its start
+    (before its sweep deletes the trial's folder) and once its own workers have stopped."""
+    from optuna.trial import create_trial
+
+    from search.storage import default_storage_url
+
+    (tmp_path / "studies" / "unit").mkdir(parents=True)
+    study = optuna.create_study(study_name="unit", storage=open_storage(default_storage_url("unit")))
+    study.add_trial(create_trial(state=TrialState.FAIL, user_attrs={"interrupted": True}))  # 0, no retry
+    space = write_space(tmp_path / "unit.yaml")
+    assert run(RunOptions(space=str(space), trials=1, data=tiny_dir, display=False)).finished == 1
+    (done,) = load().get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert done.system_attrs["retry_history"] == [0]  # trial 0 resumed, not replaced by a new trial
+
+    def stop_now(*_: object) -> None:  # the workers have started; a trial of theirs lost its retry
+        user = {"interrupted": True, "lost": True}
+        load().add_trial(create_trial(state=TrialState.FAIL, user_attrs=user))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study_module, "wait_for_exit", stop_now)
+    with pytest.raises(study_module.WorkersStopped):
+        run(RunOptions(space=str(space), trials=4, data=tiny_dir, display=False))
+    trials = load().get_trials()
+    (lost,) = [t.number for t in trials if t.user_attrs.get("lost")]
+    assert [t.state for t in trials if t.system_attrs.get("retry_history", [None])[-1] == lost] == [
+        TrialState.WAITING
+    ]
+
+
 def test_sigkill_worker_trial_is_retried_and_resumed(tmp_path: Path, tiny_dir: Path) -> None:
     space = write_space(tmp_path / "unit.yaml", steps=400, valid_steps=50)
     data = yaml.safe_load(space.read_text())
