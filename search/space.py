@@ -599,6 +599,9 @@ def make_sampler(space: Space, src: str = "space", seed: int | None = None) -> o
     if name == "tpe":
         opts.setdefault("multivariate", True)
         opts.setdefault("constant_liar", True)
+        # The conditional keys (conv_kernel, am_s...) modelled jointly too, in groups of keys drawn
+        # together: multivariate TPE alone models only the keys every trial has.
+        opts.setdefault("group", bool(opts["multivariate"]))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -380,3 +381,32 @@ def test_a_condition_on_a_key_left_at_its_default_holds(tmp_path: Path) -> None:
     trial = optuna.create_study().ask()
     loaded.sample(trial)
     assert set(trial.params) == {"lr", "dropout"}
+
+
+def test_tpe_samples_the_conditional_keys_jointly_too() -> None:
+    """Multivariate TPE models only the keys every trial has; without ``group`` the conditional ones
+    (conv_kernel, am_s, am_m: drawn for some choices only) were each sampled on their own, by
+    univariate TPE. With groups, each set of keys drawn together is modelled jointly."""
+    space = load_space("smoke")
+    sampler = make_sampler(space)
+    inner = sampler.inner if isinstance(sampler, TrialSeededSampler) else sampler
+    alone: list[tuple[int, str]] = []
+    independent = inner.sample_independent
+
+    def spy(study: optuna.Study, trial: Any, name: str, distribution: Any) -> Any:
+        alone.append((trial.number, name))
+        return independent(study, trial, name, distribution)
+
+    inner.sample_independent = spy  # type: ignore[method-assign,assignment]
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    for i in range(16):
+        trial = study.ask()
+        try:
+            space.sample(trial)
+        except ConstraintViolation:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            continue
+        study.tell(trial, (i * 7919) % 13 / 13)
+    startup = space.sampler["n_startup_trials"]
+    assert {"conv_kernel", "am_s"} <= {k for t in study.trials[startup:] for k in t.params}
+    assert not [(n, name) for n, name in alone if n >= startup + 1], alone
