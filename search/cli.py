@@ -537,7 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--steps",
         type=_positive,
-        help="override the config's number of training steps (its warm-ups are scaled to match)",
+        help="override the config's number of training steps (its warm-ups are scaled to match; it "
+        "validates at least twice)",
     )
     p.add_argument("--device", default="auto", help="auto (default: cuda if present), cpu, cuda, cuda:1 ...")
     p.add_argument(
@@ -576,8 +577,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=_positive,
         metavar="N",
-        help="train every trial N steps instead of the space's steps (warm-ups scaled to match, valid_steps "
-        "capped at N); the study records it and refuses another value later unless --allow-changed",
+        help="train every trial N steps instead of the space's steps (warm-ups and the pruner's step "
+        "options scaled to match, valid_steps at most N/2); the study records it and refuses another "
+        "value later unless --allow-changed",
     )
     p.add_argument(
         "--seed",

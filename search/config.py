@@ -92,13 +92,14 @@ class Config:
         Why: the learning-rate and margin warm-ups are counted in steps; cut the budget alone and a
         warm-up longer than the run never reaches the peak learning rate or the full margin, and the
         cosine decay never comes (7 of the boss space's 10 warm-ups under --steps 2000). Validation
-        runs at least once.
+        runs at least twice: once only, at the end, a study's pruner had nothing to prune on (the
+        last validation is never pruned).
         """
         t = self.train
         scale = steps / t.steps
         return self.replace(
             steps=steps,
-            valid_steps=min(t.valid_steps, steps),
+            valid_steps=min(t.valid_steps, max(1, steps // 2)),
             warmup_steps=round(t.warmup_steps * scale),
             margin_warmup_steps=round(self.model.margin_warmup_steps * scale),
         )

@@ -201,7 +201,7 @@ class Lane:
             study_name=spec.study_name,
             storage=shared.storage,
             sampler=sampler,
-            pruner=make_pruner(shared.space),
+            pruner=make_pruner(shared.space, steps=spec.steps),  # scaled to a --steps budget
         )
         self.store = artifact_store(self.study)
         self.trial: optuna.Trial | None = None  # the trial in hand this round

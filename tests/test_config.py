@@ -102,7 +102,8 @@ def test_a_step_budget_scales_the_warm_ups_with_it() -> None:
     config = Config.from_dict({"steps": 70_000, "warmup_steps": 5_000, "margin_warmup_steps": 10_000})
     short = config.with_steps(2_000)
     assert (short.train.steps, short.train.warmup_steps, short.model.margin_warmup_steps) == (2_000, 143, 286)
-    assert short.train.valid_steps == min(config.train.valid_steps, 2_000)
+    assert config.train.valid_steps >= 2_000 and short.train.valid_steps == 1_000  # validated twice
+    assert config.with_steps(8_000).train.valid_steps == min(config.train.valid_steps, 4_000)
     assert config.with_steps(140_000).train.warmup_steps == 10_000  # a longer budget stretches them too
 
 

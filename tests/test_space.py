@@ -410,3 +410,26 @@ def test_tpe_samples_the_conditional_keys_jointly_too() -> None:
     startup = space.sampler["n_startup_trials"]
     assert {"conv_kernel", "am_s"} <= {k for t in study.trials[startup:] for k in t.params}
     assert not [(n, name) for n, name in alone if n >= startup + 1], alone
+
+
+def test_a_steps_budget_scales_the_pruners_step_options() -> None:
+    """The shipped spaces' median pruner waited 10,000 steps: under ``run --steps 2000`` it never pruned,
+    and the search cost what one without a pruner does."""
+    strong = load_space("strong")
+    assert strong.pruner["n_warmup_steps"] == 10_000 and strong.config_for({}).train.steps == 70_000
+
+    def prunes(pruner: optuna.pruners.BasePruner) -> bool:
+        """Whether a trial far below five finished ones at step 1,000 is pruned there."""
+        study = optuna.create_study(direction="maximize", pruner=pruner)
+        for _ in range(5):
+            trial = study.ask()
+            trial.report(0.9, 1_000)
+            study.tell(trial, 0.9)
+        trial = study.ask()
+        trial.report(0.1, 1_000)
+        return trial.should_prune()
+
+    assert not prunes(make_pruner(strong)) and prunes(make_pruner(strong, steps=2_000))
+    boss = make_pruner(load_space("boss"), steps=7_000)
+    assert isinstance(boss, optuna.pruners.HyperbandPruner)
+    assert (boss._min_resource, boss._max_resource, boss._reduction_factor) == (400, 7_000, 3)
