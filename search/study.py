@@ -85,7 +85,9 @@ def identity_changes(study: optuna.Study, attrs: dict[str, Any], allow_changed: 
 
                     changed = space_changes(current["space_body"], attrs["space_body"])
                 if changed:  # a study recorded since the space's body is: say what changed, not two hashes
-                    what = f"{current.get('space_path', '?')}: {changed}"
+                    # Both files when they differ: the recorded one alone read as if it had been edited.
+                    old_path, new_path = current.get("space_path", "?"), attrs.get("space_path")
+                    what = f"{old_path if old_path == new_path else f'{old_path} -> {new_path}'}: {changed}"
                 raise UserError(
                     f"study '{study.study_name}' was run with another {label} ({what}); use a new --study "
                     "name, or --allow-changed to continue anyway"

@@ -101,6 +101,9 @@ def test_changed_data_or_space_is_refused(tmp_path: Path, tiny_dir: Path, fake_d
     changed = r"another search space \(.*unit\.yaml: params\.layers added\); use a new"
     with pytest.raises(UserError, match=changed):
         run(RunOptions(space=str(space), trials=3, data=tiny_dir, display=False))
+    other = write_space(tmp_path / "other.yaml", layers={"low": 1, "high": 3})  # another file, same study
+    with pytest.raises(UserError, match=r"space \(\S*unit\.yaml -> \S*other\.yaml: params\.layers added"):
+        run(RunOptions(space=str(other), trials=3, data=tiny_dir, display=False))
     assert (
         run(RunOptions(space=str(space), trials=3, data=tiny_dir, allow_changed=True, display=False)).finished
         == 3
