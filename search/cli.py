@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -28,6 +29,17 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _device(text: str) -> str:
+    """``--device``'s form, checked with the other arguments: it was checked only once torch was
+    imported, after a finished run in --out had been refused (fix one, then find the other)."""
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        return text
+    raise argparse.ArgumentTypeError(f"unknown device '{text}'; use auto, cpu, cuda or cuda:N")
+
+
+DEVICE_HELP = "auto (default: cuda if present), cpu, cuda, cuda:1 ..."
 
 
 def _fraction(text: str) -> float:
@@ -540,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="override the config's number of training steps (its warm-ups are scaled to match; it "
         "validates at least twice)",
     )
-    p.add_argument("--device", default="auto", help="auto (default: cuda if present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--device", type=_device, default="auto", help=DEVICE_HELP)
     p.add_argument(
         "--log-every", type=_positive, default=50, help="progress update interval in steps (default 50)"
     )
@@ -683,7 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=Path("submission.csv"), help="CSV to write (default submission.csv)"
     )
     p.add_argument("--method", choices=("soft", "hard", "weighted"), default="soft", help="default soft")
-    p.add_argument("--device", default="auto", help="auto (default: cuda if present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--device", type=_device, default="auto", help=DEVICE_HELP)
     p.add_argument("--force", action="store_true", help="replace an earlier submission CSV at --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_vote)
@@ -702,7 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="HW4 data folder the model was trained on, or another set of the same speakers",
     )
     p.add_argument("--out", type=Path, required=True, help="CSV to write, e.g. submission.csv")
-    p.add_argument("--device", default="auto", help="auto (default: cuda if present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--device", type=_device, default="auto", help=DEVICE_HELP)
     p.add_argument("--force", action="store_true", help="replace an earlier submission CSV at --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)

@@ -134,7 +134,10 @@ def test_an_empty_gpu_list_or_an_unknown_synth_preset_is_refused_naming_it(
 _WITHOUT_TORCH = """
 import json, sys
 from search.cli import main
-code = main(sys.argv[1:])
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exc:  # argparse's refusals
+    code = exc.code
 print(json.dumps([code, "torch" in sys.modules]))
 """
 
@@ -148,7 +151,10 @@ def test_bad_paths_and_configs_are_refused_before_torch_is_imported(tmp_path: Pa
         ("vote", "missing", "--out", "x.csv"),
         ("vote", "not-an-export", "--out", "x.csv"),
         ("vote", "missing", "--data", "also-missing", "--out", "x.csv", "--device", "cuda:99"),
+        ("train", "--config", "simple", "--device", "gpu"),  # said before a finished run in --out was
     ]
+    (tmp_path / "studies" / "runs" / "simple").mkdir(parents=True)
+    (tmp_path / "studies" / "runs" / "simple" / "best.pt").write_bytes(b"x")
     for argv in cases:
         proc = subprocess.run(
             [sys.executable, "-c", _WITHOUT_TORCH, *argv],
@@ -159,6 +165,7 @@ def test_bad_paths_and_configs_are_refused_before_torch_is_imported(tmp_path: Pa
         )
         assert json.loads(proc.stdout.splitlines()[-1]) == [2, False], (argv, proc.stdout, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1, (argv, proc.stderr)
+        assert "gpu" not in argv or "argument --device: unknown device 'gpu'" in proc.stderr, proc.stderr
 
 
 def test_train_command_uses_synthetic_data_when_none_given(tmp_path: Path) -> None:
