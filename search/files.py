@@ -27,6 +27,13 @@ def studies_root() -> Path:
     return Path(os.environ.get("SPKID_SEARCH_STUDIES", "studies"))
 
 
+def check_data_folder(root: Path) -> None:
+    """Refuse a ``--data`` that is not a folder, in the words of every command that reads one."""
+    if not root.is_dir():
+        what = "is a file, not a folder" if root.exists() else "data directory not found"
+        raise UserError(f"{root}: {what}; pass --data DIR with the HW4 layout")
+
+
 def disk_full(exc: BaseException) -> bool:
     """Whether ``exc`` (or an error it arose from) is a full disk or a spent quota.
 

@@ -35,7 +35,7 @@ import optuna
 from optuna.trial import TrialState
 
 from search.errors import UserError
-from search.files import atomic_write
+from search.files import atomic_write, check_data_folder
 from search.states import clear_state_lock, requeue_stopped, serialize_state_changes, state_lock
 from search.stops import stops_deferred
 from search.storage import GRACE_BEATS, STORAGE_PATIENCE, StorageWait, db_error_text
@@ -330,6 +330,8 @@ def _run(
     _check_budget(opts)
     if opts.study is None and opts.storage is not None:
         _check_default_study(url, name)
+    if opts.data is not None:  # a typo is said even when the study needs no more trials
+        check_data_folder(Path(opts.data))
     done = _already_done(url, name, opts.trials)
     if done is not None:
         (on_nothing or _log)(nothing_to_do(name, done.finished, opts.trials))

@@ -349,6 +349,8 @@ def test_run_on_a_study_that_holds_enough_trials_says_so_and_starts_nothing(
     out, err = capsys.readouterr()
     assert code == 0 and "already has 2 finished trials (>= --trials 2); nothing to do" in err, err
     assert load().user_attrs["steps_override"] is None and len(load().get_trials()) == 2
+    with pytest.raises(UserError, match=r"missing: data directory not found; pass --data"):  # a typo is not
+        run(RunOptions(space=space, trials=2, data=tmp_path / "missing", display=False))
     # Said before torch is imported or the fork server started (about 0.6 s against 2 s on the dev VM).
     script = (
         "import json, sys\n"
