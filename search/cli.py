@@ -574,7 +574,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--space", required=True, help="search space: a name in spaces/ (boss, smoke...) or a path"
     )
     p.add_argument("--trials", type=_positive, required=True, help="finished trials the study should hold")
-    p.add_argument("--data", type=Path, help="HW4 data folder (default: a generated synthetic set)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        help="HW4 data folder (default: the set the study was run on; for a new study, a generated "
+        "synthetic set)",
+    )
     p.add_argument("--study", help="study name (default: the space's name)")
     p.add_argument("--storage", help="storage URL (default sqlite:///studies/<study>/study.db)")
     p.add_argument("--gpus", type=_gpu_list, help="GPU indices to use, e.g. 0,1 (default: all visible)")
