@@ -255,7 +255,7 @@ class Lane:
                         self.brief.call(queue_retry, self.study, frozen, None)  # resume it from last.pt
             return 130
         finally:
-            self.held.close()  # the state lock taken when the stop reached the trial (see _train)
+            self.held.close()  # the state lock taken when the stop reached the trial (see _objective)
             full = {"disk_full": self.disk_full} if self.disk_full else {}
             _write_status(self.spec, {"done": True, **full})  # the driver names the full disk from it
         return 0
@@ -296,6 +296,21 @@ class Lane:
 
         try:
             return self._run_trial(trial)
+        except _StopRequested as stop:
+            # Wherever the stop came (training, or claiming or configuring the trial: it ended without a
+            # reason there). Best effort and brief: a failing write (a busy SQLite file) must not
+            # swallow the stop.
+            with contextlib.suppress(Exception):
+                self.brief.call(
+                    trial.set_user_attr,
+                    "fail_reason",
+                    f"{stop.reason}; retried by the next run of the study (here or on another machine)",
+                )
+                self.brief.call(trial.set_user_attr, "interrupted", True)
+            # Held until the retry is queued (run's stop handler); Optuna writes the FAIL between.
+            with contextlib.suppress(Exception):
+                self.held.enter_context(state_lock())
+            raise
         except (optuna.TrialPruned, SkipTrial, KeyboardInterrupt):
             raise
         except Exception as exc:
@@ -450,19 +465,6 @@ class Lane:
                 store=self.shared.features,
                 keep_last=True,  # removed once the result is recorded (_run_trial)
             )
-        except _StopRequested as stop:
-            # Best effort and brief: a failing write here (a busy SQLite file) must not swallow the stop.
-            with contextlib.suppress(Exception):
-                self.brief.call(
-                    trial.set_user_attr,
-                    "fail_reason",
-                    f"{stop.reason}; retried by the next run of the study (here or on another machine)",
-                )
-                self.brief.call(trial.set_user_attr, "interrupted", True)
-            # Held until the retry is queued (run's stop handler); Optuna writes the FAIL between.
-            with contextlib.suppress(Exception):
-                self.held.enter_context(state_lock())
-            raise
         except torch.OutOfMemoryError:
             trial.set_user_attr("fail_reason", f"CUDA out of memory on {spec.device}")
             raise

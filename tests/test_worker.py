@@ -236,6 +236,9 @@ def test_a_stop_right_after_training_keeps_the_resume_point(
     finally:
         signal.signal(signal.SIGTERM, handler)
     assert [p.name for p in (tmp_path / "studies/unit/trials").glob("*/*/last.pt")] == ["last.pt"]
+    # Stopped outside training (here, or claiming the trial), it ended with no reason; status showed none.
+    (stopped,) = load().get_trials(states=(TrialState.FAIL,))
+    assert stopped.user_attrs["interrupted"] and "interrupted" in stopped.user_attrs["fail_reason"]
     worker_module._STOP.update(requested=False, deferred=False)
     assert worker_module.worker_main(spec) == 0
     (retry,) = load().get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
