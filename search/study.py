@@ -330,10 +330,10 @@ def _run(
     _check_budget(opts)
     if opts.study is None and opts.storage is not None:
         _check_default_study(url, name)
-    if opts.data is not None:  # a typo is said even when the study needs no more trials
-        check_data_folder(Path(opts.data))
     done = _already_done(url, name, opts.trials)
     if done is not None:
+        if opts.data is not None:  # a typo is said even when the study needs no more trials
+            check_data_folder(Path(opts.data))
         (on_nothing or _log)(nothing_to_do(name, done.finished, opts.trials))
         return done
     check_server(url)  # a server that does not answer: said now, not after the data set is packed
