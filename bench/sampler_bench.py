@@ -22,7 +22,7 @@ import warnings
 import optuna
 
 from search.config import Config
-from search.space import ConstraintViolation, load_space, make_sampler
+from search.space import load_space, make_sampler
 
 
 def score(config: Config) -> float:
@@ -40,13 +40,9 @@ def best_of(group: bool, trials: int, seed: int) -> float:
     space = dataclasses.replace(space, sampler={**space.sampler, "group": group, "seed": seed})
     study = optuna.create_study(direction="maximize", sampler=make_sampler(space))
     for _ in range(trials):
-        trial = study.ask()
-        try:
-            config = space.sample(trial)
-        except ConstraintViolation:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            continue
-        study.tell(trial, score(config))
+        trial, config = space.ask(study)
+        if config is not None:
+            study.tell(trial, score(config))
     return study.best_value
 
 

@@ -113,6 +113,17 @@ class Space:
                 raise ConstraintViolation(f"constraint '{expr}' does not hold")
         return Config.from_dict(values, source=f"{self.name} trial")
 
+    def ask(self, study: optuna.Study) -> tuple[optuna.Trial, Config | None]:
+        """A new trial of ``study`` and its config; None, with the trial told FAIL, when its values break
+        a constraint (as a worker's trial is). For studies driven outside ``run``: a benchmark, a
+        notebook, the tests."""
+        trial = study.ask()
+        try:
+            return trial, self.sample(trial)
+        except ConstraintViolation:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            return trial, None
+
     def config_for(self, params: dict[str, Any]) -> Config:
         """The config a given parameter assignment produces (fixed values + params)."""
         return Config.from_dict({**self.fixed, **params}, source=f"{self.name} enqueue")

@@ -51,11 +51,8 @@ def test_shipped_spaces_load_and_sample(name: str) -> None:
     assert space.path == SPACES_DIR / f"{name}.yaml"
     study = optuna.create_study(direction="maximize", sampler=make_sampler(space))
     for _ in range(5):
-        trial = study.ask()
-        try:
-            config = space.sample(trial)
-        except ConstraintViolation:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        trial, config = space.ask(study)
+        if config is None:
             continue
         assert config.model.d_model % config.model.heads == 0
         study.tell(trial, 0.5)
@@ -100,11 +97,8 @@ def test_conditional_params_only_when_active(tmp_path: Path) -> None:
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
     seen_kernel = seen_without = False
     for _ in range(30):
-        trial = study.ask()
-        try:
-            config = space.sample(trial)
-        except ConstraintViolation:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        trial, config = space.ask(study)
+        if config is None:
             continue
         assert ("conv_kernel" in trial.params) == (config.model.encoder == "conformer")
         assert ("am_m" in trial.params) == (config.model.head == "amsoftmax")
@@ -400,13 +394,9 @@ def test_tpe_samples_the_conditional_keys_jointly_too() -> None:
     inner.sample_independent = spy  # type: ignore[method-assign,assignment]
     study = optuna.create_study(direction="maximize", sampler=sampler)
     for i in range(16):
-        trial = study.ask()
-        try:
-            space.sample(trial)
-        except ConstraintViolation:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            continue
-        study.tell(trial, (i * 7919) % 13 / 13)
+        trial, config = space.ask(study)
+        if config is not None:
+            study.tell(trial, (i * 7919) % 13 / 13)
     startup = space.sampler["n_startup_trials"]
     assert {"conv_kernel", "am_s"} <= {k for t in study.trials[startup:] for k in t.params}
     assert not [(n, name) for n, name in alone if n >= startup + 1], alone
