@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from search.errors import UserError, load_failure, shown
-from search.files import check_data_folder, studies_root
+from search.files import require_data_dir, studies_root
 
 PREPARE_STATE = "prepare-state.jsonl"  # search.prepare's record, in a set it writes (its index comes last)
 
@@ -119,7 +119,7 @@ def _utterance(entry: Any, path: Path, where: str, label: int) -> Utterance:
 def read_layout(root: Path) -> HW4Layout:
     """Read mapping.json, metadata.json and testdata.json and check they agree with each other."""
     root = Path(root)
-    check_data_folder(root)
+    require_data_dir(root)
     mapping_path, meta_path, test_path = root / "mapping.json", root / "metadata.json", root / "testdata.json"
     mapping = _read_json(mapping_path)
     speaker2id = _key(mapping, "speaker2id", mapping_path)

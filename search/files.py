@@ -27,7 +27,7 @@ def studies_root() -> Path:
     return Path(os.environ.get("SPKID_SEARCH_STUDIES", "studies"))
 
 
-def check_data_folder(root: Path) -> None:
+def require_data_dir(root: Path) -> None:
     """Refuse a ``--data`` that is not a folder, in the words of every command that reads one."""
     if not root.is_dir():
         what = "is a file, not a folder" if root.exists() else "data directory not found"

@@ -35,7 +35,7 @@ import optuna
 from optuna.trial import TrialState
 
 from search.errors import UserError
-from search.files import atomic_write, check_data_folder
+from search.files import atomic_write, require_data_dir
 from search.states import clear_state_lock, requeue_stopped, serialize_state_changes, state_lock
 from search.stops import stops_deferred
 from search.storage import GRACE_BEATS, STORAGE_PATIENCE, StorageWait, db_error_text
@@ -333,7 +333,7 @@ def _run(
     done = _already_done(url, name, opts.trials)
     if done is not None:
         if opts.data is not None:  # a typo is said even when the study needs no more trials
-            check_data_folder(Path(opts.data))
+            require_data_dir(Path(opts.data))
         (on_nothing or _log)(nothing_to_do(name, done.finished, opts.trials))
         return done
     check_server(url)  # a server that does not answer: said now, not after the data set is packed
