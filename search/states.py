@@ -29,7 +29,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
 from search.storage import MAX_RETRY, open_storage, sqlite_file
-from search.trials import FINISHED, TrialLike, count_trials, held_before, root_of
+from search.trials import FINISHED, TrialLike, count_trials, held_before, real_failures, root_of
 
 Release = Callable[[], None]
 
@@ -258,19 +258,13 @@ def requeue_stopped(study: optuna.Study, budget: int) -> list[int]:
     """
     with state_lock():  # a worker's FAIL and its own queueing are one step: none is half-way here
         trials = study.get_trials(deepcopy=False)
-        retried = {t.system_attrs["retry_history"][-1] for t in trials if t.system_attrs.get("retry_history")}
         alive = {root_of(t) for t in trials if t.state in (*FINISHED, TrialState.RUNNING, TrialState.WAITING)}
         holding = count_trials(trials).holding
         queued = []
-        for t in trials:
+        for t in real_failures(trials):  # FAIL, never queued again
             if holding >= budget:
                 break
-            if (
-                t.state == TrialState.FAIL
-                and t.user_attrs.get("interrupted")
-                and t.number not in retried
-                and root_of(t) not in alive
-            ):
+            if t.user_attrs.get("interrupted") and root_of(t) not in alive:
                 queue_retry(study, t, None)  # stops are not kills: no limit
                 queued.append(t.number)
                 alive.add(root_of(t))
