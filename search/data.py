@@ -601,9 +601,9 @@ class FeatureStore:
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def restore_generator(generator: torch.Generator, state: torch.Tensor, seed: int, step: int) -> bool:
-    """Set ``generator`` to a saved ``state``, or, where that state is another device's, seed it anew
-    from ``seed`` and ``step``; whether the saved stream goes on.
+def restore_generator(generator: torch.Generator, state: torch.Tensor | None, seed: int, step: int) -> bool:
+    """Set ``generator`` to a saved ``state``, or, where that state is another device's (or none was
+    saved), seed it anew from ``seed`` and ``step``; whether the saved stream goes on.
 
     Why: a generator's state is its device's (CUDA: 16 bytes of seed and offset; CPU: 5,056 of
     Mersenne Twister), so a trial killed on a GPU and retried on a CPU worker (or on a GPU whose set
@@ -611,7 +611,7 @@ def restore_generator(generator: torch.Generator, state: torch.Tensor, seed: int
     equal continuation, as a resumed run on CUDA already is (see ``search.train._rng_state``); the step
     in its seed keeps it off the stream the trial began with.
     """
-    if state.dtype == torch.uint8 and state.numel() == generator.get_state().numel():
+    if state is not None and state.dtype == torch.uint8 and state.numel() == generator.get_state().numel():
         generator.set_state(state)
         return True
     generator.manual_seed(hash((seed, step)) & (2**63 - 1))

@@ -354,8 +354,7 @@ def _set_rng_state(
         return
     restore_generator(aug_gen, state["augment"], seed + 1, step)
     if device.type == "cpu":  # a GPU run's last.pt has no CPU stream: dropout must not replay its first draws
-        no_state = torch.empty(0, dtype=torch.uint8)
-        restore_generator(torch.default_generator, state.get("torch", no_state), seed + 2, step)
+        restore_generator(torch.default_generator, state.get("torch"), seed + 2, step)
 
 
 def _checkpoint_meta(config: Config, data: PackedData, split: Split) -> dict[str, Any]:
