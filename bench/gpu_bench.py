@@ -28,7 +28,7 @@ from search.errors import first_line
 from search.infer import accuracy, load_model, predict_logits
 from search.model import build_model
 from search.study import worker_context
-from search.train import CudaGraphStep, EagerStep, lr_in_tensor, train
+from search.train import CudaGraphStep, EagerStep, lr_in_tensor, make_optimizer, train
 
 ROOT = Path(__file__).resolve().parent.parent
 STRONG = ROOT / "spaces" / "baselines" / "strong.yaml"
@@ -86,7 +86,7 @@ def ablation(config: Config, data: PackedData, device: str, steps: int, **opt: A
     split = make_split(data)
     store = FeatureStore(data, dev if opt["data_on_gpu"] else "cpu")
     sampler = CropSampler(store, split.train, t.batch_size, t.segment_len, seed=0)
-    optim = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=opt["fused"] and dev.type == "cuda")
+    optim = make_optimizer(model, 1e-3, t.weight_decay, fused=opt["fused"] and dev.type == "cuda")
     step_fn = torch.compile(model, mode=opt["compile"]) if opt.get("compile") else model
     graphed = bool(opt.get("graph")) and dev.type == "cuda"
     lr_in_tensor(optim, dev, graphed)

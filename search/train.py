@@ -244,6 +244,29 @@ class CudaGraphStep:
         return self.loss
 
 
+def make_optimizer(
+    model: torch.nn.Module, lr: float, weight_decay: float, fused: bool = False, decay_all: bool = False
+) -> torch.optim.AdamW:
+    """AdamW that decays weight matrices and kernels only (group 0), not biases, norms' scales or
+    other 1-d parameters (group 1).
+
+    Why: decay pulls a parameter toward zero, a sensible prior for a weight matrix but not for a
+    LayerNorm or BatchNorm scale (whose neutral value is 1) or a bias (nanoGPT and timm split the same
+    way). ``decay_all``: one group decaying everything, the rule before this one, kept so that a
+    ``last.pt`` written under it resumes as the run it was. ``fused``: CUDA's fused kernel.
+    """
+    params = list(model.parameters())
+    groups: list[dict[str, Any]] = (
+        [{"params": params}]
+        if decay_all
+        else [
+            {"params": [p for p in params if p.dim() >= 2]},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+    )
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
 def lr_in_tensor(optimizer: torch.optim.Optimizer, device: torch.device, graphed: bool) -> None:
     """Hold each group's lr in a device tensor (graphed) or a float (not), and set ``capturable``.
 
@@ -430,9 +453,14 @@ def _train(
     aug_gen.manual_seed(t.seed + 1)
     cuda = device.type == "cuda"
     graphed = cuda and t.cuda_graph and not t.compile
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=cuda or None
-    )
+    last_path = out_dir / "last.pt" if out_dir is not None else None
+    best_path = out_dir / "best.pt" if out_dir is not None else None
+    state = read_checkpoint(last_path) if resume and last_path is not None and last_path.exists() else None
+    if state is not None and not _resumes(state, config, data):
+        state = None
+    # A last.pt written before weight decay skipped 1-d parameters holds one group: it resumes under its rule.
+    decay_all = state is not None and len(state["optimizer"]["param_groups"]) == 1
+    optimizer = make_optimizer(model, t.lr, t.weight_decay, fused=cuda, decay_all=decay_all)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t.warmup_steps, t.steps))
     lr_in_tensor(optimizer, device, graphed)
     # Compiled for the fixed-shape training crops only; validation's varying lengths run eagerly.
@@ -441,21 +469,18 @@ def _train(
     valid_labels = data.labels[split.valid]
 
     best_acc, best_step, start_step = -1.0, 0, 0  # best_acc < 0: not validated yet
-    last_path = out_dir / "last.pt" if out_dir is not None else None
-    best_path = out_dir / "best.pt" if out_dir is not None else None
-    if resume and last_path is not None and last_path.exists():
-        state = read_checkpoint(last_path)
-        if _resumes(state, config, data):
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            lr_in_tensor(optimizer, device, graphed)
-            scheduler.load_state_dict(state["scheduler"])
-            start_step = int(state["step"])
-            sampler.set_state(state["sampler"], start_step)
-            _set_rng_state(state.get("rng"), aug_gen, device, t.seed, start_step)
-            best_acc, best_step = float(state["best_accuracy"]), int(state["best_step"])
-            if best_path is not None:
-                best_acc, best_step = _newer_best(best_path, best_acc, best_step, config, data)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_in_tensor(optimizer, device, graphed)
+        scheduler.load_state_dict(state["scheduler"])
+        start_step = int(state["step"])
+        sampler.set_state(state["sampler"], start_step)
+        _set_rng_state(state.get("rng"), aug_gen, device, t.seed, start_step)
+        best_acc, best_step = float(state["best_accuracy"]), int(state["best_step"])
+        if best_path is not None:
+            best_acc, best_step = _newer_best(best_path, best_acc, best_step, config, data)
+        del state  # the saved tensors are loaded; do not hold a second copy for the whole run
 
     def validate(step: int) -> float:
         nonlocal best_acc, best_step

@@ -13,7 +13,16 @@ import torch
 from search.config import Config
 from search.data import FeatureStore, PackedData, make_split, restore_generator
 from search.infer import accuracy, load_model, predict_logits, save_atomic
-from search.train import CaptureGate, TrainingDiverged, lr_factor, lr_in_tensor, spec_augment, train
+from search.model import build_model
+from search.train import (
+    CaptureGate,
+    TrainingDiverged,
+    lr_factor,
+    lr_in_tensor,
+    make_optimizer,
+    spec_augment,
+    train,
+)
 
 SMALL = {
     "encoder": "transformer",
@@ -268,6 +277,50 @@ def test_resume_on_cpu_from_a_graphed_gpu_runs_older_checkpoint(
     assert resumed.resumed_from == 50 and resumed.step_mode == "eager"
     assert resumed.best_accuracy == pytest.approx(full.best_accuracy)
     assert isinstance(seen[75], float) and seen[75] == pytest.approx(lr_factor(75, 10, 100) * 3e-3)
+
+
+def test_weight_decay_spares_biases_and_norm_scales() -> None:
+    """Decay pulls toward zero: right for weight matrices, wrong for a norm's scale (neutral at 1)."""
+    config = Config.from_dict({"encoder": "conformer", "pooling": "attentive_stats", "head": "amsoftmax"})
+    model = build_model(config.model, 40, 10)
+    decayed, spared = make_optimizer(model, 1e-3, 0.05).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decayed["weight_decay"] == 0.05 and spared["weight_decay"] == 0.0
+    assert sorted(names[id(p)] for g in (decayed, spared) for p in g["params"]) == sorted(names.values())
+    assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() == 1 for p in spared["params"])
+    spared_names = {names[id(p)] for p in spared["params"]}
+    assert any("norm" in n for n in spared_names) and any(n.endswith(".bias") for n in spared_names)
+    assert "head.weight" in {names[id(p)] for p in decayed["params"]}
+    (legacy,) = make_optimizer(model, 1e-3, 0.05, decay_all=True).param_groups
+    assert legacy["weight_decay"] == 0.05 and len(legacy["params"]) == len(names)
+
+
+def test_a_last_checkpoint_of_the_decay_everything_rule_resumes_as_that_run(
+    fake_data: PackedData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A last.pt from before the split holds one optimizer group; loading it into two groups fails
+    (and a one-group LR schedule would drive only the first): it resumes under the rule it ran with."""
+    config = Config.from_dict({**RESUMABLE, "weight_decay": 0.5, "steps": 60, "valid_steps": 20})
+    losses: dict[str, dict[int, float]] = {"full": {}, "part": {}, "new": {}}
+
+    def keep(run: str) -> Callable[[int, dict[str, float]], None]:
+        return lambda step, metrics: losses[run].update({step: metrics["loss"]} if step > 20 else {})
+
+    def old_rule(
+        model: torch.nn.Module, lr: float, wd: float, fused: bool = False, decay_all: bool = False
+    ) -> torch.optim.AdamW:
+        return make_optimizer(model, lr, wd, fused, decay_all=True)
+
+    with monkeypatch.context() as m:
+        m.setattr("search.train.make_optimizer", old_rule)
+        train(config, fake_data, "cpu", out_dir=tmp_path / "full", report=keep("full"), log_every=5)
+        last = interrupt_at(config, fake_data, tmp_path / "part", 20)
+    assert len(torch.load(last, weights_only=True)["optimizer"]["param_groups"]) == 1
+    resumed = train(config, fake_data, "cpu", out_dir=tmp_path / "part", report=keep("part"), log_every=5)
+    assert resumed.resumed_from == 20 and sorted(losses["part"]) == [25, 30, 35, 40, 45, 50, 55, 60]
+    assert losses["part"] == losses["full"]
+    fresh = train(config, fake_data, "cpu", out_dir=tmp_path / "new", report=keep("new"), log_every=5)
+    assert fresh.resumed_from == 0 and losses["new"] != losses["full"]  # the new rule trains otherwise
 
 
 def test_last_checkpoint_of_another_config_is_not_resumed(fake_data: PackedData, tmp_path: Path) -> None:
