@@ -101,6 +101,11 @@ class Space:
         """Identity of what the space searches, recorded in the study."""
         return hashlib.sha256(self.body.encode()).hexdigest()[:16]
 
+    @property
+    def searched(self) -> frozenset[str]:
+        """The config keys the space samples; the rest are fixed by it or take their defaults."""
+        return frozenset(p.name for p in self.params)
+
     def sample(self, trial: optuna.Trial) -> Config:
         """Suggest every active parameter and return the resolved config; a broken constraint raises
         :class:`ConstraintViolation`, a bad combination :class:`UserError`."""
@@ -534,7 +539,7 @@ def _enqueue_entry(space: Space, entry: Any, where: str) -> dict[str, Any]:
             raise UserError(f"{where}: {p.name}={shown(value)} lies outside the space's range for it")
         params[p.name] = value
         resolved[p.name] = value
-    unknown = set(entry) - {"baseline"} - {p.name for p in space.params}
+    unknown = set(entry) - {"baseline"} - space.searched
     if unknown:
         raise UserError(f"{where}: key(s) {', '.join(sorted(unknown))} are not searched by this space")
     for expr in space.constraints:
@@ -701,7 +706,7 @@ def make_pruner(space: Space, src: str = "space", steps: int | None = None) -> o
     ``--steps 5000`` it never pruned a trial, and their cost was that of a search without a pruner.
     """
     opts = {k: v for k, v in space.pruner.items() if k != "name"}
-    if steps is not None and "steps" not in {p.name for p in space.params}:
+    if steps is not None and "steps" not in space.searched:
         scale = steps / space.config_for({}).train.steps
         for key in PRUNER_STEP_OPTIONS:
             value = opts.get(key)

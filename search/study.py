@@ -158,9 +158,8 @@ def effective_steps(space: Space, steps: int | None) -> int | None:
     """
     if steps is None:
         return None
-    searched = {param.name for param in space.params}
     base = space.config_for({}).train
-    if not searched & {"steps", "valid_steps"} and base.steps == steps and base.valid_steps <= steps:
+    if not space.searched & {"steps", "valid_steps"} and base.steps == steps and base.valid_steps <= steps:
         return None
     return steps
 
