@@ -73,7 +73,6 @@ class ExportResult:
     out: Path
     members: list[ExportMember]
     ensemble_valid_acc: float | None
-    best_member_valid_acc: float
     replaced: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
     candidates: int = 0  # usable trials there were to choose from
@@ -434,7 +433,6 @@ def export_top(
         out=out,
         members=members,
         ensemble_valid_acc=ensemble_acc,
-        best_member_valid_acc=max(m.valid_acc for m in members),
         replaced=replaced,
         history=history,
         candidates=len(trials),
