@@ -82,8 +82,8 @@ def usual_mode(path: Path | int, folder: bool = False) -> None:
 def atomic_write(path: Path, text: bool = False, overwrite: bool = True) -> Iterator[IO[Any]]:
     """Write ``path`` through a temp file beside it, synced and then renamed into place.
 
-    With ``overwrite=False`` the file is hard-linked into place instead, which raises
-    ``FileExistsError`` if ``path`` appeared in the meantime: an existing file is never clobbered.
+    With ``overwrite=False`` it raises ``FileExistsError`` instead if ``path`` appeared in the meantime:
+    an existing file is never clobbered.
     On any error (or interrupt) the temp file is removed and ``path`` is left as it was.
     """
     path = Path(path)
@@ -103,10 +103,35 @@ def atomic_write(path: Path, text: bool = False, overwrite: bool = True) -> Iter
         if overwrite:
             os.replace(tmp, path)
         else:
-            os.link(tmp, path)
+            _place_new(tmp, path)
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+
+
+# What link() answers on a file system without hard links (FAT and exFAT drives, many FUSE mounts).
+NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
+
+
+def _place_new(tmp: str, path: Path) -> None:
+    """Move ``tmp`` to ``path``, raising ``FileExistsError`` if ``path`` exists: a hard link where the
+    file system has them; elsewhere ``path`` is claimed with an exclusive create and then replaced by
+    the rename (the claim is removed again if the rename does not happen)."""
+    try:
+        os.link(tmp, path)
+        return
+    except OSError as exc:
+        if isinstance(exc, FileExistsError) or exc.errno not in NO_HARD_LINKS:
+            raise
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    placed = False
+    try:
+        os.replace(tmp, path)
+        placed = True
+    finally:
+        if not placed:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 def check_can_create(path: Path, flag: str = "--out") -> None:

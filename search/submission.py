@@ -85,13 +85,13 @@ def check_out(out: Path, force: bool, inputs: Sequence[Path | None] = ()) -> Pat
             f"--out {out}: is a file of the data set in {out.parent} (its answers, maybe), never replaced; "
             "choose another --out"
         )
-    if out.exists() and not force:
-        raise UserError(f"{out}: already exists; pass --force to overwrite it or choose another --out")
-    if out.exists() and not is_submission(out):
+    if out.exists() and not is_submission(out):  # before the advice to pass --force, which would not do
         raise UserError(
             f"--out {out}: exists and is not a submission CSV (no 'Id,Category' header); --force replaces "
             "only an earlier submission: choose another --out"
         )
+    if out.exists() and not force:
+        raise UserError(f"{out}: already exists; pass --force to overwrite it or choose another --out")
     check_can_create(out)
     return out
 

@@ -370,8 +370,9 @@ def test_force_never_replaces_an_input_with_the_csv(
     other.write_bytes(b"SQLite format 3\0" + bytes(100))
     for victim in (other, exports.top.out / "manifest.json"):
         kept = victim.read_bytes()
-        with pytest.raises(UserError, match="exists and is not a submission CSV .*--force replaces only"):
-            vote(export, data, victim, force=True)
+        for force in (True, False):  # without --force too: not told to pass a --force that would not do
+            with pytest.raises(UserError, match="exists and is not a submission CSV .*--force replaces only"):
+                vote(export, data, victim, force=force)
         assert victim.read_bytes() == kept
     # Nor another data set's answers.csv, whose header is a submission's.
     other_set = tmp_path / "other-set"

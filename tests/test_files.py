@@ -92,6 +92,41 @@ def test_without_overwrite_an_existing_file_is_never_clobbered(tmp_path: Path) -
     assert sorted(p.name for p in tmp_path.iterdir()) == ["submission.csv"]
 
 
+@pytest.mark.parametrize("errno_", [errno.EPERM, errno.EOPNOTSUPP])
+def test_without_hard_links_a_new_file_is_still_placed_and_an_old_one_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, errno_: int
+) -> None:
+    """FAT and exFAT drives and many FUSE mounts refuse link(): vote's CSV without --force ended in a
+    traceback there, after all its inference."""
+
+    def no_links(src: str, dst: str) -> None:
+        raise OSError(errno_, os.strerror(errno_), src, None, dst)
+
+    monkeypatch.setattr(os, "link", no_links)
+    target = tmp_path / "submission.csv"
+    with atomic_write(target, text=True, overwrite=False) as fh:
+        fh.write("first\n")
+    assert target.read_text() == "first\n"
+    with pytest.raises(FileExistsError), atomic_write(target, text=True, overwrite=False) as fh:
+        fh.write("second\n")
+    assert target.read_text() == "first\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["submission.csv"]
+
+
+def test_without_hard_links_a_failed_rename_leaves_no_empty_claim(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "link", lambda src, dst: (_ for _ in ()).throw(OSError(errno.EPERM, "no links")))
+
+    def interrupted(src: str, dst: str) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt), atomic_write(tmp_path / "s.csv", text=True, overwrite=False) as fh:
+        fh.write("x\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_sha256_file_matches_hashlib(tmp_path: Path) -> None:
     blob = bytes(range(256)) * 10_000  # several read chunks
     path = tmp_path / "blob"
