@@ -330,6 +330,19 @@ def check_export_target(out: Path, force: bool) -> None:
         raise UserError(
             f"{out}: an export already exists there; pass --force to replace it or --out elsewhere"
         )
+    others = sorted(p.name for p in out.iterdir() if not _export_file(p.name))
+    if others:  # a submission voted into the folder, say: --force replaces the export, not the user's files
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise UserError(
+            f"--out {out}: holds files that are not the export's ({shown}); move them out of the folder "
+            "or choose another --out"
+        )
+
+
+def _export_file(name: str) -> bool:
+    """Whether a file name is one export writes: the manifest, or a member's ``trial-N.pt``."""
+    number = name.removeprefix("trial-").removesuffix(".pt")
+    return name == MANIFEST_NAME or (name == f"trial-{number}.pt" and number.isdigit())
 
 
 def _install(tmp: Path, out: Path, force: bool) -> bool:
@@ -392,10 +405,11 @@ def export_top(
         created.append(folder)
         folder = folder.parent
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    usual_mode(tmp, folder=True)  # it becomes the export folder
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.scratch-", dir=out.parent))
+    tmp = scratch = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        usual_mode(tmp, folder=True)  # it becomes the export folder
+        scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.scratch-", dir=out.parent))
         chosen, weights, ensemble_acc, history = _choose(
             study, trials, k, strategy, data, split, scratch, rounds if rounds is not None else 2 * k
         )
@@ -419,8 +433,9 @@ def export_top(
         )
         replaced = _install(tmp, out, force)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(scratch, ignore_errors=True)
+        for made in (tmp, scratch):
+            if made is not None:
+                shutil.rmtree(made, ignore_errors=True)
         for folder in created:
             with contextlib.suppress(OSError):  # rmdir refuses a folder someone else filled meanwhile
                 folder.rmdir()

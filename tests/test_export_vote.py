@@ -518,6 +518,23 @@ def test_force_never_wipes_a_folder_that_is_not_an_export(
     assert (empty / "manifest.json").is_file()
 
 
+def test_force_replaces_an_export_but_not_a_users_file_inside_it(
+    study: optuna.Study, data: PackedData, tmp_path: Path
+) -> None:
+    """A submission voted into the export folder was deleted without a word by export-top --force."""
+    out = tmp_path / "top2"
+    export_top(study, 2, out=out)
+    (out / "submission.csv").write_text("Id,Category\nuttr-1.pt,id1\n")
+    before = _snapshot(out)
+    with pytest.raises(
+        UserError, match=r"holds files that are not the export's \(submission.csv\); move them"
+    ):
+        export_top(study, 3, out=out, force=True)
+    assert _snapshot(out) == before
+    (out / "submission.csv").unlink()
+    assert export_top(study, 3, out=out, force=True).replaced  # the export's own files alone: replaced
+
+
 def test_fewer_than_k_usable_trials_leaves_nothing(study: optuna.Study) -> None:
     with pytest.raises(UserError, match=r"only 5 usable trial\(s\).*fewer than K=6.*--include-pruned"):
         export_top(study, 6)
