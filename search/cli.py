@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from search.errors import UserError
+from search.stops import lost_stops_redelivered
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -750,7 +751,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     try:
-        return handler(args)
+        with lost_stops_redelivered(lambda: _stopped_by["signal"]):
+            return handler(args)
     except UserError as exc:
         message = exc.message.removeprefix(f"{args.command}: ")  # library errors may name the command too
         print(f"spkid-search {args.command}: error: {message}", file=sys.stderr)
