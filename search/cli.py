@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from search.errors import UserError
-from search.stops import lost_stops_redelivered
+from search.stops import imports_with_stops_deferred, lost_stops_redelivered
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -751,7 +751,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     try:
-        with lost_stops_redelivered(lambda: _stopped_by["signal"]):
+        with lost_stops_redelivered(lambda: _stopped_by["signal"]), imports_with_stops_deferred("torch"):
             return handler(args)
     except UserError as exc:
         message = exc.message.removeprefix(f"{args.command}: ")  # library errors may name the command too

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import _thread
 import contextlib
+import importlib.abc
+import importlib.machinery
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+import types
+from collections.abc import Callable, Iterator, Sequence
 
 
 @contextlib.contextmanager
@@ -65,3 +68,51 @@ def lost_stops_redelivered(signum: Callable[[], int]) -> Iterator[None]:
         yield
     finally:
         sys.unraisablehook = previous
+
+
+class _ImportsWithStopsDeferred(importlib.abc.MetaPathFinder):
+    """Finds the named top-level modules as the other finders do, and runs their code (with every
+    import it makes) inside :func:`stops_deferred`."""
+
+    def __init__(self, names: frozenset[str]) -> None:
+        self.names = names
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: types.ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in self.names:
+            return None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            spec = find(fullname, path, target) if finder is not self and find is not None else None
+            if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                spec.loader.exec_module = _deferring(spec.loader.exec_module)  # this spec's loader only
+                return spec
+        return None
+
+
+def _deferring(exec_module: Callable[[types.ModuleType], None]) -> Callable[[types.ModuleType], None]:
+    def deferred(module: types.ModuleType) -> None:
+        with stops_deferred():
+            exec_module(module)
+
+    return deferred
+
+
+@contextlib.contextmanager
+def imports_with_stops_deferred(*names: str) -> Iterator[None]:
+    """A Ctrl-C or SIGTERM while ``names`` (top-level modules: torch) are first imported is delivered
+    when the import has finished.
+
+    Why: a KeyboardInterrupt inside torch's import, which runs C++ (pybind11) code, could not always
+    unwind: ``export-top`` stopped in its first second died of ``terminate called after throwing an
+    instance of 'pybind11::error_already_set'`` (SIGABRT) once in 16 stops, after printing
+    "interrupted". The import takes a few seconds at most, so the stop waits that long.
+    """
+    finder = _ImportsWithStopsDeferred(frozenset(names))
+    sys.meta_path.insert(0, finder)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(finder)
