@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,7 +15,11 @@ from tests.studies import PG_BASE, postgres_answers
 
 @pytest.fixture(autouse=True)
 def _isolated_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test runs in its own folder so default paths (studies/...) never touch the repo."""
+    """Every test runs in its own folder so default paths (studies/...) never touch the repo, and with
+    none of the caller's SPKID_SEARCH_* settings (a shared $SPKID_SEARCH_STUDIES made every test's
+    studies one folder's)."""
+    for name in [n for n in os.environ if n.startswith("SPKID_SEARCH_")]:
+        monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SPKID_SEARCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("SPKID_SEARCH_DATA", str(tmp_path / "data"))

@@ -779,9 +779,9 @@ def test_predict_and_vote_check_their_files_before_packing_the_data(
     cache = tmp_path / "cache"  # SPKID_SEARCH_CACHE (see conftest): where packing would write
     assert main(["predict", "nosuch.pt", "--data", str(fake_dir), "--out", "p.csv", "--quiet"]) == 2
     assert "nosuch.pt: checkpoint not found" in capsys.readouterr().err
-    Path("taken.csv").write_text("keep me\n")
+    Path("taken.csv").write_text("Id,Category\nkeep,me\n")  # an earlier submission
     assert main(["vote", str(exports.top.out), "--data", str(fake_dir), "--out", "taken.csv", "--quiet"]) == 2
-    assert "taken.csv: already exists" in capsys.readouterr().err
+    assert "taken.csv: already exists; pass --force" in capsys.readouterr().err
     member = exports.top.out / read_manifest(exports.top.out).members[0].file
     for given in (["vote", str(exports.top.out)], ["predict", str(member)]):  # a --device no one has
         assert (
@@ -791,7 +791,7 @@ def test_predict_and_vote_check_their_files_before_packing_the_data(
     # Another set's --data: refused by the JSON index the manifest records, before it is packed.
     assert main(["vote", str(exports.top.out), "--data", str(fake_dir), "--out", "new.csv", "--quiet"]) == 2
     assert f"--data {fake_dir}: not the data set the export's study" in capsys.readouterr().err
-    assert not cache.exists() and Path("taken.csv").read_text() == "keep me\n"
+    assert not cache.exists() and Path("taken.csv").read_text() == "Id,Category\nkeep,me\n"
 
 
 def test_a_folder_or_a_manifest_given_for_the_other_is_named_for_what_it_is(

@@ -73,10 +73,16 @@ def test_short_run_beats_chance_and_checkpoint_reproduces(fake_data: PackedData,
 
 def test_best_weights_are_a_copy_not_the_latest(fake_data: PackedData, tmp_path: Path) -> None:
     """The sample code's defect: its 'best' state_dict aliased the live weights."""
-    config = Config.from_dict({**SMALL, "steps": 100, "valid_steps": 20, "lr": 5e-2, "warmup_steps": 1})
-    result = train(config, fake_data, "cpu", out_dir=tmp_path)
+    # lr 5e-2 keeps the model at chance: every validation ties, and a tie keeps the first (step 20), so
+    # 80 steps of training come after the best and the final weights differ from it.
+    config = Config.from_dict(
+        {**SMALL, "steps": 100, "valid_steps": 20, "checkpoint_steps": 20, "lr": 5e-2, "warmup_steps": 1}
+    )
+    result = train(config, fake_data, "cpu", out_dir=tmp_path, keep_last=True)
     best = torch.load(tmp_path / "best.pt", weights_only=True)
-    assert best["step"] == result.best_step
+    final = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert best["step"] == result.best_step < final["step"] == 100
+    assert any(not torch.equal(best["model"][k], final["model"][k]) for k in final["model"])
     model, _, _ = load_model(tmp_path / "best.pt")  # its weights score the best accuracy, whatever came after
     split = make_split(fake_data, config.train.valid_ratio, config.train.split_seed)
     acc = accuracy(predict_logits(model, FeatureStore(fake_data), split.valid), fake_data.labels[split.valid])
@@ -176,12 +182,17 @@ def interrupt_at(config: Config, data: PackedData, out_dir: Path, at: int) -> Pa
 
 
 def test_resume_from_last_checkpoint(fake_data: PackedData, tmp_path: Path) -> None:
+    """A run stopped at step 50 and resumed ends with the very weights of one never stopped (on CPU,
+    without dropout): the model, optimizer, schedule and crops all go on from last.pt."""
     config = Config.from_dict(RESUMABLE)
-    full = train(config, fake_data, "cpu", out_dir=tmp_path / "full")
+    full = train(config, fake_data, "cpu", out_dir=tmp_path / "full", keep_last=True)
     interrupt_at(config, fake_data, tmp_path / "part", 50)
-    resumed = train(config, fake_data, "cpu", out_dir=tmp_path / "part")
+    resumed = train(config, fake_data, "cpu", out_dir=tmp_path / "part", keep_last=True)
     assert resumed.resumed_from == 50
     assert resumed.best_accuracy == pytest.approx(full.best_accuracy)
+    ends = [torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("full", "part")]
+    assert ends[0]["step"] == ends[1]["step"] == 100
+    assert all(torch.equal(ends[0]["model"][k], ends[1]["model"][k]) for k in ends[0]["model"])
 
 
 def test_a_checkpoint_with_another_devices_random_streams_resumes_with_fresh_ones(
