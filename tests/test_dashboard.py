@@ -435,6 +435,10 @@ def test_the_dashboard_changes_nothing(dashboard: Dashboard) -> None:
         ("POST", f"/api/studies/{study}/rename", {"study_name": "renamed"}),
         ("PUT", f"/api/studies/{study}/note", {"version": 1, "body": "hello"}),
         ("POST", "/api/studies", {"study_name": "new", "directions": ["maximize"]}),
+        ("POST", "/api/trials/1/tell", {"state": "Fail"}),
+        ("POST", "/api/trials/1/user-attrs", {"user_attrs": {"x": 1}}),
+        ("PUT", f"/api/studies/{study}/1/note", {"version": 1, "body": "hello"}),
+        ("POST", f"/api/studies/{study}/1/skip", {}),
     ]
     for method, path, body in changes:
         request = urllib.request.Request(

@@ -1141,7 +1141,7 @@ def test_three_workers_on_postgresql(tmp_path: Path, tiny_dir: Path, pg_database
     assert None not in workers and len(workers) >= 2, table
 
 
-def test_wrong_storage_url_and_unknown_study(tmp_path: Path) -> None:
+def test_a_wrong_storage_url_is_one_line_without_its_password(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="expected sqlite:///"):
         open_storage("mongodb://x")
     from search.storage import mask_url

@@ -421,9 +421,15 @@ def test_capture_gate_lets_a_recording_run_alone() -> None:
 def test_trainings_can_share_one_feature_store(fake_data: PackedData) -> None:
     config = Config.from_dict({**SMALL, "steps": 20, "valid_steps": 20})
     store = FeatureStore(fake_data, "cpu")
-    first = train(config, fake_data, "cpu", store=store, log_every=10)
-    second = train(config, fake_data, "cpu", store=store, log_every=10)
-    assert first.best_accuracy == second.best_accuracy  # the store is only read
+    losses: list[list[float]] = []
+
+    def run(shared: FeatureStore | None) -> float:
+        losses.append([])
+        report = lambda step, metrics: losses[-1].append(metrics["loss"])  # noqa: E731
+        return train(config, fake_data, "cpu", store=shared, log_every=5, report=report).best_accuracy
+
+    accuracies = [run(store), run(store), run(None)]  # the store is only read: all three train alike
+    assert len(set(accuracies)) == 1 and losses[0] == losses[1] == losses[2] and len(losses[0]) == 4
     other = PackedData(**{**vars(fake_data)})
     with pytest.raises(ValueError, match="other data"):
         train(config, other, "cpu", store=store)
