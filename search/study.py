@@ -300,7 +300,8 @@ def run(
     trial is failed and retried from its checkpoint.
     """
     try:
-        return _run(opts, on_update, on_nothing)
+        with contextlib.ExitStack() as closing:
+            return _run(opts, on_update, on_nothing, closing)
     finally:
         clear_state_lock()  # this study's: a later run in this process (a test, a library) gets its own
 
@@ -309,6 +310,7 @@ def _run(
     opts: RunOptions,
     on_update: Callable[[optuna.Study, Counts, list[dict[str, Any]]], None] | None,
     on_nothing: Callable[[str], None] | None,
+    closing: contextlib.ExitStack,
 ) -> Counts:
     from search.space import load_space
     from search.storage import (
@@ -356,6 +358,10 @@ def _run(
     base = space.config_for({})
     split = make_split(data, base.train.valid_ratio, base.train.split_seed)
     storage = open_storage(url, heartbeat, grace)
+    # Closed as the run ends: SQLite folds its write-ahead log back into study.db only when the last
+    # connection closes, and the command's exit does not close them (it skips the final collection).
+    # study.db alone, copied or backed up after a run, lacked its trials.
+    closing.callback(storage.engine.dispose)
     # The driver fails a killed worker's trials: under the workers' state lock.
     serialize_state_changes(storage, url)
     home = study_dir(name)

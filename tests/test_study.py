@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -365,6 +366,21 @@ def test_run_on_a_study_that_holds_enough_trials_says_so_and_starts_nothing(
     )
     assert json.loads(proc.stdout.splitlines()[-1]) == [0, False, None], proc.stdout + proc.stderr
     assert "nothing to do" in proc.stderr
+
+
+def test_a_finished_runs_study_db_holds_every_trial_without_its_log(tmp_path: Path, tiny_dir: Path) -> None:
+    """SQLite folds its write-ahead log (study.db-wal) into study.db when the last connection closes;
+    run never closed its own, and a study.db copied or backed up after the run lacked trials."""
+    space = str(write_space(tmp_path / "unit.yaml", steps=20, valid_steps=20))
+    assert run(RunOptions(space=space, trials=3, data=tiny_dir, display=False)).finished == 3
+    db = Path("studies/unit/study.db")
+    wal = db.with_name("study.db-wal")
+    assert not wal.exists() or wal.stat().st_size == 0
+    copy = tmp_path / "backup.db"
+    shutil.copyfile(db, copy)  # the database file alone
+    with contextlib.closing(sqlite3.connect(copy)) as con:
+        finished = "SELECT COUNT(*) FROM trials WHERE state IN ('COMPLETE', 'PRUNED')"
+        assert con.execute(finished).fetchone()[0] == 3
 
 
 def test_plan_devices_runs_one_worker_per_gpu_with_per_gpu_trials_each(
