@@ -383,6 +383,25 @@ def test_a_finished_runs_study_db_holds_every_trial_without_its_log(tmp_path: Pa
         assert con.execute(finished).fetchone()[0] == 3
 
 
+def test_long_trials_on_the_cpu_are_said_to_take_hours_before_they_start(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """run --space boss on a machine without a GPU printed nothing for minutes (70,000-step trials)."""
+    import search.devices
+    from search.space import load_space
+
+    monkeypatch.setattr(search.devices, "visible_gpus", lambda: [])
+    boss, smoke = load_space("boss"), load_space("smoke")
+    study_module._check_run(RunOptions(space="boss", trials=1), boss)
+    assert "note: no GPU: trials of up to 70,000 steps on the CPU take hours each" in capsys.readouterr().err
+    study_module._check_run(RunOptions(space="boss", trials=1, steps=500), boss)  # shortened: nothing said
+    study_module._check_run(RunOptions(space="smoke", trials=1), smoke)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(search.devices, "visible_gpus", lambda: [0])  # on a GPU: nothing said
+    study_module._check_run(RunOptions(space="boss", trials=1), boss)
+    assert capsys.readouterr().err == ""
+
+
 def test_plan_devices_runs_one_worker_per_gpu_with_per_gpu_trials_each(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
