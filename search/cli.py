@@ -336,11 +336,21 @@ def _bind_error(host: str, port: int, exc: OSError) -> str:
 
 def cmd_export_top(args: argparse.Namespace) -> int:
     from search.data import open_data
-    from search.export import check_data_folder, export_top, render_export, study_cache_root, study_data_root
+    from search.export import (
+        check_data_folder,
+        check_export_target,
+        default_export_dir,
+        export_top,
+        render_export,
+        study_cache_root,
+        study_data_root,
+    )
     from search.progress import console, output
     from search.storage import resolve
 
     _, study, _ = resolve(args.study, args.storage)
+    out = args.out or default_export_dir(study, args.strategy, args.k, args.include_pruned)
+    check_export_target(out, args.force)  # before the data set is opened (packed, if new: minutes)
     if args.data is not None:
         check_data_folder(study, args.data)  # another set is refused before minutes of packing it
     cache = study_cache_root(study)
@@ -353,7 +363,7 @@ def cmd_export_top(args: argparse.Namespace) -> int:
     result = export_top(
         study,
         args.k,
-        out=args.out,
+        out=out,
         strategy=args.strategy,
         include_pruned=args.include_pruned,
         force=args.force,

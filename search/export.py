@@ -548,6 +548,8 @@ def render_export(result: ExportResult) -> Any:
     title = f"study '{result.study}': {result.strategy} export of {len(result.members)} -> {result.out}"
     if result.strategy == "greedy" and 0 < result.candidates < result.k:  # K caps the members: say why fewer
         title += f" (K={result.k}, but only {result.candidates} usable trials to choose from)"
+    elif result.strategy == "greedy" and len(result.members) < result.k:
+        title += f" (K={result.k} at most: adding another trial did not raise the ensemble's score)"
     table = Table(title=title)
     for column in ("trial", "state", "weight", "valid acc", "params"):
         table.add_column(column, justify="left" if column == "params" else "right", overflow="fold")

@@ -85,6 +85,11 @@ def test_run_export_vote_round_trip(
     assert json.loads((home / "export" / "greedy1" / "manifest.json").read_text())["members"]
     assert list((home / "valid_logits").glob("trial-*.npz"))  # greedy's logits cache: beside the study
     assert list(elsewhere.iterdir()) == []  # no ./studies (export, cache, re-packed data) here
+    # An export that is there already is refused before the data set is opened (packing HW4: minutes).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("search.data.open_data", lambda *a, **k: pytest.fail("the data set was opened"))
+        assert main(["export-top", "1", "--storage", url, "--data", data, "--quiet"]) == 2
+    assert "top1: an export already exists there; pass --force" in capsys.readouterr().err
     # vote from there (the study's data folder, from the manifest) reuses the study's packed cache too
     assert main(["vote", str(home / "export" / "top1"), "--out", "here.csv", "--quiet"]) == 0
     assert [p.name for p in elsewhere.iterdir()] == ["here.csv"]

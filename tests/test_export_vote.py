@@ -9,6 +9,7 @@ are cheap, so tests that damage a study get their own copy.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import shutil
@@ -262,6 +263,12 @@ def test_greedy_never_below_top_k_or_best_single(
         ).split()
     )
     assert "usable trials to choose from" not in _render(render_export(greedy_k))
+    # Fewer members than K, with more trials than K to choose from: greedy stopped gaining, and says so.
+    shown = " ".join(_render(render_export(greedy_k)).split())
+    said = "(K=4 at most: adding another trial did not raise the ensemble's score)"
+    assert (said in shown) == (len(greedy_k.members) < 4), shown
+    wide = dataclasses.replace(exports.greedy, k=len(exports.greedy.members) + 1, candidates=n)
+    assert f"(K={wide.k} at most: adding another" in " ".join(_render(render_export(wide)).split())
 
 
 def test_vote_round_trip_writes_kaggle_csv(exports: Exports, data: PackedData, tmp_path: Path) -> None:
