@@ -149,6 +149,14 @@ def _prepare_sqlite(url: str) -> None:
     if path is None:
         return
     _refuse_network_sqlite(url)
+    inside_studies = path.parent.resolve().is_relative_to(studies_root().resolve())
+    if not path.parent.is_dir() and not inside_studies:
+        # A typo in a path of one's own (sqlite:////data/sutdies/x.db) made its folders and a new, empty
+        # study there; only the default place, studies/<study>/, is made as needed.
+        raise UserError(
+            f"--storage {url}: the folder {path.parent} does not exist; correct the path, or create the "
+            "folder first"
+        )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

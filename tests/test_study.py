@@ -1176,6 +1176,19 @@ def test_three_workers_on_postgresql(tmp_path: Path, tiny_dir: Path, pg_database
     assert None not in workers and len(workers) >= 2, table
 
 
+def test_a_sqlite_file_in_a_folder_that_does_not_exist_is_refused_outside_studies(tmp_path: Path) -> None:
+    """A typo in the path made its folders (as root, anywhere) and a new, empty study there."""
+    typo = tmp_path / "no" / "such" / "x.db"
+    with pytest.raises(
+        UserError, match=rf"^--storage sqlite:///{typo}: the folder {typo.parent} does not exist"
+    ):
+        open_storage(f"sqlite:///{typo}")
+    assert not (tmp_path / "no").exists()
+    default = Path("studies") / "new" / "study.db"  # the default place is made as needed
+    open_storage(f"sqlite:///{default}").engine.dispose()
+    assert default.is_file()
+
+
 def test_a_wrong_storage_url_is_one_line_without_its_password(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="expected sqlite:///"):
         open_storage("mongodb://x")
