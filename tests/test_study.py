@@ -1176,7 +1176,9 @@ def test_three_workers_on_postgresql(tmp_path: Path, tiny_dir: Path, pg_database
     assert None not in workers and len(workers) >= 2, table
 
 
-def test_a_sqlite_file_in_a_folder_that_does_not_exist_is_refused_outside_studies(tmp_path: Path) -> None:
+def test_a_sqlite_file_in_a_folder_that_does_not_exist_is_refused_outside_studies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A typo in the path made its folders (as root, anywhere) and a new, empty study there."""
     typo = tmp_path / "no" / "such" / "x.db"
     with pytest.raises(
@@ -1187,6 +1189,9 @@ def test_a_sqlite_file_in_a_folder_that_does_not_exist_is_refused_outside_studie
     default = Path("studies") / "new" / "study.db"  # the default place is made as needed
     open_storage(f"sqlite:///{default}").engine.dispose()
     assert default.is_file()
+    monkeypatch.setenv("SPKID_SEARCH_STUDIES", "/proc/spkid")  # a place no folder can be made
+    with pytest.raises(UserError, match="^--storage sqlite:////proc/spkid/new/study.db: cannot create /proc"):
+        open_storage("sqlite:////proc/spkid/new/study.db")
 
 
 def test_a_wrong_storage_url_is_one_line_without_its_password(tmp_path: Path) -> None:

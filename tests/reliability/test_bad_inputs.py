@@ -146,10 +146,10 @@ CASES = [
         "cannot connect",
     ),
     Case(
-        "run-storage-uncreatable",
+        "run-storage-folder-missing",
         f"{RUN} --quiet --data {{tiny}} --storage sqlite:////proc/spkid/study.db",
         "/proc/spkid",
-        "cannot create",
+        "does not exist; correct the path, or create the folder",
     ),
     Case(
         "run-other-data-set",
