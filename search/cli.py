@@ -7,6 +7,7 @@ non-zero exit code; Ctrl-C exits with 130 after the command's own clean-up has r
 from __future__ import annotations
 
 import argparse
+import difflib
 import gc
 import os
 import re
@@ -437,7 +438,21 @@ class _Parser(argparse.ArgumentParser):
     """
 
     def error(self, message: str) -> NoReturn:
+        unknown = [
+            token.split("=")[0]
+            for token in _given
+            if token.startswith("--") and token.split("=")[0] not in self._option_string_actions
+        ]
+        if unknown and message.startswith(("the following arguments are required", "unrecognized")):
+            # A misspelt --trials was reported as --trials missing, the misspelling not named.
+            names = [o[2:] for o in self._option_string_actions if o.startswith("--")]  # the letters alone
+            guess = difflib.get_close_matches(unknown[0][2:], names, n=1, cutoff=0.75)
+            hint = f" (did you mean --{guess[0]}?)" if guess and len(unknown) == 1 else ""
+            message = f"unrecognized argument{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}{hint}"
         self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
+
+_given: list[str] = []  # the arguments main() parses, for _Parser.error's account of a misspelt option
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -748,6 +763,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (sys.argv[1:] if argv is None else argv):  # bare `spkid-search`: what it can do
         parser.print_help(sys.stderr)
         return 2
+    _given[:] = sys.argv[1:] if argv is None else argv
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")

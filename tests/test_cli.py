@@ -64,7 +64,36 @@ def test_an_unknown_option_is_reported_with_its_command(capsys: pytest.CaptureFi
         main(["run", "--space", "smoke", "--trials", "1", "--bogus"])
     assert info.value.code == 2
     assert capsys.readouterr().err == (
-        "spkid-search run: error: unrecognized arguments: --bogus; see 'spkid-search run --help'\n"
+        "spkid-search run: error: unrecognized argument --bogus; see 'spkid-search run --help'\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        # Misspelt, a required option is missing: the misspelling was not named ("required: --trials").
+        (
+            ["run", "--space", "smoke", "--trails", "3"],
+            "unrecognized argument --trails (did you mean --trials?)",
+        ),
+        (
+            ["run", "--spaec", "smoke", "--trials", "3"],
+            "unrecognized argument --spaec (did you mean --space?)",
+        ),
+        (["export-top", "3", "--studdy=x"], "unrecognized argument --studdy (did you mean --study?)"),
+        (["run", "--space", "smoke", "--trials", "3", "--x", "--y"], "unrecognized arguments --x, --y"),
+        (["run", "--space", "smoke"], "the following arguments are required: --trials"),
+    ],
+)
+def test_a_misspelt_option_is_named_with_the_one_meant(
+    argv: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert (
+        capsys.readouterr().err
+        == f"spkid-search {argv[0]}: error: {said}; see 'spkid-search {argv[0]} --help'\n"
     )
 
 
