@@ -312,6 +312,8 @@ def read_yaml(path: Path) -> Any:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        if mark is not None and mark.index >= len(text.rstrip()):  # not "line 5" of a 4-line file
+            where = f" at the end of the file (line {text.rstrip().count(chr(10)) + 1})"
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise UserError(f"{path}: malformed YAML{where}: {problem}") from None
     return {} if data is None else data

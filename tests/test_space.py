@@ -123,7 +123,9 @@ def test_space_found_by_name_or_path(tmp_path: Path) -> None:
 
 
 BAD = [
-    ("params: [unclosed", "malformed YAML at line 1"),
+    ("params: [unclosed", "malformed YAML at the end of the file (line 1)"),
+    ("name: x\nparams:\n  lr: {low: 1\n\n", "malformed YAML at the end of the file (line 3)"),
+    ("name: x\nparams: [1\nsampler: 2\n", "malformed YAML at line 3, column 8"),
     (
         "name: t\nparams:\n  steps: 60\n  lr: 0.001\n  steps: 70\n",
         "line 5, column 3: key 'steps' is given twice",
