@@ -452,6 +452,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
 
 
+# Imported lazily, and running C code as they load: a Ctrl-C inside torch's import aborted the process
+# (pybind11's terminate), one inside numpy's became an ImportError ("bad install") with a traceback.
+C_EXTENSIONS = ("torch", "numpy", "scipy", "sqlalchemy")
+
 _given: list[str] = []  # the arguments main() parses, for _Parser.error's account of a misspelt option
 
 
@@ -777,7 +781,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     try:
-        with lost_stops_redelivered(lambda: _stopped_by["signal"]), imports_with_stops_deferred("torch"):
+        with (
+            lost_stops_redelivered(lambda: _stopped_by["signal"]),
+            imports_with_stops_deferred(*C_EXTENSIONS),
+        ):
             return handler(args)
     except UserError as exc:
         message = exc.message.removeprefix(f"{args.command}: ")  # library errors may name the command too

@@ -101,8 +101,8 @@ def _deferring(exec_module: Callable[[types.ModuleType], None]) -> Callable[[typ
 
 @contextlib.contextmanager
 def imports_with_stops_deferred(*names: str) -> Iterator[None]:
-    """A Ctrl-C or SIGTERM while ``names`` (top-level modules: torch) are first imported is delivered
-    when the import has finished.
+    """A Ctrl-C or SIGTERM while ``names`` (top-level modules: torch, numpy) are first imported is
+    delivered when the import has finished.
 
     Why: a KeyboardInterrupt inside torch's import, which runs C++ (pybind11) code, could not always
     unwind: ``export-top`` stopped in its first second died of ``terminate called after throwing an

@@ -361,7 +361,7 @@ def _run(
     # Closed as the run ends: SQLite folds its write-ahead log back into study.db only when the last
     # connection closes, and the command's exit does not close them (it skips the final collection).
     # study.db alone, copied or backed up after a run, lacked its trials.
-    closing.callback(storage.engine.dispose)
+    closing.callback(_close, storage)
     # The driver fails a killed worker's trials: under the workers' state lock.
     serialize_state_changes(storage, url)
     home = study_dir(name)
@@ -422,6 +422,17 @@ def _run(
         on_update(study, counts, read_status(status_dir))
     _check_ended(study.study_name, opts, counts, exits, respawns, status_dir, study_home(study))
     return counts
+
+
+def _close(storage: Any) -> None:
+    """Close the run's connections; a stop that comes meanwhile is dropped, not raised.
+
+    Why: closing runs as the run ends, also while its first stop (WorkersStopped) unwinds; a second
+    Ctrl-C there interrupted SQLite's close (a SQLAlchemy traceback) and replaced that stop, so the
+    command said no trial had been running.
+    """
+    with contextlib.suppress(KeyboardInterrupt), stops_deferred():
+        storage.engine.dispose()
 
 
 def _record_identity(

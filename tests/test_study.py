@@ -383,6 +383,23 @@ def test_a_finished_runs_study_db_holds_every_trial_without_its_log(tmp_path: Pa
         assert con.execute(finished).fetchone()[0] == 3
 
 
+def test_a_stop_while_the_run_closes_its_storage_is_dropped_not_raised() -> None:
+    """A second Ctrl-C while run closed its connections (as its first stop unwound) interrupted
+    SQLite's close with a traceback and replaced that stop: 'no trial of this run was running'."""
+    closed = []
+
+    class Engine:
+        def dispose(self) -> None:
+            signal.raise_signal(signal.SIGINT)  # the second Ctrl-C, landing inside the close
+            closed.append(True)
+
+    class Storage:
+        engine = Engine()
+
+    study_module._close(Storage())
+    assert closed == [True]
+
+
 def test_long_trials_on_the_cpu_are_said_to_take_hours_before_they_start(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

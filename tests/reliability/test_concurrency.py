@@ -94,6 +94,7 @@ def test_processes_opening_a_new_database_at_once_all_succeed(
             pytest.skip("no PostgreSQL server answers at 127.0.0.1:5432")
         url = request.getfixturevalue("pg_database")
     else:
+        (tmp_path / "fresh").mkdir()  # a folder of one's own, which must exist; the database is new
         url = f"sqlite:///{tmp_path / 'fresh' / 'study.db'}"
     start_at = time.time() + 3.0
     with mp.get_context("spawn").Pool(4) as pool:
@@ -121,6 +122,7 @@ def test_sqlite_on_a_network_filesystem_is_refused_with_the_postgresql_alternati
     assert not (tmp_path / "studies").exists() and not (tmp_path / "data").exists()
 
     monkeypatch.setattr(search.storage, "_filesystem_type", lambda path: "ext4")
+    (tmp_path / "local").mkdir()
     open_storage(f"sqlite:///{tmp_path / 'local' / 'study.db'}")  # a local disk is fine
 
 
