@@ -438,14 +438,15 @@ class _Parser(argparse.ArgumentParser):
     """
 
     def error(self, message: str) -> NoReturn:
-        unknown = [
-            token.split("=")[0]
-            for token in _given
-            if token.startswith("--") and token.split("=")[0] not in self._option_string_actions
+        options = list(self._option_string_actions)
+        unknown = [  # argparse takes a unique prefix too (--tri for --trials): that is known
+            name
+            for name in (token.split("=")[0] for token in _given if token.startswith("--"))
+            if not any(option.startswith(name) for option in options)
         ]
         if unknown and message.startswith(("the following arguments are required", "unrecognized")):
             # A misspelt --trials was reported as --trials missing, the misspelling not named.
-            names = [o[2:] for o in self._option_string_actions if o.startswith("--")]  # the letters alone
+            names = [o[2:] for o in options if o.startswith("--")]  # the letters alone
             guess = difflib.get_close_matches(unknown[0][2:], names, n=1, cutoff=0.75)
             hint = f" (did you mean --{guess[0]}?)" if guess and len(unknown) == 1 else ""
             message = f"unrecognized argument{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}{hint}"

@@ -83,6 +83,7 @@ def test_an_unknown_option_is_reported_with_its_command(capsys: pytest.CaptureFi
         (["export-top", "3", "--studdy=x"], "unrecognized argument --studdy (did you mean --study?)"),
         (["run", "--space", "smoke", "--trials", "3", "--x", "--y"], "unrecognized arguments --x, --y"),
         (["run", "--space", "smoke"], "the following arguments are required: --trials"),
+        (["run", "--tri", "3"], "the following arguments are required: --space"),  # --tri: --trials
     ],
 )
 def test_a_misspelt_option_is_named_with_the_one_meant(
