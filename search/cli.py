@@ -7,7 +7,6 @@ non-zero exit code; Ctrl-C exits with 130 after the command's own clean-up has r
 from __future__ import annotations
 
 import argparse
-import difflib
 import gc
 import os
 import re
@@ -446,6 +445,8 @@ class _Parser(argparse.ArgumentParser):
         ]
         if unknown and message.startswith(("the following arguments are required", "unrecognized")):
             # A misspelt --trials was reported as --trials missing, the misspelling not named.
+            import difflib  # here: every command's start-up imports this module
+
             names = [o[2:] for o in options if o.startswith("--")]  # the letters alone
             guess = difflib.get_close_matches(unknown[0][2:], names, n=1, cutoff=0.75)
             hint = f" (did you mean --{guess[0]}?)" if guess and len(unknown) == 1 else ""
