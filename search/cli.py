@@ -454,10 +454,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
 
 
-# Imported lazily, and running C code as they load: a Ctrl-C inside torch's import aborted the process
-# (pybind11's terminate), one inside numpy's became an ImportError ("bad install") with a traceback.
-C_EXTENSIONS = ("torch", "numpy", "scipy", "sqlalchemy")
-
 _given: list[str] = []  # the arguments main() parses, for _Parser.error's account of a misspelt option
 
 
@@ -785,7 +781,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with (
             lost_stops_redelivered(lambda: _stopped_by["signal"]),
-            imports_with_stops_deferred(*C_EXTENSIONS),
+            imports_with_stops_deferred(),  # every module's first import
         ):
             return handler(args)
     except UserError as exc:

@@ -74,20 +74,24 @@ class _ImportsWithStopsDeferred(importlib.abc.MetaPathFinder):
     """Finds the named top-level modules as the other finders do, and runs their code (with every
     import it makes) inside :func:`stops_deferred`."""
 
-    def __init__(self, names: frozenset[str]) -> None:
+    def __init__(self, names: frozenset[str] | None) -> None:
         self.names = names
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: types.ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname not in self.names:
-            return None
+        if "." in fullname or (self.names is not None and fullname not in self.names):
+            return None  # a submodule loads inside its top-level module's import, deferred already
         for finder in sys.meta_path:
             find = getattr(finder, "find_spec", None)
             spec = find(fullname, path, target) if finder is not self and find is not None else None
-            if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                spec.loader.exec_module = _deferring(spec.loader.exec_module)  # this spec's loader only
-                return spec
+            if spec is None:
+                continue
+            loader = spec.loader
+            # A built-in or frozen module's loader is a class shared by all of them: left as it is.
+            if loader is not None and not isinstance(loader, type) and hasattr(loader, "exec_module"):
+                loader.exec_module = _deferring(loader.exec_module)  # this spec's loader only
+            return spec
         return None
 
 
@@ -101,15 +105,16 @@ def _deferring(exec_module: Callable[[types.ModuleType], None]) -> Callable[[typ
 
 @contextlib.contextmanager
 def imports_with_stops_deferred(*names: str) -> Iterator[None]:
-    """A Ctrl-C or SIGTERM while ``names`` (top-level modules: torch, numpy) are first imported is
-    delivered when the import has finished.
+    """A Ctrl-C or SIGTERM while a top-level module is first imported (one of ``names``; any, without
+    them) is delivered when its import has finished.
 
-    Why: a KeyboardInterrupt inside torch's import, which runs C++ (pybind11) code, could not always
-    unwind: ``export-top`` stopped in its first second died of ``terminate called after throwing an
-    instance of 'pybind11::error_already_set'`` (SIGABRT) once in 16 stops, after printing
-    "interrupted". The import takes a few seconds at most, so the stop waits that long.
+    Why: a KeyboardInterrupt inside an import that runs C code could not always unwind: ``export-top``
+    stopped in its first second died of ``terminate called after throwing an instance of
+    'pybind11::error_already_set'`` (torch's, SIGABRT) once in 16 stops, after printing "interrupted";
+    inside numpy's it became a "bad install" ImportError, inside ssl's (asyncio's) a TypeError, each
+    with a traceback. An import takes a few seconds at most, so the stop waits that long.
     """
-    finder = _ImportsWithStopsDeferred(frozenset(names))
+    finder = _ImportsWithStopsDeferred(frozenset(names) if names else None)
     sys.meta_path.insert(0, finder)
     try:
         yield

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib.machinery
 import signal
 import sys
 from collections.abc import Iterator
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from search.stops import imports_with_stops_deferred, stops_deferred
+from search.stops import _ImportsWithStopsDeferred, imports_with_stops_deferred, stops_deferred
 
 # A module that stops its own import halfway, as a Ctrl-C landing inside torch's import would.
 STOPS_ITSELF = """
@@ -52,3 +53,15 @@ def test_a_named_modules_import_runs_to_its_end_before_the_stop(modules: Path) -
             import alsostops  # noqa: F401 - not named: stopped where the stop landed
         assert STEPS == ["started"]
     assert not any(type(f).__name__ == "_ImportsWithStopsDeferred" for f in sys.meta_path)
+
+
+def test_without_names_every_top_level_modules_import_is_deferred(modules: Path) -> None:
+    """As the CLI runs its commands: a stop inside ssl's import (asyncio's) became a TypeError."""
+    (modules / "stopsitself.py").write_text(STOPS_ITSELF)
+    with imports_with_stops_deferred():
+        with pytest.raises(KeyboardInterrupt):
+            import stopsitself  # noqa: F401
+        assert STEPS == ["started", "finished"]
+    spec = _ImportsWithStopsDeferred(None).find_spec("_imp", None)  # built in: one loader for them all
+    assert spec is not None and spec.loader is importlib.machinery.BuiltinImporter
+    assert isinstance(vars(importlib.machinery.BuiltinImporter)["exec_module"], staticmethod)  # untouched
