@@ -781,7 +781,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with (
             lost_stops_redelivered(lambda: _stopped_by["signal"]),
-            imports_with_stops_deferred(),  # every module's first import
+            imports_with_stops_deferred(),
         ):
             return handler(args)
     except UserError as exc:

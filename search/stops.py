@@ -71,16 +71,13 @@ def lost_stops_redelivered(signum: Callable[[], int]) -> Iterator[None]:
 
 
 class _ImportsWithStopsDeferred(importlib.abc.MetaPathFinder):
-    """Finds the named top-level modules as the other finders do, and runs their code (with every
-    import it makes) inside :func:`stops_deferred`."""
-
-    def __init__(self, names: frozenset[str] | None) -> None:
-        self.names = names
+    """Finds top-level modules as the other finders do, and runs their code (with every import it
+    makes) inside :func:`stops_deferred`."""
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: types.ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
-        if "." in fullname or (self.names is not None and fullname not in self.names):
+        if "." in fullname:
             return None  # a submodule loads inside its top-level module's import, deferred already
         for finder in sys.meta_path:
             find = getattr(finder, "find_spec", None)
@@ -104,9 +101,9 @@ def _deferring(exec_module: Callable[[types.ModuleType], None]) -> Callable[[typ
 
 
 @contextlib.contextmanager
-def imports_with_stops_deferred(*names: str) -> Iterator[None]:
-    """A Ctrl-C or SIGTERM while a top-level module is first imported (one of ``names``; any, without
-    them) is delivered when its import has finished.
+def imports_with_stops_deferred() -> Iterator[None]:
+    """A Ctrl-C or SIGTERM while a top-level module is first imported is delivered when its import has
+    finished.
 
     Why: a KeyboardInterrupt inside an import that runs C code could not always unwind: ``export-top``
     stopped in its first second died of ``terminate called after throwing an instance of
@@ -114,7 +111,7 @@ def imports_with_stops_deferred(*names: str) -> Iterator[None]:
     inside numpy's it became a "bad install" ImportError, inside ssl's (asyncio's) a TypeError, each
     with a traceback. An import takes a few seconds at most, so the stop waits that long.
     """
-    finder = _ImportsWithStopsDeferred(frozenset(names) if names else None)
+    finder = _ImportsWithStopsDeferred()
     sys.meta_path.insert(0, finder)
     try:
         yield

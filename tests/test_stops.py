@@ -41,27 +41,20 @@ def test_a_stop_inside_is_delivered_as_the_block_ends() -> None:
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
-def test_a_named_modules_import_runs_to_its_end_before_the_stop(modules: Path) -> None:
+def test_a_modules_first_import_runs_to_its_end_before_the_stop(modules: Path) -> None:
+    """As the CLI runs its commands: a stop inside torch's import aborted the process, inside ssl's
+    (asyncio's) it became a TypeError."""
     (modules / "stopsitself.py").write_text(STOPS_ITSELF)
     (modules / "alsostops.py").write_text(STOPS_ITSELF)
-    with imports_with_stops_deferred("stopsitself"):
-        with pytest.raises(KeyboardInterrupt):
-            import stopsitself  # noqa: F401
-        assert STEPS == ["started", "finished"]
-        STEPS.clear()
-        with pytest.raises(KeyboardInterrupt):
-            import alsostops  # noqa: F401 - not named: stopped where the stop landed
-        assert STEPS == ["started"]
-    assert not any(type(f).__name__ == "_ImportsWithStopsDeferred" for f in sys.meta_path)
-
-
-def test_without_names_every_top_level_modules_import_is_deferred(modules: Path) -> None:
-    """As the CLI runs its commands: a stop inside ssl's import (asyncio's) became a TypeError."""
-    (modules / "stopsitself.py").write_text(STOPS_ITSELF)
     with imports_with_stops_deferred():
         with pytest.raises(KeyboardInterrupt):
             import stopsitself  # noqa: F401
         assert STEPS == ["started", "finished"]
-    spec = _ImportsWithStopsDeferred(None).find_spec("_imp", None)  # built in: one loader for them all
+    assert not any(type(f).__name__ == "_ImportsWithStopsDeferred" for f in sys.meta_path)
+    STEPS.clear()
+    with pytest.raises(KeyboardInterrupt):
+        import alsostops  # noqa: F401 - outside it: stopped where the stop landed
+    assert STEPS == ["started"]
+    spec = _ImportsWithStopsDeferred().find_spec("_imp", None)  # built in: one loader for them all
     assert spec is not None and spec.loader is importlib.machinery.BuiltinImporter
     assert isinstance(vars(importlib.machinery.BuiltinImporter)["exec_module"], staticmethod)  # untouched
