@@ -144,7 +144,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             "to replace it or --out elsewhere"
         )
     # torch from here on: a bad config or --out above is refused without importing it (seconds)
-    from search.data import open_data
+    from rich.markup import escape
+
+    from search.data import open_data, unvalidated_note
     from search.devices import resolve_device
     from search.progress import console
     from search.synth import default_set
@@ -163,6 +165,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"[yellow]note: {config.train.steps} steps is within warmup_steps ({config.train.warmup_steps}): "
             "the learning rate never reaches its peak"
         )
+    if note := unvalidated_note(data):
+        console.print(f"[yellow]note: {escape(note)}")
     try:
         with TrainView(config.train.steps, enabled=not args.quiet) as view:
             result = train(config, data, device, report=view.report, out_dir=out, log_every=args.log_every)

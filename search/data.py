@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import stat
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,7 +31,7 @@ import numpy as np
 import torch
 
 from search.errors import UserError, load_failure, shown
-from search.files import require_data_dir, studies_root
+from search.files import require_data_dir, studies_root, usual_mode
 
 PREPARE_STATE = "prepare-state.jsonl"  # search.prepare's record, in a set it writes (its index comes last)
 
@@ -84,9 +87,33 @@ def read_prepare_state(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, 
     return header, records
 
 
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``' object hook: a key given twice in one object is an error.
+
+    Why: JSON keeps the last copy, so a speaker listed twice in metadata.json (an edit that pasted one
+    speaker's key over another's) silently lost the first copy's utterances and trained the rest under
+    the wrong name.
+    """
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _RepeatedKey(key)
+        seen[key] = value
+    return seen
+
+
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_repeated_keys)
+    except _RepeatedKey as exc:
+        raise UserError(
+            f"{path}: key {shown(str(exc))} appears twice in one object (JSON would keep only the last); "
+            "merge or rename one of them"
+        ) from None
     except FileNotFoundError:
         if (path.parent / PREPARE_STATE).is_file():
             raise UserError(
@@ -137,8 +164,8 @@ def read_layout(root: Path) -> HW4Layout:
 
     meta = _read_json(meta_path)
     n_mels = _key(meta, "n_mels", meta_path)
-    if not isinstance(n_mels, int) or n_mels < 1:
-        raise UserError(f"{meta_path}: 'n_mels' must be a positive integer")
+    if not isinstance(n_mels, int) or isinstance(n_mels, bool) or n_mels < 1:
+        raise UserError(f"{meta_path}: 'n_mels' must be a positive integer, got {shown(n_mels)}")
     by_speaker = _key(meta, "speakers", meta_path)
     if not isinstance(by_speaker, dict):
         raise UserError(f"{meta_path}: 'speakers' must be a mapping of speaker -> utterances")
@@ -161,12 +188,29 @@ def read_layout(root: Path) -> HW4Layout:
     if not isinstance(entries, list):
         raise UserError(f"{test_path}: 'utterances' must be a list")
     test = [_utterance(e, test_path, f"utterances[{i}].", -1) for i, e in enumerate(entries)]
-    names = [u.feature_path for u in train] + [u.feature_path for u in test]
-    if len(set(names)) != len(names):
-        raise UserError(
-            f"{meta_path}: the same feature_path is listed twice; each utterance needs its own file"
-        )
+    _refuse_shared_files(train, test, meta_path, test_path, speakers)
     return HW4Layout(root, n_mels, speakers, train, test)
+
+
+def _refuse_shared_files(
+    train: list[Utterance], test: list[Utterance], meta_path: Path, test_path: Path, speakers: list[str]
+) -> None:
+    """Refuse a feature file listed twice, naming it and both of its places (HW4 lists 64,666)."""
+    where: dict[str, str] = {}
+    within: dict[int, int] = {}  # a speaker's position in its list, counted as read_layout read them
+    places = []
+    for utt in train:
+        i = within.get(utt.label, 0)
+        within[utt.label] = i + 1
+        places.append((utt.feature_path, f"{meta_path.name} speakers.{speakers[utt.label]}[{i}]"))
+    places += [(u.feature_path, f"{test_path.name} utterances[{i}]") for i, u in enumerate(test)]
+    for name, place in places:
+        if name in where:
+            raise UserError(
+                f"{meta_path.parent}: feature_path {name} is listed twice ({where[name]} and {place}); "
+                "each utterance needs its own file: delete one entry"
+            )
+        where[name] = place
 
 
 # Removing a listed file alone only moves the error: its entry must go too.
@@ -193,8 +237,16 @@ def load_feature(path: Path, n_mels: int, mel_len: int | None = None) -> torch.T
         ) from None
     if not isinstance(tensor, torch.Tensor):
         raise UserError(f"{path}: holds a {type(tensor).__name__}, expected a tensor (mel_len, {n_mels})")
-    if tensor.dim() != 2 or not tensor.is_floating_point():
-        raise UserError(f"{path}: tensor of shape {tuple(tensor.shape)}, expected (mel_len, {n_mels}) floats")
+    if tensor.layout != torch.strided or tensor.is_meta:  # sparse, or shapes without values
+        kind = "a meta (value-less)" if tensor.is_meta else f"a {str(tensor.layout).removeprefix('torch.')}"
+        raise UserError(f"{path}: holds {kind} tensor, expected a dense (mel_len, {n_mels}) float tensor")
+    if tensor.dim() != 2:
+        raise UserError(f"{path}: tensor of shape {tuple(tensor.shape)}, expected (mel_len, {n_mels})")
+    if not tensor.is_floating_point():
+        raise UserError(
+            f"{path}: tensor of {str(tensor.dtype).removeprefix('torch.')} values, expected floating point "
+            "(log-mel features, as HW4's float32)"
+        )
     if tensor.shape[1] != n_mels:
         raise UserError(
             f"{path}: n_mels mismatch: tensor has {tensor.shape[1]} mel bins, metadata says {n_mels}"
@@ -236,10 +288,17 @@ def cache_key(layout: HW4Layout, index: Any) -> str:
     """
     h = index
     for utt in [*layout.train, *layout.test]:
+        path = layout.root / utt.feature_path
         try:
-            st = (layout.root / utt.feature_path).stat()
+            st = path.stat()
         except FileNotFoundError:
-            raise UserError(f"{layout.root / utt.feature_path}: feature file not found; {_LISTED}") from None
+            raise UserError(f"{path}: feature file not found; {_LISTED}") from None
+        except OSError as exc:  # a link loop, a folder the user may not search
+            raise UserError(
+                f"{path}: cannot read ({exc.strerror or exc}); fix its permissions or link"
+            ) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise UserError(f"{path}: not a file (a folder or device in its place); {_LISTED}")
         h.update(f"{utt.feature_path}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
@@ -330,11 +389,79 @@ def pack(root: Path, cache_root: Path | None = None, progress: bool = True) -> P
     key = cache_key(layout, index)
     cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
     target = cache_root / key
-    if (target / "index.npz").exists() and not _all_finite(target):
+    if _is_packed(target) and not _all_finite(target):
         shutil.rmtree(target, ignore_errors=True)  # packed before values were checked: the file is named
-    if not (target / "index.npz").exists():
+    if not _is_packed(target):
         _build_cache(layout, key, target, progress)
     return dataclasses.replace(open_cache(target, layout.root), index_digest=digest)
+
+
+def _is_packed(target: Path) -> bool:
+    try:
+        return (target / "index.npz").exists()
+    except OSError as exc:  # caches were private (0700) to the user who packed them before usual_mode
+        raise UserError(
+            f"{target}: cannot read this packed cache ({exc.strerror or exc}): another user packed it; make "
+            f"it readable to you (chmod -R a+rX {target}) or delete it to pack the set again"
+        ) from None
+
+
+# A packing's temp folder: "." + its cache key + "-" + mkdtemp's letters. The packing holds an exclusive
+# flock on its PACKING_LOCK file while it runs, so a folder whose lock can be taken was left by one
+# that died (SIGKILL, the OOM killer, a power cut), and is removed by the next packing in that folder.
+_PACKING = re.compile(r"^\.[0-9a-f]{16}-")
+PACKING_LOCK = ".packing"
+UNLOCKED_AGE_S = 24 * 3600  # a temp folder without the lock file (killed before it was made): this old
+
+
+def _hold_packing_lock(tmp: Path) -> int | None:
+    """Take the lock that marks ``tmp`` as in use; the fd (closed by the caller) holds it.
+
+    The file is locked under another name and then renamed, so a sweep never finds an unlocked
+    ``PACKING_LOCK`` in a live packing's folder. None where the file system has no flock (the folder is
+    then never swept, only left).
+    """
+    fd = os.open(tmp / f"{PACKING_LOCK}.new", os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    os.rename(tmp / f"{PACKING_LOCK}.new", tmp / PACKING_LOCK)
+    return fd
+
+
+def sweep_abandoned_packings(cache_root: Path) -> list[Path]:
+    """Remove the temp folders of packings that died in ``cache_root``; returns those removed.
+
+    Why: an interrupted packing removes its own folder, but a killed one cannot; each left a hidden
+    partial copy of the set (up to 3.4 GB for HW4) that nothing used or named.
+    """
+    removed: list[Path] = []
+    try:
+        entries = [e for e in cache_root.iterdir() if _PACKING.match(e.name) and e.is_dir()]
+    except OSError:
+        return removed
+    for folder in entries:
+        try:
+            fd = os.open(folder / PACKING_LOCK, os.O_RDONLY)
+        except FileNotFoundError:
+            with contextlib.suppress(OSError):
+                if time.time() - folder.stat().st_mtime > UNLOCKED_AGE_S:
+                    shutil.rmtree(folder)
+                    removed.append(folder)
+            continue
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # taken: no live packing holds it
+            shutil.rmtree(folder)
+            removed.append(folder)
+        except OSError:  # held by a live packing (BlockingIOError), or not ours to remove
+            pass
+        finally:
+            os.close(fd)
+    return removed
 
 
 def _all_finite(cache_dir: Path) -> bool:
@@ -371,19 +498,28 @@ def _build_cache(layout: HW4Layout, key: str, target: Path, progress: bool) -> N
     from search.progress import progress_bar
 
     utts = [*layout.train, *layout.test]
+    _check_lengths_fit(layout, utts)
     lengths = np.array([u.mel_len for u in utts], dtype=np.int64)
     offsets = np.zeros(len(utts), dtype=np.int64)
     np.cumsum(lengths[:-1], out=offsets[1:])
     total = int(lengths.sum())
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        sweep_abandoned_packings(target.parent)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
     except OSError as exc:
+        fix = (
+            "set $SPKID_SEARCH_CACHE to a folder you can write to"
+            if os.environ.get("SPKID_SEARCH_CACHE")
+            else "run from a folder you can write to (the cache is ./studies/cache, or $SPKID_SEARCH_CACHE)"
+        )
         raise UserError(
-            f"{target.parent}: cannot write the packed feature cache there ({exc.strerror or exc}); "
-            "run from a folder you can write to (the cache lives in ./studies/cache)"
+            f"{target.parent}: cannot write the packed feature cache there ({exc.strerror or exc}); {fix}"
         ) from None
+    lock = None
     try:
+        usual_mode(tmp, folder=True)  # mkdtemp's 0700 kept other users (a Docker worker) out of the cache
+        lock = _hold_packing_lock(tmp)
         feats = np.lib.format.open_memmap(
             tmp / "features.npy", mode="w+", dtype=np.float16, shape=(max(total, 1), layout.n_mels)
         )
@@ -419,6 +555,9 @@ def _build_cache(layout: HW4Layout, key: str, target: Path, progress: bool) -> N
         # power cut must not leave one whose files were never written out.
         for name in ("features.npy", "index.npz", "meta.json"):
             _fsync(tmp / name)
+        for name in (PACKING_LOCK, f"{PACKING_LOCK}.new"):  # (.new: a file system without flock)
+            with contextlib.suppress(FileNotFoundError):
+                (tmp / name).unlink()  # still held: a sweep finds no lock file in a young folder
         try:
             os.replace(tmp, target)
         except OSError:
@@ -427,6 +566,26 @@ def _build_cache(layout: HW4Layout, key: str, target: Path, progress: bool) -> N
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
+
+
+def _check_lengths_fit(layout: HW4Layout, utts: list[Utterance]) -> None:
+    """Refuse a mel_len that its file is too small to hold, before the cache is sized from them.
+
+    Why: a length in samples rather than frames (x160) made a cache file of terabytes, or failed inside
+    numpy with a traceback, before any feature file was read. Such a file is loaded, which names what is
+    wrong with it (its frames against mel_len, its shape or contents).
+    """
+    for utt in utts:
+        path = layout.root / utt.feature_path
+        size = path.stat().st_size
+        if utt.mel_len * layout.n_mels * 2 > size:  # at least 2 bytes a value, even at half precision
+            load_feature(path, layout.n_mels, utt.mel_len)
+            raise UserError(
+                f"{path}: the metadata says mel_len {utt.mel_len}, more frames than its {size:,} bytes can "
+                f"hold ({layout.n_mels} values a frame); correct the mel_len"
+            )
 
 
 def _fsync(path: Path) -> None:
@@ -477,6 +636,19 @@ class Split:
     ratio: float
     seed: int
     split_id: str
+
+
+def unvalidated_note(data: PackedData) -> str | None:
+    """A note when some speakers have a single labelled utterance: :func:`make_split` cannot hold one
+    out, so validation accuracy, which ranks trials and picks checkpoints, says nothing about them."""
+    counts = np.bincount(data.labels[data.labelled], minlength=data.n_speakers)
+    lone = int((counts == 1).sum())
+    if not lone:
+        return None
+    return (
+        f"{lone} of the {int((counts > 0).sum())} speakers in {data.root} have one labelled utterance: they "
+        "are trained on but never validated, so validation accuracy leaves them out"
+    )
 
 
 def make_split(data: PackedData, ratio: float = 0.1, seed: int = 0) -> Split:

@@ -108,7 +108,9 @@ def load_failure(exc: BaseException, path: Path | None = None) -> str:
         detail = re.search(r"WeightsUnpickler error: \s*(\S[^\n]*)", text)
         why = detail.group(1).strip() if detail else "not a plain tensor file"
         return f"not a plain tensor file ({shown(why, 100).strip(chr(39))}), unsafe to load"
-    return first_line(exc).strip("'\"")
+    line = first_line(exc)
+    quoted = len(line) > 1 and line[0] == line[-1] and line[0] in "'\""  # a KeyError's text: 'name'
+    return line[1:-1] if quoted else line
 
 
 def _head(path: Path, n: int) -> bytes:

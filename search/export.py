@@ -257,9 +257,16 @@ def _study_split(study: optuna.Study, data: PackedData) -> Split:
     if missing:
         raise UserError(f"study '{study.study_name}': missing study attribute(s) {', '.join(missing)}")
     if attrs["fingerprint"] != data.fingerprint:
+        recorded = attrs.get("data_root")
+        if recorded and Path(recorded).resolve() == data.root.resolve():  # "pass that folder": this one
+            raise UserError(
+                f"{data.root}: its features changed since study '{study.study_name}' was trained on them "
+                f"(data set {data.fingerprint}, was {attrs['fingerprint']}); restore them, or pass --data "
+                "with an unchanged copy of the set"
+            )
         raise UserError(
             f"--data {data.root}: data set {data.fingerprint} is not the one study '{study.study_name}' "
-            f"was trained on ({attrs['fingerprint']}, from {attrs.get('data_root', '?')}); pass that folder"
+            f"was trained on ({attrs['fingerprint']}, from {recorded or '?'}); pass that folder"
         )
     ratio, seed = float(attrs["valid_ratio"]), int(attrs["split_seed"])
     return rebuild_split(data, ratio, seed, str(attrs["split_id"]), f"study '{study.study_name}'")

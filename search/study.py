@@ -347,7 +347,7 @@ def _run(
     # torch: after the checks that need none; the model too, as the workers will: a broken install
     # (search.errors.broken_install) fails here, in one line, not in every worker
     from search import model  # noqa: F401
-    from search.data import make_split, open_data
+    from search.data import make_split, open_data, unvalidated_note
 
     data_root = opts.data if opts.data is not None else _recorded_data_root(url, name)
     if data_root is None:  # a new study without --data
@@ -357,6 +357,8 @@ def _run(
     data = open_data(data_root, progress=opts.display)
     base = space.config_for({})
     split = make_split(data, base.train.valid_ratio, base.train.split_seed)
+    if lone := unvalidated_note(data):
+        _log(f"note: {lone}")
     storage = open_storage(url, heartbeat, grace)
     # Closed as the run ends: SQLite folds its write-ahead log back into study.db only when the last
     # connection closes, and the command's exit does not close them (it skips the final collection).

@@ -4,6 +4,9 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -72,6 +75,13 @@ def _first_train_file(root: Path) -> str:
             lambda r: _edit_json(r / "testdata.json", lambda d: d["utterances"][0].pop("mel_len")),
             "missing key 'utterances[0].mel_len'",
         ),
+        (lambda r: _edit_json(r / "metadata.json", lambda d: d.update({"n_mels": True})), "got True"),
+        (
+            lambda r: _edit_json(
+                r / "testdata.json", lambda d: d["utterances"].__setitem__(1, d["utterances"][0])
+            ),
+            "is listed twice (testdata.json utterances[0] and testdata.json utterances[1])",
+        ),
     ],
 )
 def test_layout_errors_name_file_and_problem(hw4: Path, mutate: Callable[[Path], Any], expected: str) -> None:
@@ -100,6 +110,9 @@ def test_missing_feature_file(hw4: Path) -> None:
     ("payload", "expected"),
     [
         (torch.zeros(10), "expected (mel_len, 40)"),
+        (torch.zeros(3, 40, dtype=torch.long), "tensor of int64 values, expected floating point"),
+        (torch.zeros(3, 40).to_sparse(), "holds a sparse_coo tensor, expected a dense (mel_len, 40)"),
+        (torch.empty(3, 40, device="meta"), "holds a meta (value-less) tensor, expected a dense"),
         (torch.zeros(10, 80), "n_mels mismatch"),
         (torch.zeros(3, 40), "but the metadata says mel_len"),
         ({"a": 1}, "holds a dict"),
@@ -387,3 +400,148 @@ def test_a_cache_folder_that_cannot_be_written_is_one_line(hw4: Path) -> None:
     """A read-only studies/ gave an OSError traceback from deep inside the packing."""
     with pytest.raises(UserError, match="^/proc/nope: cannot write the packed feature cache there"):
         pack(hw4, Path("/proc/nope"), progress=False)
+
+
+def test_a_speaker_given_twice_in_metadata_is_refused(hw4: Path) -> None:
+    """JSON keeps a repeated key's last copy: one speaker's utterances vanished, another's were relabelled."""
+    meta = hw4 / "metadata.json"
+    first, second = list(json.loads(meta.read_text())["speakers"])[:2]
+    meta.write_text(meta.read_text().replace(f'"{second}"', f'"{first}"'))
+    with pytest.raises(UserError, match=f"metadata.json: key '{first}' appears twice in one object"):
+        pack(hw4, hw4.parent / "cache", progress=False)
+
+
+def test_a_feature_path_in_both_lists_names_it_and_its_places(hw4: Path) -> None:
+    name = _first_train_file(hw4)
+    _edit_json(hw4 / "testdata.json", lambda d: d["utterances"][2].update({"feature_path": name}))
+    speaker = next(iter(json.loads((hw4 / "metadata.json").read_text())["speakers"]))
+    with pytest.raises(UserError) as info:
+        read_layout(hw4)
+    assert str(info.value) == (
+        f"{hw4}: feature_path {name} is listed twice (metadata.json speakers.{speaker}[0] and "
+        "testdata.json utterances[2]); each utterance needs its own file: delete one entry"
+    )
+
+
+def test_a_mel_len_its_file_cannot_hold_is_refused_before_packing(hw4: Path) -> None:
+    """A length in samples (x160) sized the cache before any file was read: terabytes, or a traceback."""
+    _edit_json(
+        hw4 / "metadata.json", lambda d: next(iter(d["speakers"].values()))[0].update({"mel_len": 10**14})
+    )
+    cache = hw4.parent / "cache"
+    with pytest.raises(
+        UserError, match=r"tensor has \d+ frames but the metadata says mel_len 100000000000000"
+    ):
+        pack(hw4, cache, progress=False)
+    assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_a_feature_path_that_is_a_link_loop_or_a_folder_is_one_line(hw4: Path) -> None:
+    name = _first_train_file(hw4)
+    (hw4 / name).unlink()
+    (hw4 / name).symlink_to(hw4 / name)
+    with pytest.raises(UserError, match=f"{name}: cannot read \\(Too many levels of symbolic links\\)"):
+        pack(hw4, hw4.parent / "cache", progress=False)
+    (hw4 / name).unlink()
+    (hw4 / name).mkdir()
+    with pytest.raises(UserError, match=f"{name}: not a file"):
+        pack(hw4, hw4.parent / "cache", progress=False)
+
+
+def test_the_cache_is_readable_by_other_users(hw4: Path) -> None:
+    """mkdtemp made each cache folder 0700: another user of a shared studies/ (the Docker set-up's
+    worker) could not open the set."""
+    from search.files import umask
+
+    data = pack(hw4, hw4.parent / "cache", progress=False)
+    assert data.cache_dir.stat().st_mode & 0o777 == 0o777 & ~umask()
+
+
+def test_an_unreadable_cache_is_one_line(hw4: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a user meets in a cache another user packed private (as every one was before)."""
+    data = pack(hw4, hw4.parent / "cache", progress=False)
+    real_exists = Path.exists
+
+    def exists(self: Path, **kwargs: Any) -> bool:
+        if self.parent == data.cache_dir:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_exists(self, **kwargs)
+
+    monkeypatch.setattr(Path, "exists", exists)
+    with pytest.raises(
+        UserError, match=f"^{data.cache_dir}: cannot read this packed cache .*chmod -R a\\+rX"
+    ):
+        pack(hw4, hw4.parent / "cache", progress=False)
+
+
+_KILLED_WHILE_PACKING = """
+import sys, time
+from pathlib import Path
+import search.data as d
+real, calls = d.load_feature, []
+def slow(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+        Path(sys.argv[2]).write_text("packing")
+        time.sleep(120)
+    return real(*args, **kwargs)
+d.load_feature = slow
+d.pack(Path(sys.argv[1]), Path(sys.argv[3]), progress=False)
+"""
+
+
+def test_a_packing_killed_outright_is_swept_by_the_next(hw4: Path, tmp_path: Path) -> None:
+    """SIGKILL (the OOM killer) left a hidden partial copy of the set (3.4 GB for HW4) for good."""
+    from search.data import PACKING_LOCK, sweep_abandoned_packings
+
+    cache, ready = tmp_path / "cache", tmp_path / "ready"
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WHILE_PACKING, str(hw4), str(ready), str(cache)])
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), "the packing never started"
+        (live,) = [p for p in cache.iterdir() if p.name.startswith(".")]
+        assert (live / PACKING_LOCK).exists() and (live / "features.npy").exists()
+        assert sweep_abandoned_packings(cache) == [] and live.exists()  # alive: its lock is held
+    finally:
+        proc.kill()
+        proc.wait()
+    data = pack(hw4, cache, progress=False)
+    assert sorted(p.name for p in cache.iterdir()) == [data.cache_dir.name]  # the dead one's folder is gone
+    assert sorted(p.name for p in data.cache_dir.iterdir()) == ["features.npy", "index.npz", "meta.json"]
+
+
+def test_a_lockless_temp_folder_is_swept_only_when_old(tmp_path: Path) -> None:
+    """One killed before it made its lock file: it cannot be told from one starting now, but by its age."""
+    from search.data import UNLOCKED_AGE_S, sweep_abandoned_packings
+
+    young, old = tmp_path / ".0123456789abcdef-young", tmp_path / ".0123456789abcdef-old"
+    other = tmp_path / ".not-a-packing"
+    for folder in (young, old, other):
+        folder.mkdir()
+    stale = time.time() - UNLOCKED_AGE_S - 60
+    for folder in (old, other):
+        os.utime(folder, (stale, stale))
+    assert sweep_abandoned_packings(tmp_path) == [old]
+    assert young.exists() and other.exists() and not old.exists()
+
+
+def test_a_note_names_speakers_that_are_never_validated(tmp_path: Path, fake_data: PackedData) -> None:
+    from search.data import unvalidated_note
+
+    assert unvalidated_note(fake_data) is None
+    root = make_hw4(tmp_path / "Dataset")
+    speakers = json.loads((root / "metadata.json").read_text())["speakers"]
+    lone = list(speakers)[:3]
+    _edit_json(
+        root / "metadata.json", lambda d: [d["speakers"].update({s: d["speakers"][s][:1]}) for s in lone]
+    )
+    data = pack(root, tmp_path / "cache", progress=False)
+    assert unvalidated_note(data) == (
+        f"3 of the 4 speakers in {root} have one labelled utterance: they are trained on but never "
+        "validated, so validation accuracy leaves them out"
+    )
+    assert set(data.labels[make_split(data).valid]) == {
+        data.speakers.index(s) for s in speakers if s not in lone
+    }

@@ -211,6 +211,27 @@ def test_export_skips_scoring_when_the_study_data_is_gone(
         export_top(study, 2, out=tmp_path / "g", strategy="greedy")
 
 
+def test_a_study_data_folder_edited_in_place_is_said_to_have_changed(
+    data: PackedData, trained: list[Trained], tmp_path: Path
+) -> None:
+    """Without --data, export-top said "--data D: ... not the one the study was trained on (from D); pass
+    that folder": the folder it had just refused, and a flag the user never gave."""
+    study = build_study(tmp_path / "studies" / "edited", "edited", data, trained)
+    study.set_user_attr("fingerprint", "0" * 16)  # as recorded before its files were rewritten
+    with pytest.raises(UserError) as info:
+        export_top(study, 2, out=tmp_path / "g", strategy="greedy")
+    assert str(info.value) == (
+        f"{data.root}: its features changed since study 'edited' was trained on them (data set "
+        f"{data.fingerprint}, was {'0' * 16}); restore them, or pass --data with an unchanged copy of the set"
+    )
+    assert not (tmp_path / "g").exists()
+    elsewhere = dataclasses.replace(data, root=tmp_path / "copy")  # another folder: "pass that folder"
+    with pytest.raises(
+        UserError, match=f"^--data {tmp_path / 'copy'}: .* from {data.root}\\); pass that folder"
+    ):
+        export_top(study, 2, out=tmp_path / "g", strategy="greedy", data=elsewhere)
+
+
 def test_greedy_rounds_add_the_member_that_mends_the_best_ones_errors() -> None:
     """A (60% right), B (50%) and C (40%) rank A, B, C; no top-n prefix beats A alone, but A + C is right
     on every row: only a selection round finds it (with no rounds run, the tests above still passed)."""
