@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,11 @@ def _coerce(source: str, key: str, value: Any, kind: type) -> Any:
             return float(value)
     if kind is str and isinstance(value, str):
         return value
+    if kind is str and isinstance(value, bool):  # `pooling: no` or `choices: [on, off]`
+        raise UserError(
+            f"{source}: key '{key}' must be str, got {value} (YAML reads unquoted yes/no/on/off/true/false "
+            "as true or false: put the word in quotes)"
+        )
     raise UserError(f"{source}: key '{key}' must be {kind.__name__}, got {shown(value)}")
 
 
@@ -297,6 +303,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1 (PyYAML's) reads 1e-4 and 1.0e4 as text: only 1.0e-4 was a number, so `low: 1e-4` was refused
+# as "must be a number" and `choices: [1e-3]` searched a string. Read them as YAML 1.2 does, as floats.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
 def read_yaml(path: Path) -> Any:

@@ -43,7 +43,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from search.config import ALL_FIELDS, PROJECT_DIR, Config, find_yaml, read_yaml
-from search.errors import UserError, shown
+from search.errors import UserError, first_line, shown
 
 SPACES_DIR = PROJECT_DIR / "spaces"
 TOP_KEYS = {"name", "description", "params", "constraints", "sampler", "pruner", "enqueue", "study"}
@@ -204,6 +204,13 @@ def load_space(name_or_path: str | Path) -> Space:
     name = raw.get("name", path.stem)
     if not isinstance(name, str):
         raise UserError(f"{src}: key 'name' must be a string")
+    if "name" in raw:  # the study's name: a folder's too
+        from search.storage import check_study_name
+
+        try:
+            check_study_name(name)
+        except UserError as exc:
+            raise UserError(f"{src}: key 'name': {exc}") from None
     params_raw = raw.get("params")
     if not isinstance(params_raw, dict) or not params_raw:
         raise UserError(f"{src}: key 'params' must be a non-empty mapping of config keys")
@@ -235,14 +242,20 @@ def load_space(name_or_path: str | Path) -> Space:
                 possible = [fixed.get(cond_key, defaults[cond_key])]
             elif isinstance(cond.distribution, optuna.distributions.CategoricalDistribution):
                 possible = list(cond.distribution.choices)
-            else:
-                continue  # a numeric range: not listed here
-            if not any(value in possible for value in allowed):
-                wanted = ", ".join(map(str, allowed))
+            else:  # a numeric range: one of the values must be on it
+                if not any(_on_range(cond.distribution, value) for value in allowed):
+                    raise UserError(
+                        f"{src}: params.{p.name}.when: {cond_key} is never {_listed(allowed)} in this space "
+                        f"(it ranges {_range_text(cond.distribution)}), so {p.name} would never be searched; "
+                        "fix the value or drop the condition"
+                    )
+                continue
+            if not any(_same(value, c) for value in allowed for c in possible):
+                mixed = not all(isinstance(v, str) for v in [*allowed, *possible])  # "2" beside 2
                 raise UserError(
-                    f"{src}: params.{p.name}.when: {cond_key} is never {wanted} in this space (it can be "
-                    f"{', '.join(map(str, possible))}), so {p.name} would never be searched; fix the value "
-                    "or drop the condition"
+                    f"{src}: params.{p.name}.when: {cond_key} is never {_listed(allowed, mixed)} in this "
+                    f"space (it can be {_listed(possible, mixed)}), so {p.name} would never be searched; fix "
+                    "the value or drop the condition"
                 )
     params = _condition_order(params, src)
     constraints = raw.get("constraints", []) or []
@@ -265,7 +278,75 @@ def load_space(name_or_path: str | Path) -> Space:
     ]
     make_sampler(space, src)  # build once so bad sampler/pruner arguments fail before anything runs
     make_pruner(space, src)
+    notes += _sampler_notes(space, src) + _pruner_notes(space, src)
     return Space(name, path, fixed, params, list(constraints), sampler, pruner, enqueue, study, raw, notes)
+
+
+def _sampler_notes(space: Space, src: str) -> tuple[str, ...]:
+    """What CMA-ES and GP leave to random sampling (Optuna's warning says so per trial, in a worker's
+    log that ``run`` keeps quiet): keys they cannot model, so a user does not take it for their search."""
+    name = space.sampler["name"]
+    if name not in ("cmaes", "gp"):
+        return ()
+    categorical = optuna.distributions.CategoricalDistribution
+    left = sorted(
+        p.name
+        for p in space.params
+        if p.when or (name == "cmaes" and isinstance(p.distribution, categorical))
+    )
+    if not left:
+        return ()
+    why = (
+        "CMA-ES models only numeric keys that every trial has"
+        if name == "cmaes"
+        else "GP models only keys that every trial has"
+    )
+    return (f"{src}: sampler '{name}' draws {', '.join(left)} at random ({why}); tpe models every key",)
+
+
+def _pruner_notes(space: Space, src: str) -> tuple[str, ...]:
+    """A pruner whose first decision comes after the trials' last step never prunes: the search then
+    costs what one without a pruner does, without a word (the boss space's pruner copied into a short one)."""
+    opts, name = space.pruner, space.pruner["name"]
+    steps_param = next((p for p in space.params if p.name == "steps"), None)
+    longest = (
+        int(getattr(steps_param.distribution, "high", 0)) if steps_param else space.config_for({}).train.steps
+    )
+    key = "n_warmup_steps" if name in ("median", "patient") else "min_resource"
+    first = opts.get(key)
+    if not isinstance(first, int) or isinstance(first, bool) or first < longest:
+        return ()
+    return (
+        f"{src}: pruner '{name}': {key} {first} is not below the trials' {longest} steps, so no trial is "
+        "ever pruned; lower it (run --steps scales it with the steps)",
+    )
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as :meth:`Param.active` tests it, and as the message shows it: "2" is not 2."""
+    return bool(a == b) and isinstance(a, str) == isinstance(b, str)
+
+
+def _listed(values: list[Any], quote: bool = True) -> str:
+    """Values as the user would write them; ``quote``: text in quotes, to stand out from numbers."""
+    return ", ".join(
+        shown(v) if quote and isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
+        for v in values
+    )
+
+
+def _on_range(dist: optuna.distributions.BaseDistribution, value: Any) -> bool:
+    if not isinstance(value, (int, float)):  # "5" is never layers 5 (bool: True is 1, as active() sees it)
+        return False
+    try:
+        return bool(dist._contains(dist.to_internal_repr(value)))
+    except (ValueError, TypeError):
+        return False
+
+
+def _range_text(dist: optuna.distributions.BaseDistribution) -> str:
+    low, high, step = getattr(dist, "low", "?"), getattr(dist, "high", "?"), getattr(dist, "step", None)
+    return f"{low}..{high}" + (f" in steps of {step}" if step not in (None, 1) else "")
 
 
 def _param(key: str, spec: dict[str, Any], where: str) -> Param:
@@ -411,26 +492,63 @@ _ALLOWED_NODES = (
 )
 
 
+MAX_CONSTANT = 1e15  # larger numbers in a constraint are typos, and overflowed float division
+
+
 def _check_constraint_syntax(expr: str, where: str) -> ast.Expression:
     try:
         tree = ast.parse(expr, mode="eval")
-    except SyntaxError:
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # ValueError: a NUL; the rest: depth
         raise UserError(f"{where}: not a valid expression") from None
+    parent = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
     for node in ast.walk(tree):
         if not isinstance(node, _ALLOWED_NODES):
             raise UserError(f"{where}: only arithmetic, comparisons and and/or/not are allowed")
         if isinstance(node, ast.Name) and node.id not in ALL_FIELDS:
             raise UserError(f"{where}: unknown key '{node.id}'")
+        if isinstance(node, ast.Constant):
+            _check_constant(node, parent.get(node), where)
+        # Text and true/false keys are compared, never computed with: 'encoder * 10**12' allocated
+        # terabytes inside eval (a MemoryError traceback), and 'head_bn + 1' means nothing.
+        operands = [node.left, node.right] if isinstance(node, ast.BinOp) else []
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            operands = [node.operand]
+        for operand in operands:
+            if isinstance(operand, ast.Name) and ALL_FIELDS[operand.id] not in (int, float):
+                kind = "a text" if ALL_FIELDS[operand.id] is str else "a true/false"
+                raise UserError(
+                    f"{where}: '{operand.id}' is {kind} key: compare it (== or !=), do not compute with it"
+                )
     return tree
 
 
-def _eval_constraint(expr: str, values: dict[str, Any]) -> bool:
+def _check_constant(node: ast.Constant, parent: ast.AST | None, where: str) -> None:
+    value = node.value
+    if isinstance(value, (str, bool)):
+        if not isinstance(parent, ast.Compare):
+            raise UserError(
+                f"{where}: {shown(value)} may only be compared with a key (encoder == 'conformer')"
+            )
+    elif isinstance(value, (int, float)):
+        if not abs(value) <= MAX_CONSTANT:  # (also false for nan)
+            raise UserError(
+                f"{where}: the number {shown(value, 40)} is out of range (at most {MAX_CONSTANT:g})"
+            )
+    else:
+        raise UserError(f"{where}: only numbers and quoted text may be written, not {shown(value, 40)}")
+
+
+def _eval_constraint(expr: str, values: dict[str, Any], src: str = "") -> bool:
+    """Whether ``expr`` holds for ``values``; a division by zero means it does not."""
     tree = _check_constraint_syntax(expr, "constraint")
     code = compile(tree, "<constraint>", "eval")
     try:
         return bool(eval(code, {"__builtins__": {}}, dict(values)))  # noqa: S307 - AST checked above
-    except (ZeroDivisionError, TypeError):
+    except ZeroDivisionError:
         return False
+    except (TypeError, ArithmeticError, ValueError, MemoryError) as exc:  # 'encoder > 3': it never held
+        where = f"{src}: " if src else ""
+        raise UserError(f"{where}constraints '{expr}': cannot be evaluated ({first_line(exc)})") from None
 
 
 def _random_values(space: Space, rng: random.Random, forced: tuple[str, Any] | None = None) -> dict[str, Any]:
@@ -458,7 +576,7 @@ def _random_values(space: Space, rng: random.Random, forced: tuple[str, Any] | N
 
 def _invalid_reason(space: Space, values: dict[str, Any], src: str) -> str:
     """Why a point of the space cannot be trained ('' when it can)."""
-    failing = [c for c in space.constraints if not _eval_constraint(c, {**_config_defaults(), **values})]
+    failing = [c for c in space.constraints if not _eval_constraint(c, {**_config_defaults(), **values}, src)]
     if failing:
         return f"constraint '{failing[0]}' does not hold"
     try:
@@ -542,8 +660,15 @@ def _enqueue_entry(space: Space, entry: Any, where: str) -> dict[str, Any]:
     unknown = set(entry) - {"baseline"} - space.searched
     if unknown:
         raise UserError(f"{where}: key(s) {', '.join(sorted(unknown))} are not searched by this space")
+    for p in space.params:  # searched, but not for these values: the trial would run without it
+        if p.name in entry and p.name not in params:
+            held = ", ".join(f"{k}: {_listed(v, quote=False)}" for k, v in p.when.items())
+            raise UserError(
+                f"{where}: {p.name} is given, but this entry does not search it (its condition {held} does "
+                f"not hold); drop {p.name}, or give the values its condition needs"
+            )
     for expr in space.constraints:
-        if not _eval_constraint(expr, {**_config_defaults(), **resolved}):
+        if not _eval_constraint(expr, {**_config_defaults(), **resolved}, where):
             raise UserError(f"{where}: breaks constraint '{expr}'")
     space.config_for(params)
     return params
@@ -564,20 +689,26 @@ _COUNTS = {
     "min_early_stopping_rate": 0,
     "bootstrap_count": 0,
     "patience": 0,
-    "popsize": 1,
+    "popsize": 2,  # CMA-ES learns from the best half of each generation: 1 failed every trial after the first
     "inc_popsize": 1,
 }
 
 
-def _check_options(opts: dict[str, Any], known: set[str], where: str) -> None:
-    """Unknown keys and out-of-range counts, named before Optuna sees them.
+# Options that take numbers with a range Optuna checks only when it samples (trials fail one by one).
+_LEAST_FLOAT = {"prior_weight": (0.0, True), "sigma0": (0.0, False)}  # (bound, whether it is allowed)
+_CHOICES = {"restart_strategy": (None, "ipop", "bipop")}
+
+
+def _check_options(opts: dict[str, Any], types: dict[str, set[str]], where: str) -> None:
+    """Unknown keys, values of the wrong type and out-of-range counts, named before Optuna sees them.
 
     Why: Optuna reports a misspelt option in Python's words and accepts some impossible values
-    (``min_resource: 0`` only fails, as a division by zero, once trials run).
+    (``min_resource: 0`` only fails, as a division by zero, once trials run; ``prior_weight: -3`` failed
+    every trial after the first; ``multivariate: "false"``, a non-empty text, turned the option on).
     """
-    unknown = sorted(set(opts) - known)
+    unknown = sorted(set(opts) - set(types))
     if unknown:
-        raise UserError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known)) or 'none'})")
+        raise UserError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(sorted(types)) or 'none'})")
     for key, least in _COUNTS.items():
         value = opts.get(key)
         if key not in opts or (key.endswith("_resource") and value == "auto"):
@@ -585,14 +716,58 @@ def _check_options(opts: dict[str, Any], known: set[str], where: str) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             auto = " or 'auto'" if key.endswith("_resource") else ""
             raise UserError(f"{where}: {key} must be a whole number >= {least}{auto} (got {value!r})")
+    for key, value in opts.items():
+        if not _of_type(value, types[key]):
+            names = sorted(types[key], key=lambda t: (t == "None", t))  # "null" last
+            wanted = " or ".join(_TYPE_WORDS.get(t, t) for t in names)
+            raise UserError(f"{where}: {key} must be {wanted}, got {shown(value)}")
+    for key, (bound, inclusive) in _LEAST_FLOAT.items():
+        value = opts.get(key)
+        if value is not None and (value < bound if inclusive else value <= bound):
+            raise UserError(
+                f"{where}: {key} must be {'>=' if inclusive else '>'} {bound:g}, got {shown(value)}"
+            )
+    for key, allowed in _CHOICES.items():
+        if key in opts and opts[key] not in allowed:
+            shown_allowed = ", ".join("null" if a is None else str(a) for a in allowed)
+            raise UserError(f"{where}: {key} must be one of {shown_allowed}, got {shown(opts[key])}")
     low, high = opts.get("min_resource"), opts.get("max_resource")
     if isinstance(low, int) and isinstance(high, int) and high < low:
         raise UserError(f"{where}: max_resource ({high}) < min_resource ({low})")
 
 
-def _option_names(*builders: Callable[..., Any]) -> set[str]:
-    names = {n for b in builders for n in inspect.signature(b).parameters}
-    return names - _OBJECT_OPTIONS - {"wrapped_pruner"}
+_TYPE_WORDS = {
+    "None": "null",
+    "bool": "true or false",
+    "int": "a whole number",
+    "float": "a number",
+    "str": "text",
+}
+
+
+def _of_type(value: Any, names: set[str]) -> bool:
+    """Whether a YAML value fits an option annotated with the type ``names`` ({"bool", "None"}...)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return (
+        ("None" in names and value is None)
+        or ("bool" in names and isinstance(value, bool))
+        or ("int" in names and number and isinstance(value, int))
+        or ("float" in names and number and math.isfinite(value))
+        or ("str" in names and isinstance(value, str))
+    )
+
+
+def _option_types(*builders: Callable[..., Any]) -> dict[str, set[str]]:
+    """The options a sampler or pruner takes from YAML, each with its annotated types by name."""
+    types: dict[str, set[str]] = {}
+    for builder in builders:
+        for name, param in inspect.signature(builder).parameters.items():
+            if name in _OBJECT_OPTIONS or name == "wrapped_pruner":
+                continue
+            note = param.annotation
+            text = note if isinstance(note, str) else getattr(note, "__name__", str(note))
+            types[name] = {part.strip() for part in text.split("|")}
+    return types
 
 
 def make_sampler(space: Space, src: str = "space", seed: int | None = None) -> optuna.samplers.BaseSampler:
@@ -610,8 +785,10 @@ def make_sampler(space: Space, src: str = "space", seed: int | None = None) -> o
         "cmaes": optuna.samplers.CmaEsSampler,
         "gp": optuna.samplers.GPSampler,
     }
-    _check_options(opts, _option_names(builders[name]), f"{src}: sampler '{name}'")
+    _check_options(opts, _option_types(builders[name]), f"{src}: sampler '{name}'")
     base = opts.pop("seed", None)  # seeds each trial instead (TrialSeededSampler)
+    if base is not None and base < 0:  # numpy's seed sequence refused it in every worker
+        raise UserError(f"{src}: sampler '{name}': seed must be a whole number >= 0, got {shown(base)}")
     if name == "tpe":
         opts.setdefault("multivariate", True)
         opts.setdefault("constant_liar", True)
@@ -626,11 +803,7 @@ def make_sampler(space: Space, src: str = "space", seed: int | None = None) -> o
         raise UserError(f"{src}: sampler '{name}': {str(exc).splitlines()[0]}") from None
     if base is None and seed is None:
         return sampler
-    try:
-        total = int(base or 0) + int(seed or 0)
-    except (TypeError, ValueError):
-        raise UserError(f"{src}: sampler '{name}': seed must be a whole number, got {shown(base)}") from None
-    return TrialSeededSampler(sampler, total)
+    return TrialSeededSampler(sampler, (base or 0) + (seed or 0))
 
 
 class TrialSeededSampler(optuna.samplers.BaseSampler):
@@ -715,11 +888,11 @@ def make_pruner(space: Space, src: str = "space", steps: int | None = None) -> o
     name = space.pruner["name"]
     pruners = optuna.pruners
     known = {
-        "median": _option_names(pruners.MedianPruner),
-        "successive_halving": _option_names(pruners.SuccessiveHalvingPruner),
-        "hyperband": _option_names(pruners.HyperbandPruner),
-        "patient": _option_names(pruners.MedianPruner, pruners.PatientPruner),
-        "none": set(),
+        "median": _option_types(pruners.MedianPruner),
+        "successive_halving": _option_types(pruners.SuccessiveHalvingPruner),
+        "hyperband": _option_types(pruners.HyperbandPruner),
+        "patient": _option_types(pruners.MedianPruner, pruners.PatientPruner),
+        "none": {},
     }
     _check_options(opts, known[name], f"{src}: pruner '{name}'")
     try:

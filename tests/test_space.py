@@ -215,6 +215,71 @@ BAD = [
     ("params:\n  dropout: {low: 0.0, high: .inf, step: 0.1}\n", "params.dropout.high: must be a finite"),
     ("params:\n  dropout: {low: 0.0, high: .nan}\n", "params.dropout.high: must be a finite number"),
     (with_params(dropout={"low": 0.0, "high": 0.3, "step": 7e-30}), "params.dropout.step: 7e-30 is too fine"),
+    # A negative or fractional seed: numpy refused it in every worker, with a traceback, after the study
+    # had been made (and "run the same command again" could not help).
+    (
+        {**GOOD, "sampler": {"name": "tpe", "seed": -5}},
+        "sampler 'tpe': seed must be a whole number >= 0, got -5",
+    ),
+    ({**GOOD, "sampler": {"name": "tpe", "seed": 1.5}}, "sampler 'tpe': seed must be a whole number or null"),
+    # Values Optuna checks only as it samples: trial 0 trained, then every later trial failed.
+    ({**GOOD, "sampler": {"name": "tpe", "prior_weight": -3}}, "prior_weight must be >= 0, got -3"),
+    ({**GOOD, "sampler": {"name": "cmaes", "popsize": 1}}, "popsize must be a whole number >= 2 (got 1)"),
+    ({**GOOD, "sampler": {"name": "cmaes", "sigma0": -1.0}}, "sigma0 must be > 0, got -1.0"),
+    (
+        {**GOOD, "sampler": {"name": "cmaes", "restart_strategy": "foo"}},
+        "one of null, ipop, bipop, got 'foo'",
+    ),
+    # Any non-empty text turned a switch on.
+    (
+        {**GOOD, "sampler": {"name": "tpe", "multivariate": "false"}},
+        "multivariate must be true or false or null, got 'false'",
+    ),
+    ({**GOOD, "pruner": {"name": "patient", "min_delta": "big"}}, "min_delta must be a number, got 'big'"),
+    # Constraints: a traceback (OverflowError, MemoryError) or gigabytes allocated inside eval.
+    (
+        {**GOOD, "constraints": ["'a' * 99999999999999999999 == encoder"]},
+        "'a' may only be compared with a key",
+    ),
+    ({**GOOD, "constraints": ["encoder * 1000000 == 'x'"]}, "'encoder' is a text key: compare it"),
+    ({**GOOD, "constraints": ["1" + "0" * 400 + " / heads > 1"]}, "is out of range (at most 1e+15)"),
+    ({**GOOD, "constraints": ["-head_bn < 1"]}, "'head_bn' is a true/false key"),
+    # Said to have "never held in 3000 random draws": it could not be evaluated at all.
+    (
+        {**GOOD, "constraints": ["encoder > 3"]},
+        "constraints 'encoder > 3': cannot be evaluated ('>' not supported",
+    ),
+    # A condition on a numeric key that it never meets: the key was silently never searched.
+    (
+        with_params(layers={"low": 1, "high": 2}, conv_kernel={"choices": [7, 15], "when": {"layers": 5}}),
+        "params.conv_kernel.when: layers is never 5 in this space (it ranges 1..2), so conv_kernel",
+    ),
+    (
+        with_params(conv_kernel={"choices": [7, 15], "when": {"heads": "2"}}),
+        "params.conv_kernel.when: heads is never '2' in this space (it can be 2, 4)",
+    ),
+    (
+        with_params(pooling={"choices": [True, "mean"]}),
+        "got True (YAML reads unquoted yes/no/on/off/true/false",
+    ),
+    ({**GOOD, "name": ""}, "space.yaml: key 'name': study name '' is not allowed"),
+    (  # the trial ran with conv_kernel 31 (the default), not the 7 asked for
+        {
+            **GOOD,
+            "enqueue": [
+                {
+                    "encoder": "transformer",
+                    "conv_kernel": 7,
+                    "d_model": 32,
+                    "heads": 2,
+                    "lr": 1e-3,
+                    "head": "linear",
+                }
+            ],
+        },
+        "enqueue[0]: conv_kernel is given, but this entry does not search it (its condition encoder: "
+        "conformer does not hold)",
+    ),
 ]
 
 
@@ -430,3 +495,83 @@ def test_a_steps_budget_scales_the_pruners_step_options() -> None:
     boss = make_pruner(load_space("boss"), steps=7_000)
     assert isinstance(boss, optuna.pruners.HyperbandPruner)
     assert (boss._min_resource, boss._max_resource, boss._reduction_factor) == (400, 7_000, 3)
+
+
+def test_yaml_exponents_are_numbers_as_in_yaml_1_2(tmp_path: Path) -> None:
+    """PyYAML (YAML 1.1) reads 1e-4 as text: `low: 1e-4` was refused as "must be a number", and
+    `choices: [1e-3, 0.001]` searched two strings that are the same number."""
+    text = (
+        "params:\n  steps: 50\n  lr: {low: 1e-4, high: 1E-2, log: true}\n"
+        "  weight_decay: {choices: [1e-3, 1.0e4]}\n"
+    )
+    space = load_space(write(tmp_path, text))
+    lr, wd = (p.distribution for p in space.params)
+    assert isinstance(lr, optuna.distributions.FloatDistribution) and (lr.low, lr.high) == (1e-4, 1e-2)
+    assert isinstance(wd, optuna.distributions.CategoricalDistribution) and wd.choices == (1e-3, 1e4)
+    with pytest.raises(UserError, match="weight_decay.choices: 0.001 is listed twice"):
+        load_space(write(tmp_path, text.replace("1.0e4", "0.001")))
+
+
+def test_cmaes_and_gp_say_which_keys_they_draw_at_random(tmp_path: Path) -> None:
+    """Optuna says so once a trial, in a worker log that run keeps quiet: cmaes on the boss space was a
+    random search of its categorical and conditional keys without a word."""
+    cmaes = load_space(write(tmp_path, {**GOOD, "sampler": {"name": "cmaes"}}))
+    gp = load_space(write(tmp_path, {**GOOD, "sampler": {"name": "gp"}}, "gp.yaml"))
+    tpe = load_space(write(tmp_path, GOOD, "tpe.yaml"))
+    assert [n for n in cmaes.notes if "sampler" in n] == [
+        f"{tmp_path / 'space.yaml'}: sampler 'cmaes' draws am_m, conv_kernel, encoder, head, heads at random "
+        "(CMA-ES models only numeric keys that every trial has); tpe models every key"
+    ]
+    assert [n for n in gp.notes if "sampler" in n] == [
+        f"{tmp_path / 'gp.yaml'}: sampler 'gp' draws am_m, conv_kernel at random (GP models only keys that "
+        "every trial has); tpe models every key"
+    ]
+    assert tpe.notes == ()
+    # What the notes claim: Optuna's own warnings name the same keys as they are drawn.
+    import logging
+    import warnings
+
+    from search.space import make_sampler
+
+    study = optuna.create_study(sampler=make_sampler(cmaes, seed=0), direction="maximize")
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    optuna.logging.get_logger("optuna").addHandler(handler)
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(8):
+                trial, config = cmaes.ask(study)
+                if config is not None:
+                    study.tell(trial, float(config.model.d_model))
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+        optuna.logging.get_logger("optuna").removeHandler(handler)
+    named = {m.split("`")[1] for m in messages if "independently using `RandomSampler`" in m}
+    assert named and named <= {"encoder", "heads", "conv_kernel", "head", "am_m"}
+
+
+@pytest.mark.parametrize(
+    ("pruner", "steps", "noted"),
+    [
+        ({"name": "hyperband", "min_resource": 4000, "max_resource": 70000}, 60, True),
+        ({"name": "median", "n_warmup_steps": 5000}, 60, True),
+        ({"name": "patient", "n_warmup_steps": 60}, 60, True),
+        ({"name": "successive_halving", "min_resource": 20}, 60, False),
+        ({"name": "median", "n_warmup_steps": 10}, 60, False),
+        ({"name": "hyperband", "min_resource": 4000}, {"low": 1000, "high": 5000, "step": 1000}, False),
+        ({"name": "hyperband", "min_resource": 6000}, {"low": 1000, "high": 5000, "step": 1000}, True),
+    ],
+)
+def test_a_pruner_that_could_never_prune_is_a_note(
+    tmp_path: Path, pruner: dict[str, object], steps: object, noted: bool
+) -> None:
+    """The boss space's pruner copied into a short space: no trial was ever pruned, without a word."""
+    space = load_space(write(tmp_path, {**with_params(steps=steps), "pruner": pruner}))
+    notes = [n for n in space.notes if "is ever pruned" in n or "no trial is ever pruned" in n]
+    assert bool(notes) == noted, space.notes
+    if noted:
+        assert f"pruner '{pruner['name']}'" in notes[0] and "lower it" in notes[0]
