@@ -34,7 +34,7 @@ from search.infer import CPU_FRAME_BUDGET, frame_budget, load_model, predict_log
 from search.model import SpeakerNet, build_model, count_parameters
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
-# The "strong" baseline of shared/hw4-format.md: torchaudio Conformer, d_model 224, mean pooling, BN + Linear.
+# The "strong" baseline (spaces/baselines/strong.yaml): Conformer, d_model 224, mean pooling, BN + Linear.
 STRONG = {
     "encoder": "conformer", "d_model": 224, "heads": 2, "ffn_dim": 256, "layers": 3, "conv_kernel": 31,
     "dropout": 0.2, "pooling": "mean", "head": "linear", "head_bn": True,

@@ -636,7 +636,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="seed the sampler (added to the space's sampler seed, if it has one): the same seed makes the "
         "same search; default: the space's seed, else unseeded",
     )
-    p.add_argument("--heartbeat", type=_positive, help="seconds between worker heartbeats (default 20)")
+    p.add_argument(
+        "--heartbeat",
+        type=_positive,
+        help="seconds between worker heartbeats (default: the space's study: {heartbeat_interval}, else 20)",
+    )
     p.add_argument(
         "--max-failures",
         type=_positive,

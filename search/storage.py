@@ -96,7 +96,8 @@ def _refuse_network_sqlite(url: str) -> None:
         return
     folder = path.parent
     fs = _filesystem_type(folder)
-    if fs in NETWORK_FS and not os.environ.get("SPKID_SEARCH_ALLOW_NETWORK_SQLITE"):
+    allowed = os.environ.get("SPKID_SEARCH_ALLOW_NETWORK_SQLITE", "").strip().lower() in ("1", "true", "yes")
+    if fs in NETWORK_FS and not allowed:  # ("0" turned the check off too)
         raise UserError(
             f"--storage {url}: {folder} is on a network filesystem ({fs}); SQLite locking is unsafe "
             "there. Use PostgreSQL (--storage postgresql://user@host/db) for several machines"

@@ -1,11 +1,12 @@
 """Synthetic speaker-identification data sets in the exact HW4 ``Dataset/`` layout.
 
-The real set (see ``shared/hw4-format.md``) cannot be downloaded here, so tests, benchmarks and
-dry runs use data made by :func:`generate`: ``mapping.json``, ``metadata.json``, ``testdata.json``
-and one ``uttr-<32 hex>.pt`` per utterance (``torch.save`` of a float32 ``(mel_len, 40)`` log-mel
-tensor), plus ``answers.csv`` (``Id,Category``, the true speaker of every test utterance in
-``testdata.json`` order) so that a prediction file can be scored, and ``synth.json`` (how the set
-was made; it also marks the directory as a synth output that a later run may replace when forced).
+The real set (README's Data section; the course's ``shared/hw4-format.md``, outside this repository)
+cannot be downloaded here, so tests, benchmarks and dry runs use data made by :func:`generate`:
+``mapping.json``, ``metadata.json``, ``testdata.json`` and one ``uttr-<32 hex>.pt`` per utterance
+(``torch.save`` of a float32 ``(mel_len, 40)`` log-mel tensor), plus ``answers.csv`` (``Id,Category``,
+the true speaker of every test utterance in ``testdata.json`` order) so that a prediction file can be
+scored, and ``synth.json`` (how the set was made; it also marks the directory as a synth output that a
+later run may replace when forced).
 
 The features are a real learning problem rather than a lookup. Each frame is rendered directly on
 the 40 mel bins (HTK mel, 50 Hz - 8 kHz, as the HW4 extractor) from a source-filter model:

@@ -76,3 +76,12 @@ def test_broken_install_tells_torch_failures_from_others(
         importlib.import_module("full")
     assert broken_install(full.value) == ""
     assert broken_install(ValueError("torch")) == ""
+
+
+def test_a_reason_keeps_the_quotes_of_a_path_it_names(tmp_path: Path) -> None:
+    """'... Is a directory: '/x/uttr.pt' lost its closing quote (both ends were stripped of quotes);
+    only a reason that is all one quoted word (a KeyError's) is unquoted."""
+    folder = tmp_path / "uttr-1.pt"
+    folder.mkdir()
+    assert _refusal(folder).endswith(f"Is a directory: '{folder}'")
+    assert load_failure(KeyError("storages")) == "storages"

@@ -111,6 +111,13 @@ def test_sqlite_on_a_network_filesystem_is_refused_with_the_postgresql_alternati
     monkeypatch.setattr(search.storage, "_filesystem_type", lambda path: "nfs4")
     with pytest.raises(UserError, match=r"network filesystem \(nfs4\).*postgresql://"):
         open_storage(f"sqlite:///{tmp_path / 'shared' / 'study.db'}")
+    monkeypatch.setenv("SPKID_SEARCH_ALLOW_NETWORK_SQLITE", "0")  # turned the check off, as any text did
+    with pytest.raises(UserError, match=r"network filesystem \(nfs4\)"):
+        open_storage(f"sqlite:///{tmp_path / 'shared' / 'study.db'}")
+    monkeypatch.setenv("SPKID_SEARCH_ALLOW_NETWORK_SQLITE", "1")
+    (tmp_path / "shared").mkdir()
+    open_storage(f"sqlite:///{tmp_path / 'shared' / 'study.db'}")  # the owner's word: allowed
+    monkeypatch.delenv("SPKID_SEARCH_ALLOW_NETWORK_SQLITE")
     space = write_space(tmp_path / "unit.yaml")
     term = signal.getsignal(signal.SIGTERM)
     try:  # refused before any data is read or generated (no --data here)
