@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -303,15 +302,6 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
-
-
-# YAML 1.1 (PyYAML's) reads 1e-4 and 1.0e4 as text: only 1.0e-4 was a number, so `low: 1e-4` was refused
-# as "must be a number" and `choices: [1e-3]` searched a string. Read them as YAML 1.2 does, as floats.
-_UniqueKeyLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
 
 
 def read_yaml(path: Path) -> Any:

@@ -18,9 +18,9 @@ import math
 import os
 import re
 import shutil
+import socket
 import stat
 import tempfile
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -277,7 +277,7 @@ def load_feature(path: Path, n_mels: int, mel_len: int | None = None) -> torch.T
 # --------------------------------------------------------------------------------------------------
 
 
-def cache_key(layout: HW4Layout, index: Any) -> str:
+def cache_key(layout: HW4Layout, index: Any, sizes: list[int] | None = None) -> str:
     """Name a set's packed cache by its JSON files (``index``: their :func:`_hash_of_json`, consumed)
     and each feature file's name, size and mtime.
 
@@ -300,6 +300,8 @@ def cache_key(layout: HW4Layout, index: Any) -> str:
         if not stat.S_ISREG(st.st_mode):
             raise UserError(f"{path}: not a file (a folder or device in its place); {_LISTED}")
         h.update(f"{utt.feature_path}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        if sizes is not None:  # (for packing: each file's size, in layout order)
+            sizes.append(st.st_size)
     return h.hexdigest()[:16]
 
 
@@ -386,78 +388,104 @@ def pack(root: Path, cache_root: Path | None = None, progress: bool = True) -> P
     layout = read_layout(Path(root))
     index = _hash_of_json(layout)
     digest = index.hexdigest()[:16]  # index_digest(root), without reading the layout twice
-    key = cache_key(layout, index)
+    sizes: list[int] = []
+    key = cache_key(layout, index, sizes)
     cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
     target = cache_root / key
     if _is_packed(target) and not _all_finite(target):
         shutil.rmtree(target, ignore_errors=True)  # packed before values were checked: the file is named
     if not _is_packed(target):
-        _build_cache(layout, key, target, progress)
+        _build_cache(layout, key, target, progress, sizes)
     return dataclasses.replace(open_cache(target, layout.root), index_digest=digest)
 
 
 def _is_packed(target: Path) -> bool:
+    """Whether ``target`` holds a finished packing (its index is written last).
+
+    ``stat``, not ``Path.exists``: that hides a permission error as "absent" from Python 3.14 on, and the
+    set would be packed again over a cache another user made private.
+    """
     try:
-        return (target / "index.npz").exists()
+        (target / "index.npz").stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return False
     except OSError as exc:  # caches were private (0700) to the user who packed them before usual_mode
         raise UserError(
             f"{target}: cannot read this packed cache ({exc.strerror or exc}): another user packed it; make "
             f"it readable to you (chmod -R a+rX {target}) or delete it to pack the set again"
         ) from None
+    return True
 
 
-# A packing's temp folder: "." + its cache key + "-" + mkdtemp's letters. The packing holds an exclusive
-# flock on its PACKING_LOCK file while it runs, so a folder whose lock can be taken was left by one
-# that died (SIGKILL, the OOM killer, a power cut), and is removed by the next packing in that folder.
-_PACKING = re.compile(r"^\.[0-9a-f]{16}-")
+# A packing's temp folder: ".<cache key>-<pid>@<host>-" + mkdtemp's letters. The packing holds an
+# exclusive flock on its PACKING_LOCK file while it runs. A folder is removed by a later packing in the
+# same cache folder only when all three say its packing died (SIGKILL, the OOM killer, a power cut):
+# it was made on this host, its process is gone, and its lock can be taken. Each alone can mislead:
+# flock is local to one machine on some shared file systems (NFS with local_lock, FUSE), and a pid may
+# be another container's. A folder of another host, or without a lock file, is left alone.
+_PACKING = re.compile(r"^\.[0-9a-f]{16}-(\d+)@(.+)-[a-z0-9_]{8}$")
 PACKING_LOCK = ".packing"
-UNLOCKED_AGE_S = 24 * 3600  # a temp folder without the lock file (killed before it was made): this old
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64] or "host"
+
+
+def _packing_prefix(key: str) -> str:
+    return f".{key}-{os.getpid()}@{_host()}-"
 
 
 def _hold_packing_lock(tmp: Path) -> int | None:
     """Take the lock that marks ``tmp`` as in use; the fd (closed by the caller) holds it.
 
     The file is locked under another name and then renamed, so a sweep never finds an unlocked
-    ``PACKING_LOCK`` in a live packing's folder. None where the file system has no flock (the folder is
-    then never swept, only left).
+    ``PACKING_LOCK`` in a live packing's folder. None where the file system has no flock: the folder
+    then has no ``PACKING_LOCK``, and no sweep removes it.
     """
     fd = os.open(tmp / f"{PACKING_LOCK}.new", os.O_CREAT | os.O_WRONLY, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(tmp / f"{PACKING_LOCK}.new", tmp / PACKING_LOCK)
     except OSError:
         os.close(fd)
         return None
-    os.rename(tmp / f"{PACKING_LOCK}.new", tmp / PACKING_LOCK)
     return fd
 
 
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # another user's process: alive
+        return False
+    return False
+
+
 def sweep_abandoned_packings(cache_root: Path) -> list[Path]:
-    """Remove the temp folders of packings that died in ``cache_root``; returns those removed.
+    """Remove the temp folders of this host's packings that died in ``cache_root``; returns those removed.
 
     Why: an interrupted packing removes its own folder, but a killed one cannot; each left a hidden
     partial copy of the set (up to 3.4 GB for HW4) that nothing used or named.
     """
     removed: list[Path] = []
     try:
-        entries = [e for e in cache_root.iterdir() if _PACKING.match(e.name) and e.is_dir()]
+        entries = [(e, _PACKING.match(e.name)) for e in cache_root.iterdir()]
     except OSError:
         return removed
-    for folder in entries:
-        try:
-            fd = os.open(folder / PACKING_LOCK, os.O_RDONLY)
-        except FileNotFoundError:
-            with contextlib.suppress(OSError):
-                if time.time() - folder.stat().st_mtime > UNLOCKED_AGE_S:
-                    shutil.rmtree(folder)
-                    removed.append(folder)
+    host = _host()
+    for folder, name in entries:
+        if name is None or name.group(2) != host or not _process_gone(int(name.group(1))):
             continue
-        except OSError:
+        try:  # for writing: NFS grants an exclusive lock only on a file open for writing
+            fd = os.open(folder / PACKING_LOCK, os.O_RDWR)
+        except OSError:  # no lock file (killed before it was made, or no flock here): left alone
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # taken: no live packing holds it
             shutil.rmtree(folder)
             removed.append(folder)
-        except OSError:  # held by a live packing (BlockingIOError), or not ours to remove
+        except OSError:  # held (BlockingIOError), or not ours to remove
             pass
         finally:
             os.close(fd)
@@ -489,7 +517,7 @@ def _all_finite(cache_dir: Path) -> bool:
     return True
 
 
-def _build_cache(layout: HW4Layout, key: str, target: Path, progress: bool) -> None:
+def _build_cache(layout: HW4Layout, key: str, target: Path, progress: bool, sizes: list[int]) -> None:
     """Stream every tensor into a preallocated memmap in a temp dir, then rename it into place.
 
     The set's fingerprint is hashed on the way: the JSON files, then each utterance's name and packed
@@ -498,7 +526,7 @@ def _build_cache(layout: HW4Layout, key: str, target: Path, progress: bool) -> N
     from search.progress import progress_bar
 
     utts = [*layout.train, *layout.test]
-    _check_lengths_fit(layout, utts)
+    _check_lengths_fit(layout, utts, sizes)
     lengths = np.array([u.mel_len for u in utts], dtype=np.int64)
     offsets = np.zeros(len(utts), dtype=np.int64)
     np.cumsum(lengths[:-1], out=offsets[1:])
@@ -506,7 +534,7 @@ def _build_cache(layout: HW4Layout, key: str, target: Path, progress: bool) -> N
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         sweep_abandoned_packings(target.parent)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_packing_prefix(key), dir=target.parent))
     except OSError as exc:
         fix = (
             "set $SPKID_SEARCH_CACHE to a folder you can write to"
@@ -561,7 +589,7 @@ def _build_cache(layout: HW4Layout, key: str, target: Path, progress: bool) -> N
         try:
             os.replace(tmp, target)
         except OSError:
-            if not (target / "index.npz").exists():  # another process did not win the race: a real error
+            if not _is_packed(target):  # another process did not win the race: a real error
                 raise
     finally:
         if tmp.exists():
@@ -570,16 +598,15 @@ def _build_cache(layout: HW4Layout, key: str, target: Path, progress: bool) -> N
             os.close(lock)
 
 
-def _check_lengths_fit(layout: HW4Layout, utts: list[Utterance]) -> None:
+def _check_lengths_fit(layout: HW4Layout, utts: list[Utterance], sizes: list[int]) -> None:
     """Refuse a mel_len that its file is too small to hold, before the cache is sized from them.
 
     Why: a length in samples rather than frames (x160) made a cache file of terabytes, or failed inside
     numpy with a traceback, before any feature file was read. Such a file is loaded, which names what is
     wrong with it (its frames against mel_len, its shape or contents).
     """
-    for utt in utts:
+    for utt, size in zip(utts, sizes, strict=True):
         path = layout.root / utt.feature_path
-        size = path.stat().st_size
         if utt.mel_len * layout.n_mels * 2 > size:  # at least 2 bytes a value, even at half precision
             load_feature(path, layout.n_mels, utt.mel_len)
             raise UserError(

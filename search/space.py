@@ -30,6 +30,7 @@ import inspect
 import json
 import math
 import random
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -204,13 +205,6 @@ def load_space(name_or_path: str | Path) -> Space:
     name = raw.get("name", path.stem)
     if not isinstance(name, str):
         raise UserError(f"{src}: key 'name' must be a string")
-    if "name" in raw:  # the study's name: a folder's too
-        from search.storage import check_study_name
-
-        try:
-            check_study_name(name)
-        except UserError as exc:
-            raise UserError(f"{src}: key 'name': {exc}") from None
     params_raw = raw.get("params")
     if not isinstance(params_raw, dict) or not params_raw:
         raise UserError(f"{src}: key 'params' must be a non-empty mapping of config keys")
@@ -309,9 +303,12 @@ def _pruner_notes(space: Space, src: str) -> tuple[str, ...]:
     costs what one without a pruner does, without a word (the boss space's pruner copied into a short one)."""
     opts, name = space.pruner, space.pruner["name"]
     steps_param = next((p for p in space.params if p.name == "steps"), None)
-    longest = (
-        int(getattr(steps_param.distribution, "high", 0)) if steps_param else space.config_for({}).train.steps
-    )
+    if steps_param is None:
+        longest = space.config_for({}).train.steps
+    elif isinstance(steps_param.distribution, optuna.distributions.CategoricalDistribution):
+        longest = max(int(float(str(c))) for c in steps_param.distribution.choices)
+    else:
+        longest = int(getattr(steps_param.distribution, "high", 0))
     key = "n_warmup_steps" if name in ("median", "patient") else "min_resource"
     first = opts.get(key)
     if not isinstance(first, int) or isinstance(first, bool) or first < longest:
@@ -320,6 +317,16 @@ def _pruner_notes(space: Space, src: str) -> tuple[str, ...]:
         f"{src}: pruner '{name}': {key} {first} is not below the trials' {longest} steps, so no trial is "
         "ever pruned; lower it (run --steps scales it with the steps)",
     )
+
+
+_EXPONENT = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+")
+
+
+def _yaml11_number(value: Any) -> Any:
+    """``1e-4`` as the number it spells: PyYAML (YAML 1.1) reads it as text, and ``low: 1e-4`` was refused
+    as "must be a number". Read here rather than by the YAML loader, so that a space's recorded body
+    (what a study checks it against) and a categorical's recorded choices stay as they were."""
+    return float(value) if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()) else value
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -336,9 +343,12 @@ def _listed(values: list[Any], quote: bool = True) -> str:
 
 
 def _on_range(dist: optuna.distributions.BaseDistribution, value: Any) -> bool:
-    if not isinstance(value, (int, float)):  # "5" is never layers 5 (bool: True is 1, as active() sees it)
-        return False
-    try:
+    # "5" is never layers 5 (a bool is: True is 1, as active() sees it)
+    return isinstance(value, (int, float)) and _in_distribution(dist, value)
+
+
+def _in_distribution(dist: optuna.distributions.BaseDistribution, value: Any) -> bool:
+    try:  # a categorical's to_internal_repr raises for a value that is not one of its choices
         return bool(dist._contains(dist.to_internal_repr(value)))
     except (ValueError, TypeError):
         return False
@@ -364,21 +374,24 @@ def _param(key: str, spec: dict[str, Any], where: str) -> Param:
             raise UserError(f"{where}: 'choices' cannot be combined with type/low/high/step/log")
         if not isinstance(choices, list) or not choices:
             raise UserError(f"{where}.choices: must be a non-empty list")
-        for i, choice in enumerate(choices):
-            if any(type(choice) is type(c) and choice == c for c in choices[:i]):
+        values: list[Any] = []  # as configs get them: '1e-3' (YAML 1.1's text) is 0.001
+        for choice in choices:
+            try:
+                value = Config.from_dict({key: choice}, source=where, cross=False).to_dict()[key]
+            except UserError as exc:
+                raise UserError(f"{where}.choices: {shown(choice)} is not valid ({_tail(exc)})") from None
+            if any(type(value) is type(v) and value == v for v in values):
                 raise UserError(
                     f"{where}.choices: {shown(choice)} is listed twice (it would be drawn twice as often)"
                 )
-            try:
-                Config.from_dict({key: choice}, source=where, cross=False)
-            except UserError as exc:
-                raise UserError(f"{where}.choices: {shown(choice)} is not valid ({_tail(exc)})") from None
+            values.append(value)
         return Param(key, optuna.distributions.CategoricalDistribution(choices), when)
     if kind == "categorical":
         raise UserError(f"{where}: type categorical needs 'choices: [...]' (low/high are for int and float)")
     if "low" not in spec or "high" not in spec:
         raise UserError(f"{where}: needs 'low' and 'high' (or 'choices' for a categorical)")
-    low, high, step, log = spec["low"], spec["high"], spec.get("step"), spec.get("log", False)
+    low, high, step = (_yaml11_number(spec.get(k)) for k in ("low", "high", "step"))
+    log = spec.get("log", False)
     for label, value in (("low", low), ("high", high), ("step", step)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise UserError(f"{where}.{label}: must be a number, got {shown(value)}")
@@ -492,7 +505,7 @@ _ALLOWED_NODES = (
 )
 
 
-MAX_CONSTANT = 1e15  # larger numbers in a constraint are typos, and overflowed float division
+MAX_INT = 2**63  # a larger whole number overflowed true division (a traceback); floats give inf instead
 
 
 def _check_constraint_syntax(expr: str, where: str) -> ast.Expression:
@@ -508,32 +521,43 @@ def _check_constraint_syntax(expr: str, where: str) -> ast.Expression:
             raise UserError(f"{where}: unknown key '{node.id}'")
         if isinstance(node, ast.Constant):
             _check_constant(node, parent.get(node), where)
-        # Text and true/false keys are compared, never computed with: 'encoder * 10**12' allocated
-        # terabytes inside eval (a MemoryError traceback), and 'head_bn + 1' means nothing.
+        # Text is compared, never computed with: 'encoder * 10**12' allocated terabytes inside eval (a
+        # MemoryError traceback). True/false keys count as 0 and 1, as in Python: harmless.
         operands = [node.left, node.right] if isinstance(node, ast.BinOp) else []
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
             operands = [node.operand]
         for operand in operands:
-            if isinstance(operand, ast.Name) and ALL_FIELDS[operand.id] not in (int, float):
-                kind = "a text" if ALL_FIELDS[operand.id] is str else "a true/false"
+            if text := _text_key(operand):
                 raise UserError(
-                    f"{where}: '{operand.id}' is {kind} key: compare it (== or !=), do not compute with it"
+                    f"{where}: '{text}' is a text key: compare it (== or !=), do not compute with it"
                 )
     return tree
 
 
+def _text_key(node: ast.AST) -> str:
+    """The text key an operand can evaluate to ('' if none): ``encoder``, ``(encoder or layers)``..."""
+    if isinstance(node, ast.Name):
+        return node.id if ALL_FIELDS[node.id] is str else ""
+    if isinstance(node, ast.BoolOp):  # 'a or b' is a or b itself
+        return next((t for t in map(_text_key, node.values) if t), "")
+    return ""
+
+
 def _check_constant(node: ast.Constant, parent: ast.AST | None, where: str) -> None:
     value = node.value
-    if isinstance(value, (str, bool)):
+    if isinstance(value, str):
         if not isinstance(parent, ast.Compare):
             raise UserError(
                 f"{where}: {shown(value)} may only be compared with a key (encoder == 'conformer')"
             )
-    elif isinstance(value, (int, float)):
-        if not abs(value) <= MAX_CONSTANT:  # (also false for nan)
-            raise UserError(
-                f"{where}: the number {shown(value, 40)} is out of range (at most {MAX_CONSTANT:g})"
-            )
+    elif isinstance(value, bool):
+        pass
+    elif isinstance(value, int):
+        if abs(value) > MAX_INT:
+            raise UserError(f"{where}: the whole number {shown(value, 40)} is out of range (at most 2**63)")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise UserError(f"{where}: the number {shown(value, 40)} is not finite")
     else:
         raise UserError(f"{where}: only numbers and quoted text may be written, not {shown(value, 40)}")
 
@@ -649,11 +673,7 @@ def _enqueue_entry(space: Space, entry: Any, where: str) -> dict[str, Any]:
         if p.name not in values:
             raise UserError(f"{where}: gives no value for searched key '{p.name}'")
         value = values[p.name]
-        try:  # a categorical's to_internal_repr raises for a value that is not one of its choices
-            inside = p.distribution._contains(p.distribution.to_internal_repr(value))
-        except (ValueError, TypeError):
-            inside = False
-        if not inside:
+        if not _in_distribution(p.distribution, value):
             raise UserError(f"{where}: {p.name}={shown(value)} lies outside the space's range for it")
         params[p.name] = value
         resolved[p.name] = value

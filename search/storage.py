@@ -96,11 +96,13 @@ def _refuse_network_sqlite(url: str) -> None:
         return
     folder = path.parent
     fs = _filesystem_type(folder)
-    allowed = os.environ.get("SPKID_SEARCH_ALLOW_NETWORK_SQLITE", "").strip().lower() in ("1", "true", "yes")
-    if fs in NETWORK_FS and not allowed:  # ("0" turned the check off too)
+    word = os.environ.get("SPKID_SEARCH_ALLOW_NETWORK_SQLITE", "").strip().lower()
+    allowed = word not in ("", "0", "false", "no", "off")  # ("0" turned the check off, as any text did)
+    if fs in NETWORK_FS and not allowed:
         raise UserError(
             f"--storage {url}: {folder} is on a network filesystem ({fs}); SQLite locking is unsafe "
-            "there. Use PostgreSQL (--storage postgresql://user@host/db) for several machines"
+            "there. Use PostgreSQL (--storage postgresql://user@host/db) for several machines (or, if its "
+            "locking is sound, SPKID_SEARCH_ALLOW_NETWORK_SQLITE=1)"
         )
 
 

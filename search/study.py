@@ -325,7 +325,13 @@ def _run(
     )
 
     space = load_space(opts.space)
-    name = check_study_name(space.name if opts.study is None else opts.study)
+    try:
+        name = check_study_name(space.name if opts.study is None else opts.study)
+    except UserError as exc:
+        if opts.study is not None:
+            raise
+        named = "key 'name'" if "name" in space.raw else "its file name (no 'name' key)"
+        raise UserError(f"{space.path}: {named} names the study without --study: {exc}") from None
     url = opts.storage or default_storage_url(name)
     check_storage_url(url)  # its form now; connecting (and creating a SQLite file) once the data is good
     _check_budget(opts)

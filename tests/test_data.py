@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pickle
@@ -460,14 +461,14 @@ def test_the_cache_is_readable_by_other_users(hw4: Path) -> None:
 def test_an_unreadable_cache_is_one_line(hw4: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What a user meets in a cache another user packed private (as every one was before)."""
     data = pack(hw4, hw4.parent / "cache", progress=False)
-    real_exists = Path.exists
+    real_stat = Path.stat
 
-    def exists(self: Path, **kwargs: Any) -> bool:
+    def stat(self: Path, **kwargs: Any) -> os.stat_result:  # what the kernel answers another user
         if self.parent == data.cache_dir:
             raise PermissionError(13, "Permission denied", str(self))
-        return real_exists(self, **kwargs)
+        return real_stat(self, **kwargs)
 
-    monkeypatch.setattr(Path, "exists", exists)
+    monkeypatch.setattr(Path, "stat", stat)  # (Path.exists hides this as "absent" from Python 3.14 on)
     with pytest.raises(
         UserError, match=f"^{data.cache_dir}: cannot read this packed cache .*chmod -R a\\+rX"
     ):
@@ -512,19 +513,38 @@ def test_a_packing_killed_outright_is_swept_by_the_next(hw4: Path, tmp_path: Pat
     assert sorted(p.name for p in data.cache_dir.iterdir()) == ["features.npy", "index.npz", "meta.json"]
 
 
-def test_a_lockless_temp_folder_is_swept_only_when_old(tmp_path: Path) -> None:
-    """One killed before it made its lock file: it cannot be told from one starting now, but by its age."""
-    from search.data import UNLOCKED_AGE_S, sweep_abandoned_packings
+def test_only_this_hosts_dead_packings_with_a_free_lock_are_swept(tmp_path: Path) -> None:
+    """flock alone misleads where it is local to one machine (NFS with local_lock, FUSE): a folder is
+    removed only when it names this host, its process is gone, and its lock can be taken."""
+    from search.data import PACKING_LOCK, _host, sweep_abandoned_packings
 
-    young, old = tmp_path / ".0123456789abcdef-young", tmp_path / ".0123456789abcdef-old"
-    other = tmp_path / ".not-a-packing"
-    for folder in (young, old, other):
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    gone = int(dead.stdout)  # a pid that has just exited
+
+    def packing(pid: int, host: str, lock: bool, tag: str) -> Path:
+        folder = tmp_path / f".0123456789abcdef-{pid}@{host}-{tag:_<8}"
         folder.mkdir()
-    stale = time.time() - UNLOCKED_AGE_S - 60
-    for folder in (old, other):
-        os.utime(folder, (stale, stale))
-    assert sweep_abandoned_packings(tmp_path) == [old]
-    assert young.exists() and other.exists() and not old.exists()
+        (folder / "features.npy").write_bytes(b"partial")
+        if lock:
+            (folder / PACKING_LOCK).touch()
+        return folder
+
+    abandoned = packing(gone, _host(), True, "dead")
+    elsewhere = packing(gone, "another-host", True, "remote")  # its lock may be another kernel's to see
+    alive = packing(os.getpid(), _host(), True, "alive")
+    lockless = packing(gone, _host(), False, "nolock")  # killed before its lock file, or no flock here
+    held = packing(gone, _host(), True, "held")  # the process is gone but the lock is held (a fork of it)
+    fd = os.open(held / PACKING_LOCK, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    other = tmp_path / ".not-a-packing"
+    other.mkdir()
+    try:
+        assert sweep_abandoned_packings(tmp_path) == [abandoned]
+    finally:
+        os.close(fd)
+    assert all(f.exists() for f in (elsewhere, alive, lockless, held, other)) and not abandoned.exists()
 
 
 def test_a_note_names_speakers_that_are_never_validated(tmp_path: Path, fake_data: PackedData) -> None:

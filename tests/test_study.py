@@ -313,6 +313,24 @@ def test_run_by_storage_alone_does_not_start_a_second_study_beside_the_one_there
         run(RunOptions(space=space, trials=1, data=tiny_dir, study="", display=False))
 
 
+def test_a_spaces_name_is_checked_only_where_it_names_the_study(tmp_path: Path, tiny_dir: Path) -> None:
+    """A descriptive `name:` is the space's business while --study names the study; where it names the
+    study, its file and key are named (the line said only "study name ... is not allowed")."""
+    import yaml
+
+    from tests.studies import UNIT_SPACE
+
+    path = tmp_path / "described.yaml"
+    path.write_text(yaml.safe_dump({**UNIT_SPACE, "name": "My boss space"}))
+    with pytest.raises(UserError, match=f"^{path}: key 'name' names the study without --study: study name"):
+        run(RunOptions(space=str(path), trials=1, data=tiny_dir, display=False))
+    assert load_space(path).name == "My boss space"  # loads: --study may name the study instead
+    spaced = tmp_path / "my space.yaml"
+    spaced.write_text(yaml.safe_dump({k: v for k, v in UNIT_SPACE.items() if k != "name"}))
+    with pytest.raises(UserError, match=r"my space.yaml: its file name \(no 'name' key\) names the study"):
+        run(RunOptions(space=str(spaced), trials=1, data=tiny_dir, display=False))
+
+
 def test_run_on_a_study_that_holds_enough_trials_says_so_and_starts_nothing(
     tmp_path: Path,
     tiny_dir: Path,
