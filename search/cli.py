@@ -167,6 +167,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     if note := unvalidated_note(data):
         console.print(f"[yellow]note: {escape(note)}")
+    longest = int(data.lengths[data.labelled].max())
+    if config.train.segment_len > longest:  # 242 s for 20 steps at 5000 frames, 0.2 s at 64
+        console.print(
+            f"[yellow]note: segment_len {config.train.segment_len} is longer than every labelled utterance "
+            f"(the longest has {longest} frames): each crop is padded to it, and the padding costs time"
+        )
     try:
         with TrainView(config.train.steps, enabled=not args.quiet) as view:
             result = train(config, data, device, report=view.report, out_dir=out, log_every=args.log_every)

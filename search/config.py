@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,10 +157,10 @@ def _coerce(source: str, key: str, value: Any, kind: type) -> Any:
     if kind is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        return _finite(source, key, float(value))
     if kind is float and isinstance(value, str):
         with contextlib.suppress(ValueError):
-            return float(value)
+            return _finite(source, key, float(value))
     if kind is str and isinstance(value, str):
         return value
     if kind is str and isinstance(value, bool):  # `pooling: no` or `choices: [on, off]`
@@ -168,6 +169,18 @@ def _coerce(source: str, key: str, value: Any, kind: type) -> Any:
             "as true or false: put the word in quotes)"
         )
     raise UserError(f"{source}: key '{key}' must be {kind.__name__}, got {shown(value)}")
+
+
+def _finite(source: str, key: str, value: float) -> float:
+    """NaN passed every range check (`lr <= 0` is false for it) and failed inside AdamW, or turned
+    clipping off silently (`grad_clip: .nan`)."""
+    if not math.isfinite(value):
+        raise UserError(f"{source}: key '{key}' must be a finite number, got {value}")
+    return value
+
+
+# Sizes past these fail in the allocator (a traceback) or train nothing: typos, not settings.
+MODEL_CAPS = {"d_model": 8192, "heads": 256, "layers": 128, "ffn_dim": 65536, "conv_kernel": 1023}
 
 
 def validate(config: Config, source: str = "config", cross: bool = True) -> None:
@@ -183,17 +196,24 @@ def validate(config: Config, source: str = "config", cross: bool = True) -> None
         raise bad("pooling", f"must be one of {', '.join(POOLINGS)}, got '{m.pooling}'")
     if m.head not in HEADS:
         raise bad("head", f"must be one of {', '.join(HEADS)}, got '{m.head}'")
-    for key in ("d_model", "heads", "layers", "ffn_dim", "conv_kernel"):
+    for part in (m, t):  # a Config made in Python skips _coerce
+        for f in dataclasses.fields(part):
+            value = getattr(part, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise bad(f.name, f"must be a finite number, got {value}")
+    for key, cap in MODEL_CAPS.items():
         if getattr(m, key) < 1:
             raise bad(key, "must be at least 1")
+        if getattr(m, key) > cap:
+            raise bad(key, f"is absurdly large ({getattr(m, key)}); use at most {cap:,}")
     if cross and m.d_model % m.heads:
         raise bad("d_model", f"({m.d_model}) must be divisible by heads ({m.heads})")
     if m.conv_kernel % 2 == 0:
         raise bad("conv_kernel", f"must be odd so the convolution keeps the length, got {m.conv_kernel}")
     if not 0.0 <= m.dropout < 1.0:
         raise bad("dropout", f"must be in [0, 1), got {m.dropout}")
-    if m.am_s <= 0:
-        raise bad("am_s", f"must be positive, got {m.am_s}")
+    if not 0 < m.am_s <= 100:  # the scale of cosine logits: 15-64 in the literature; 1e38 overflowed
+        raise bad("am_s", f"must be in (0, 100], got {m.am_s}")
     if not 0.0 <= m.am_m < 1.0:
         raise bad("am_m", f"must be in [0, 1), got {m.am_m}")
     if m.margin_warmup_steps < 0:
@@ -201,6 +221,8 @@ def validate(config: Config, source: str = "config", cross: bool = True) -> None
     for key in ("steps", "batch_size", "segment_len", "valid_steps", "eval_frame_budget"):
         if getattr(t, key) < 1:
             raise bad(key, "must be at least 1")
+    if t.batch_size < 2:  # BatchNorm's training statistics need two examples (a traceback at step 1)
+        raise bad("batch_size", "must be at least 2 (BatchNorm layers need two examples a batch)")
     if t.steps > 10_000_000:
         raise bad("steps", f"is absurdly large ({t.steps}); use at most 10,000,000")
     if t.batch_size > 65536:
@@ -212,8 +234,8 @@ def validate(config: Config, source: str = "config", cross: bool = True) -> None
             raise bad(key, f"must be >= 0, got {getattr(t, key)}")
     if t.lr <= 0 or t.lr > 1.0:
         raise bad("lr", f"must be in (0, 1], got {t.lr}")
-    if t.weight_decay < 0:
-        raise bad("weight_decay", "must be >= 0")
+    if not 0 <= t.weight_decay <= 10:  # AdamW shrinks weights by lr * weight_decay a step
+        raise bad("weight_decay", f"must be in [0, 10], got {t.weight_decay}")
     if t.warmup_steps < 0 or t.checkpoint_steps < 0:
         raise bad("warmup_steps" if t.warmup_steps < 0 else "checkpoint_steps", "must be >= 0")
     if t.grad_clip < 0:
@@ -223,6 +245,11 @@ def validate(config: Config, source: str = "config", cross: bool = True) -> None
     for key in ("spec_time_masks", "spec_time_width", "spec_freq_masks", "spec_freq_width"):
         if getattr(t, key) < 0:
             raise bad(key, "must be >= 0")
+    if cross and t.spec_time_masks and t.spec_time_width >= t.segment_len:
+        raise bad(
+            "spec_time_width",
+            f"({t.spec_time_width}) must be below segment_len ({t.segment_len}): one mask could blank a crop",
+        )
     if t.compile_mode not in COMPILE_MODES:
         raise bad("compile_mode", f"must be one of {', '.join(COMPILE_MODES)}, got {shown(t.compile_mode)}")
     if not 0.0 < t.valid_ratio < 1.0:

@@ -444,6 +444,11 @@ def _train(
 ) -> TrainResult:
     setup_started = time.perf_counter()
     t = config.train
+    if t.spec_freq_masks and t.spec_freq_width >= data.n_mels:  # the set's n_mels: not in the config
+        raise UserError(
+            f"spec_freq_width ({t.spec_freq_width}) must be below the set's {data.n_mels} mel bins: one mask "
+            "could blank every frame"
+        )
     split = split if split is not None else make_split(data, t.valid_ratio, t.split_seed)
     with GATE.shared():  # seeding resets the generator a recording in another thread holds
         torch.manual_seed(t.seed)
@@ -552,7 +557,13 @@ def _train(
             mean_loss = float(loss_sum) / loss_count  # the only host sync, once per log interval
             if not math.isfinite(mean_loss):
                 raise TrainingDiverged(
-                    f"non-finite loss by step {step} (lr {t.lr:g}); lower lr or keep grad_clip on"
+                    f"non-finite loss by step {step} (lr {t.lr:g}, grad_clip {t.grad_clip:g}); lower lr"
+                    + ("" if t.grad_clip else " or turn grad_clip on")
+                    + (
+                        f", or am_s ({config.model.am_s:g})"
+                        if config.model.head in ("amsoftmax", "aamsoftmax")
+                        else ""
+                    )
                 )
             clock.seconds["steps"] += time.perf_counter() - window_start
             metrics: dict[str, float] = {

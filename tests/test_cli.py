@@ -437,7 +437,14 @@ def test_train_command_checkpoints_so_a_ctrl_c_resumes_and_says_so(
     assert "within warmup_steps" not in capsys.readouterr().err
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({**config, "steps": 2, "warmup_steps": 2}))
     assert main([*argv, "--force"]) == 0  # a config whose own warm-up fills its steps is told so
-    assert "note: 2 steps is within warmup_steps (2)" in " ".join(capsys.readouterr().err.split())
+    err = " ".join(capsys.readouterr().err.split())
+    assert "note: 2 steps is within warmup_steps (2)" in err and "padding costs time" not in err
+    # Crops longer than every utterance: all padding (1000x slower at 5000 frames), said once.
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({**config, "steps": 2, "segment_len": 5000}))
+    assert main([*argv, "--force"]) == 0
+    assert "note: segment_len 5000 is longer than every labelled utterance (the longest has" in " ".join(
+        capsys.readouterr().err.split()
+    )
 
 
 def test_synth_replaces_an_earlier_output_only_with_force(

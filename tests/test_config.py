@@ -42,6 +42,22 @@ def test_every_shipped_baseline_config_loads() -> None:
         ({"segment_len": 100_000}, "key 'segment_len' is absurdly large (100000)"),
         ({"split_seed": -1}, "key 'split_seed' must be >= 0, got -1"),
         ({"seed": -2}, "key 'seed' must be >= 0, got -2"),
+        # NaN passed every range check: an AdamW traceback, or clipping silently off.
+        ({"lr": float("nan")}, "key 'lr' must be a finite number, got nan"),
+        ({"lr": "nan"}, "key 'lr' must be a finite number, got nan"),
+        ({"grad_clip": float("nan")}, "key 'grad_clip' must be a finite number"),
+        ({"weight_decay": float("inf")}, "key 'weight_decay' must be a finite number"),
+        # Values that loaded and then could not train: a traceback at step 1, or a loss of inf.
+        ({"batch_size": 1}, "key 'batch_size' must be at least 2 (BatchNorm"),
+        ({"am_s": 1e38}, "key 'am_s' must be in (0, 100], got 1e+38"),
+        ({"weight_decay": 1e6}, "key 'weight_decay' must be in [0, 10], got 1000000.0"),
+        ({"d_model": 1 << 20, "heads": 1}, "key 'd_model' is absurdly large (1048576); use at most 8,192"),
+        ({"conv_kernel": 4001}, "key 'conv_kernel' is absurdly large (4001)"),
+        # A mask as wide as the crop replaced whole crops with their mean (37% of them at 100 over 64).
+        (
+            {"spec_time_masks": 2, "spec_time_width": 128, "segment_len": 128},
+            "key 'spec_time_width' (128) must be below segment_len (128)",
+        ),
     ],
 )
 def test_bad_values_name_the_key(values: dict[str, object], message: str) -> None:

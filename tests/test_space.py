@@ -502,17 +502,17 @@ def test_yaml_exponents_are_the_numbers_they_spell(tmp_path: Path) -> None:
     `choices: [1e-3, 0.001]` passed the check for a choice listed twice."""
     text = (
         "params:\n  steps: 50\n  lr: {low: 1e-4, high: 1E-2, log: true}\n"
-        "  weight_decay: {choices: [1e-3, 1.0e4]}\n"
+        "  weight_decay: {choices: [1e-3, 1.0e1]}\n"
     )
     space = load_space(write(tmp_path, text))
     lr, wd = (p.distribution for p in space.params)
     assert isinstance(lr, optuna.distributions.FloatDistribution) and (lr.low, lr.high) == (1e-4, 1e-2)
     # Choices and the recorded body stay as written: a study made before records them so, and resumes.
-    assert isinstance(wd, optuna.distributions.CategoricalDistribution) and wd.choices == ("1e-3", "1.0e4")
+    assert isinstance(wd, optuna.distributions.CategoricalDistribution) and wd.choices == ("1e-3", "1.0e1")
     assert '"low": "1e-4"' in space.body
     assert space.config_for({"weight_decay": "1e-3", "lr": 1e-3}).train.weight_decay == 1e-3
     with pytest.raises(UserError, match="weight_decay.choices: 0.001 is listed twice"):
-        load_space(write(tmp_path, text.replace("1.0e4", "0.001")))
+        load_space(write(tmp_path, text.replace("1.0e1", "0.001")))
 
 
 def test_cmaes_and_gp_say_which_keys_they_draw_at_random(tmp_path: Path) -> None:

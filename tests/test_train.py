@@ -12,6 +12,7 @@ import torch
 
 from search.config import Config
 from search.data import FeatureStore, PackedData, make_split, restore_generator
+from search.errors import UserError
 from search.infer import accuracy, load_model, predict_logits, save_atomic
 from search.model import build_model
 from search.train import (
@@ -137,8 +138,22 @@ def test_non_finite_loss_is_a_clear_error(fake_data: PackedData) -> None:
     config = Config.from_dict({**SMALL, "lr": 1.0, "grad_clip": 0.0, "warmup_steps": 0, "steps": 400})
     data = fake_data
     poisoned = PackedData(**{**data.__dict__, "features": np.full_like(np.asarray(data.features), np.inf)})
-    with pytest.raises(TrainingDiverged, match="non-finite loss by step"):
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"non-finite loss by step \d+ \(lr 1, grad_clip 0\); lower lr or turn grad_clip on$",
+    ):
         train(config, poisoned, "cpu")
+    # With clipping on, the advice was still "keep grad_clip on"; an AM-Softmax head's scale is named.
+    clipped = Config.from_dict({**SMALL, "grad_clip": 5.0, "head": "amsoftmax", "am_s": 30.0, "steps": 40})
+    with pytest.raises(TrainingDiverged, match=r"\(lr [\d.]+, grad_clip 5\); lower lr, or am_s \(30\)$"):
+        train(clipped, poisoned, "cpu")
+
+
+def test_a_frequency_mask_as_wide_as_the_mel_bins_is_refused(fake_data: PackedData) -> None:
+    """It could blank every frame of a crop; the set's mel bins are known only once it is open."""
+    config = Config.from_dict({**SMALL, "spec_freq_masks": 1, "spec_freq_width": fake_data.n_mels})
+    with pytest.raises(UserError, match=f"spec_freq_width \\({fake_data.n_mels}\\) must be below the set's"):
+        train(config, fake_data, "cpu")
 
 
 def test_phase_times_account_for_the_run(fake_data: PackedData, tmp_path: Path) -> None:
