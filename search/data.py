@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from search.errors import UserError, load_failure, shown
-from search.files import require_data_dir, studies_root, usual_mode
+from search.files import pid_alive, require_data_dir, studies_root, usual_mode
 
 PREPARE_STATE = "prepare-state.jsonl"  # search.prepare's record, in a set it writes (its index comes last)
 
@@ -452,16 +452,6 @@ def _hold_packing_lock(tmp: Path) -> int | None:
     return fd
 
 
-def _process_gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # another user's process: alive
-        return False
-    return False
-
-
 def sweep_abandoned_packings(cache_root: Path) -> list[Path]:
     """Remove the temp folders of this host's packings that died in ``cache_root``; returns those removed.
 
@@ -475,7 +465,7 @@ def sweep_abandoned_packings(cache_root: Path) -> list[Path]:
         return removed
     host = _host()
     for folder, name in entries:
-        if name is None or name.group(2) != host or not _process_gone(int(name.group(1))):
+        if name is None or name.group(2) != host or pid_alive(int(name.group(1))):
             continue
         try:  # for writing: NFS grants an exclusive lock only on a file open for writing
             fd = os.open(folder / PACKING_LOCK, os.O_RDWR)

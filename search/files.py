@@ -198,3 +198,15 @@ def _holds_cwd(folder: Path) -> bool:
         return Path.cwd().resolve().is_relative_to(folder.resolve())
     except OSError:
         return False
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine: what a folder named for its process (a run's status
+    folder, a packing's temp folder) is kept or cleared by."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -35,7 +35,7 @@ import optuna
 from optuna.trial import TrialState
 
 from search.errors import UserError
-from search.files import atomic_write, require_data_dir
+from search.files import atomic_write, pid_alive, require_data_dir
 from search.states import clear_state_lock, requeue_stopped, serialize_state_changes, state_lock
 from search.stops import stops_deferred
 from search.storage import GRACE_BEATS, STORAGE_PATIENCE, StorageWait, db_error_text
@@ -973,7 +973,7 @@ def _status_dir(home: Path) -> Path:
     host = home / "workers" / socket.gethostname()
     with contextlib.suppress(OSError):
         for other in host.iterdir():
-            if other.is_dir() and other.name.isdigit() and not _pid_alive(int(other.name)):
+            if other.is_dir() and other.name.isdigit() and not pid_alive(int(other.name)):
                 shutil.rmtree(other, ignore_errors=True)
         for old in host.glob("*.json"):  # status files from before runs had folders of their own
             old.unlink()
@@ -982,16 +982,6 @@ def _status_dir(home: Path) -> Path:
     for old in folder.glob("*.json"):  # this process's earlier run (a library calling run twice)
         old.unlink()
     return folder
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _fail_killed(
