@@ -440,10 +440,13 @@ def test_train_command_checkpoints_so_a_ctrl_c_resumes_and_says_so(
     err = " ".join(capsys.readouterr().err.split())
     assert "note: 2 steps is within warmup_steps (2)" in err and "padding costs time" not in err
     # Crops longer than every utterance: all padding (1000x slower at 5000 frames), said once.
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump({**config, "steps": 2, "segment_len": 5000}))
+    meta = json.loads((tiny_dir / "metadata.json").read_text())
+    longest = max(u["mel_len"] for utts in meta["speakers"].values() for u in utts)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({**config, "steps": 2, "segment_len": longest + 1}))
     assert main([*argv, "--force"]) == 0
-    assert "note: segment_len 5000 is longer than every labelled utterance (the longest has" in " ".join(
-        capsys.readouterr().err.split()
+    assert (
+        f"note: segment_len {longest + 1} is longer than every labelled utterance (the longest has {longest} "
+        "frames)" in " ".join(capsys.readouterr().err.split())
     )
 
 
