@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from search.errors import UserError, load_failure, shown
-from search.files import pid_alive, require_data_dir, studies_root, usual_mode
+from search.files import NETWORK_FS, filesystem_type, pid_alive, require_data_dir, studies_root, usual_mode
 
 PREPARE_STATE = "prepare-state.jsonl"  # search.prepare's record, in a set it writes (its index comes last)
 
@@ -418,12 +418,12 @@ def _is_packed(target: Path) -> bool:
 
 
 # A packing's temp folder: ".<cache key>-<pid>@<host>-" + mkdtemp's letters. The packing holds an
-# exclusive flock on its PACKING_LOCK file while it runs. A folder is removed by a later packing in the
-# same cache folder only when all three say its packing died (SIGKILL, the OOM killer, a power cut):
-# it was made on this host, its process is gone, and its lock can be taken. Each alone can mislead:
-# flock is local to one machine on some shared file systems (NFS with local_lock, FUSE), and a pid may
-# be another container's. A folder of another host, or without a lock file, is left alone.
-_PACKING = re.compile(r"^\.[0-9a-f]{16}-(\d+)@(.+)-[a-z0-9_]{8}$")
+# exclusive flock on its PACKING_LOCK file while it runs, and a later packing in the same cache folder
+# removes a folder whose lock it can take: that packing died (SIGKILL, the OOM killer, a power cut).
+# On a file system shared between machines flock may be local to each (NFS with local_lock, FUSE), so
+# there the folder must also name this host and a process that is gone. A folder without a lock file
+# (killed before it made one, or no flock there) is left alone.
+_PACKING = re.compile(r"^\.[0-9a-f]{16}-(?:(\d+)@(.+)-)?[a-z0-9_]{8}$")
 PACKING_LOCK = ".packing"
 
 
@@ -453,7 +453,7 @@ def _hold_packing_lock(tmp: Path) -> int | None:
 
 
 def sweep_abandoned_packings(cache_root: Path) -> list[Path]:
-    """Remove the temp folders of this host's packings that died in ``cache_root``; returns those removed.
+    """Remove the temp folders of packings that died in ``cache_root``; returns those removed.
 
     Why: an interrupted packing removes its own folder, but a killed one cannot; each left a hidden
     partial copy of the set (up to 3.4 GB for HW4) that nothing used or named.
@@ -463,9 +463,14 @@ def sweep_abandoned_packings(cache_root: Path) -> list[Path]:
         entries = [(e, _PACKING.match(e.name)) for e in cache_root.iterdir()]
     except OSError:
         return removed
-    host = _host()
+    host, shared = _host(), filesystem_type(cache_root) in NETWORK_FS
     for folder, name in entries:
-        if name is None or name.group(2) != host or pid_alive(int(name.group(1))):
+        if name is None:
+            continue
+        # A container restarted or made anew has another host name, or the dead one's pid: flock decides
+        # on a local disk (a Docker volume), and only there.
+        pid, where = name.group(1), name.group(2)
+        if shared and (pid is None or where != host or int(pid) == os.getpid() or pid_alive(int(pid))):
             continue
         try:  # for writing: NFS grants an exclusive lock only on a file open for writing
             fd = os.open(folder / PACKING_LOCK, os.O_RDWR)

@@ -210,3 +210,35 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
+
+
+# File systems shared between machines, on which locks (SQLite's, flock) may not hold across them.
+NETWORK_FS = {
+    "nfs",
+    "nfs4",
+    "cifs",
+    "smbfs",
+    "smb3",
+    "fuse.sshfs",
+    "9p",
+    "afs",
+    "lustre",
+    "glusterfs",
+    "ceph",
+}
+
+
+def filesystem_type(path: Path) -> str | None:
+    """The mount's filesystem type from /proc/mounts (Linux), longest matching mount point wins."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    best, kind = "", None
+    target = str(path.resolve())
+    for line in mounts:
+        parts = line.split()
+        inside = len(parts) >= 3 and (target == parts[1] or target.startswith(parts[1].rstrip("/") + "/"))
+        if inside and len(parts[1]) > len(best):
+            best, kind = parts[1], parts[2]
+    return kind

@@ -104,7 +104,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 
 def model_from_checkpoint(ckpt: dict[str, Any], path: Path | str = "checkpoint") -> tuple[SpeakerNet, Config]:
     """Rebuild the model a checkpoint describes and load its weights (eval mode)."""
-    config = Config.from_dict(dict(ckpt["config"]), source=f"{path} (config)")
+    config = Config.from_dict(dict(ckpt["config"]), source=f"{path} (config)", stored=True)
     model = build_model(config.model, int(ckpt["n_mels"]), len(ckpt["speakers"]))
     try:
         model.load_state_dict(ckpt["model"])

@@ -25,12 +25,12 @@ An enqueued baseline gives the values of the searched keys; the others are the s
 from __future__ import annotations
 
 import ast
+import dataclasses
 import hashlib
 import inspect
 import json
 import math
 import random
-import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,7 +43,7 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search.config import ALL_FIELDS, PROJECT_DIR, Config, find_yaml, read_yaml
+from search.config import ALL_FIELDS, EXPONENT, PROJECT_DIR, Config, find_yaml, read_yaml
 from search.errors import UserError, first_line, shown
 
 SPACES_DIR = PROJECT_DIR / "spaces"
@@ -61,6 +61,19 @@ class Param:
     name: str
     distribution: optuna.distributions.BaseDistribution
     when: dict[str, list[Any]] = field(default_factory=dict)
+    values: tuple[Any, ...] = ()  # a categorical's choices as configs get them ('1e-3' is 0.001)
+
+    def typed(self, choice: Any) -> Any:
+        """The config value of one of its choices as written (Optuna records them as written, so that a
+        study resumes; constraints, conditions and configs see the value)."""
+        return next(
+            (v for c, v in zip(self.written, self.values, strict=True) if _same_choice(c, choice)), choice
+        )
+
+    @property
+    def written(self) -> tuple[Any, ...]:
+        """A categorical's choices as the space writes them (and Optuna records them); () for a range."""
+        return tuple(getattr(self.distribution, "choices", ()))[: len(self.values)]
 
     def active(self, values: dict[str, Any]) -> bool:
         """Whether its condition holds for ``values``; a key they leave out has its default, as in the
@@ -113,7 +126,7 @@ class Space:
         values: dict[str, Any] = dict(self.fixed)
         for param in self.params:
             if param.active(values):
-                values[param.name] = _suggest(trial, param)
+                values[param.name] = param.typed(_suggest(trial, param))
         for expr in self.constraints:
             if not _eval_constraint(expr, {**_config_defaults(), **values}):
                 raise ConstraintViolation(f"constraint '{expr}' does not hold")
@@ -220,10 +233,15 @@ def load_space(name_or_path: str | Path) -> Space:
             raise UserError(f"{where}: a list is ambiguous; write {{choices: [...]}} for a categorical")
         else:
             try:
-                Config.from_dict({key: spec}, source=where, cross=False)
+                config = Config.from_dict({key: spec}, source=where, cross=False)
             except UserError as exc:
                 raise UserError(str(exc).replace(f"{where}: key '{key}'", f"{where}:")) from None
-            fixed[key] = spec
+            fixed[key] = config.to_dict()[key]  # as configs get it: `lr: 1e-3` (YAML 1.1's text) is 0.001
+    # A condition's values as configs get them, where the key takes them so: `when: {lr: [1e-3]}`.
+    params = [
+        dataclasses.replace(p, when={k: [_typed_value(k, v) for v in vs] for k, vs in p.when.items()})
+        for p in params
+    ]
     by_name = {p.name: p for p in params}
     defaults = _config_defaults()
     for p in params:
@@ -235,7 +253,7 @@ def load_space(name_or_path: str | Path) -> Space:
             if cond is None:
                 possible = [fixed.get(cond_key, defaults[cond_key])]
             elif isinstance(cond.distribution, optuna.distributions.CategoricalDistribution):
-                possible = list(cond.distribution.choices)
+                possible = list(cond.values)
             else:  # a numeric range: one of the values must be on it
                 if not any(_on_range(cond.distribution, value) for value in allowed):
                     raise UserError(
@@ -319,14 +337,24 @@ def _pruner_notes(space: Space, src: str) -> tuple[str, ...]:
     )
 
 
-_EXPONENT = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+")
-
-
 def _yaml11_number(value: Any) -> Any:
     """``1e-4`` as the number it spells: PyYAML (YAML 1.1) reads it as text, and ``low: 1e-4`` was refused
     as "must be a number". Read here rather than by the YAML loader, so that a space's recorded body
     (what a study checks it against) and a categorical's recorded choices stay as they were."""
-    return float(value) if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()) else value
+    return float(value) if isinstance(value, str) and EXPONENT.fullmatch(value.strip()) else value
+
+
+def _typed_value(key: str, value: Any) -> Any:
+    """``value`` as a config gets it for ``key`` ('1e-3' is 0.001 for lr); as it is where it is not one."""
+    try:
+        return Config.from_dict({key: value}, cross=False).to_dict()[key]
+    except UserError:
+        return value
+
+
+def _same_choice(a: Any, b: Any) -> bool:
+    """One choice: equal and of one type (True is not 1, '1e-3' is not 0.001)."""
+    return type(a) is type(b) and a == b
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -385,7 +413,7 @@ def _param(key: str, spec: dict[str, Any], where: str) -> Param:
                     f"{where}.choices: {shown(choice)} is listed twice (it would be drawn twice as often)"
                 )
             values.append(value)
-        return Param(key, optuna.distributions.CategoricalDistribution(choices), when)
+        return Param(key, optuna.distributions.CategoricalDistribution(choices), when, tuple(values))
     if kind == "categorical":
         raise UserError(f"{where}: type categorical needs 'choices: [...]' (low/high are for int and float)")
     if "low" not in spec or "high" not in spec:
@@ -583,9 +611,9 @@ def _random_values(space: Space, rng: random.Random, forced: tuple[str, Any] | N
             continue
         d = p.distribution
         if forced is not None and p.name == forced[0]:
-            values[p.name] = forced[1]
+            values[p.name] = p.typed(forced[1])
         elif isinstance(d, optuna.distributions.CategoricalDistribution):
-            values[p.name] = rng.choice(list(d.choices))
+            values[p.name] = p.typed(rng.choice(list(d.choices)))
         elif isinstance(d, optuna.distributions.IntDistribution):
             values[p.name] = rng.randrange(d.low, d.high + 1, d.step)
         else:
@@ -635,7 +663,7 @@ def _check_satisfiable(space: Space, src: str, draws: int = 3000, per_choice: in
             reason, searched = "", 0
             for _ in range(per_choice):
                 values = _random_values(space, rng, forced=(p.name, choice))
-                if values.get(p.name) is not choice:
+                if values.get(p.name) is not p.typed(choice):
                     continue  # the key was not searched in this draw (its condition did not hold)
                 searched += 1
                 reason = _invalid_reason(space, values, src)
@@ -672,10 +700,20 @@ def _enqueue_entry(space: Space, entry: Any, where: str) -> dict[str, Any]:
             continue
         if p.name not in values:
             raise UserError(f"{where}: gives no value for searched key '{p.name}'")
-        value = values[p.name]
-        if not _in_distribution(p.distribution, value):
-            raise UserError(f"{where}: {p.name}={shown(value)} lies outside the space's range for it")
-        params[p.name] = value
+        value = _typed_value(p.name, values[p.name])
+        if p.values:  # Optuna is given the choice as the space writes it, constraints its value
+            pairs = list(zip(p.written, p.values, strict=True))
+            written = next((c for c, v in pairs if _same_choice(v, value)), None)
+            if written is None:  # given as written: '1e-3' (in quotes, or YAML 1.1's text)
+                written = next((c for c, _ in pairs if _same_choice(c, values[p.name])), None)
+            inside, choice = written is not None, written
+        else:
+            inside, choice = _in_distribution(p.distribution, value), value
+        if not inside:
+            raise UserError(
+                f"{where}: {p.name}={shown(values[p.name])} lies outside the space's range for it"
+            )
+        params[p.name] = choice
         resolved[p.name] = value
     unknown = set(entry) - {"baseline"} - space.searched
     if unknown:

@@ -24,7 +24,8 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from search.errors import UserError, exception_chain, first_line
-from search.files import atomic_write, studies_root
+from search.files import NETWORK_FS, atomic_write, studies_root
+from search.files import filesystem_type as _filesystem_type  # (tests replace it here)
 
 STORAGE_PATIENCE = 300.0  # seconds a worker waits for an unreachable storage before it gives up
 GRACE_BEATS = 3  # heartbeats a running trial may miss before it counts as stale (default grace period)
@@ -32,19 +33,6 @@ MAX_RETRY = 3  # retries of one trial after kills or lost heartbeats (stops and 
 SCHEMA_ATTEMPTS = 4  # opening a new database that other processes create at the same moment
 STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 T = TypeVar("T")
-NETWORK_FS = {
-    "nfs",
-    "nfs4",
-    "cifs",
-    "smbfs",
-    "smb3",
-    "fuse.sshfs",
-    "9p",
-    "afs",
-    "lustre",
-    "glusterfs",
-    "ceph",
-}
 
 
 def check_study_name(name: str) -> str:
@@ -63,22 +51,6 @@ def study_dir(study: str) -> Path:
 
 def default_storage_url(study: str) -> str:
     return f"sqlite:///{study_dir(study) / 'study.db'}"
-
-
-def _filesystem_type(path: Path) -> str | None:
-    """The mount's filesystem type from /proc/mounts (Linux), longest matching mount point wins."""
-    try:
-        mounts = Path("/proc/mounts").read_text().splitlines()
-    except OSError:
-        return None
-    best, kind = "", None
-    target = str(path.resolve())
-    for line in mounts:
-        parts = line.split()
-        inside = len(parts) >= 3 and (target == parts[1] or target.startswith(parts[1].rstrip("/") + "/"))
-        if inside and len(parts[1]) > len(best):
-            best, kind = parts[1], parts[2]
-    return kind
 
 
 def sqlite_file(url: str) -> Path | None:

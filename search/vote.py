@@ -306,7 +306,7 @@ def predict(
     check_compatible(ckpt, checkpoint, data)
     if not isinstance(ckpt["config"], dict):
         raise UserError(f"{checkpoint}: its 'config' is not a mapping; not an spkid-search checkpoint")
-    train_cfg = Config.from_dict(dict(ckpt["config"]), source=f"{checkpoint} (config)").train
+    train_cfg = Config.from_dict(dict(ckpt["config"]), source=f"{checkpoint} (config)", stored=True).train
     note = ""
     split: Split | None
     if ckpt.get("fingerprint") not in (None, data.fingerprint):  # new recordings of its speakers, say

@@ -468,7 +468,8 @@ def test_an_unreadable_cache_is_one_line(hw4: Path, monkeypatch: pytest.MonkeyPa
             raise PermissionError(13, "Permission denied", str(self))
         return real_stat(self, **kwargs)
 
-    monkeypatch.setattr(Path, "stat", stat)  # (Path.exists hides this as "absent" from Python 3.14 on)
+    monkeypatch.setattr(Path, "stat", stat)
+    monkeypatch.setattr(Path, "exists", lambda self, **kw: False)  # as from Python 3.14: EACCES is "absent"
     with pytest.raises(
         UserError, match=f"^{data.cache_dir}: cannot read this packed cache .*chmod -R a\\+rX"
     ):
@@ -513,11 +514,17 @@ def test_a_packing_killed_outright_is_swept_by_the_next(hw4: Path, tmp_path: Pat
     assert sorted(p.name for p in data.cache_dir.iterdir()) == ["features.npy", "index.npz", "meta.json"]
 
 
-def test_only_this_hosts_dead_packings_with_a_free_lock_are_swept(tmp_path: Path) -> None:
-    """flock alone misleads where it is local to one machine (NFS with local_lock, FUSE): a folder is
-    removed only when it names this host, its process is gone, and its lock can be taken."""
+@pytest.mark.parametrize("shared", [False, True])
+def test_dead_packings_are_swept_by_their_lock_and_on_shared_file_systems_by_host_and_pid_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared: bool
+) -> None:
+    """On a local disk flock decides (a container made anew has another host name, or the dead one's
+    pid). On a network file system flock may be local to each machine (NFS with local_lock, FUSE): a
+    folder is removed only when it also names this host and a process that is gone."""
+    import search.data
     from search.data import PACKING_LOCK, _host, sweep_abandoned_packings
 
+    monkeypatch.setattr(search.data, "filesystem_type", lambda path: "nfs4" if shared else "ext4")
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
@@ -533,7 +540,7 @@ def test_only_this_hosts_dead_packings_with_a_free_lock_are_swept(tmp_path: Path
 
     abandoned = packing(gone, _host(), True, "dead")
     elsewhere = packing(gone, "another-host", True, "remote")  # its lock may be another kernel's to see
-    alive = packing(os.getpid(), _host(), True, "alive")
+    mine = packing(os.getpid(), _host(), True, "mypid")  # a restarted container's pid
     lockless = packing(gone, _host(), False, "nolock")  # killed before its lock file, or no flock here
     held = packing(gone, _host(), True, "held")  # the process is gone but the lock is held (a fork of it)
     fd = os.open(held / PACKING_LOCK, os.O_RDWR)
@@ -541,10 +548,12 @@ def test_only_this_hosts_dead_packings_with_a_free_lock_are_swept(tmp_path: Path
     other = tmp_path / ".not-a-packing"
     other.mkdir()
     try:
-        assert sweep_abandoned_packings(tmp_path) == [abandoned]
+        removed = sweep_abandoned_packings(tmp_path)
     finally:
         os.close(fd)
-    assert all(f.exists() for f in (elsewhere, alive, lockless, held, other)) and not abandoned.exists()
+    assert sorted(removed) == sorted([abandoned] if shared else [abandoned, elsewhere, mine])
+    assert all(f.exists() for f in (lockless, held, other)) and not abandoned.exists()
+    assert elsewhere.exists() == mine.exists() == shared
 
 
 def test_a_note_names_speakers_that_are_never_validated(tmp_path: Path, fake_data: PackedData) -> None:

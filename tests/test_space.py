@@ -515,6 +515,38 @@ def test_yaml_exponents_are_the_numbers_they_spell(tmp_path: Path) -> None:
         load_space(write(tmp_path, text.replace("1.0e1", "0.001")))
 
 
+def test_exponent_choices_and_fixed_values_are_numbers_to_constraints_conditions_and_enqueue(
+    tmp_path: Path,
+) -> None:
+    """Only a range's bounds were read as numbers: `lr * batch_size <= 0.2` over `lr: {choices: [1e-3,
+    3e-3]}` compared text with a number (refused), `lr * 1000000000` built a 4 GB string while loading,
+    a condition `weight_decay: [0.01]` never met '1e-2', and an enqueued 1.0e-3 lay "outside"."""
+    text = (
+        "params:\n  steps: 50\n  lr: {choices: [1e-3, 3e-3]}\n  batch_size: {choices: [32, 64]}\n"
+        "  weight_decay: {choices: [1e-2, 1e-1]}\n  label_smoothing: 1e-1\n"
+        "  am_m: {low: 0.1, high: 0.3, when: {weight_decay: [0.01]}}\n"
+        "constraints: ['lr * batch_size <= 0.1', 'label_smoothing < 0.2', 'lr * 1000000000 < 5000000']\n"
+        "enqueue: [{lr: 1.0e-3, batch_size: 64, weight_decay: '1e-2', am_m: 0.2}]\n"
+    )
+    space = load_space(write(tmp_path, text))
+    assert space.fixed["label_smoothing"] == 0.1
+    assert space.enqueue == [
+        {"lr": "1e-3", "batch_size": 64, "weight_decay": "1e-2", "am_m": 0.2}
+    ]  # as written
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(30):
+        trial, config = space.ask(study)
+        if config is None:  # 3e-3 x 64 breaks the first constraint: the only failing pair
+            assert (trial.params["lr"], trial.params["batch_size"]) == ("3e-3", 64)
+            continue
+        assert config.train.lr in (1e-3, 3e-3) and ("am_m" in trial.params) == (
+            config.train.weight_decay == 0.01
+        )
+        seen.add(trial.params["lr"])
+    assert seen == {"1e-3", "3e-3"}  # recorded as the space writes them: a study made before resumes
+
+
 def test_cmaes_and_gp_say_which_keys_they_draw_at_random(tmp_path: Path) -> None:
     """Optuna says so once a trial, in a worker log that run keeps quiet: cmaes on the boss space was a
     random search of its categorical and conditional keys without a word."""
