@@ -204,6 +204,10 @@ def _check_training_only(config: Config, bad: Callable[[str, str], UserError], c
         raise bad("am_s", f"is absurdly large ({m.am_s:g}); use at most 1000 (15-64 is usual)")
     if cross and m.head_bn and t.batch_size < 2:  # its BatchNorm's statistics need two examples
         raise bad("batch_size", "must be at least 2 with head_bn (its BatchNorm needs two examples a batch)")
+    if cross and m.encoder == "conformer" and t.batch_size * t.segment_len < 2:  # its convolution's BatchNorm
+        raise bad(
+            "batch_size", "must be at least 2 with a conformer and segment_len 1 (its BatchNorm needs two)"
+        )
     if cross and t.lr * t.weight_decay >= 1:  # AdamW multiplies each weight by 1 - lr * weight_decay
         raise bad(
             "weight_decay",

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from search.errors import UserError, load_failure, shown
-from search.files import NETWORK_FS, filesystem_type, pid_alive, require_data_dir, studies_root, usual_mode
+from search.files import LOCAL_FS, filesystem_type, pid_alive, require_data_dir, studies_root, usual_mode
 
 PREPARE_STATE = "prepare-state.jsonl"  # search.prepare's record, in a set it writes (its index comes last)
 
@@ -420,9 +420,9 @@ def _is_packed(target: Path) -> bool:
 # A packing's temp folder: ".<cache key>-<pid>@<host>-" + mkdtemp's letters. The packing holds an
 # exclusive flock on its PACKING_LOCK file while it runs, and a later packing in the same cache folder
 # removes a folder whose lock it can take: that packing died (SIGKILL, the OOM killer, a power cut).
-# On a file system shared between machines flock may be local to each (NFS with local_lock, FUSE), so
-# there the folder must also name this host and a process that is gone. A folder without a lock file
-# (killed before it made one, or no flock there) is left alone.
+# On a file system that may be shared between machines (anything but a known local disk) flock may be
+# local to each (NFS with local_lock, FUSE), so there the folder must also name this host and a process
+# that is gone. A folder without a lock file (killed before it made one, or no flock there) is left alone.
 _PACKING = re.compile(r"^\.[0-9a-f]{16}-(?:(\d+)@(.+)-)?[a-z0-9_]{8}$")
 PACKING_LOCK = ".packing"
 
@@ -463,7 +463,7 @@ def sweep_abandoned_packings(cache_root: Path) -> list[Path]:
         entries = [(e, _PACKING.match(e.name)) for e in cache_root.iterdir()]
     except OSError:
         return removed
-    host, shared = _host(), filesystem_type(cache_root) in NETWORK_FS
+    host, shared = _host(), filesystem_type(cache_root) not in LOCAL_FS
     for folder, name in entries:
         if name is None:
             continue

@@ -226,6 +226,23 @@ NETWORK_FS = {
     "glusterfs",
     "ceph",
 }
+# File systems of one machine's disks and memory, where a flock is seen by every process that could use
+# the folder (a Docker volume is one of these on its host). Anything else may be shared (gpfs, beegfs,
+# FUSE mounts of many kinds) or cannot be told (no /proc/mounts).
+LOCAL_FS = {
+    "ext2",
+    "ext3",
+    "ext4",
+    "xfs",
+    "btrfs",
+    "zfs",
+    "f2fs",
+    "jfs",
+    "reiserfs",
+    "tmpfs",
+    "overlay",
+    "bcachefs",
+}
 
 
 def filesystem_type(path: Path) -> str | None:

@@ -116,6 +116,15 @@ class Space:
         return hashlib.sha256(self.body.encode()).hexdigest()[:16]
 
     @property
+    def longest_steps(self) -> int:
+        """The most steps a trial of this space trains: its fixed steps, or a searched top."""
+        for p in self.params:
+            if p.name == "steps":
+                top = max(p.values) if p.values else getattr(p.distribution, "high", 0)
+                return int(top)
+        return self.config_for({}).train.steps
+
+    @property
     def searched(self) -> frozenset[str]:
         """The config keys the space samples; the rest are fixed by it or take their defaults."""
         return frozenset(p.name for p in self.params)
@@ -320,13 +329,7 @@ def _pruner_notes(space: Space, src: str) -> tuple[str, ...]:
     """A pruner whose first decision comes after the trials' last step never prunes: the search then
     costs what one without a pruner does, without a word (the boss space's pruner copied into a short one)."""
     opts, name = space.pruner, space.pruner["name"]
-    steps_param = next((p for p in space.params if p.name == "steps"), None)
-    if steps_param is None:
-        longest = space.config_for({}).train.steps
-    elif isinstance(steps_param.distribution, optuna.distributions.CategoricalDistribution):
-        longest = max(int(float(str(c))) for c in steps_param.distribution.choices)
-    else:
-        longest = int(getattr(steps_param.distribution, "high", 0))
+    longest = space.longest_steps
     key = "n_warmup_steps" if name in ("median", "patient") else "min_resource"
     first = opts.get(key)
     if not isinstance(first, int) or isinstance(first, bool) or first < longest:

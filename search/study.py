@@ -738,7 +738,7 @@ def _check_run(opts: RunOptions, space: Space) -> tuple[list[str], int]:
             f"{space.path}: 'compile' cannot run with --per-gpu {lanes}: torch.compile is not safe in the "
             "threads that share a GPU's trials; use --per-gpu 1, or take compile out of the space"
         )
-    steps = opts.steps or _longest_trial(space)
+    steps = opts.steps or space.longest_steps
     if devices[0] == "cpu" and steps >= CPU_NOTE_STEPS:
         _log(
             f"note: no GPU: trials of up to {steps:,} steps on the CPU take hours each; for a CPU, "
@@ -750,16 +750,6 @@ def _check_run(opts: RunOptions, space: Space) -> tuple[list[str], int]:
 # Trials this long on a CPU say so before they start: the boss space (70,000 steps) printed nothing
 # else for minutes, and ran at 20-90 steps/s there (hours a trial).
 CPU_NOTE_STEPS = 10_000
-
-
-def _longest_trial(space: Space) -> int:
-    """The most steps a trial of ``space`` trains (its fixed steps, or the top of a searched range)."""
-    for param in space.params:
-        if param.name == "steps":
-            high = getattr(param.distribution, "high", None)
-            choices = getattr(param.distribution, "choices", None)
-            return int(high if high is not None else max(int(c) for c in choices or [0]))
-    return space.config_for({}).train.steps
 
 
 class _OutageLog:

@@ -49,6 +49,10 @@ def test_every_shipped_baseline_config_loads() -> None:
         ({"weight_decay": float("inf")}, "key 'weight_decay' must be a finite number"),
         # Values that loaded and then could not train: a traceback at step 1, or a loss of inf.
         ({"batch_size": 1, "head_bn": True}, "key 'batch_size' must be at least 2 with head_bn"),
+        (
+            {"batch_size": 1, "segment_len": 1, "encoder": "conformer"},
+            "key 'batch_size' must be at least 2 with a conformer and segment_len 1",
+        ),
         ({"am_s": 1e38}, "key 'am_s' is absurdly large (1e+38); use at most 1000"),
         ({"weight_decay": 1e6}, "key 'weight_decay' (1e+06) times lr (0.001) must be below 1"),
         ({"d_model": 1 << 20, "heads": 1}, "key 'd_model' is absurdly large (1048576); use at most 8,192"),

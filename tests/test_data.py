@@ -514,9 +514,11 @@ def test_a_packing_killed_outright_is_swept_by_the_next(hw4: Path, tmp_path: Pat
     assert sorted(p.name for p in data.cache_dir.iterdir()) == ["features.npy", "index.npz", "meta.json"]
 
 
-@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize(
+    ("fs", "shared"), [("ext4", False), ("nfs4", True), ("fuse.rclone", True), (None, True)]
+)
 def test_dead_packings_are_swept_by_their_lock_and_on_shared_file_systems_by_host_and_pid_too(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fs: str | None, shared: bool
 ) -> None:
     """On a local disk flock decides (a container made anew has another host name, or the dead one's
     pid). On a network file system flock may be local to each machine (NFS with local_lock, FUSE): a
@@ -524,7 +526,7 @@ def test_dead_packings_are_swept_by_their_lock_and_on_shared_file_systems_by_hos
     import search.data
     from search.data import PACKING_LOCK, _host, sweep_abandoned_packings
 
-    monkeypatch.setattr(search.data, "filesystem_type", lambda path: "nfs4" if shared else "ext4")
+    monkeypatch.setattr(search.data, "filesystem_type", lambda path: fs)  # None: no /proc/mounts
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )

@@ -601,6 +601,7 @@ def test_cmaes_and_gp_say_which_keys_they_draw_at_random(tmp_path: Path) -> None
         ({"name": "hyperband", "min_resource": 6000}, {"low": 1000, "high": 5000, "step": 1000}, True),
         ({"name": "median", "n_warmup_steps": 100}, {"choices": [1000, 2000]}, False),  # said "0 steps"
         ({"name": "median", "n_warmup_steps": 2000}, {"choices": [1000, 2000]}, True),
+        ({"name": "median", "n_warmup_steps": 1500}, {"choices": ["1e3", 2000]}, False),  # YAML 1.1's text
     ],
 )
 def test_a_pruner_that_could_never_prune_is_a_note(
@@ -612,3 +613,13 @@ def test_a_pruner_that_could_never_prune_is_a_note(
     assert bool(notes) == noted, space.notes
     if noted:
         assert f"pruner '{pruner['name']}'" in notes[0] and "lower it" in notes[0]
+
+
+def test_longest_steps_reads_steps_however_the_space_gives_them(tmp_path: Path) -> None:
+    """run sizes its CPU note and budget check from it: `steps: {choices: [1e3, 500]}` (YAML 1.1's text
+    '1e3') crashed run with int('1e3')."""
+    assert load_space(write(tmp_path, GOOD)).longest_steps == 50
+    ranged = with_params(steps={"low": 100, "high": 300, "step": 100})
+    assert load_space(write(tmp_path, ranged, "r.yaml")).longest_steps == 300
+    text = "params:\n  steps: {choices: [1e3, 500]}\n  lr: {low: 1.0e-4, high: 1.0e-2}\n"
+    assert load_space(write(tmp_path, text, "c.yaml")).longest_steps == 1000
