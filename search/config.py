@@ -219,7 +219,7 @@ def validate(config: Config, source: str = "config", cross: bool = True, stored:
     """Check value ranges and cross-key constraints; raise one UserError naming the key.
 
     ``stored``: a trained model's config (see :meth:`Config.from_dict`); the training-only checks
-    (finite values, sizes, am_s's and weight_decay's tops, batch_size with head_bn) are skipped.
+    (:func:`_check_training_only`) are skipped.
     """
     m, t = config.model, config.train
 

@@ -470,7 +470,7 @@ def sweep_abandoned_packings(cache_root: Path) -> list[Path]:
         # A container restarted or made anew has another host name, or the dead one's pid: flock decides
         # on a local disk (a Docker volume), and only there.
         pid, where = name.group(1), name.group(2)
-        if shared and (pid is None or where != host or int(pid) == os.getpid() or pid_alive(int(pid))):
+        if shared and (pid is None or where != host or pid_alive(int(pid))):  # (this process: alive)
             continue
         try:  # for writing: NFS grants an exclusive lock only on a file open for writing
             fd = os.open(folder / PACKING_LOCK, os.O_RDWR)
@@ -580,7 +580,7 @@ def _build_cache(layout: HW4Layout, key: str, target: Path, progress: bool, size
             _fsync(tmp / name)
         for name in (PACKING_LOCK, f"{PACKING_LOCK}.new"):  # (.new: a file system without flock)
             with contextlib.suppress(FileNotFoundError):
-                (tmp / name).unlink()  # still held: a sweep finds no lock file in a young folder
+                (tmp / name).unlink()  # the fd still holds the lock; a folder without the file is never swept
         try:
             os.replace(tmp, target)
         except OSError:

@@ -73,7 +73,7 @@ class Param:
     @property
     def written(self) -> tuple[Any, ...]:
         """A categorical's choices as the space writes them (and Optuna records them); () for a range."""
-        return tuple(getattr(self.distribution, "choices", ()))[: len(self.values)]
+        return tuple(getattr(self.distribution, "choices", ())) if self.values else ()
 
     def active(self, values: dict[str, Any]) -> bool:
         """Whether its condition holds for ``values``; a key they leave out has its default, as in the
@@ -705,10 +705,8 @@ def _enqueue_entry(space: Space, entry: Any, where: str) -> dict[str, Any]:
             raise UserError(f"{where}: gives no value for searched key '{p.name}'")
         value = _typed_value(p.name, values[p.name])
         if p.values:  # Optuna is given the choice as the space writes it, constraints its value
-            pairs = list(zip(p.written, p.values, strict=True))
+            pairs = zip(p.written, p.values, strict=True)  # (a value given as written is typed as it is)
             written = next((c for c, v in pairs if _same_choice(v, value)), None)
-            if written is None:  # given as written: '1e-3' (in quotes, or YAML 1.1's text)
-                written = next((c for c, _ in pairs if _same_choice(c, values[p.name])), None)
             inside, choice = written is not None, written
         else:
             inside, choice = _in_distribution(p.distribution, value), value
