@@ -4,7 +4,8 @@ Workers in other processes and on other machines change trial states in one data
 must not interleave with another worker's: a state change itself (SQLite does not make Optuna's
 read-check-write atomic), a stale trial's FAIL with the queueing of its retry, and the budget check
 with the creation of a new trial. :func:`serialize_state_changes` installs a lock for them, a lock
-file beside a SQLite database or an advisory lock in PostgreSQL; :func:`state_lock` holds it.
+file beside a SQLite database, an advisory lock in PostgreSQL, a named lock in MySQL;
+:func:`state_lock` holds it.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ class _StateLock:
     Under this lock the second change finds the trial finished and is refused. It also makes a stale
     trial's FAIL and its retry's queueing one step to every budget count taken under it (between the
     two the trial's budget place would look free). ``acquire`` takes the lock among processes and
-    machines (a lock file beside a SQLite database, an advisory lock in PostgreSQL) and returns what
+    machines (a lock file beside a SQLite database, an advisory lock in PostgreSQL, a named lock in
+    MySQL) and returns what
     releases it; the lock is reentrant within a process, whose threads take turns.
     """
 
@@ -95,7 +97,6 @@ def _pg_advisory_lock(engine: Any) -> Callable[[], Release]:
     Held by an open transaction on a connection of its own; ending the transaction, or losing the
     connection (a killed worker, a database restart), releases it.
     """
-    import sqlalchemy
 
     def acquire() -> Release:
         conn = engine.connect()
@@ -109,6 +110,45 @@ def _pg_advisory_lock(engine: Any) -> Callable[[], Release]:
         def release() -> None:
             try:
                 conn.rollback()  # ends the transaction, and the lock with it
+            except Exception:  # noqa: BLE001 - a lost connection has released the lock already
+                conn.invalidate()
+            finally:
+                conn.close()
+
+        return release
+
+    return acquire
+
+
+def mysql_lock_name(database: str) -> str:
+    """The state lock's name on a MySQL server (at most 64 characters, the limit there)."""
+    return "spkid-search states " + hashlib.sha256(database.encode()).hexdigest()[:32]
+
+
+def _mysql_named_lock(engine: Any) -> Callable[[], Release]:
+    """A MySQL/MariaDB named lock (``GET_LOCK``): among all machines sharing the server.
+
+    Held by a connection of its own until ``RELEASE_LOCK``; losing the connection (a killed worker, a
+    server restart) releases it. Names are server-wide, so the database's name is part of it: studies
+    in two databases of one server do not wait for each other.
+    """
+    name = mysql_lock_name(engine.url.database or "")
+
+    def acquire() -> Release:
+        conn = engine.connect()
+        try:
+            # Waits in slices: GET_LOCK's "forever" (-1) is not understood by every server version.
+            while conn.execute(sqlalchemy.text("SELECT GET_LOCK(:name, 5)"), {"name": name}).scalar() != 1:
+                pass
+        except BaseException:
+            conn.invalidate()  # a wait cut short: closing the connection drops a lock it may hold
+            conn.close()
+            raise
+
+        def release() -> None:
+            try:
+                conn.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:name)"), {"name": name})
+                conn.rollback()
             except Exception:  # noqa: BLE001 - a lost connection has released the lock already
                 conn.invalidate()
             finally:
@@ -134,14 +174,17 @@ def clear_state_lock() -> None:
 
 def serialize_state_changes(storage: Any, url: str) -> None:
     """Make ``storage``'s trial state changes, and the steps taken under :func:`state_lock`, atomic
-    among all workers sharing its database (SQLite: on this machine; PostgreSQL: on every machine)."""
+    among all workers sharing its database (SQLite: on this machine; PostgreSQL, MySQL: on every
+    machine)."""
     db = sqlite_file(url)
     if db is not None:
         lock = _StateLock(_file_lock(db.with_name(db.name + ".state-lock")))
     elif storage.engine.dialect.name == "postgresql":
         lock = _StateLock(_pg_advisory_lock(storage.engine))
+    elif storage.engine.dialect.name in ("mysql", "mariadb"):
+        lock = _StateLock(_mysql_named_lock(storage.engine))
     else:
-        return  # MySQL: row locks make each state change atomic; the budget steps are not serialised
+        raise ValueError(f"no state lock for a {storage.engine.dialect.name} database")
     original = storage.set_trial_state_values
 
     def set_trial_state_values(trial_id: int, state: TrialState, values: Any = None) -> bool:
@@ -313,8 +356,6 @@ def fail_silent_trials(study: optuna.Study, engine: Any, older_than: float) -> l
     trial: the row was written, but the worker saw an error and took another one (seen with a
     PostgreSQL restart). Returns the numbers of the trials it failed.
     """
-    import sqlalchemy
-
     cutoff = datetime.now() - timedelta(seconds=older_than)
     running = [
         t

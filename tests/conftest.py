@@ -10,7 +10,7 @@ import pytest
 
 from search.data import PackedData, pack
 from tests.hw4fake import make_hw4
-from tests.studies import PG_BASE, postgres_answers
+from tests.studies import MYSQL_BASE, PG_BASE, mysql_answers, postgres_answers
 
 
 @pytest.fixture(autouse=True)
@@ -63,3 +63,20 @@ def pg_database() -> Iterator[str]:
         time.sleep(0.5)
     with psycopg.connect(f"{PG_BASE}/postgres", autocommit=True) as con:
         con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def mysql_database() -> Iterator[str]:
+    """A fresh, empty database on the local MySQL/MariaDB server (dropped afterwards); skips when none
+    answers or pymysql is missing."""
+    missing = mysql_answers()
+    if missing:
+        pytest.skip(missing)
+    import pymysql
+
+    name = f"spkid_{uuid.uuid4().hex[:10]}"
+    with pymysql.connect(host="127.0.0.1", port=3306, user="root", autocommit=True) as con:
+        con.cursor().execute(f"CREATE DATABASE `{name}`")
+    yield f"{MYSQL_BASE}/{name}"
+    with pymysql.connect(host="127.0.0.1", port=3306, user="root", autocommit=True) as con:
+        con.cursor().execute(f"DROP DATABASE IF EXISTS `{name}`")

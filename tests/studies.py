@@ -14,6 +14,7 @@ from search.storage import default_storage_url, open_storage
 from tests.spaces import UNIT_SPACE
 
 PG_BASE = "postgresql://postgres@127.0.0.1:5432"
+MYSQL_BASE = "mysql+pymysql://root@127.0.0.1:3306"
 
 
 def write_space(path: Path, **params: object) -> Path:
@@ -72,3 +73,18 @@ def postgres_answers(timeout: float = 3.0) -> bool:
             return True
     except Exception:  # noqa: BLE001 - any failure means: no server to test against
         return False
+
+
+def mysql_answers(timeout: float = 3.0) -> str | None:
+    """Why no MySQL/MariaDB test can run here (its driver or the local server missing), or None."""
+    try:
+        import pymysql
+    except ImportError:
+        return "pymysql is not installed (pip install -e '.[test]' installs it)"
+    try:
+        pymysql.connect(
+            host="127.0.0.1", port=3306, user="root", connect_timeout=max(1, int(timeout))
+        ).close()
+    except Exception:  # noqa: BLE001 - any failure means: no server to test against
+        return "no MySQL/MariaDB server answers at 127.0.0.1:3306 (user root, no password)"
+    return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -55,17 +56,41 @@ def test_stale_fail_racing_a_completing_trial_on_sqlite_cannot_both_win(
     assert mine.get_trial(trial_id).state == TrialState.COMPLETE
 
 
-@pytest.mark.postgres
-def test_state_lock_on_postgresql_holds_off_another_machine(
-    pg_database: str, monkeypatch: pytest.MonkeyPatch
+def _advisory_locks_held(storage: Any) -> int:
+    """How many of the state lock's server-side locks are held now (by anyone)."""
+    if storage.engine.dialect.name == "postgresql":
+        query = (
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+    else:  # MySQL/MariaDB: whether the lock named for this database is held
+        name = states_module.mysql_lock_name(storage.engine.url.database)
+        query = f"SELECT IS_USED_LOCK('{name}') IS NOT NULL"
+    with storage.engine.connect() as con:
+        return int(con.execute(sqlalchemy.text(query)).scalar_one())
+
+
+SERVERS = [
+    pytest.param("pg_database", marks=pytest.mark.postgres),
+    pytest.param("mysql_database", marks=pytest.mark.mysql),
+]
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_state_lock_on_a_server_holds_off_another_machine(
+    server: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two engines stand for two machines: while one holds the state lock (a stale FAIL and its
-    retry's queueing, say), the other's state change waits, and goes through once it is released."""
+    retry's queueing, say), the other's state change waits, and goes through once it is released.
+
+    On MySQL there was no lock at all: two workers could both count room in the budget and both
+    create a trial (one over it), or fail a stale trial while another queued its retry."""
+    url = request.getfixturevalue(server)
     monkeypatch.setattr(states_module, "_STATE_LOCK", {})
-    here, there = open_storage(pg_database), open_storage(pg_database)
-    states_module.serialize_state_changes(here, pg_database)
+    here, there = open_storage(url), open_storage(url)
+    states_module.serialize_state_changes(here, url)
     lock = states_module._STATE_LOCK["lock"]
-    states_module.serialize_state_changes(there, pg_database)
+    states_module.serialize_state_changes(there, url)
     study = optuna.create_study(storage=here, study_name="lock")
     trial_id = study.ask()._trial_id
     done = threading.Event()
@@ -75,6 +100,7 @@ def test_state_lock_on_postgresql_holds_off_another_machine(
         done.set()
 
     with lock.hold():
+        assert _advisory_locks_held(here) == 1
         other = threading.Thread(target=complete_elsewhere)
         other.start()
         assert not done.wait(1.5)  # held off by the lock
@@ -84,12 +110,7 @@ def test_state_lock_on_postgresql_holds_off_another_machine(
     assert here.get_trial(trial_id).state == TrialState.COMPLETE
     with lock.hold(), lock.hold():  # reentrant within the process
         pass
-    query = (
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
-        "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-    )
-    with here.engine.connect() as con:
-        assert con.execute(sqlalchemy.text(query)).scalar_one() == 0  # nothing left held
+    assert _advisory_locks_held(here) == 0  # nothing left held
     here.engine.dispose()
     there.engine.dispose()
 

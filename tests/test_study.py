@@ -1183,8 +1183,17 @@ def test_sigkill_of_a_worker_with_lanes_retries_and_resumes_each_trial(
         assert t.user_attrs["resumed_from_step"] >= 100  # ... resumed from its checkpoint, not step 0
 
 
-@pytest.mark.postgres
-def test_three_workers_on_postgresql(tmp_path: Path, tiny_dir: Path, pg_database: str) -> None:
+@pytest.mark.parametrize(
+    "server",
+    [
+        pytest.param("pg_database", marks=pytest.mark.postgres),
+        pytest.param("mysql_database", marks=pytest.mark.mysql),
+    ],
+)
+def test_three_workers_on_a_database_server(
+    tmp_path: Path, tiny_dir: Path, server: str, request: pytest.FixtureRequest
+) -> None:
+    url = request.getfixturevalue(server)
     space = write_space(tmp_path / "unit.yaml")
     counts = run(
         RunOptions(
@@ -1192,13 +1201,13 @@ def test_three_workers_on_postgresql(tmp_path: Path, tiny_dir: Path, pg_database
             trials=6,
             data=tiny_dir,
             workers=3,
-            storage=pg_database,
+            storage=url,
             heartbeat=2,
             display=False,
         )
     )
     assert counts.finished == 6
-    study = load(url=pg_database)
+    study = load(url=url)
     by_state = states(study)
     assert by_state.get(TrialState.COMPLETE, 0) + by_state.get(TrialState.PRUNED, 0) == 6
     # A trial cut off by a slow heartbeat may be retried (FAIL + requeued); none may fail for real.
@@ -1229,7 +1238,9 @@ def test_a_sqlite_file_in_a_folder_that_does_not_exist_is_refused_outside_studie
         open_storage("sqlite:////proc/spkid/new/study.db")
 
 
-def test_a_wrong_storage_url_is_one_line_without_its_password(tmp_path: Path) -> None:
+def test_a_wrong_storage_url_is_one_line_without_its_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with pytest.raises(UserError, match="expected sqlite:///"):
         open_storage("mongodb://x")
     from search.storage import mask_url
@@ -1258,6 +1269,8 @@ def test_a_wrong_storage_url_is_one_line_without_its_password(tmp_path: Path) ->
         open_storage("postgresql://u:a/b@c/d@127.0.0.1/db")  # the driver tries host 'c'
     assert "a/b" not in str(refused.value) and "'c'" not in str(refused.value)
     # A MySQL URL without its driver installed (it is not a requirement): one line, no password.
+    monkeypatch.setitem(sys.modules, "pymysql", None)  # the test extras install it: as if they had not
+    monkeypatch.setitem(sys.modules, "MySQLdb", None)
     for url in ("mysql://root:s3cret@127.0.0.1/db", "mysql+pymysql://root:s3cret@127.0.0.1/db"):
         with pytest.raises(
             UserError, match=r"^--storage mysql.*://root:\*\*\*@.*MySQL driver is not installed"
