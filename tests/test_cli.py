@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -648,3 +649,49 @@ def test_spkid_search_studies_moves_the_cache_the_generated_set_and_trains_runs(
     (tmp_path / "alt/runs/c/best.pt").write_bytes(b"x")
     assert main(["train", "--config", str(config)]) == 2
     assert f"{tmp_path / 'alt/runs/c/best.pt'}: a finished run's checkpoint" in capsys.readouterr().err
+
+
+def test_a_stop_while_the_command_line_is_still_loading_exits_130_without_a_traceback() -> None:
+    """A Ctrl-C in the command's first tens of milliseconds (Python importing search.cli) printed a
+    KeyboardInterrupt traceback from inside an import. The stop lands in that import here."""
+    script = (
+        "import builtins, sys\n"
+        "real_import = builtins.__import__\n"
+        "def stopped_import(name, *args, **kwargs):\n"
+        "    if name == 'search.stops':\n"
+        "        raise KeyboardInterrupt\n"
+        "    return real_import(name, *args, **kwargs)\n"
+        "builtins.__import__ = stopped_import\n"
+        "from search.launch import entry\n"
+        "sys.argv = ['spkid-search', '--version']\n"
+        "entry()\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parents[1],
+    )
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr == "" and proc.stdout == ""
+    # Loaded without a stop, it is the command line itself.
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys\nfrom search.launch import entry\n"
+            "sys.argv = ['spkid-search', '--version']\nentry()\n",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parents[1],
+    )
+    assert proc.returncode == 0 and "spkid-search" in proc.stdout + proc.stderr, proc.stderr
+
+
+def test_the_installed_command_starts_at_the_launcher() -> None:
+    """The console script must enter through search.launch, or the loading window is unguarded again."""
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()  # tomllib: Python 3.11+
+    assert re.search(r'^spkid-search = "search\.launch:entry"$', pyproject, re.MULTILINE)
