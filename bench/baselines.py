@@ -20,7 +20,8 @@ import torch
 
 from search.config import load_config
 from search.data import FeatureStore, pack
-from search.infer import accuracy, load_model, predict_logits
+from search.checkpoint import load_model
+from search.infer import accuracy, predict_logits
 from search.train import train
 
 ROOT = Path(__file__).resolve().parent.parent

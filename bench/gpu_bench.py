@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from search.config import Config, load_config
 from search.data import CropSampler, FeatureStore, PackedData, make_split
 from search.errors import first_line
-from search.infer import accuracy, load_model, predict_logits
+from search.checkpoint import load_model
+from search.infer import accuracy, predict_logits
 from search.model import build_model
 from search.study import worker_context
 from search.train import CudaGraphStep, EagerStep, lr_in_tensor, make_optimizer, train

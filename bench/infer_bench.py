@@ -30,7 +30,8 @@ from search.config import Config, load_config
 from search.data import CropSampler, FeatureStore, PackedData, make_split, pack
 from search.devices import resolve_device
 from search.errors import UserError
-from search.infer import CPU_FRAME_BUDGET, frame_budget, load_model, predict_logits
+from search.checkpoint import load_model
+from search.infer import CPU_FRAME_BUDGET, frame_budget, predict_logits
 from search.model import SpeakerNet, build_model, count_parameters
 
 OUT_DIR = Path(__file__).resolve().parent / "out"

@@ -21,8 +21,7 @@ import shutil
 import socket
 import stat
 import tempfile
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +29,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from search.errors import UserError, load_failure, shown
-from search.files import LOCAL_FS, filesystem_type, pid_alive, require_data_dir, studies_root, usual_mode
+from search.errors import UserError, shown
+from search.files import (
+    LOCAL_FS,
+    UnloadableFile,
+    filesystem_type,
+    load_tensors,
+    pid_alive,
+    require_data_dir,
+    studies_root,
+    usual_mode,
+)
 
 PREPARE_STATE = "prepare-state.jsonl"  # search.prepare's record, in a set it writes (its index comes last)
 
@@ -224,15 +232,12 @@ FLOAT16_OVERFLOW = 65520.0  # the least value float16 rounds to inf (below it, t
 def load_feature(path: Path, n_mels: int, mel_len: int | None = None) -> torch.Tensor:
     """Load one ``uttr-*.pt`` safely (weights_only) and check it is a (mel_len, n_mels) float tensor."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a refused legacy pickle is reported below in one line
-            tensor = torch.load(path, map_location="cpu", weights_only=True)
+        tensor = load_tensors(path)
     except FileNotFoundError:
         raise UserError(f"{path}: feature file not found; {_LISTED}") from None
-    except Exception as exc:  # noqa: BLE001 - pickle/zip errors come in many types
-        reason = load_failure(exc, path)
+    except UnloadableFile as exc:
         raise UserError(
-            f"{path}: unreadable tensor file: {reason}; restore it, or delete it and its entry in "
+            f"{path}: unreadable tensor file: {exc}; restore it, or delete it and its entry in "
             "metadata.json (or testdata.json)"
         ) from None
     if not isinstance(tensor, torch.Tensor):
@@ -705,6 +710,39 @@ def make_split(data: PackedData, ratio: float = 0.1, seed: int = 0) -> Split:
 # --------------------------------------------------------------------------------------------------
 # Batches
 # --------------------------------------------------------------------------------------------------
+
+
+def rebuild_split(data: PackedData, ratio: float, seed: int, split_id: str, source: str) -> Split:
+    """The validation split a study used, refused if it no longer reproduces (other data or code)."""
+    split = make_split(data, ratio, seed)
+    if split.split_id != split_id:
+        raise UserError(
+            f"{source}: validation split {split_id} (ratio {ratio}, seed {seed}) does not reproduce on "
+            f"{data.root} (got {split.split_id}); pass the data folder the study was trained on"
+        )
+    return split
+
+
+UNSEEN_VALID = 5000  # labelled utterances of another set of the same speakers that validate (at most)
+
+
+def unseen_split(data: PackedData, seen: Collection[str] = ()) -> Split:
+    """The validation split on another data set of the models' speakers: its labelled utterances (up to
+    ``UNSEEN_VALID``, a seeded sample) but those named in ``seen`` (the training set's, where it can be
+    read: a set prepared again from the same audio keeps its files' names), so they measure and
+    calibrate as a study's own validation split does."""
+    labelled = data.labelled
+    if seen:
+        labelled = np.array([i for i in labelled if data.ids[int(i)] not in seen], dtype=np.int64)
+    if len(labelled) > UNSEEN_VALID:
+        labelled = np.sort(np.random.default_rng(0).choice(labelled, UNSEEN_VALID, replace=False))
+    return Split(
+        train=np.zeros(0, dtype=np.int64),
+        valid=labelled,
+        ratio=1.0,
+        seed=0,
+        split_id=f"unseen-{data.fingerprint}",
+    )
 
 
 class FeatureStore:

@@ -37,11 +37,20 @@ import optuna
 from optuna.artifacts import download_artifact
 from optuna.trial import FrozenTrial, TrialState
 
-from search.data import FeatureStore, PackedData, Split, check_index, default_cache_root, open_data
+from search.checkpoint import read_checkpoint
+from search.data import (
+    FeatureStore,
+    PackedData,
+    Split,
+    check_index,
+    default_cache_root,
+    open_data,
+    rebuild_split,
+)
 from search.ensemble import fit_temperature, softmax
 from search.errors import UserError
 from search.files import atomic_write, check_can_create, install_folder, sha256_file, usual_mode
-from search.infer import accuracy, checkpoint_logits, read_checkpoint, rebuild_split
+from search.infer import accuracy, checkpoint_logits
 from search.manifest import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION
 from search.storage import artifact_dir, artifact_store, study_home
 from search.trials import on_other_data, ranked, trial_accuracy

@@ -1,4 +1,4 @@
-"""Safe file writing and checksums, shared by the trainer, the artifact store, export and vote.
+"""Safe file writing and reading, and checksums, shared by the trainer, the artifact store, export and vote.
 
 Every file another process may read while it is being written (checkpoints, artifacts, cached logits,
 the submission CSV) goes through :func:`atomic_write`, so a crash, a full disk or Ctrl-C never leaves
@@ -14,11 +14,12 @@ import os
 import shutil
 import tempfile
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from search.errors import UserError, exception_chain
+from search.errors import UserError, exception_chain, load_failure
 
 
 def studies_root() -> Path:
@@ -259,3 +260,25 @@ def filesystem_type(path: Path) -> str | None:
         if inside and len(parts[1]) > len(best):
             best, kind = parts[1], parts[2]
     return kind
+
+
+class UnloadableFile(Exception):
+    """A file :func:`load_tensors` refused; its text says why in a few words (see ``load_failure``)."""
+
+
+def load_tensors(path: Path) -> object:
+    """``torch.load(path, weights_only=True)`` onto the CPU: tensors and plain containers, never code.
+
+    The one place this package unpickles a file (feature files, checkpoints), so none is ever read
+    without ``weights_only``. Raises FileNotFoundError, or :class:`UnloadableFile` saying why.
+    """
+    import torch  # here: files.py is imported by commands that never read a tensor
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a refused legacy pickle is reported in one line instead
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - unpickling and zip errors come in many types
+        raise UnloadableFile(load_failure(exc, path)) from None

@@ -116,7 +116,7 @@ def preflight(
         manifest = read_manifest(Path(export_dir))
         verify_members(Path(export_dir), manifest)
     if checkpoint is not None:
-        from search.infer import read_checkpoint  # torch: only to read a checkpoint
+        from search.checkpoint import read_checkpoint  # torch: only to read a checkpoint
 
         read_checkpoint(Path(checkpoint))
     check_out(out, force, (export_dir, checkpoint))

@@ -22,10 +22,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from search.checkpoint import UnreadableCheckpoint, read_checkpoint, save_atomic
 from search.config import Config
 from search.data import CropSampler, FeatureStore, PackedData, Split, make_split, restore_generator
 from search.errors import UserError, first_line
-from search.infer import UnreadableCheckpoint, accuracy, predict_logits, read_checkpoint, save_atomic
+from search.infer import accuracy, predict_logits
 from search.model import SpeakerNet, build_model, count_parameters
 
 Report = Callable[[int, dict[str, float]], "str | None"]

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import yaml
 
+from search.checkpoint import read_checkpoint
 from search.cli import build_parser, main
 from search.config import load_config
 from search.data import PackedData
-from search.infer import read_checkpoint
 from search.train import TrainResult, train
 
 COMMANDS = ["synth", "prepare", "train", "run", "status", "dashboard", "export-top", "vote", "predict"]

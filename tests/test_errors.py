@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from search.checkpoint import read_checkpoint
 from search.errors import UserError, broken_install, load_failure
-from search.infer import read_checkpoint
 
 
 def _refusal(path: Path) -> str:

@@ -25,6 +25,7 @@ from optuna.artifacts import upload_artifact
 from optuna.trial import TrialState
 from rich.console import Console
 
+from search.checkpoint import load_model, read_checkpoint
 from search.cli import build_parser
 from search.config import Config
 from search.data import FeatureStore, PackedData, index_digest, make_split, pack
@@ -32,7 +33,7 @@ from search.ensemble import combine, method_weights, softmax
 from search.errors import UserError
 from search.export import ExportResult, export_top, greedy_select, render_export, usable_trials
 from search.files import sha256_file, umask
-from search.infer import checkpoint_logits, load_model, predict_logits, read_checkpoint
+from search.infer import checkpoint_logits, predict_logits
 from search.manifest import export_data_root, read_manifest
 from search.storage import artifact_store, open_storage
 from search.train import train

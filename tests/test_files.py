@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
-import io
 import os
 import sqlite3
 from pathlib import Path
-from typing import IO, Any
 
 import pytest
 
@@ -24,35 +21,6 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path: Path) -> 
         raise RuntimeError("disk full")
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt"]
-
-
-@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a file every write to fails")
-def test_a_checkpoint_on_a_full_disk_says_so_naming_the_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """torch.save reported a failed write as "unexpected pos N vs M"; now its own OSError, with the file."""
-    import torch
-
-    import search.infer as infer
-
-    class FullDisk(io.BufferedWriter):
-        """As on a real full disk, a failed write leaves nothing for close to write again."""
-
-        def close(self) -> None:
-            with contextlib.suppress(OSError):
-                self.flush()
-            self.raw.close()
-
-    def full_disk(fd: int, mode: str = "r", *args: Any, **kwargs: Any) -> IO[Any]:
-        os.close(fd)  # atomic_write's temp file, written instead to a disk that is always full
-        return FullDisk(open("/dev/full", "wb", buffering=0))  # noqa: SIM115 - atomic_write closes it
-
-    monkeypatch.setattr(os, "fdopen", full_disk)
-    target = tmp_path / "last.pt"
-    with pytest.raises(OSError) as caught:
-        infer.save_atomic({"w": torch.zeros(100_000)}, target)
-    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(target)
-    assert disk_full(caught.value)
 
 
 def test_disk_full_is_told_from_other_errors() -> None:

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from search.checkpoint import load_model, save_atomic
 from search.config import Config
 from search.data import FeatureStore, PackedData, make_split, restore_generator
-from search.infer import accuracy, load_model, predict_logits, save_atomic
+from search.infer import accuracy, predict_logits
 from search.model import build_model
 from search.train import (
     CaptureGate,

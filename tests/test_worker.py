@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 import search.states as states_module
 import search.study as study_module
 import search.worker as worker_module
-from search.infer import save_atomic
+from search.checkpoint import save_atomic
 from search.storage import default_storage_url
 from search.study import RunOptions, run
 from tests.studies import load, long_space, states, wait_for_step, write_space

@@ -17,10 +17,10 @@ import pytest
 import torch
 import yaml
 
+from search.checkpoint import read_checkpoint
 from search.cli import build_parser
 from search.data import load_feature, pack
 from search.errors import UserError
-from search.infer import read_checkpoint
 from search.storage import check_study_name, study_dir
 from tests.hw4fake import make_hw4
 
