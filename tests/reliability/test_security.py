@@ -56,6 +56,8 @@ def test_every_tensor_read_in_the_package_is_weights_only() -> None:
             keywords = {k.arg: ast.unparse(k.value) for k in node.keywords}
             if name == "torch.load" and keywords.get("weights_only") != "True":
                 offenders.append(f"{path.name}:{node.lineno} torch.load without weights_only=True")
+            if name == "torch.load" and path.name != "files.py":  # one reader: files.load_tensors
+                offenders.append(f"{path.name}:{node.lineno} torch.load outside files.load_tensors")
             if name.endswith("np.load") and keywords.get("allow_pickle", "False") != "False":
                 offenders.append(f"{path.name}:{node.lineno} np.load with allow_pickle")
             if name in ("pickle.load", "pickle.loads", "yaml.load", "yaml.unsafe_load", "eval", "exec"):
