@@ -1,4 +1,7 @@
-"""The ``spkid-search`` command line: parse arguments, call one module function, print results.
+"""The ``spkid-search`` command line: parse arguments, call the modules' functions, print results.
+
+Each command checks what it can before importing torch (seconds), so a wrong argument is refused at
+once, and says in notes what the modules report (a resumed run, a set it cannot validate on).
 
 Every user-fixable problem arrives here as a :class:`UserError` and leaves as one line on stderr with a
 non-zero exit code; Ctrl-C exits with 130 after the command's own clean-up has run.

@@ -24,6 +24,7 @@ from search.errors import UserError, shown
 ENCODERS = ("transformer", "conformer")
 POOLINGS = ("mean", "attention", "attentive_stats")
 HEADS = ("linear", "mlp", "amsoftmax", "aamsoftmax")
+MARGIN_HEADS = ("amsoftmax", "aamsoftmax")  # cosine logits scaled by am_s, with margin am_m
 
 
 @dataclass(frozen=True)

@@ -378,7 +378,6 @@ def export_top(
     include_pruned: bool = False,
     force: bool = False,
     data: PackedData | None = None,
-    rounds: int | None = None,
     exclude: Collection[int] = (),
 ) -> ExportResult:
     """Export K members of ``study`` (see the module docstring for the two strategies); trials numbered
@@ -427,7 +426,7 @@ def export_top(
         usual_mode(tmp, folder=True)  # it becomes the export folder
         scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.scratch-", dir=out.parent))
         chosen, weights, ensemble_acc, history = _choose(
-            study, trials, k, strategy, data, split, scratch, rounds if rounds is not None else 2 * k
+            study, trials, k, strategy, data, split, scratch, 2 * k
         )
         members = []
         for trial in chosen:

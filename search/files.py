@@ -1,8 +1,11 @@
 """Safe file writing and reading, and checksums, shared by the trainer, the artifact store, export and vote.
 
-Every file another process may read while it is being written (checkpoints, artifacts, cached logits,
-the submission CSV) goes through :func:`atomic_write`, so a crash, a full disk or Ctrl-C never leaves
-half a file where a complete one is expected.
+The files a later step trusts whole (checkpoints, artifacts, cached logits, the study folder's mark, the
+submission CSV) go through :func:`atomic_write`, so a crash, a full disk or Ctrl-C never leaves half a
+file where a complete one is expected. A few writers rename a temp file into place themselves, for a
+reason given there: workers' status files (rewritten every few seconds, not worth a sync), the packed
+cache (a whole folder renamed), prepare's feature and index files (temp names of prepare's own).
+:func:`load_tensors` is the one place a file is unpickled, always with ``weights_only=True``.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fcntl
 import hashlib
 import io
 import json
@@ -561,11 +562,6 @@ def _state_text(header: dict[str, Any], records: list[dict[str, Any]]) -> str:
 @contextlib.contextmanager
 def _locked(out: Path) -> Iterator[None]:
     """Hold an exclusive lock on OUT so two prepares never interleave their writes."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks; run one prepare per folder
-        yield
-        return
     with open(out / LOCK_NAME, "a") as fh:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -56,8 +56,9 @@ from search.files import check_can_create, install_folder, studies_root
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 
+LOG_OFFSET = 1e-9  # added to each bin's power before the log, as the HW4 features were made
 #: ``log(0 + 1e-9)``: the value of a bin with no energy at all, as in the HW4 features.
-LOG_FLOOR = math.log(1e-9)
+LOG_FLOOR = math.log(LOG_OFFSET)
 #: Name of the provenance file that marks a directory as written by this module.
 MARKER = "synth.json"
 GENERATOR = "search.synth"
@@ -435,7 +436,7 @@ def _render(rng: np.random.Generator, voice: _Voice, session: _Session, geo: _Ge
     peak = float(power.max()) or 1.0  # all-silent is impossible for real lengths; stay finite anyway
     power += peak * session.dither
     power *= math.exp(rng.uniform(5.8, 7.3)) / (peak * (1.0 + session.dither))
-    power += 1e-9
+    power += LOG_OFFSET
     return np.log(power).astype(np.float32, copy=False)
 
 

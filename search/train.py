@@ -1,7 +1,8 @@
 """Train one configuration. Knows nothing about Optuna: the caller passes a ``report`` callback.
 
-``report(step, metrics)`` is called every ``log_every`` steps (loss, lr, steps/s) and after every
-validation (plus ``valid_acc``); returning ``"stop"`` ends training early (how pruning works). The
+``report(step, metrics)`` is called every ``log_every`` steps and at every ``checkpoint_steps`` step (loss,
+lr, steps/s), and after every validation (plus ``valid_acc``); returning ``"stop"`` ends training early
+(how pruning works). The
 best weights are copied (not aliased) whenever validation improves and written atomically to
 ``best.pt``; ``last.pt`` (every ``checkpoint_steps``) lets a killed run resume where it was.
 """
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from search.checkpoint import UnreadableCheckpoint, read_checkpoint, save_atomic
-from search.config import Config
+from search.config import MARGIN_HEADS, Config
 from search.data import CropSampler, FeatureStore, PackedData, Split, make_split, restore_generator
 from search.errors import UserError, first_line
 from search.infer import accuracy, predict_logits
@@ -564,11 +565,7 @@ def _train(
                 raise TrainingDiverged(
                     f"non-finite loss by step {step} (lr {t.lr:g}, grad_clip {t.grad_clip:g}); lower lr"
                     + ("" if t.grad_clip else " or turn grad_clip on")
-                    + (
-                        f", or am_s ({config.model.am_s:g})"
-                        if config.model.head in ("amsoftmax", "aamsoftmax")
-                        else ""
-                    )
+                    + (f", or am_s ({config.model.am_s:g})" if config.model.head in MARGIN_HEADS else "")
                 )
             clock.seconds["steps"] += time.perf_counter() - window_start
             metrics: dict[str, float] = {

@@ -67,6 +67,8 @@ def test_registry_names_match_config() -> None:
     assert tuple(ENCODERS) == config.ENCODERS
     assert tuple(POOLINGS) == config.POOLINGS
     assert tuple(HEADS) == config.HEADS
+    # the heads whose logits scale with am_s (the divergence message names it for these)
+    assert tuple(n for n, cls in HEADS.items() if issubclass(cls, MarginHead)) == config.MARGIN_HEADS
 
 
 @pytest.mark.parametrize("encoder", config.ENCODERS)
