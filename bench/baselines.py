@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from search.checkpoint import load_model
 from search.config import load_config
 from search.data import FeatureStore, pack
-from search.checkpoint import load_model
 from search.infer import accuracy, predict_logits
 from search.train import train
 

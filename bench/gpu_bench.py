@@ -22,10 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from search.checkpoint import load_model
 from search.config import Config, load_config
 from search.data import CropSampler, FeatureStore, PackedData, make_split
 from search.errors import first_line
-from search.checkpoint import load_model
 from search.infer import accuracy, predict_logits
 from search.model import build_model
 from search.study import worker_context

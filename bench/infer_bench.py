@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from search.checkpoint import load_model
 from search.config import Config, load_config
 from search.data import CropSampler, FeatureStore, PackedData, make_split, pack
 from search.devices import resolve_device
 from search.errors import UserError
-from search.checkpoint import load_model
 from search.infer import CPU_FRAME_BUDGET, frame_budget, predict_logits
 from search.model import SpeakerNet, build_model, count_parameters
 

@@ -1,4 +1,5 @@
-"""Tests for search/prepare.py: a generated audio corpus in several layouts -> the exact HW4 layout."""
+"""search/prepare.py and the recipe in search/audio.py: a generated audio corpus in several layouts -> the
+exact HW4 layout."""
 
 from __future__ import annotations
 
@@ -18,20 +19,17 @@ import torch
 import torchaudio
 from rich.console import Console
 
-from search.data import pack, read_layout
-from search.errors import UserError
-from search.prepare import (
+from search.audio import (
     RECIPE,
-    STATE_NAME,
     BadAudio,
-    PrepareReport,
     compute_features,
-    feature_name,
     features_from_file,
     normalise_peak,
-    prepare,
     remove_silence,
 )
+from search.data import pack, read_layout
+from search.errors import UserError
+from search.prepare import STATE_NAME, PrepareReport, feature_name, prepare
 from tests.hw4fake import make_hw4
 
 INDEX = ("mapping.json", "metadata.json", "testdata.json", "answers.csv")
@@ -363,7 +361,7 @@ def test_bad_files_are_listed_and_the_run_succeeds(prepared: Prepared) -> None:
 def test_a_file_that_is_not_wav_or_flac_inside_is_named_so_before_libsndfile_tries_it(tmp_path: Path) -> None:
     """Random bytes named .wav were "not readable audio (File does not exist or is not a regular file
     (possibly a pipe?).)", with libsndfile's MP3 decoder's warnings on stderr."""
-    from search.prepare import BadAudio, read_audio
+    from search.audio import BadAudio, read_audio
 
     noise = tmp_path / "noise.wav"
     noise.write_bytes(np.random.default_rng(0).bytes(3000))
