@@ -44,6 +44,10 @@ def _device(text: str) -> str:
 
 
 DEVICE_HELP = "auto (default: cuda if present), cpu, cuda, cuda:1 ..."
+STORAGE_HELP = (
+    "storage URL (default sqlite:///studies/<study>/study.db), or postgresql://user@host/db; keep a "
+    "password out of the command line (ps shows it) with PGPASSWORD or ~/.pgpass"
+)
 
 
 def _fraction(text: str) -> float:
@@ -622,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
         "synthetic set)",
     )
     p.add_argument("--study", help="study name (default: the space's name)")
-    p.add_argument("--storage", help="storage URL (default sqlite:///studies/<study>/study.db)")
+    p.add_argument("--storage", help=STORAGE_HELP)
     p.add_argument("--gpus", type=_gpu_list, help="GPU indices to use, e.g. 0,1 (default: all visible)")
     p.add_argument(
         "--per-gpu",
@@ -671,7 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--study", help="study name (optional when ./studies, or $SPKID_SEARCH_STUDIES, holds only one)"
     )
-    p.add_argument("--storage", help="storage URL (default sqlite:///studies/<study>/study.db)")
+    p.add_argument("--storage", help=STORAGE_HELP)
     p.add_argument("--top", type=_positive, default=10, help="rows to show (default 10)")
     p.set_defaults(func=cmd_status)
 
@@ -684,7 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--study", help="study name (optional when ./studies, or $SPKID_SEARCH_STUDIES, holds only one)"
     )
-    p.add_argument("--storage", help="storage URL (default sqlite:///studies/<study>/study.db)")
+    p.add_argument("--storage", help=STORAGE_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=_positive, default=8080, help="port (default 8080)")
     p.set_defaults(func=cmd_dashboard)
@@ -701,7 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--study", help="study name (optional when ./studies, or $SPKID_SEARCH_STUDIES, holds only one)"
     )
-    p.add_argument("--storage", help="storage URL (default sqlite:///studies/<study>/study.db)")
+    p.add_argument("--storage", help=STORAGE_HELP)
     p.add_argument(
         "--out",
         type=Path,

@@ -157,7 +157,11 @@ def _prepare_sqlite(url: str) -> None:
 
 
 _PASSWORD = re.compile(r"^[\w+]+://[^:@/\s]*:(\S*)@")  # all between user: and the last @
+_WHOLE_URL_PASSWORD = re.compile(r"^[\w+]+://[^:@/\s]*:(.*)@")  # a URL alone: a space may be in it too
 _URL_PASSWORD = re.compile(r"://([^:@/\s]+):\S*@")  # any URL's, to the last @ before a space
+# libpq also takes the password, and the client key's passphrase, as query parameters
+_QUERY_PASSWORD = re.compile(r"([?&](?:ssl)?password=)([^&#\s'\"]*)", re.IGNORECASE)
+_SEEN_PASSWORDS: set[str] = set()  # of every storage URL checked in this process: masked in any text
 
 
 def _password(url: str) -> str:
@@ -167,13 +171,26 @@ def _password(url: str) -> str:
     return found.group(1) if found else ""
 
 
+def _url_passwords(url: str) -> list[str]:
+    """The secrets of a storage URL given alone: its password (spaces and all) and query passwords."""
+    found = _WHOLE_URL_PASSWORD.match(url)
+    own = [found.group(1)] if found else []
+    return [secret for secret in own + _query_passwords(url) if secret]
+
+
+def _query_passwords(text: str) -> list[str]:
+    return [value for _, value in _QUERY_PASSWORD.findall(text)]
+
+
 def mask_url(text: str, url: str | None = None) -> str:
     """``text`` (a URL, or a message quoting one) with passwords replaced by ``***``: never echo one.
 
     ``url``: the storage URL a driver's message in ``text`` is about; its password is masked wherever
     the message quotes it (or a piece of it), not only inside a URL.
     """
-    passwords = [p for p in (_password(url or ""), _password(text)) if p]
+    alone = re.fullmatch(r"[\w+]+://.*@\S*", text) is not None  # text is a URL, nothing after its host
+    secrets = (*_url_passwords(url or ""), *(_url_passwords(text) if alone else ()), *_SEEN_PASSWORDS)
+    passwords = [p for p in (*secrets, _password(text), *_query_passwords(text)) if p]
     pieces = {piece for p in passwords for piece in re.split(r"[@/:]", p) if piece}
     # The whole password and its pieces wherever they appear, longest first; four characters or more
     # ("pw" would mask other words).
@@ -185,12 +202,14 @@ def mask_url(text: str, url: str | None = None) -> str:
         for quoted in (f"{piece}@", f"'{piece}'", f'"{piece}"'):
             text = text.replace(quoted, quoted.replace(piece, "***"))
     # Any other URL's password: to the last @ before a space (a password may hold @ or /).
-    return _URL_PASSWORD.sub(r"://\1:***@", text)
+    text = _URL_PASSWORD.sub(r"://\1:***@", text)
+    return _QUERY_PASSWORD.sub(r"\1***", text)
 
 
 def check_storage_url(url: str) -> str:
     """Check a storage URL's form (no connection yet) and return it normalised for SQLAlchemy."""
     given = url
+    _SEEN_PASSWORDS.update(_url_passwords(url))  # any message from here on masks them
     if not re.match(r"^(sqlite|postgresql(\+\w+)?|postgres|mysql(\+\w+)?)://", url):
         raise UserError(
             f"--storage '{mask_url(url)}': expected sqlite:///path/to/file.db or postgresql://user@host/db"

@@ -176,3 +176,32 @@ def test_holds_studies_only_looks(tmp_path: Path) -> None:
     ours = tmp_path / "study.db"
     open_storage(f"sqlite:///{ours}")
     assert holds_studies(f"sqlite:///{ours}")
+
+
+def test_passwords_in_the_query_or_with_a_space_are_masked_too(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """libpq takes ?password= and ?sslpassword= (the client key's passphrase), and SQLAlchemy a password
+    holding a space: status and every refusal that quotes --storage printed them as given."""
+    import search.storage as storage_module
+    from search.cli import main
+
+    monkeypatch.setattr(storage_module, "_SEEN_PASSWORDS", set())
+    mask = storage_module.mask_url
+    assert mask("postgresql://u:Pw12@h/db?sslpassword=KeyPass9") == "postgresql://u:***@h/db?sslpassword=***"
+    assert mask("postgresql://u@h/db?sslmode=require&PASSWORD=QsPass9") == (
+        "postgresql://u@h/db?sslmode=require&PASSWORD=***"
+    )
+    assert mask("postgresql://u:secret word9@h/db") == "postgresql://u:***@h/db"  # the URL alone
+    spaced = "postgresql://u:secret word9@127.0.0.1:1/db"
+    said = f"{spaced}: holds several studies; pass --study"  # a message quoting it: known once checked
+    assert "word9" in mask(said)
+    check_storage_url(spaced)
+    assert mask(said) == "postgresql://u:***@127.0.0.1:1/db: holds several studies; pass --study"
+    for url in (
+        "postgresql://nobody@127.0.0.1:1/none?password=QsSecret9",
+        "postgresql://nobody:open sesame9@127.0.0.1:1/none",
+    ):
+        assert main(["status", "--study", "x", "--storage", url]) == 2
+        err = capsys.readouterr().err
+        assert "cannot connect" in err and "QsSecret9" not in err and "sesame9" not in err, err
