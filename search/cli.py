@@ -418,7 +418,7 @@ def cmd_vote(args: argparse.Namespace) -> int:
         )
     if args.data is None and not args.quiet:
         console.print(f"No --data given: using the data set the export's study was run on, {root}")
-    data = open_data(root, export_cache_root(manifest), progress=not args.quiet)
+    data = open_data(root, progress=not args.quiet, reuse_from=export_cache_root(manifest))
     result = vote(args.export_dir, data, args.out, method=args.method, device=device, force=args.force)
     output.print(render_vote(result))
     console.print(f"[green]wrote {result.out} ({result.n_test} test rows)")

@@ -388,13 +388,21 @@ def default_cache_root(studies: Path | None = None) -> Path:
     return Path(env) if env else (studies if studies is not None else studies_root()) / "cache"
 
 
-def pack(root: Path, cache_root: Path | None = None, progress: bool = True) -> PackedData:
-    """Open an HW4 directory through its packed cache, packing it first if the set is new or changed."""
+def pack(
+    root: Path, cache_root: Path | None = None, progress: bool = True, reuse_from: Path | None = None
+) -> PackedData:
+    """Open an HW4 directory through its packed cache, packing it first if the set is new or changed.
+
+    ``reuse_from``: another cache folder whose packing of this set is read if it has one that this user
+    made (vote's, named by an export's manifest, which no checksum covers); nothing is packed there.
+    """
     layout = read_layout(Path(root))
     index = _hash_of_json(layout)
     digest = index.hexdigest()[:16]  # index_digest(root), without reading the layout twice
     sizes: list[int] = []
     key = cache_key(layout, index, sizes)
+    if reuse_from is not None and _is_own_packing(Path(reuse_from) / key):
+        return dataclasses.replace(open_cache(Path(reuse_from) / key, layout.root), index_digest=digest)
     cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
     target = cache_root / key
     if _is_packed(target) and not _all_finite(target):
@@ -402,6 +410,18 @@ def pack(root: Path, cache_root: Path | None = None, progress: bool = True) -> P
     if not _is_packed(target):
         _build_cache(layout, key, target, progress, sizes)
     return dataclasses.replace(open_cache(target, layout.root), index_digest=digest)
+
+
+def _is_own_packing(target: Path) -> bool:
+    """A finished packing in ``target`` whose folder and files this user owns, its values checked."""
+    try:
+        owned = all(
+            (target / name).lstat().st_uid == os.getuid()
+            for name in ("", "features.npy", "index.npz", "meta.json")
+        )
+        return owned and _is_packed(target) and _all_finite(target)
+    except (OSError, UserError):
+        return False
 
 
 def _is_packed(target: Path) -> bool:
@@ -942,7 +962,9 @@ def eval_batches(
         start = end
 
 
-def open_data(root: Path, cache_root: Path | None = None, progress: bool = True) -> PackedData:
+def open_data(
+    root: Path, cache_root: Path | None = None, progress: bool = True, reuse_from: Path | None = None
+) -> PackedData:
     """Pack (once) and open the data set in ``root``; :func:`search.synth.default_set` is the one used
     when a command is given no --data."""
-    return pack(root, cache_root, progress=progress)
+    return pack(root, cache_root, progress=progress, reuse_from=reuse_from)

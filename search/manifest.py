@@ -176,7 +176,8 @@ def export_data_root(manifest: Manifest) -> Path:
 
 def export_cache_root(manifest: Manifest) -> Path | None:
     """The packed-data cache the export's study used, so that ``vote`` from another working folder
-    reuses it instead of packing the set again under ./studies/cache; None for the default (also when
+    reuses its packing instead of packing the set again under ./studies/cache (only reading one this
+    user made: see ``data.pack``'s ``reuse_from``); None for the default (also when
     $SPKID_SEARCH_CACHE chooses, or the folder is gone)."""
     if os.environ.get("SPKID_SEARCH_CACHE"):
         return None

@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import io
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -496,6 +497,47 @@ def test_vote_without_data_says_which_folder_it_used(
     assert main(["vote", str(exports.top.out), "--out", str(tmp_path / "s.csv")]) == 0
     err = capsys.readouterr().err
     assert f"No --data given: using the data set the export's study was run on, {data.root}" in err, err
+
+
+def test_vote_only_reads_a_packing_of_its_own_where_the_manifest_names_the_cache(
+    exports: Exports, data: PackedData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The manifest is not covered by the members' checksums: an edited or received one named any
+    folder as the cache, and vote packed the set into it, or scored a packing planted there."""
+    import search.data as data_module
+    from search.cli import main
+
+    monkeypatch.delenv("SPKID_SEARCH_CACHE")
+    key = Path(data.cache_dir).name
+    planted = tmp_path / "planted"
+    shutil.copytree(data.cache_dir, planted / key)
+    features = np.load(planted / key / "features.npy", mmap_mode="r+")
+    features[:] = 0  # every utterance the same: one speaker for every test row
+    features.flush()
+    del features
+    received = tmp_path / "received"
+    shutil.copytree(exports.top.out, received)
+    manifest = json.loads((received / "manifest.json").read_text())
+
+    def vote_with_cache(cache: Path, out: str) -> list[str]:
+        manifest["data"]["cache"] = str(cache)
+        (received / "manifest.json").write_text(json.dumps(manifest))
+        assert main(["vote", str(received), "--out", out, "--quiet"]) == 0
+        return Path(out).read_text().splitlines()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    honest = vote_with_cache(empty, "honest.csv")
+    assert list(empty.iterdir()) == []  # nothing packed where the manifest pointed ...
+    assert (Path("studies") / "cache" / key / "index.npz").is_file()  # ... but in this folder's cache
+    shutil.rmtree("studies")
+    real_uid = os.getuid()
+    monkeypatch.setattr(data_module.os, "getuid", lambda: real_uid + 1)  # the planted files: another's
+    assert vote_with_cache(planted, "planted.csv") == honest
+    monkeypatch.setattr(data_module.os, "getuid", lambda: real_uid)
+    shutil.rmtree("studies")
+    assert vote_with_cache(Path(data.cache_dir).parent, "own.csv") == honest  # the study's own packing ...
+    assert not (Path("studies") / "cache").exists()  # ... read where it is: nothing packed again
 
 
 def test_vote_refuses_other_data(exports: Exports, fake_data: PackedData, tmp_path: Path) -> None:
