@@ -8,6 +8,7 @@ every change is refused with 403 and the reason.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import signal
 from pathlib import Path
@@ -15,6 +16,34 @@ from typing import IO, Any, BinaryIO, NoReturn
 
 READ_METHODS = ("GET", "HEAD")
 REFUSED = "the dashboard of spkid-search changes nothing: studies change through spkid-search run"
+
+
+def _is_loopback(host: str) -> bool:
+    """``localhost`` (and its subdomains, which browsers resolve to it) or a loopback address."""
+    host = host.strip("[]").lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def foreign_host(host_header: str | None, bound: str) -> bool:
+    """Whether a request's ``Host`` header names another machine than the loopback one it was bound to.
+
+    Why: a web page in this machine's browser can make its own host name resolve to 127.0.0.1 (DNS
+    rebinding) and then read the dashboard as its own site: every study, the search space, each trial's
+    results and checkpoints. Its requests still name that host, and are refused. A dashboard bound to
+    another address was exposed on purpose (--host), to names this cannot know: none is refused there.
+    """
+    if not host_header or not _is_loopback(bound):
+        return False
+    if host_header.startswith("["):  # [::1]:8080
+        name = host_header[: host_header.find("]") + 1]
+    else:
+        name = host_header.rsplit(":", 1)[0]
+    return not _is_loopback(name)
 
 
 class ReadOnlyArtifactStore:
@@ -92,8 +121,9 @@ class _NotFoundIs404:
         self.store.remove(artifact_id)
 
 
-def read_only_app(storage: Any, artifact_store: Any) -> Any:
-    """optuna-dashboard's WSGI app, refusing every request that would change the storage."""
+def read_only_app(storage: Any, artifact_store: Any, bound: str = "127.0.0.1") -> Any:
+    """optuna-dashboard's WSGI app, refusing every request that would change the storage, and (bound
+    to ``bound``, a loopback address) every request to another host name (see :func:`foreign_host`)."""
     import optuna_dashboard
     from bottle import HTTPResponse, request
 
@@ -101,6 +131,11 @@ def read_only_app(storage: Any, artifact_store: Any) -> Any:
 
     @app.hook("before_request")
     def refuse_changes() -> None:
+        if foreign_host(request.get_header("Host"), bound):
+            reason = f"this dashboard answers only requests to 127.0.0.1 or localhost (bound to {bound})"
+            raise HTTPResponse(
+                status=403, body=json.dumps({"reason": reason}), headers={"Content-Type": "application/json"}
+            )
         if request.method not in READ_METHODS:  # the dashboard's pages show the reason of a JSON error
             raise HTTPResponse(
                 status=403, body=json.dumps({"reason": REFUSED}), headers={"Content-Type": "application/json"}
@@ -128,7 +163,7 @@ def serve(storage: Any, *, artifact_store: Any, host: str, port: int) -> None:
     for sig in handlers:
         signal.signal(sig, noted)
     try:
-        run(read_only_app(storage, artifact_store), host=host, port=port)
+        run(read_only_app(storage, artifact_store, host), host=host, port=port)
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)

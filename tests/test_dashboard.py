@@ -262,6 +262,32 @@ def test_dashboard_binds_loopback_only_by_default(dashboard: Dashboard) -> None:
     assert [(s["study_id"], s["study_name"]) for s in summaries] == [(dashboard.study_id, STUDY)]
 
 
+def test_a_request_to_another_host_name_is_refused_dns_rebinding(dashboard: Dashboard) -> None:
+    """A web page open in this machine's browser could make its own name resolve to 127.0.0.1 and read the
+    dashboard as its own site (every study, the search space, checkpoints); it answered any Host."""
+    for host in ("attacker.example", f"attacker.example:{dashboard.port}", "127.0.0.1.attacker.example"):
+        request = urllib.request.Request(f"{dashboard.base}/api/studies", headers={"Host": host})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 403, host
+        assert "answers only requests to 127.0.0.1 or localhost" in json.loads(refused.value.read())["reason"]
+    for host in (f"localhost:{dashboard.port}", f"127.0.0.1:{dashboard.port}", "localhost"):
+        request = urllib.request.Request(f"{dashboard.base}/api/studies", headers={"Host": host})
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            assert json.load(answer)["study_summaries"], host
+
+
+def test_a_dashboard_exposed_on_purpose_answers_any_host_name() -> None:
+    """--host 0.0.0.0 (or a LAN address) is reached by names this cannot know; loopback binds check."""
+    from search.dashboard import foreign_host
+
+    assert not foreign_host("spkid-box.lan:8080", "0.0.0.0")
+    assert not foreign_host("10.0.0.5:8080", "10.0.0.5")
+    assert foreign_host("evil.example", "localhost") and foreign_host("evil.example", "::1")
+    assert not foreign_host("[::1]:8080", "::1") and not foreign_host("127.0.0.2", "127.0.0.1")
+    assert not foreign_host(None, "127.0.0.1")  # HTTP/1.0 without a Host: no browser sends that
+
+
 def test_uploads_and_deletes_are_refused_with_403_not_a_server_error(dashboard: Dashboard) -> None:
     """The read-only store's refusal reached optuna-dashboard as an unexpected exception: a 500 "internal
     server error" and a traceback in the server's log. It is a 403 with the reason now."""
