@@ -29,7 +29,7 @@ import sqlalchemy
 from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
-from search.storage import MAX_RETRY, open_storage, sqlite_file
+from search.storage import MAX_RETRY, open_storage, sqlite_file, trials_dir
 from search.trials import FINISHED, TrialLike, count_trials, held_before, real_failures, root_of
 
 Release = Callable[[], None]
@@ -324,10 +324,7 @@ def kills(trials: Sequence[FrozenTrial], trial: FrozenTrial) -> int:
 
 def _discard_folder(study: optuna.Study, trial: FrozenTrial) -> None:
     """Remove the folders of a trial that will not run again (its retries spent): best effort."""
-    trials_dir = study.user_attrs.get("trials_dir")
-    if trials_dir:
-        root = root_of(trial)
-        shutil.rmtree(Path(trials_dir) / f"{root:05d}", ignore_errors=True)
+    shutil.rmtree(trials_dir(study) / f"{root_of(trial):05d}", ignore_errors=True)
 
 
 def open_worker_storage(url: str, heartbeat: int, grace: int, budget: int) -> Any:

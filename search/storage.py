@@ -589,6 +589,16 @@ def study_home(study: optuna.Study) -> Path:
     return Path(artifacts).parent if artifacts else study_dir(study.study_name)
 
 
+def trials_dir(study: optuna.Study) -> Path:
+    """Where the study's trials keep their checkpoints while they run: ``trials/`` in :func:`study_home`.
+
+    Derived, not read from the recorded ``trials_dir`` (always the same folder when written): the sweep
+    removes folders there, and the study folder is the one a run checks against its ``.study-mark``,
+    so a value edited in the database cannot aim the sweep at another folder.
+    """
+    return study_home(study) / "trials"
+
+
 def artifact_dir(study: optuna.Study) -> Path:
     """The study's artifact folder: the one recorded at creation (default studies/<study>/artifacts)."""
     return Path(study.user_attrs.get("artifact_dir") or study_home(study) / "artifacts")

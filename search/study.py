@@ -18,6 +18,7 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import signal
 import socket
@@ -322,6 +323,7 @@ def _run(
         open_storage,
         study_dir,
         study_home,
+        trials_dir,
     )
 
     space = load_space(opts.space)
@@ -389,9 +391,8 @@ def _run(
             (on_nothing or _log)(nothing_to_do(name, held.finished, opts.trials))
             return held
         steps = _record_identity(study, space, data, split, home, opts, fresh)
-    trials_dir = Path(study.user_attrs.get("trials_dir") or study_home(study) / "trials")
     requeue_stopped(study, opts.trials)  # before the sweep: a stopped trial's folder is its resume point
-    _sweep_leftovers(study, trials_dir, artifact_dir(study))
+    _sweep_leftovers(study, trials_dir(study), artifact_dir(study))
     status_dir = _status_dir(home)
     threads = max(1, (os.cpu_count() or 1) // len(devices)) if devices[0] == "cpu" else 2
     specs = [
@@ -425,7 +426,7 @@ def _run(
     counts = wait.call(lambda: count_trials(study.get_trials(deepcopy=False)))
     # Again now: a finished study is not run again, so what this run's killed workers left (a trial
     # killed on each of its retries keeps its checkpoints) would stay for the life of the study.
-    wait.call(lambda: _sweep_leftovers(study, trials_dir, artifact_dir(study)))
+    wait.call(lambda: _sweep_leftovers(study, trials_dir(study), artifact_dir(study)))
     if on_update is not None:  # the display's last frame shows how the run ended, not its last poll
         on_update(study, counts, read_status(status_dir))
     _check_ended(study.study_name, opts, counts, exits, respawns, status_dir, study_home(study))
@@ -501,7 +502,7 @@ def _record_identity(
 TEMP_AGE_S = 3600  # a checkpoint's temp file untouched this long has lost its writer
 
 
-def _sweep_leftovers(study: optuna.Study, trials_dir: Path, artifacts: Path) -> None:
+def _sweep_leftovers(study: optuna.Study, trials: Path, artifacts: Path) -> None:
     """Remove what killed workers left behind: the folders of trials that will not run again, and temp
     files no writer has touched for an hour.
 
@@ -512,16 +513,16 @@ def _sweep_leftovers(study: optuna.Study, trials_dir: Path, artifacts: Path) -> 
     """
     from search.trials import ended_roots
 
-    if trials_dir.is_dir():
+    if trials.is_dir():
         with state_lock():  # a trial's FAIL and its retry's queueing are one step under it
             ended = ended_roots(study.get_trials(deepcopy=False))
-        for folder in trials_dir.iterdir():
-            if folder.name.isdigit() and int(folder.name) in ended:
+        for folder in trials.iterdir():  # only the names workers give them (attempt_folder): 00042
+            if re.fullmatch(r"\d{5,}", folder.name) and int(folder.name) in ended:
                 shutil.rmtree(folder, ignore_errors=True)
     cutoff = time.time() - TEMP_AGE_S
     for tmp in [
-        *trials_dir.glob("*/*/.*.tmp"),
-        *trials_dir.glob("*/.*.tmp"),
+        *trials.glob("*/*/.*.tmp"),
+        *trials.glob("*/.*.tmp"),
         *artifacts.glob(".*.tmp"),
     ]:
         with contextlib.suppress(OSError):

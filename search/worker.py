@@ -38,7 +38,7 @@ from search.states import (
     queue_retry,
     state_lock,
 )
-from search.storage import STORAGE_PATIENCE, StorageWait
+from search.storage import STORAGE_PATIENCE, StorageWait, trials_dir
 from search.trials import count_trials, held_before, retry_is_redundant
 
 if TYPE_CHECKING:
@@ -169,7 +169,8 @@ def _set_up(spec: WorkerSpec) -> _Shared:
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are shown by the display, not logged
     space = load_space(spec.space_path)
     storage = open_worker_storage(spec.storage_url, spec.heartbeat, spec.grace, spec.trials)
-    attrs = optuna.load_study(study_name=spec.study_name, storage=storage).user_attrs
+    study = optuna.load_study(study_name=spec.study_name, storage=storage)
+    attrs = study.user_attrs
     data = open_cache(Path(spec.cache_dir), Path(spec.data_root))
     split = make_split(data, float(attrs["valid_ratio"]), int(attrs["split_seed"]))
     return _Shared(
@@ -178,7 +179,7 @@ def _set_up(spec: WorkerSpec) -> _Shared:
         data=data,
         split=split,
         features=FeatureStore(data, spec.device),
-        trials_dir=Path(attrs["trials_dir"]),
+        trials_dir=trials_dir(study),
     )
 
 

@@ -615,11 +615,12 @@ def test_a_run_sweeps_the_folders_of_trials_that_will_not_run_again_and_old_temp
     old, new = home / "artifacts" / ".abc.tmp", home / "trials" / "00001" / ".last.pt.xyz.tmp"
     for tmp in (old, new, home / "trials" / "00003" / ".best.pt.q.tmp"):
         tmp.write_bytes(b"partial")
+    (home / "trials" / "0").mkdir()  # not a name a worker gives a trial's folder (00000): not touched
     hour_ago = time.time() - study_module.TEMP_AGE_S - 60
     os.utime(old, (hour_ago, hour_ago))
     os.utime(home / "trials" / "00003" / ".best.pt.q.tmp", (hour_ago, hour_ago))
     study_module._sweep_leftovers(study, home / "trials", home / "artifacts")
-    assert sorted(p.name for p in (home / "trials").iterdir()) == ["00001", "00003"]
+    assert sorted(p.name for p in (home / "trials").iterdir()) == ["0", "00001", "00003"]
     assert not old.exists() and new.exists()  # a temp file written a moment ago may have its writer
     assert sorted(p.name for p in (home / "trials" / "00003").iterdir()) == ["last.pt"]
 
@@ -650,6 +651,23 @@ def test_a_run_sweeps_again_once_its_workers_end(
     counts = run(RunOptions(space=str(space), trials=2, data=tiny_dir, display=False))
     assert counts.finished == 2 and left and left[0].parent.parent.is_dir()
     assert not left[0].parent.exists()
+
+
+def test_the_sweep_never_follows_a_trials_folder_edited_in_the_database(
+    tmp_path: Path, tiny_dir: Path
+) -> None:
+    """The sweep removed the ended trials' folders under the recorded ``trials_dir``: anyone who could
+    write the database (a shared PostgreSQL study) could aim it at any folder of every machine's user."""
+    space = write_space(tmp_path / "unit.yaml")
+    assert run(RunOptions(space=str(space), trials=1, data=tiny_dir, display=False)).finished == 1
+    victim = tmp_path / "victim" / "00000"
+    victim.mkdir(parents=True)
+    (victim / "notes.txt").write_text("mine")
+    study = load()
+    study.set_user_attr("trials_dir", str(victim.parent))
+    assert run(RunOptions(space=str(space), trials=2, data=tiny_dir, display=False)).finished == 2
+    assert (victim / "notes.txt").read_text() == "mine"
+    assert (Path("studies") / "unit" / "trials").is_dir()  # trials ran in the study's own folder
 
 
 def test_a_stopped_trial_left_without_its_retry_is_resumed_by_the_run(
