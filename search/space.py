@@ -539,7 +539,7 @@ _ALLOWED_NODES = (
 MAX_INT = 2**63  # a larger whole number overflowed true division (a traceback); floats give inf instead
 
 
-MAX_CONSTRAINT_NODES = 500  # names, numbers and operators of one constraint
+MAX_CONSTRAINT_NODES = 500  # names, numbers and operations of one constraint
 
 
 def _check_constraint_syntax(expr: str, where: str) -> ast.Expression:
@@ -547,7 +547,7 @@ def _check_constraint_syntax(expr: str, where: str) -> ast.Expression:
         tree = ast.parse(expr, mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError):  # ValueError: a NUL; the rest: depth
         raise UserError(f"{where}: not a valid expression") from None
-    size = sum(1 for _ in ast.walk(tree))
+    size = sum(isinstance(node, ast.expr) for node in ast.walk(tree))
     if size > MAX_CONSTRAINT_NODES:  # ~1,000 terms parsed but overflowed the compiler (a RecursionError)
         raise UserError(
             f"{where}: too long ({size} parts, at most {MAX_CONSTRAINT_NODES}); split it into several"
