@@ -15,6 +15,7 @@ import errno
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 import warnings
@@ -87,13 +88,17 @@ def atomic_write(path: Path, text: bool = False, overwrite: bool = True) -> Iter
     """Write ``path`` through a temp file beside it, synced and then renamed into place.
 
     With ``overwrite=False`` it raises ``FileExistsError`` instead if ``path`` appeared in the meantime:
-    an existing file is never clobbered.
+    an existing file is never clobbered. A file replaced keeps its permissions; a new one gets the
+    umask's (not mkstemp's 0600).
     On any error (or interrupt) the temp file is removed and ``path`` is left as it was.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        usual_mode(fd)
+        try:  # a file replaced keeps its mode: a submission made private (0600) is not made 0644
+            os.fchmod(fd, stat.S_IMODE(os.stat(path).st_mode))
+        except OSError:  # none there yet (or unreadable): what a new file gets
+            usual_mode(fd)
         fh: IO[Any] = os.fdopen(fd, "w", newline="", encoding="utf-8") if text else os.fdopen(fd, "wb")
         try:
             with fh:

@@ -169,3 +169,17 @@ def test_install_folder_fills_a_mount_point_or_the_current_folder_in_place(
     monkeypatch.chdir(out / "sub")  # the current folder inside it: kept as well
     install_folder(_folder(tmp_path / ".tmp", {"c": "c"}), Path(".."))
     assert out.stat().st_ino == inode and _contents(out) == {"c": "c"}
+
+
+def test_a_replaced_file_keeps_its_mode_and_a_new_one_gets_the_umasks(tmp_path: Path) -> None:
+    """vote --force over a submission made private (0600) left it 0644: readable by every user."""
+    private = tmp_path / "submission.csv"
+    private.write_text("Id,Category\n")
+    private.chmod(0o600)
+    with atomic_write(private, text=True) as fh:
+        fh.write("Id,Category\nuttr-1.pt,id00001\n")
+    assert private.stat().st_mode & 0o777 == 0o600 and "uttr-1.pt" in private.read_text()
+    new = tmp_path / "new.csv"
+    with atomic_write(new, text=True) as fh:
+        fh.write("x")
+    assert new.stat().st_mode & 0o777 == 0o666 & ~umask()
