@@ -9,10 +9,10 @@ import pytest
 import yaml
 
 from search.errors import UserError
+from search.samplers import TrialSeededSampler
 from search.space import (
     SPACES_DIR,
     ConstraintViolation,
-    TrialSeededSampler,
     load_space,
     make_pruner,
     make_sampler,
