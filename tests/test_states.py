@@ -183,8 +183,8 @@ def test_stops_do_not_spend_a_trials_retries_and_one_killed_too_often_goes_with_
     def study_of(stopped: list[bool], name: str) -> optuna.Study:
         """A study whose trial 0 ran as these attempts (stopped or killed), all FAIL."""
         study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / name}.db"), study_name=name)
-        study.set_user_attr("trials_dir", str(tmp_path / name))
-        (tmp_path / name / "00000" / "00000").mkdir(parents=True)
+        study.set_user_attr("home_dir", str(tmp_path / name))  # its trials' folders are in trials/ there
+        (tmp_path / name / "trials" / "00000" / "00000").mkdir(parents=True)
         for number, interrupted in enumerate(stopped):
             system = {} if number == 0 else {"failed_trial": 0, "retry_history": list(range(number))}
             user = {"interrupted": True} if interrupted else {}
@@ -195,12 +195,14 @@ def test_stops_do_not_spend_a_trials_retries_and_one_killed_too_often_goes_with_
     assert states_module.kills(stopped_thrice.trials, stopped_thrice.trials[-1]) == 1
     states_module.queue_retry(stopped_thrice, stopped_thrice.trials[-1])
     (retry,) = stopped_thrice.get_trials(states=(TrialState.WAITING,))
-    assert retry.system_attrs["retry_history"] == [0, 1, 2, 3] and (tmp_path / "stopped" / "00000").exists()
+    assert retry.system_attrs["retry_history"] == [0, 1, 2, 3]
+    assert (tmp_path / "stopped" / "trials" / "00000").exists()
     killed = study_of([False] * (MAX_RETRY + 1), "killed")
     assert states_module.kills(killed.trials, killed.trials[-1]) == MAX_RETRY + 1
     states_module.queue_retry(killed, killed.trials[-1])
     assert (
-        not killed.get_trials(states=(TrialState.WAITING,)) and not (tmp_path / "killed" / "00000").exists()
+        not killed.get_trials(states=(TrialState.WAITING,))
+        and not (tmp_path / "killed" / "trials" / "00000").exists()
     )
 
 
