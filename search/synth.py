@@ -35,12 +35,15 @@ renamed into place only when complete, so an interrupted run never looks like a 
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import json
 import math
 import os
 import shutil
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from statistics import NormalDist
@@ -599,9 +602,61 @@ def generate(
         raise UserError(f"synth: seed must be a non-negative integer, got {shown(seed)}")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise UserError(f"synth: workers must be a positive integer, got {shown(workers)}")
+    check_can_create(out)
+    with generating(out, wait=False):
+        return _generate(out, spec, preset, seed, progress, workers, force)
+
+
+@contextlib.contextmanager
+def generating(out: Path, wait: bool) -> Iterator[None]:
+    """Hold the lock on generating ``out`` (a hidden file beside it while held): one generator at a time.
+
+    Why: two commands that needed the default set at once wrote the same partial folder; one removed
+    the other's as a leftover (a traceback), or installed it half-written, and every later command used
+    that. ``wait``: wait for the other (and say so) rather than refuse. The holder removes the file as
+    it ends; a waiter that then holds a removed file's lock opens the new one again.
+    """
+    whole = Path(os.path.abspath(out))
+    whole.parent.mkdir(parents=True, exist_ok=True)
+    lock = whole.parent / f".{whole.name}.synth-lock"
+    said = False
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not wait:
+                    raise UserError(
+                        f"synth: another command is generating {out}; wait for it, or choose another --out"
+                    ) from None
+                if not said:
+                    from search.progress import console
+
+                    console.print(f"[yellow]waiting for another command that is generating {out}")
+                    said = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                    break  # the file still in place: the lock is this process's
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # its holder removed it as it ended: lock the new one
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()  # before the lock is released: no one can hold a removed file's lock then
+        os.close(fd)
+
+
+def _generate(
+    out: Path, spec: SynthSpec, preset: str, seed: int, progress: bool, workers: int | None, force: bool
+) -> Path:
+    """:func:`generate`'s work, with its arguments checked and its lock held."""
     if out.exists() and not out.is_dir():
         raise UserError(f"synth: {out} exists and is not a directory; choose a new or empty directory")
-    check_can_create(out)
     replacing = out.is_dir() and any(out.iterdir())
     if replacing and not _is_synth_output(out):
         raise UserError(
@@ -778,9 +833,14 @@ def default_set(progress: bool = True) -> Path:
 
     preset = default_synth_preset()
     root = default_data_dir()
-    if not (root / "testdata.json").exists():
-        console.print(f"[yellow]No --data given: generating the synthetic '{preset}' set in {root}")
-        generate(root, preset=preset, seed=0, progress=progress)
-    else:
+    if (root / "testdata.json").exists():  # written last, and the set installed whole after it
         console.print(f"[yellow]No --data given: using the synthetic '{preset}' set in {root}")
+        return root
+    check_can_create(root)
+    with generating(root, wait=True):  # another command generating it: wait, then use its set
+        if (root / "testdata.json").exists():
+            console.print(f"[yellow]No --data given: using the synthetic '{preset}' set in {root}")
+        else:
+            console.print(f"[yellow]No --data given: generating the synthetic '{preset}' set in {root}")
+            _generate(root, resolve_spec(preset, None, None, None), preset, 0, progress, None, False)
     return root
