@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from tests.spaces import UNIT_SPACE  # noqa: E402 - the repo's root must be on the path first
 
 PLAIN = (
-    "import sys, search.study as s; s.WORKER_PRELOAD[:] = s.WORKER_MODULES; "
+    "import sys, search.supervise as s; s.WORKER_PRELOAD[:] = s.WORKER_MODULES; "
     "from search.cli import main; sys.exit(main(sys.argv[1:]))"
 )
 

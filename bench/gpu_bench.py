@@ -28,7 +28,7 @@ from search.data import CropSampler, FeatureStore, PackedData, make_split
 from search.errors import first_line
 from search.infer import accuracy, predict_logits
 from search.model import build_model
-from search.study import worker_context
+from search.supervise import worker_context
 from search.train import CudaGraphStep, EagerStep, lr_in_tensor, make_optimizer, train
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -226,7 +226,8 @@ def _trial_list(text: str) -> set[int]:
 def cmd_run(args: argparse.Namespace) -> int:
     from search.display import RunView, best_table
     from search.progress import console
-    from search.study import RunOptions, WorkersStopped, run
+    from search.study import RunOptions, run
+    from search.supervise import WorkersStopped
 
     opts = RunOptions(
         space=args.space,

@@ -1,4 +1,4 @@
-"""Imported by the worker fork server (``study.WORKER_PRELOAD``): imports ``study.WORKER_MODULES``,
+"""Imported by the worker fork server (``supervise.WORKER_PRELOAD``): imports ``supervise.WORKER_MODULES``,
 what a worker needs before its first trial, then freezes the objects they made.
 
 Why freeze: forked workers' garbage collections then skip them, so they do not copy the server's memory
@@ -14,7 +14,7 @@ buried that line under three tracebacks.
 import gc
 import importlib
 
-from search.study import WORKER_MODULES  # imports no torch: the list below does
+from search.supervise import WORKER_MODULES  # imports no torch: the list below does
 
 for _name in WORKER_MODULES:
     try:

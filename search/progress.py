@@ -39,3 +39,8 @@ def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
+
+
+def note(message: str) -> None:
+    """One line for the user on stderr, in yellow (above the live display when there is one)."""
+    console.print(message, style="yellow", markup=False, highlight=False, soft_wrap=True)

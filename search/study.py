@@ -16,32 +16,33 @@ from __future__ import annotations
 
 import contextlib
 import json
-import multiprocessing as mp
 import os
 import re
 import shutil
-import signal
-import socket
-import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.connection import wait as wait_for_exit
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import optuna
-from optuna.trial import TrialState
 
 from search.errors import UserError
-from search.files import atomic_write, pid_alive, require_data_dir
+from search.files import atomic_write, require_data_dir
+from search.progress import note
 from search.states import clear_state_lock, requeue_stopped, serialize_state_changes, state_lock
 from search.stops import stops_deferred
-from search.storage import GRACE_BEATS, STORAGE_PATIENCE, StorageWait, db_error_text
+from search.storage import GRACE_BEATS, STORAGE_PATIENCE, StorageWait
+from search.supervise import (
+    OutageLog,
+    exit_text,
+    run_status_dir,
+    start_worker_server,
+    supervise,
+)
 from search.trials import Counts, count_trials
-from search.worker import DISK_FULL_EXIT, WorkerSpec, read_status, worker_process
+from search.worker import DISK_FULL_EXIT, WorkerSpec, read_status
 
 if TYPE_CHECKING:
     from search.data import PackedData, Split
@@ -215,10 +216,10 @@ def plan_devices(opts: RunOptions) -> tuple[list[str], int]:
             raise UserError(f"--gpus: GPU {g} is not visible here (visible: {visible or 'none'})")
     if gpus:
         if opts.workers is not None:
-            _log(f"--workers {opts.workers} has no effect with GPUs: --per-gpu sets the trials per GPU")
+            note(f"--workers {opts.workers} has no effect with GPUs: --per-gpu sets the trials per GPU")
         return [f"cuda:{g}" for g in gpus], opts.lanes or opts.per_gpu or DEFAULT_PER_GPU
     if opts.per_gpu is not None:
-        _log(f"no GPU visible: --per-gpu {opts.per_gpu} has no effect; --workers N runs N CPU trials at once")
+        note(f"no GPU visible: --per-gpu {opts.per_gpu} has no effect; --workers N runs N CPU trials at once")
     return ["cpu"] * (opts.workers or 1), opts.lanes or 1
 
 
@@ -248,7 +249,7 @@ def _recorded_data_root(url: str, name: str) -> Path | None:
             f"--data: study '{name}' was run on {root}, which is not there any more; give --data with "
             "the same data set (or a new --study name)"
         )
-    _log(f"No --data given: using the data set study '{name}' was run on, {root}")
+    note(f"No --data given: using the data set study '{name}' was run on, {root}")
     return root
 
 
@@ -259,31 +260,6 @@ def _may_compile(space: Space) -> bool:
         or any(p.name == "compile" for p in space.params)
         or any(e.get("compile") for e in space.enqueue)
     )
-
-
-def _log(message: str) -> None:
-    """One line for the user on stderr (above the live display when there is one)."""
-    from search.progress import console
-
-    console.print(message, style="yellow", markup=False, highlight=False, soft_wrap=True)
-
-
-def _exit_text(code: int | None) -> str:
-    if code is not None and code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    if code == 130:
-        return "was stopped (SIGTERM or Ctrl-C sent to it, not to spkid-search run)"
-    if code == DISK_FULL_EXIT:
-        return "stopped: no space left on device"
-    return f"exited with code {code}"
-
-
-class WorkersStopped(KeyboardInterrupt):
-    """A stop (Ctrl-C, SIGTERM) that came while this run's workers ran: their trials were marked and
-    queued to resume. A plain KeyboardInterrupt from :func:`run` came while none ran."""
 
 
 def run(
@@ -297,7 +273,8 @@ def run(
     a line on stderr) gets the line that says so, and the counts come back as they are.
 
     A worker killed by a signal (SIGKILL, the OOM killer) while the budget is not met is started again,
-    at most ``max_respawns`` times in a row without a trial finishing (:class:`RestartBudget`); its
+    at most ``max_respawns`` times in a row without a trial finishing
+    (:class:`search.supervise.RestartBudget`); its
     trial is failed and retried from its checkpoint.
     """
     try:
@@ -343,11 +320,11 @@ def _run(
     if done is not None:
         if opts.data is not None:  # a typo is said even when the study needs no more trials
             require_data_dir(Path(opts.data))
-        (on_nothing or _log)(nothing_to_do(name, done.finished, opts.trials))
+        (on_nothing or note)(nothing_to_do(name, done.finished, opts.trials))
         return done
     check_server(url)  # a server that does not answer: said now, not after the data set is packed
-    for note in space.notes:  # before any trial: what may fail them
-        _log(f"note: {note}")
+    for text in space.notes:  # before any trial: what may fail them
+        note(f"note: {text}")
     start_worker_server()  # it imports torch for the workers while the driver does so and opens the data
     devices, lanes = _check_run(opts, space)
     heartbeat = opts.heartbeat or int(space.study.get("heartbeat_interval", DEFAULT_HEARTBEAT))
@@ -366,7 +343,7 @@ def _run(
     base = space.config_for({})
     split = make_split(data, base.train.valid_ratio, base.train.split_seed)
     if lone := unvalidated_note(data):
-        _log(f"note: {lone}")
+        note(f"note: {lone}")
     storage = open_storage(url, heartbeat, grace)
     # Closed as the run ends: SQLite folds its write-ahead log back into study.db only when the last
     # connection closes, and the command's exit does not close them (it skips the final collection).
@@ -388,12 +365,12 @@ def _run(
         if not fresh and held.finished >= opts.trials:
             # Workers would each stop at once and nothing is recorded: another data set, space or --steps
             # here changes nothing, so it is not refused either.
-            (on_nothing or _log)(nothing_to_do(name, held.finished, opts.trials))
+            (on_nothing or note)(nothing_to_do(name, held.finished, opts.trials))
             return held
         steps = _record_identity(study, space, data, split, home, opts, fresh)
     requeue_stopped(study, opts.trials)  # before the sweep: a stopped trial's folder is its resume point
     _sweep_leftovers(study, trials_dir(study), artifact_dir(study))
-    status_dir = _status_dir(home)
+    status_dir = run_status_dir(home)
     threads = max(1, (os.cpu_count() or 1) // len(devices)) if devices[0] == "cpu" else 2
     specs = [
         WorkerSpec(
@@ -417,8 +394,8 @@ def _run(
         )
         for i, dev in enumerate(devices)
     ]
-    outage = _OutageLog(opts.storage_patience)
-    exits, respawns = _supervise(specs, study, opts, status_dir, outage, on_update)
+    outage = OutageLog(opts.storage_patience)
+    exits, respawns = supervise(specs, study, opts.trials, opts.max_respawns, status_dir, outage, on_update)
     errors = [s.get("error") for s in read_status(status_dir) if s.get("error")]
     if errors:
         raise UserError(str(errors[0]))
@@ -486,7 +463,7 @@ def _record_identity(
     if "space_digest" in changes and not fresh:
         check_space_fits_study(study, space)
     if not fresh and "fingerprint" in changes:  # --allow-changed on another data set
-        _log(
+        note(
             f"note: study '{name}' goes on with the data set in {data.root} (it was run on "
             f"{study.user_attrs.get('data_root', '?')}); its earlier trials stay in its results, "
             "marked in status, and export-top leaves them out"
@@ -580,7 +557,7 @@ def _check_study_folder(study: optuna.Study, home: Path, fresh: bool, allow_chan
             f"is lost, pass --allow-changed to keep them in {home} from now on"
         )
     if folder.resolve() != home.resolve():
-        _log(
+        note(
             f"note: study '{name}' keeps its checkpoints in {home} from now on ({folder} is not seen here); "
             "runs on other machines must see that folder at the same path"
         )
@@ -647,7 +624,7 @@ def _check_ended(
         )
     broken = {w: code for w, code in exits.items() if code != 0}
     if counts.finished < opts.trials and broken:
-        what = ", ".join(f"worker {w} {_exit_text(code)}" for w, code in sorted(broken.items()))
+        what = ", ".join(f"worker {w} {exit_text(code)}" for w, code in sorted(broken.items()))
         raise UserError(
             f"study '{name}' holds {counts.finished} of {opts.trials} finished trials: {what} "
             f"({respawns} restarts used); fix the cause and run the same command again to resume"
@@ -741,7 +718,7 @@ def _check_run(opts: RunOptions, space: Space) -> tuple[list[str], int]:
         )
     steps = opts.steps or space.longest_steps
     if devices[0] == "cpu" and steps >= CPU_NOTE_STEPS:
-        _log(
+        note(
             f"note: no GPU: trials of up to {steps:,} steps on the CPU take hours each; for a CPU, "
             "--space smoke, or --steps N for shorter trials"
         )
@@ -751,274 +728,3 @@ def _check_run(opts: RunOptions, space: Space) -> tuple[list[str], int]:
 # Trials this long on a CPU say so before they start: the boss space (70,000 steps) printed nothing
 # else for minutes, and ran at 20-90 steps/s there (hours a trial).
 CPU_NOTE_STEPS = 10_000
-
-
-class _OutageLog:
-    """One line when the driver loses the storage, one when it is back (not one per failed poll)."""
-
-    def __init__(self, patience: float) -> None:
-        self.patience = patience
-        self.logged = False
-
-    def lost(self, reason: str, waited: float = 0.0) -> None:
-        if not self.logged:
-            _log(f"storage unreachable ({reason}); workers wait and retry for up to {self.patience:.0f} s")
-            self.logged = True
-
-    def back(self) -> None:
-        if self.logged:
-            _log("storage reachable again")
-            self.logged = False
-
-
-# What a worker imports before its first trial: the fork server imports it once (search.preload does,
-# skipping any that fails, then freezes what they made), and each worker (and each restart of one) is
-# forked from it ready to train.
-WORKER_MODULES = (
-    "torch",
-    "torch._dynamo",  # imported by the first optimizer a process makes (2 s on 2 cores)
-    "search.worker",
-    "search.train",
-    "search.model",
-    "search.data",
-    "search.storage",
-)
-WORKER_PRELOAD = ["search.preload"]
-
-
-def worker_context() -> Any:
-    """The multiprocessing context that starts workers: "forkserver" on Linux, else "spawn".
-
-    A spawned worker imports torch anew (seconds: most of a worker's start, and of its restart after a
-    kill); forked from a server that has imported it, a worker starts at once. The server never touches
-    CUDA, so each worker still initialises its own device. macOS keeps "spawn", Python's default there:
-    system libraries a torch import loads are not safe to fork.
-    """
-    if not sys.platform.startswith("linux"):
-        return mp.get_context("spawn")
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(WORKER_PRELOAD)
-    return ctx
-
-
-def start_worker_server() -> None:
-    """Start the fork server (if it is not running) now rather than at the first worker's start, so that
-    its imports overlap the driver's own work (checking the devices, opening or packing the data).
-
-    The server starts with SIGINT ignored: a Ctrl-C reaches the whole process group, and the server would
-    otherwise die of it mid-import with a traceback on the terminal. The driver handles Ctrl-C; its
-    workers install their own handlers.
-    """
-    if worker_context().get_start_method() != "forkserver":
-        return
-    from multiprocessing import forkserver
-
-    if threading.current_thread() is not threading.main_thread():
-        forkserver.ensure_running()  # signal handlers can only be set from the main thread
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited through exec while ignored
-    try:
-        forkserver.ensure_running()
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def in_environment(env: dict[str, str], target: Callable[..., None], *args: Any) -> None:
-    """Call ``target`` in the environment ``env`` (the driver's, as a worker starts).
-
-    A process forked by the fork server has the server's environment, the driver's when the server
-    started, which a driver that has changed its own since (a notebook, a test) no longer has.
-    Multiprocessing already gives it the driver's working folder and ``sys.path``.
-    """
-    os.environ.clear()
-    os.environ.update(env)
-    target(*args)
-
-
-class RestartBudget:
-    """Restarts of killed workers allowed: ``limit`` in a row while no trial ends.
-
-    Why in a row, not per run: a study left for days on one GPU meets an occasional OOM kill between
-    hundreds of good trials, and five of them over a week ended the run. A crash loop, where every
-    worker dies before any trial ends, is still stopped after ``limit``. A trial ends when it finishes
-    or fails for good: a config killed on each of its retries (too big for the host's memory) spent
-    four restarts, and the next such config then ended an unattended run.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0  # restarts in all, for the closing line
-        self.in_a_row = 0
-        self._ended: int | None = None  # ended trials at the last restart
-
-    def allow(self, ended: int | None) -> bool:
-        """Whether to restart a worker now; ``ended``: the study's finished trials and those failed for
-        good (None: unknown)."""
-        if ended is not None and self._ended is not None and ended > self._ended:
-            self.in_a_row = 0  # trials ended since the last restart: not a loop
-        if ended is not None:
-            self._ended = ended
-        if self.in_a_row >= self.limit:
-            return False
-        self.in_a_row += 1
-        self.used += 1
-        return True
-
-
-def _supervise(
-    specs: list[WorkerSpec],
-    study: optuna.Study,
-    opts: RunOptions,
-    status_dir: Path,
-    outage: _OutageLog,
-    on_update: Callable[[optuna.Study, Counts, list[dict[str, Any]]], None] | None,
-) -> tuple[dict[str, int | None], int]:
-    """Start the workers and wait for all to exit, restarting any killed by a signal while the budget
-    is not met (at most ``max_respawns`` in a row without a trial finishing); each worker's exit code
-    and the restarts used.
-
-    Ctrl-C (or SIGTERM) here stops every worker cleanly (:func:`stop_workers`) and is raised again.
-    """
-    from search.storage import is_transient_db_error
-
-    restarts = RestartBudget(opts.max_respawns if opts.max_respawns is not None else 5 * len(specs))
-    ctx = worker_context()
-    procs: dict[str, Any] = {}
-    exits: dict[str, int | None] = {}
-
-    def counts_now() -> Counts | None:
-        try:
-            return count_trials(study.get_trials(deepcopy=False))
-        except Exception as exc:
-            if is_transient_db_error(exc):
-                return None
-            raise
-
-    def start(spec: WorkerSpec) -> None:
-        start_worker_server()  # again if it has died since
-        proc = ctx.Process(
-            target=in_environment, args=(dict(os.environ), worker_process, spec), name=spec.worker
-        )
-        with stops_deferred():  # a worker that starts is one stop_workers knows of
-            proc.start()
-            procs[spec.worker] = proc
-
-    try:
-        for s in specs:
-            start(s)
-        while len(exits) < len(specs):
-            for s in specs:
-                proc = procs[s.worker]
-                if s.worker in exits or proc.is_alive():
-                    continue
-                proc.join()
-                code = proc.exitcode
-                killed = code is not None and code < 0 and -code not in (signal.SIGINT, signal.SIGTERM)
-                if killed:
-                    _fail_killed(study, status_dir, s, code, proc.pid)
-                    now = counts_now()
-                    short = now is None or now.finished < opts.trials
-                    if short and restarts.allow(None if now is None else now.ended):
-                        _log(
-                            f"worker {s.worker} ({s.device}) {_exit_text(code)}; restarting it "
-                            f"({restarts.in_a_row} of at most {restarts.limit} restarts in a row without a "
-                            "trial ending); its trial is retried from its last checkpoint (from step 0 if "
-                            "it had none yet; a trial whose attempts were killed 4 times is not: see status)"
-                        )
-                        start(s)
-                        continue
-                    if short:
-                        _log(
-                            f"worker {s.worker} {_exit_text(code)}; restart limit spent "
-                            f"({restarts.limit} in a row without a trial ending)"
-                        )
-                exits[s.worker] = code
-            if on_update is not None and len(exits) < len(specs):
-                try:
-                    on_update(study, count_trials(study.get_trials(deepcopy=False)), read_status(status_dir))
-                    outage.back()
-                except Exception as exc:
-                    if not is_transient_db_error(exc):
-                        raise
-                    outage.lost(db_error_text(exc))
-            running = [procs[s.worker].sentinel for s in specs if s.worker not in exits]
-            if running:  # wakes as soon as a worker exits, else after a second (for the display)
-                wait_for_exit(running, 1.0)
-    except KeyboardInterrupt:
-        stop_workers(list(procs.values()))
-        # Each stopped worker queued its trial's retry; one it could not is queued here (or at the next
-        # run's start, when the storage does not answer now, or a second Ctrl-C cuts this short).
-        with contextlib.suppress(Exception, KeyboardInterrupt):
-            requeue_stopped(study, opts.trials)
-        raise WorkersStopped() from None
-    return exits, restarts.used
-
-
-def _status_dir(home: Path) -> Path:
-    """This run's folder for its workers' status files: ``workers/<host>/<pid>``, emptied.
-
-    Why one per run: two runs of a study from one folder on one host (``--gpus 0`` and ``--gpus 1``
-    in two terminals) shared ``workers/<host>``, each deleting the other's files, and their workers,
-    both named w0, wrote the same file. Folders of runs no longer alive on this host are removed.
-    """
-    host = home / "workers" / socket.gethostname()
-    with contextlib.suppress(OSError):
-        for other in host.iterdir():
-            if other.is_dir() and other.name.isdigit() and not pid_alive(int(other.name)):
-                shutil.rmtree(other, ignore_errors=True)
-        for old in host.glob("*.json"):  # status files from before runs had folders of their own
-            old.unlink()
-    folder = host / str(os.getpid())
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("*.json"):  # this process's earlier run (a library calling run twice)
-        old.unlink()
-    return folder
-
-
-def _fail_killed(
-    study: optuna.Study, status_dir: Path, spec: WorkerSpec, code: int | None, pid: int
-) -> list[int]:
-    """FAIL a killed worker's running trials with the reason the driver knows, and queue their retries.
-
-    Why here: the stale check ran only at a lane's next round, so with one worker the dead trial stayed
-    RUNNING (and counted as running) until the restarted worker had trained a whole other trial, and it
-    then failed with "no reason recorded". Its process is gone, so no one else holds the trial. Best
-    effort: a storage that does not answer leaves the trials to the stale check. Returns their numbers.
-    """
-    from search.states import fail_and_retry
-    from search.storage import is_transient_db_error
-
-    numbers = {
-        st["trial"]
-        for st in read_status(status_dir)
-        if st.get("worker") in (spec.worker, *(f"{spec.worker}.{j}" for j in range(spec.lanes)))
-        and st.get("pid") == pid  # the killed process's own lanes, not a restarted one's
-        and isinstance(st.get("trial"), int)
-    }
-    if not numbers:
-        return []
-    # The host too: every run's first worker is w0, and on several machines the reason must say whose
-    # dmesg to read.
-    reason = f"its worker {spec.worker} ({spec.device}) on {socket.gethostname()} {_exit_text(code)}"
-    if code == -signal.SIGKILL:
-        reason += " (if no one sent it, likely the kernel's out-of-memory killer; see dmesg there)"
-    try:
-        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        return [t.number for t in running if t.number in numbers and fail_and_retry(study, t, reason)]
-    except Exception as exc:
-        if not is_transient_db_error(exc):
-            raise
-        return []
-
-
-def stop_workers(procs: list[Any], timeout: float = 60.0) -> None:
-    """SIGTERM every worker (each marks its trial and queues it for resume), then wait; kill stragglers."""
-    for p in procs:
-        if p.is_alive() and p.pid is not None:
-            os.kill(p.pid, signal.SIGTERM)
-    deadline = time.time() + timeout
-    for p in procs:
-        p.join(max(0.1, deadline - time.time()))
-        if p.is_alive():
-            p.kill()
-            p.join()

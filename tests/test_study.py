@@ -26,12 +26,14 @@ from optuna.trial import TrialState
 
 import search.states as states_module
 import search.study as study_module
+import search.supervise as supervise_module
 from search.cli import main
 from search.errors import UserError
 from search.files import sha256_file
 from search.space import load_space
 from search.storage import artifact_store, open_storage
-from search.study import RunOptions, effective_steps, identity_changes, in_environment, run, worker_context
+from search.study import RunOptions, effective_steps, identity_changes, run
+from search.supervise import in_environment, worker_context
 from search.trials import count_trials, is_skipped
 from search.worker import read_status
 from tests.studies import load, long_space, states, wait_for_step, write_space
@@ -345,7 +347,7 @@ def test_run_on_a_study_that_holds_enough_trials_says_so_and_starts_nothing(
     def no_workers(*args: object, **kwargs: object) -> None:
         raise AssertionError("a worker was started")
 
-    monkeypatch.setattr(study_module, "_supervise", no_workers)
+    monkeypatch.setattr(study_module, "supervise", no_workers)
     handler = signal.getsignal(signal.SIGTERM)  # main() installs its own; put the test runner's back
     try:
         code = main(["run", "--space", space, "--trials", "1", "--data", str(tiny_dir)])
@@ -519,7 +521,7 @@ def test_each_run_keeps_its_own_status_folder_and_fails_only_its_killed_workers_
         folder.mkdir(parents=True)
         (folder / "w0.json").write_text("{}")
     (host / "w0.json").write_text("{}")  # a status file from before runs had folders
-    mine = study_module._status_dir(home)
+    mine = supervise_module.run_status_dir(home)
     assert mine == host / str(os.getpid()) and mine.is_dir()
     assert sorted(p.name for p in host.iterdir()) == sorted([alive.name, mine.name])  # the dead run's went
 
@@ -546,22 +548,22 @@ def test_each_run_keeps_its_own_status_folder_and_fails_only_its_killed_workers_
         threads=1,
         max_failures=3,
     )
-    assert study_module._fail_killed(study, mine, spec, -9, pid=4343) == []  # not this run's process
-    assert study_module._fail_killed(study, mine, spec, -9, pid=4242) == [ours.number]
+    assert supervise_module.fail_killed(study, mine, spec, -9, pid=4343) == []  # not this run's process
+    assert supervise_module.fail_killed(study, mine, spec, -9, pid=4242) == [ours.number]
     assert study.trials[theirs.number].state == TrialState.RUNNING
 
 
 def test_killed_workers_restart_while_trials_finish_and_a_crash_loop_stops() -> None:
     """Kills spread over a long study, each after trials have finished, never spend the limit (five
     over a week of OOM kills used to end the run); kills with nothing finishing in between do."""
-    budget = study_module.RestartBudget(2)
+    budget = supervise_module.RestartBudget(2)
     # Finished trials at each kill: 7 then 7 is two in a row, within the limit of 2.
     assert [budget.allow(finished) for finished in (0, 3, 7, 7, 12, 40)] == [True] * 6
     assert (budget.used, budget.in_a_row) == (6, 1)
     assert [budget.allow(finished) for finished in (40, 40, 40)] == [True, False, False]
     assert budget.allow(41)  # a trial finished meanwhile: a restart again
     assert budget.used == 8
-    unknown = study_module.RestartBudget(1)  # the storage did not answer: counted as in a row
+    unknown = supervise_module.RestartBudget(1)  # the storage did not answer: counted as in a row
     assert [unknown.allow(None), unknown.allow(None)] == [True, False]
 
 
@@ -572,7 +574,7 @@ def test_a_config_killed_on_every_retry_does_not_spend_the_next_configs_restarts
     from optuna.trial import create_trial
 
     study = optuna.create_study()
-    budget = study_module.RestartBudget(4)
+    budget = supervise_module.RestartBudget(4)
 
     def killed(number: int, retry_of: int | None) -> bool:
         """Trial ``number`` killed (FAIL), its worker restart asked for."""
@@ -646,7 +648,7 @@ def test_a_run_sweeps_again_once_its_workers_end(
             study.add_trial(create_trial(state=TrialState.COMPLETE, value=value))
         return {"w0": 0}, 0
 
-    monkeypatch.setattr(study_module, "_supervise", supervise)
+    monkeypatch.setattr(study_module, "supervise", supervise)
     space = write_space(tmp_path / "unit.yaml")
     counts = run(RunOptions(space=str(space), trials=2, data=tiny_dir, display=False))
     assert counts.finished == 2 and left and left[0].parent.parent.is_dir()
@@ -693,8 +695,8 @@ def test_a_stopped_trial_left_without_its_retry_is_resumed_by_the_run(
         load().add_trial(create_trial(state=TrialState.FAIL, user_attrs=user))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(study_module, "wait_for_exit", stop_now)
-    with pytest.raises(study_module.WorkersStopped):
+    monkeypatch.setattr(supervise_module, "wait_for_exit", stop_now)
+    with pytest.raises(supervise_module.WorkersStopped):
         run(RunOptions(space=str(space), trials=4, data=tiny_dir, display=False))
     trials = load().get_trials()
     (lost,) = [t.number for t in trials if t.user_attrs.get("lost") and "failed_trial" not in t.system_attrs]
@@ -900,7 +902,7 @@ def test_the_fork_servers_imports_never_touch_cuda() -> None:
     torch.cuda.is_available(), which initialises the driver) would leave every forked worker unable to
     use its GPU ("Cannot re-initialize CUDA in forked subprocess"); on a machine without a GPU nothing
     would show it, so this watches the calls themselves."""
-    modules = json.dumps(study_module.WORKER_PRELOAD)
+    modules = json.dumps(supervise_module.WORKER_PRELOAD)
     done = subprocess.run(
         [sys.executable, "-c", _CUDA_SPY, modules], capture_output=True, text=True, timeout=120
     )
@@ -1030,7 +1032,7 @@ def test_a_stop_inside_a_workers_start_stops_that_worker_too(
     space = str(long_space(tmp_path))
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        with pytest.raises(study_module.WorkersStopped):
+        with pytest.raises(supervise_module.WorkersStopped):
             run(RunOptions(space=space, trials=1, data=tiny_dir, display=False))
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -1355,7 +1357,7 @@ def test_a_server_that_does_not_answer_is_said_before_the_data_set_is_opened(
 def test_the_driver_says_once_that_the_storage_is_lost_and_once_that_it_is_back(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    outage = study_module._OutageLog(patience=300)
+    outage = supervise_module.OutageLog(patience=300)
     outage.back()  # never lost: nothing to say
     for _ in range(3):  # the driver polls every second through an outage
         outage.lost("connection refused", 0.0)

@@ -54,7 +54,7 @@ def _worker_here(
 
     space = space or long_space(tmp_path)
     with monkeypatch.context() as no_workers:  # the study and its attrs, as run leaves them; no trial
-        no_workers.setattr(study_module, "_supervise", lambda *args, **kwargs: ({}, 0))
+        no_workers.setattr(study_module, "supervise", lambda *args, **kwargs: ({}, 0))
         run(RunOptions(space=str(space), trials=1, data=tiny_dir, display=False))
     spec = worker_module.WorkerSpec(
         worker="w9",

@@ -38,7 +38,8 @@ import yaml
 
 from search.export import export_top
 from search.storage import resolve
-from search.study import RunOptions, in_environment, run, worker_context
+from search.study import RunOptions, run
+from search.supervise import in_environment, worker_context
 from tests.hw4fake import make_hw4
 from tests.reliability.conftest import FIGURES, SPACE, DeadlineExceeded
 
