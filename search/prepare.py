@@ -52,8 +52,8 @@ from search.audio import (
     BadAudio,
     features_from_file,
 )
-from search.data import PREPARE_STATE, read_prepare_state
 from search.errors import UserError, first_line
+from search.layout import PREPARE_STATE, read_prepare_state
 from search.stops import stops_deferred
 
 STATE_NAME = PREPARE_STATE

@@ -25,21 +25,12 @@ import torch
 
 from search.checkpoint import read_checkpoint
 from search.config import Config
-from search.data import (
-    PREPARE_STATE,
-    FeatureStore,
-    PackedData,
-    Split,
-    make_split,
-    read_layout,
-    read_prepare_state,
-    rebuild_split,
-    unseen_split,
-)
+from search.data import FeatureStore, PackedData, Split, make_split, rebuild_split, unseen_split
 from search.ensemble import check_method, combine, fit_temperature, method_weights, softmax
 from search.errors import UserError
 from search.files import sha256_file
 from search.infer import accuracy, check_compatible, checkpoint_logits
+from search.layout import PREPARE_STATE, read_layout, read_prepare_state
 from search.manifest import MANIFEST_NAME, Manifest, read_manifest, verify_members
 from search.submission import ANSWERS_NAME, check_out, read_answers, write_submission
 

@@ -1,3 +1,5 @@
+"""search/data.py (the packed cache, splits, batches) and search/layout.py (the HW4 JSON, feature files)."""
+
 from __future__ import annotations
 
 import fcntl
@@ -22,12 +24,11 @@ from search.data import (
     FeatureStore,
     PackedData,
     eval_batches,
-    load_feature,
     make_split,
     pack,
-    read_layout,
 )
 from search.errors import UserError
+from search.layout import load_feature, read_layout
 from tests.hw4fake import make_hw4
 
 

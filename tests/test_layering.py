@@ -17,6 +17,7 @@ FORBIDDEN = {
     "train": {"optuna", "study", "worker", "cli", "space", "storage", "states", "export", "vote", "rich"},
     "model": {"optuna", "study", "worker", "cli", "data", "train", "infer"},
     "data": {"optuna", "study", "worker", "cli", "train", "model", "space"},
+    "layout": {"optuna", "study", "worker", "cli", "train", "model", "space", "data"},
     "config": {"optuna", "torch", "study", "worker", "cli"},
     "infer": {"optuna", "study", "worker", "cli", "train"},
     "vote": {"optuna", "study", "worker", "cli", "export"},

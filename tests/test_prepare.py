@@ -27,8 +27,9 @@ from search.audio import (
     normalise_peak,
     remove_silence,
 )
-from search.data import pack, read_layout
+from search.data import pack
 from search.errors import UserError
+from search.layout import read_layout
 from search.prepare import STATE_NAME, PrepareReport, feature_name, prepare
 from tests.hw4fake import make_hw4
 

@@ -343,7 +343,7 @@ def test_two_commands_needing_the_default_set_at_once_get_one_whole_set(
     import subprocess
     import sys
 
-    from search.data import read_layout
+    from search.layout import read_layout
 
     env = {**os.environ, "SPKID_SEARCH_DATA": str(tmp_path / "data"), "SPKID_SEARCH_SYNTH_PRESET": "tiny"}
     script = "from search.synth import default_set\nprint(default_set(progress=False))"

@@ -19,8 +19,9 @@ import yaml
 
 from search.checkpoint import read_checkpoint
 from search.cli import build_parser
-from search.data import load_feature, pack
+from search.data import pack
 from search.errors import UserError
+from search.layout import load_feature
 from search.storage import check_study_name, study_dir
 from tests.hw4fake import make_hw4
 
