@@ -91,25 +91,25 @@ def _file_lock(path: Path) -> Callable[[], Release]:
 PG_LOCK_KEY = int.from_bytes(hashlib.sha256(b"spkid-search trial states").digest()[:8], "big", signed=True)
 
 
-def _pg_advisory_lock(engine: Any) -> Callable[[], Release]:
-    """A PostgreSQL transaction-level advisory lock: among all machines sharing the database.
-
-    Held by an open transaction on a connection of its own; ending the transaction, or losing the
-    connection (a killed worker, a database restart), releases it.
-    """
+def _connection_lock(
+    engine: Any, take: Callable[[Any], None], give_back: Callable[[Any], None]
+) -> Callable[[], Release]:
+    """A lock a database server keeps for a connection of its own: ``take(conn)`` waits for it and
+    ``give_back(conn)`` releases it. A wait cut short by a stop, or a release that fails, drops the
+    connection, and the server releases what it held (as it does for a killed worker's)."""
 
     def acquire() -> Release:
         conn = engine.connect()
         try:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_LOCK_KEY})
+            take(conn)
         except BaseException:
-            conn.invalidate()  # a wait cut short by a stop: drop the connection, and any queued request
+            conn.invalidate()  # drop the connection, and any request still queued on it
             conn.close()
             raise
 
         def release() -> None:
             try:
-                conn.rollback()  # ends the transaction, and the lock with it
+                give_back(conn)
             except Exception:  # noqa: BLE001 - a lost connection has released the lock already
                 conn.invalidate()
             finally:
@@ -118,6 +118,19 @@ def _pg_advisory_lock(engine: Any) -> Callable[[], Release]:
         return release
 
     return acquire
+
+
+def _pg_advisory_lock(engine: Any) -> Callable[[], Release]:
+    """A PostgreSQL transaction-level advisory lock: among all machines sharing the database.
+
+    Held by an open transaction on a connection of its own; ending the transaction, or losing the
+    connection (a killed worker, a database restart), releases it.
+    """
+
+    def take(conn: Any) -> None:
+        conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_LOCK_KEY})
+
+    return _connection_lock(engine, take, lambda conn: conn.rollback())  # the transaction's end frees it
 
 
 def mysql_lock_name(database: str) -> str:
@@ -134,29 +147,16 @@ def _mysql_named_lock(engine: Any) -> Callable[[], Release]:
     """
     name = mysql_lock_name(engine.url.database or "")
 
-    def acquire() -> Release:
-        conn = engine.connect()
-        try:
-            # Waits in slices: GET_LOCK's "forever" (-1) is not understood by every server version.
-            while conn.execute(sqlalchemy.text("SELECT GET_LOCK(:name, 5)"), {"name": name}).scalar() != 1:
-                pass
-        except BaseException:
-            conn.invalidate()  # a wait cut short: closing the connection drops a lock it may hold
-            conn.close()
-            raise
+    def take(conn: Any) -> None:
+        # Waits in slices: GET_LOCK's "forever" (-1) is not understood by every server version.
+        while conn.execute(sqlalchemy.text("SELECT GET_LOCK(:name, 5)"), {"name": name}).scalar() != 1:
+            pass
 
-        def release() -> None:
-            try:
-                conn.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:name)"), {"name": name})
-                conn.rollback()
-            except Exception:  # noqa: BLE001 - a lost connection has released the lock already
-                conn.invalidate()
-            finally:
-                conn.close()
+    def give_back(conn: Any) -> None:
+        conn.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:name)"), {"name": name})
+        conn.rollback()
 
-        return release
-
-    return acquire
+    return _connection_lock(engine, take, give_back)
 
 
 _STATE_LOCK: dict[str, _StateLock] = {}  # the lock of this process's storage, once installed

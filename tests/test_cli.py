@@ -562,6 +562,17 @@ def test_notices_in_a_pipe_are_whole_lines(tmp_path: Path) -> None:
     assert f"Wrote synthetic HW4 set to {out}" in proc.stderr.splitlines()
 
 
+def _python(script: str) -> subprocess.CompletedProcess[str]:
+    """``script`` run by this Python in a process of its own, from the repository's folder."""
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parents[1],
+    )
+
+
 def test_a_second_ctrl_c_while_the_first_is_reported_still_exits_130_without_a_traceback() -> None:
     """A run printed "interrupted" and then died of SIGINT (exit -2): a second Ctrl-C landed in main()'s
     report of the first, and its KeyboardInterrupt escaped. Here the second one comes as that line is
@@ -585,13 +596,7 @@ def test_a_second_ctrl_c_while_the_first_is_reported_still_exits_130_without_a_t
         "sys.argv = ['spkid-search', 'status']\n"
         "cli.entry()\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=Path(__file__).parents[1],
-    )
+    proc = _python(script)
     assert proc.returncode == 130, proc.stderr
     assert "Traceback" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr, proc.stderr
     assert "spkid-search status: interrupted" in proc.stderr
@@ -666,27 +671,12 @@ def test_a_stop_while_the_command_line_is_still_loading_exits_130_without_a_trac
         "sys.argv = ['spkid-search', '--version']\n"
         "entry()\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=Path(__file__).parents[1],
-    )
+    proc = _python(script)
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr == "" and proc.stdout == ""
     # Loaded without a stop, it is the command line itself.
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import sys\nfrom search.launch import entry\n"
-            "sys.argv = ['spkid-search', '--version']\nentry()\n",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=Path(__file__).parents[1],
+    proc = _python(
+        "import sys\nfrom search.launch import entry\nsys.argv = ['spkid-search', '--version']\nentry()\n"
     )
     assert proc.returncode == 0 and "spkid-search" in proc.stdout + proc.stderr, proc.stderr
 
