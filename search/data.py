@@ -32,6 +32,7 @@ from search.errors import UserError
 from search.files import (
     LOCAL_FS,
     filesystem_type,
+    one_at_a_time,
     pid_alive,
     studies_root,
     usual_mode,
@@ -173,8 +174,34 @@ def pack(
     if _is_packed(target) and not _all_finite(target):
         shutil.rmtree(target, ignore_errors=True)  # packed before values were checked: the file is named
     if not _is_packed(target):
-        _build_cache(layout, key, target, progress, sizes)
+        with _packing_turn(cache_root, key, layout.root, progress):
+            if not _is_packed(target):  # else another command packed it while this one waited
+                _build_cache(layout, key, target, progress, sizes)
     return dataclasses.replace(open_cache(target, layout.root), index_digest=digest)
+
+
+@contextlib.contextmanager
+def _packing_turn(cache_root: Path, key: str, root: Path, progress: bool) -> Iterator[None]:
+    """One packing of a set at a time in a cache folder: a second command waits, then uses the first's.
+
+    Why: the workers of a Docker set-up, or two runs, started together each packed the set in full at
+    the same time (for HW4, twice the 6.85 GB read and twice 3.4 GB of temp files) and one packing was
+    thrown away. Where no lock file can be made (a folder this user cannot write), packing says why.
+    """
+
+    def say_waiting() -> None:
+        if progress:
+            from search.progress import console
+
+            console.print(f"[yellow]waiting for another command that is packing {root} into {cache_root}")
+
+    with contextlib.ExitStack() as held:
+        try:
+            cache_root.mkdir(parents=True, exist_ok=True)
+            held.enter_context(one_at_a_time(cache_root / f".{key}.packing-turn", say_waiting))
+        except OSError:
+            pass  # _build_cache says what is wrong with the folder
+        yield
 
 
 def _is_own_packing(target: Path) -> bool:

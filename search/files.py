@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 import shutil
@@ -19,7 +20,7 @@ import stat
 import tempfile
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -290,3 +291,42 @@ def load_tensors(path: Path) -> object:
         raise
     except Exception as exc:  # noqa: BLE001 - unpickling and zip errors come in many types
         raise UnloadableFile(load_failure(exc, path)) from None
+
+
+@contextlib.contextmanager
+def one_at_a_time(lock: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the file ``lock`` (made for it, removed as it ends).
+
+    For work that two processes must not do at once and that the second should not repeat (generating
+    or packing one data set): the second waits its turn, calling ``on_wait`` first, and then finds the
+    work done. Without ``on_wait`` a busy lock raises BlockingIOError at once. The holder removes the
+    file before its lock goes, and a waiter that then holds a removed file's lock opens the new one.
+    """
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is None:
+                    raise
+                on_wait()
+                on_wait = _nothing  # said once
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                    break  # the file still in place: the lock is this process's
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # its holder removed it as it ended: lock the new one
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()  # before the lock is released: no one can hold a removed file's lock then
+        os.close(fd)
+
+
+def _nothing() -> None:
+    pass

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import fcntl
 import json
 import math
 import os
@@ -54,7 +53,7 @@ import numpy.typing as npt
 import torch
 
 from search.errors import UserError, shown
-from search.files import check_can_create, install_folder, studies_root
+from search.files import check_can_create, install_folder, one_at_a_time, studies_root
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
@@ -613,42 +612,26 @@ def generating(out: Path, wait: bool) -> Iterator[None]:
 
     Why: two commands that needed the default set at once wrote the same partial folder; one removed
     the other's as a leftover (a traceback), or installed it half-written, and every later command used
-    that. ``wait``: wait for the other (and say so) rather than refuse. The holder removes the file as
-    it ends; a waiter that then holds a removed file's lock opens the new one again.
+    that. ``wait``: wait for the other (and say so) rather than refuse.
     """
     whole = Path(os.path.abspath(out))
     whole.parent.mkdir(parents=True, exist_ok=True)
-    lock = whole.parent / f".{whole.name}.synth-lock"
-    said = False
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if not wait:
-                    raise UserError(
-                        f"synth: another command is generating {out}; wait for it, or choose another --out"
-                    ) from None
-                if not said:
-                    from search.progress import console
 
-                    console.print(f"[yellow]waiting for another command that is generating {out}")
-                    said = True
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            with contextlib.suppress(FileNotFoundError):
-                if os.stat(lock).st_ino == os.fstat(fd).st_ino:
-                    break  # the file still in place: the lock is this process's
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(fd)  # its holder removed it as it ended: lock the new one
-    try:
+    def say_waiting() -> None:
+        from search.progress import console
+
+        console.print(f"[yellow]waiting for another command that is generating {out}")
+
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(
+                one_at_a_time(whole.parent / f".{whole.name}.synth-lock", say_waiting if wait else None)
+            )
+        except BlockingIOError:
+            raise UserError(
+                f"synth: another command is generating {out}; wait for it, or choose another --out"
+            ) from None
         yield
-    finally:
-        with contextlib.suppress(OSError):
-            lock.unlink()  # before the lock is released: no one can hold a removed file's lock then
-        os.close(fd)
 
 
 def _generate(

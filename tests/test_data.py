@@ -493,6 +493,50 @@ d.pack(Path(sys.argv[1]), Path(sys.argv[3]), progress=False)
 """
 
 
+_PACK_IN_A_PROCESS = """
+import sys
+from pathlib import Path
+import search.data as d
+built = []
+real = d._build_cache
+d._build_cache = lambda *args: built.append(1) or real(*args)
+data = d.pack(Path(sys.argv[1]), Path(sys.argv[2]), progress=True)
+print("built" if built else "reused", data.cache_dir)
+"""
+
+
+def test_a_second_command_packing_the_same_set_waits_and_uses_the_first_ones(
+    hw4: Path, tmp_path: Path
+) -> None:
+    """Workers started together (Docker's, two runs) each packed the set in full at once: for HW4, twice
+    the 6.85 GB read and twice 3.4 GB of temp files, and one packing thrown away."""
+    from search.data import _build_cache, _hash_of_json, cache_key
+    from search.files import one_at_a_time
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    layout = read_layout(hw4)
+    sizes: list[int] = []
+    key = cache_key(layout, _hash_of_json(layout), sizes)
+    said = tmp_path / "stderr.txt"
+    with one_at_a_time(cache / f".{key}.packing-turn"), said.open("w") as err_file:  # a first one packs
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _PACK_IN_A_PROCESS, str(hw4), str(cache)],
+            stdout=subprocess.PIPE,
+            stderr=err_file,
+            text=True,
+        )
+        deadline = time.monotonic() + 120
+        while "waiting for another command that is packing" not in said.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, said.read_text()
+            time.sleep(0.1)
+        _build_cache(layout, key, cache / key, False, sizes)  # the first command's packing
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, said.read_text()
+    assert out.split() == ["reused", str(cache / key)]  # the first one's packing, not a second one
+    assert sorted(p.name for p in cache.iterdir()) == [key]  # no lock file or temp folder left
+
+
 def test_a_packing_killed_outright_is_swept_by_the_next(hw4: Path, tmp_path: Path) -> None:
     """SIGKILL (the OOM killer) left a hidden partial copy of the set (3.4 GB for HW4) for good."""
     from search.data import PACKING_LOCK, sweep_abandoned_packings
@@ -504,7 +548,7 @@ def test_a_packing_killed_outright_is_swept_by_the_next(hw4: Path, tmp_path: Pat
         while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert ready.exists(), "the packing never started"
-        (live,) = [p for p in cache.iterdir() if p.name.startswith(".")]
+        (live,) = [p for p in cache.iterdir() if p.name.startswith(".") and p.is_dir()]
         assert (live / PACKING_LOCK).exists() and (live / "features.npy").exists()
         assert sweep_abandoned_packings(cache) == [] and live.exists()  # alive: its lock is held
     finally:
