@@ -95,8 +95,10 @@ def _connection_lock(
     engine: Any, take: Callable[[Any], None], give_back: Callable[[Any], None]
 ) -> Callable[[], Release]:
     """A lock a database server keeps for a connection of its own: ``take(conn)`` waits for it and
-    ``give_back(conn)`` releases it. A wait cut short by a stop, or a release that fails, drops the
-    connection, and the server releases what it held (as it does for a killed worker's)."""
+    ``give_back(conn)`` releases it. A wait cut short by a stop, or a release that fails or is cut
+    short, drops the connection, and the server releases what it held (as it does for a killed
+    worker's): back in the pool, a MySQL connection would keep its named lock, and every worker would
+    wait for it for good."""
 
     def acquire() -> Release:
         conn = engine.connect()
@@ -112,6 +114,9 @@ def _connection_lock(
                 give_back(conn)
             except Exception:  # noqa: BLE001 - a lost connection has released the lock already
                 conn.invalidate()
+            except BaseException:  # a stop during the release: not given back, so drop it
+                conn.invalidate()
+                raise
             finally:
                 conn.close()
 
@@ -149,8 +154,11 @@ def _mysql_named_lock(engine: Any) -> Callable[[], Release]:
 
     def take(conn: Any) -> None:
         # Waits in slices: GET_LOCK's "forever" (-1) is not understood by every server version.
-        while conn.execute(sqlalchemy.text("SELECT GET_LOCK(:name, 5)"), {"name": name}).scalar() != 1:
-            pass
+        while (
+            got := conn.execute(sqlalchemy.text("SELECT GET_LOCK(:name, 5)"), {"name": name}).scalar()
+        ) != 1:
+            if got is None:  # an error on the server (killed query, out of memory), not a timeout
+                raise sqlalchemy.exc.OperationalError("SELECT GET_LOCK", {"name": name}, Exception("NULL"))
 
     def give_back(conn: Any) -> None:
         conn.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:name)"), {"name": name})

@@ -115,6 +115,32 @@ def test_state_lock_on_a_server_holds_off_another_machine(
     there.engine.dispose()
 
 
+@pytest.mark.parametrize("server", SERVERS)
+def test_a_release_cut_short_by_a_stop_leaves_the_lock_free(
+    server: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ctrl-C during the release put the connection back in the pool: a MySQL named lock belongs to
+    the session, so that idle connection kept it, and every worker (this one too) waited for good."""
+    url = request.getfixturevalue(server)
+    storage = open_storage(url)
+    postgres = storage.engine.dialect.name == "postgresql"
+    lock = (states_module._pg_advisory_lock if postgres else states_module._mysql_named_lock)(storage.engine)
+    release = lock()
+    assert _advisory_locks_held(storage) == 1
+
+    def stopped(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as stop:
+        stop.setattr(sqlalchemy.engine.Connection, "execute", stopped)
+        stop.setattr(sqlalchemy.engine.Connection, "rollback", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            release()
+    assert _advisory_locks_held(storage) == 0
+    lock()()  # taken and given back at once, not waited for
+    storage.engine.dispose()
+
+
 def test_a_new_trial_is_created_only_while_the_budget_has_room(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
