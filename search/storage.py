@@ -171,11 +171,14 @@ def _password(url: str) -> str:
     return found.group(1) if found else ""
 
 
+_WHOLE_QUERY_PASSWORD = re.compile(r"[?&](?:ssl)?password=([^&#]*)", re.IGNORECASE)  # a URL alone: spaces too
+
+
 def _url_passwords(url: str) -> list[str]:
-    """The secrets of a storage URL given alone: its password (spaces and all) and query passwords."""
+    """The secrets of a storage URL given alone: its password and query passwords, spaces and all."""
     found = _WHOLE_URL_PASSWORD.match(url)
     own = [found.group(1)] if found else []
-    return [secret for secret in own + _query_passwords(url) if secret]
+    return [secret for secret in own + _WHOLE_QUERY_PASSWORD.findall(url) if secret]
 
 
 def _query_passwords(text: str) -> list[str]:
@@ -186,10 +189,11 @@ def mask_url(text: str, url: str | None = None) -> str:
     """``text`` (a URL, or a message quoting one) with passwords replaced by ``***``: never echo one.
 
     ``url``: the storage URL a driver's message in ``text`` is about; its password is masked wherever
-    the message quotes it (or a piece of it), not only inside a URL.
+    the message quotes it (or a piece of it), not only inside a URL. So is that of every URL that
+    :func:`check_storage_url` has seen (a password holding a space, which ``text`` alone cannot tell
+    from the words after it).
     """
-    alone = re.fullmatch(r"[\w+]+://.*@\S*", text) is not None  # text is a URL, nothing after its host
-    secrets = (*_url_passwords(url or ""), *(_url_passwords(text) if alone else ()), *_SEEN_PASSWORDS)
+    secrets = (*_url_passwords(url or ""), *_SEEN_PASSWORDS)  # a URL checked: spaces and all
     passwords = [p for p in (*secrets, _password(text), *_query_passwords(text)) if p]
     pieces = {piece for p in passwords for piece in re.split(r"[@/:]", p) if piece}
     # The whole password and its pieces wherever they appear, longest first; four characters or more

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import search.storage as storage_module
 from search.data import PackedData, pack
 from tests.hw4fake import make_hw4
 from tests.studies import MYSQL_BASE, PG_BASE, mysql_answers, postgres_answers
@@ -21,6 +22,7 @@ def _isolated_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in [n for n in os.environ if n.startswith("SPKID_SEARCH_")]:
         monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(storage_module, "_SEEN_PASSWORDS", set())  # each test masks only what it checked
     monkeypatch.setenv("SPKID_SEARCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("SPKID_SEARCH_DATA", str(tmp_path / "data"))
 
