@@ -191,9 +191,9 @@ def _packing_turn(cache_root: Path, key: str, root: Path, progress: bool) -> Ite
 
     def say_waiting() -> None:
         if progress:
-            from search.progress import console
+            from search.progress import note
 
-            console.print(f"[yellow]waiting for another command that is packing {root} into {cache_root}")
+            note(f"waiting for another command that is packing {root} into {cache_root}")
 
     with contextlib.ExitStack() as held:
         try:

@@ -597,8 +597,9 @@ def trials_dir(study: optuna.Study) -> Path:
     """Where the study's trials keep their checkpoints while they run: ``trials/`` in :func:`study_home`.
 
     Derived, not read from the recorded ``trials_dir`` (always the same folder when written): the sweep
-    removes folders there, and the study folder is the one a run checks against its ``.study-mark``,
-    so a value edited in the database cannot aim the sweep at another folder.
+    removes folders there, and the study folder is the one a run checks against its ``.study-mark``
+    as it starts, so a value edited in the database alone cannot aim the sweep at another folder (and
+    the sweep removes only folders named as workers name them, of ended trials).
     """
     return study_home(study) / "trials"
 

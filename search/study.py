@@ -453,7 +453,9 @@ def _record_identity(
             "data_root": str(Path(data.root).resolve()),
             "home_dir": str(home.resolve()),
             "artifact_dir": str((home / "artifacts").resolve()),
-            "trials_dir": str((home / "trials").resolve()),
+            "trials_dir": str(
+                (home / "trials").resolve()
+            ),  # read by older versions only: see storage.trials_dir
             "steps_override": steps,
             "pruner": json.dumps(space.pruner, sort_keys=True),
         },
@@ -565,7 +567,7 @@ def _check_study_folder(study: optuna.Study, home: Path, fresh: bool, allow_chan
     return {
         "home_dir": str(home.resolve()),
         "artifact_dir": str((home / "artifacts").resolve()),
-        "trials_dir": str((home / "trials").resolve()),
+        "trials_dir": str((home / "trials").resolve()),  # read by older versions only: see storage.trials_dir
     }
 
 

@@ -614,13 +614,13 @@ def generating(out: Path, wait: bool) -> Iterator[None]:
     the other's as a leftover (a traceback), or installed it half-written, and every later command used
     that. ``wait``: wait for the other (and say so) rather than refuse.
     """
-    whole = Path(os.path.abspath(out))
+    whole = Path(os.path.realpath(out))  # one lock for a folder, whatever links name it
     whole.parent.mkdir(parents=True, exist_ok=True)
 
     def say_waiting() -> None:
-        from search.progress import console
+        from search.progress import note
 
-        console.print(f"[yellow]waiting for another command that is generating {out}")
+        note(f"waiting for another command that is generating {out}")
 
     with contextlib.ExitStack() as held:
         try:
@@ -812,18 +812,19 @@ def default_set(progress: bool = True) -> Path:
     Why here and not in ``data.open_data``: generating a set is the commands' policy for a missing
     --data (they say so), not something opening a data set should do.
     """
-    from search.progress import console
+    from search.progress import note
 
     preset = default_synth_preset()
     root = default_data_dir()
+    using = f"No --data given: using the synthetic '{preset}' set in {root}"
     if (root / "testdata.json").exists():  # written last, and the set installed whole after it
-        console.print(f"[yellow]No --data given: using the synthetic '{preset}' set in {root}")
+        note(using)
         return root
     check_can_create(root)
     with generating(root, wait=True):  # another command generating it: wait, then use its set
         if (root / "testdata.json").exists():
-            console.print(f"[yellow]No --data given: using the synthetic '{preset}' set in {root}")
+            note(using)
         else:
-            console.print(f"[yellow]No --data given: generating the synthetic '{preset}' set in {root}")
+            note(f"No --data given: generating the synthetic '{preset}' set in {root}")
             _generate(root, resolve_spec(preset, None, None, None), preset, 0, progress, None, False)
     return root

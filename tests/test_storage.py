@@ -179,15 +179,12 @@ def test_holds_studies_only_looks(tmp_path: Path) -> None:
     assert holds_studies(f"sqlite:///{ours}")
 
 
-def test_passwords_in_the_query_or_with_a_space_are_masked_too(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_passwords_in_the_query_or_with_a_space_are_masked_too(capsys: pytest.CaptureFixture[str]) -> None:
     """libpq takes ?password= and ?sslpassword= (the client key's passphrase), and SQLAlchemy a password
     holding a space: status and every refusal that quotes --storage printed them as given."""
-    import search.storage as storage_module
     from search.cli import main
+    from search.storage import mask_url as mask
 
-    mask = storage_module.mask_url
     assert mask("postgresql://u:Pw12@h/db?sslpassword=KeyPass9") == "postgresql://u:***@h/db?sslpassword=***"
     assert mask("postgresql://u@h/db?sslmode=require&PASSWORD=QsPass9") == (
         "postgresql://u@h/db?sslmode=require&PASSWORD=***"

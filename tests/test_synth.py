@@ -333,42 +333,47 @@ def test_a_real_learning_problem(tmp_path: Path) -> None:
     assert acc_crop < acc_whole - 0.05, (acc_crop, acc_whole)
 
 
-def test_two_commands_needing_the_default_set_at_once_get_one_whole_set(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_two_commands_needing_the_default_set_at_once_get_one_whole_set(tmp_path: Path) -> None:
     """Two runs started together on a new machine each generated into the same partial folder: one
     removed the other's as a leftover (a traceback), or installed it half-written, and every later
-    command without --data used that broken set."""
+    command without --data used that broken set. Here both start while a third holds the lock."""
     import os
     import subprocess
     import sys
+    import time
 
     from search.layout import read_layout
 
     env = {**os.environ, "SPKID_SEARCH_DATA": str(tmp_path / "data"), "SPKID_SEARCH_SYNTH_PRESET": "tiny"}
     script = "from search.synth import default_set\nprint(default_set(progress=False))"
     root = tmp_path / "data" / "synth-tiny"
-    with synth.generating(root, wait=False):  # a first command is generating it: the others wait
-        procs = [
-            subprocess.Popen(
-                [sys.executable, "-c", script],
-                env=env,
-                cwd=Path(__file__).parents[1],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for _ in range(2)
-        ]
+    logs = [tmp_path / f"err{i}.txt" for i in range(2)]
+    procs = []
+    with synth.generating(root, wait=False):
+        for log in logs:
+            with log.open("w") as err:
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-c", script],
+                        env=env,
+                        cwd=Path(__file__).parents[1],
+                        stdout=subprocess.PIPE,
+                        stderr=err,
+                        text=True,
+                    )
+                )
+        deadline = time.monotonic() + 120
+        while not all("waiting for another command that is generating" in log.read_text() for log in logs):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+            time.sleep(0.1)
         with pytest.raises(UserError, match="another command is generating .*synth-tiny; wait for it"):
             generate(root, preset="tiny", progress=False)  # synth --out on the same folder: refused
-        monkeypatch.setenv("SPKID_SEARCH_DATA", str(tmp_path / "data"))
-    outputs = [proc.communicate(timeout=300) for proc in procs]
-    assert [proc.returncode for proc in procs] == [0, 0], outputs
-    said = " ".join(err for _, err in outputs)
+    for proc in procs:
+        proc.communicate(timeout=300)
+    said = " ".join(log.read_text() for log in logs)
+    assert [proc.returncode for proc in procs] == [0, 0], said
     assert said.count("generating the synthetic 'tiny' set") == 1, said  # one generated it ...
     assert said.count("using the synthetic 'tiny' set") == 1, said  # ... and the other used it
-    assert "waiting for another command that is generating" in said
     layout = read_layout(root)
     assert all((root / u.feature_path).is_file() for u in layout.train + layout.test)
     assert sorted(p.name for p in root.parent.iterdir()) == ["synth-tiny"]  # nothing else left
