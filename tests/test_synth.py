@@ -377,3 +377,14 @@ def test_two_commands_needing_the_default_set_at_once_get_one_whole_set(tmp_path
     layout = read_layout(root)
     assert all((root / u.feature_path).is_file() for u in layout.train + layout.test)
     assert sorted(p.name for p in root.parent.iterdir()) == ["synth-tiny"]  # nothing else left
+
+
+def test_a_data_folder_whose_name_looks_like_markup_is_named_as_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The notices were rich markup with the path inside: '[/old]' in it was a MarkupError traceback."""
+    monkeypatch.setenv("SPKID_SEARCH_DATA", str(tmp_path / "sets[/old]"))
+    monkeypatch.setenv("SPKID_SEARCH_SYNTH_PRESET", "tiny")
+    root = synth.default_set(progress=False)
+    assert root == tmp_path / "sets[/old]" / "synth-tiny" and (root / "testdata.json").is_file()
+    assert f"generating the synthetic 'tiny' set in {root}" in " ".join(capsys.readouterr().err.split())
