@@ -303,9 +303,9 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port {args.port}: must be a TCP port between 1 and 65535")
     storage, study, url = resolve(args.study, args.storage)
-    _check_bind(args.host, args.port)
+    dashboard.check_bind(args.host, args.port)
     shown_host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address, as URLs write it
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
+    if not dashboard.is_loopback(args.host):
         console.print(
             f"[yellow]Warning: --host {args.host} exposes the dashboard to every network this machine (or "
             "container) is on; in a container, publish its port on 127.0.0.1 only, as docker-compose.yml "
@@ -316,40 +316,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     )
     # The recorded folder is only read: a machine that does not mount it still shows the study.
     store = ReadOnlyArtifactStore(storage, artifact_dir(study))
-    try:
-        dashboard.serve(storage, artifact_store=store, host=args.host, port=args.port)
-    except OSError as exc:  # the port taken between the check and the server's own bind
-        raise UserError(_bind_error(args.host, args.port, exc)) from None
+    dashboard.serve(storage, artifact_store=store, host=args.host, port=args.port)
     return 0
-
-
-def _check_bind(host: str, port: int) -> None:
-    """Bind ``host:port`` once, as the server will, so a taken port or a wrong host is one line."""
-    import socket
-
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        family, kind, proto, _, address = infos[0]
-        with socket.socket(family, kind, proto) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server's socket does
-            sock.bind(address)
-    except OSError as exc:
-        raise UserError(_bind_error(host, port, exc)) from None
-
-
-def _bind_error(host: str, port: int, exc: OSError) -> str:
-    import errno
-    import socket
-
-    if isinstance(exc, socket.gaierror):
-        return f"--host {host}: not a known host name or address; the default is 127.0.0.1"
-    if exc.errno == errno.EADDRINUSE:
-        return f"--port {port}: already in use on {host}; pick another --port, or stop what listens there"
-    if exc.errno == errno.EADDRNOTAVAIL:
-        return f"--host {host}: not an address of this machine; the default is 127.0.0.1"
-    if exc.errno == errno.EACCES:
-        return f"--port {port}: not allowed for this user (ports below 1024 need root); pick a higher --port"
-    return f"cannot serve on {host}:{port} ({exc.strerror or exc}); try another --host or --port"
 
 
 def cmd_export_top(args: argparse.Namespace) -> int:

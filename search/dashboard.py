@@ -8,17 +8,21 @@ every change is refused with 403 and the reason.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import signal
+import socket
 from pathlib import Path
 from typing import IO, Any, BinaryIO, NoReturn
+
+from search.errors import UserError
 
 READ_METHODS = ("GET", "HEAD")
 REFUSED = "the dashboard of spkid-search changes nothing: studies change through spkid-search run"
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     """``localhost`` (and its subdomains, which browsers resolve to it) or a loopback address."""
     host = host.strip("[]").lower().rstrip(".")
     if host == "localhost" or host.endswith(".localhost"):
@@ -37,13 +41,13 @@ def foreign_host(host_header: str | None, bound: str) -> bool:
     results and checkpoints. Its requests still name that host, and are refused. A dashboard bound to
     another address was exposed on purpose (--host), to names this cannot know: none is refused there.
     """
-    if not host_header or not _is_loopback(bound):
+    if not host_header or not is_loopback(bound):
         return False
     if host_header.startswith("["):  # [::1]:8080
         name = host_header[: host_header.find("]") + 1]
     else:
         name = host_header.rsplit(":", 1)[0]
-    return not _is_loopback(name)
+    return not is_loopback(name)
 
 
 class ReadOnlyArtifactStore:
@@ -164,8 +168,36 @@ def serve(storage: Any, *, artifact_store: Any, host: str, port: int) -> None:
         signal.signal(sig, noted)
     try:
         run(read_only_app(storage, artifact_store, host), host=host, port=port)
+    except OSError as exc:  # the port taken between check_bind and the server's own bind
+        raise UserError(bind_error(host, port, exc)) from None
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     if stops:
         raise KeyboardInterrupt
+
+
+def check_bind(host: str, port: int) -> None:
+    """Bind ``host:port`` once, as the server will, so a taken port or a wrong host is one line."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server's socket does
+            sock.bind(address)
+    except OSError as exc:
+        raise UserError(bind_error(host, port, exc)) from None
+
+
+def bind_error(host: str, port: int, exc: OSError) -> str:
+    """Why ``host:port`` cannot be served, and what to change, in one line."""
+
+    if isinstance(exc, socket.gaierror):
+        return f"--host {host}: not a known host name or address; the default is 127.0.0.1"
+    if exc.errno == errno.EADDRINUSE:
+        return f"--port {port}: already in use on {host}; pick another --port, or stop what listens there"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"--host {host}: not an address of this machine; the default is 127.0.0.1"
+    if exc.errno == errno.EACCES:
+        return f"--port {port}: not allowed for this user (ports below 1024 need root); pick a higher --port"
+    return f"cannot serve on {host}:{port} ({exc.strerror or exc}); try another --host or --port"
