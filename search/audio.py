@@ -31,13 +31,13 @@ import torch
 import torchaudio
 
 from search.errors import first_line
+from search.layout import LOG_OFFSET
 
 SAMPLE_RATE = 16000
 N_FFT = 400
 HOP_LENGTH = 160
 F_MIN = 50.0
 N_MELS = 40
-LOG_OFFSET = 1e-9
 NORM_DB = -3.0
 SILENCE_THRESHOLD = 0.01  # RMS as a fraction of full scale, after the -3 dB peak normalisation (1 %)
 SILENCE_WINDOW = 320  # samples in sox ``silence``'s moving RMS window (rate / 50: 20 ms)

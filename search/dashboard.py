@@ -191,7 +191,6 @@ def check_bind(host: str, port: int) -> None:
 
 def bind_error(host: str, port: int, exc: OSError) -> str:
     """Why ``host:port`` cannot be served, and what to change, in one line."""
-
     if isinstance(exc, socket.gaierror):
         return f"--host {host}: not a known host name or address; the default is 127.0.0.1"
     if exc.errno == errno.EADDRINUSE:

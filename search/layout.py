@@ -23,6 +23,7 @@ from search.files import UnloadableFile, load_tensors, require_data_dir
 
 PREPARE_STATE = "prepare-state.jsonl"  # search.prepare's record, in a set it writes (its index comes last)
 FEATURE_NAME = re.compile(r"^[A-Za-z0-9._-]+\.pt$")
+LOG_OFFSET = 1e-9  # a feature is log(mel power + this): log(1e-9) is a bin with no energy at all
 
 
 @dataclass(frozen=True)

@@ -54,11 +54,11 @@ import torch
 
 from search.errors import UserError, shown
 from search.files import check_can_create, install_folder, one_at_a_time, studies_root
+from search.layout import LOG_OFFSET
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 
-LOG_OFFSET = 1e-9  # added to each bin's power before the log, as the HW4 features were made
 #: ``log(0 + 1e-9)``: the value of a bin with no energy at all, as in the HW4 features.
 LOG_FLOOR = math.log(LOG_OFFSET)
 #: Name of the provenance file that marks a directory as written by this module.
